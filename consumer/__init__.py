@@ -1,0 +1,1 @@
+"""evaljoin: joins NeMo Evaluator results with LLM Observability spans and delivers them to Datadog."""

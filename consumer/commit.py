@@ -1,0 +1,47 @@
+"""The commit step, always last: offsets move only past finished messages.
+
+A message is finished when its side is buffered in the join store, every evaluation it completed is
+delivered or dead-lettered, or it was itself dead-lettered (each acknowledged). The processing step
+records finished offsets here; they are committed after each batch and when partitions are revoked.
+A failed commit is not an error of the message: it is redelivered and recognised as a duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+log = structlog.get_logger(__name__)
+
+
+class OffsetCommitter:
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self._finished: dict[TopicPartition, int] = {}
+
+    def finished(self, tp: TopicPartition, next_offset: int) -> None:
+        """Record that every message of ``tp`` before ``next_offset`` is finished."""
+        if next_offset > self._finished.get(tp, -1):
+            self._finished[tp] = next_offset
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._finished.pop(tp, None)
+
+    async def commit(self) -> bool:
+        """Commit what is finished; returns False (and keeps it) if the broker refused."""
+        if not self._finished:
+            return True
+        offsets = dict(self._finished)
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:
+            log.warning("commit_failed", error=repr(exc), partitions=len(offsets))
+            return False
+        for tp, offset in offsets.items():
+            if self._finished.get(tp) == offset:
+                del self._finished[tp]
+        return True

@@ -1,0 +1,136 @@
+"""Configuration, read once from the environment at the edge and passed on as plain values.
+
+Names are the environment variables themselves (case-insensitive). The ``DD_*`` variables mean
+what they mean to ddtrace, so an existing Datadog setup carries over unchanged. Secrets are
+``SecretStr`` and can also come from files in ``EVALJOIN_SECRETS_DIR`` (one file per variable, as
+Kubernetes mounts a Secret).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EVAL_METRIC_PATH = "/api/intake/llm-obs/v2/eval-metric"
+EVP_PROXY_PREFIX = "/evp_proxy/v2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_group_id: str = "evaljoin"
+    kafka_client_id: str = "evaljoin"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_max_batch: int = Field(500, ge=1, le=100_000)
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    span_topic: str = "llmobs.span-context"
+    result_topic: str = "nemo.eval-results"
+    dlq_topic: str = "evaljoin.dlq"
+    unmatched_topic: str = "evaljoin.unmatched"
+
+    # Redis
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_cluster: bool = False
+    redis_key_prefix: str = Field("evj", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    redis_deadline_shards: int = Field(16, ge=1, le=4096)
+
+    # Join
+    join_key: str = Field("question_id", min_length=1, max_length=100)
+    join_ttl_seconds: int = Field(86_400, ge=1)
+    ledger_grace_seconds: int = Field(86_400, ge=0)
+    default_ml_app: str | None = None
+    max_message_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    sweep_batch: int = Field(500, ge=1)
+
+    # Delivery (the DD_* names are ddtrace's own)
+    dd_api_key: SecretStr | None = None
+    dd_site: str = "datadoghq.com"
+    dd_llmobs_agentless_enabled: bool = False
+    dd_trace_agent_url: str | None = None
+    dd_agent_host: str | None = None
+    dd_trace_agent_port: int = 8126
+    dd_llmobs_override_origin: str | None = None
+    intake_timeout_seconds: float = Field(10.0, gt=0)
+    intake_batch_max_evals: int = Field(256, ge=1, le=10_000)
+    intake_max_body_bytes: int = Field(4_000_000, ge=10_000, le=5_000_000)
+    intake_retry_initial_seconds: float = Field(0.5, gt=0)
+    intake_retry_max_seconds: float = Field(30.0, gt=0)
+    claim_lease_seconds: float = Field(60.0, gt=0)
+
+    # Failure policy
+    dlq_max_invalid_ratio: float = Field(0.5, ge=0, le=1)
+    dlq_window: int = Field(1000, ge=10)
+    dlq_max_consecutive_invalid: int = Field(1000, ge=0)
+    shutdown_timeout_seconds: float = Field(30.0, gt=0)
+
+    # Logs
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @model_validator(mode="after")
+    def _delivery_is_possible(self) -> Settings:
+        if self.dd_llmobs_agentless_enabled and self.dd_api_key is None and not self.dd_llmobs_override_origin:
+            raise ValueError("DD_LLMOBS_AGENTLESS_ENABLED=true needs DD_API_KEY")
+        if self.claim_lease_seconds <= self.intake_timeout_seconds:
+            raise ValueError("CLAIM_LEASE_SECONDS must exceed INTAKE_TIMEOUT_SECONDS")
+        return self
+
+    @property
+    def agentless(self) -> bool:
+        """Agentless when asked for, or when an override origin (a local stand-in) is given, as ddtrace does."""
+        return self.dd_llmobs_agentless_enabled or bool(self.dd_llmobs_override_origin)
+
+    @property
+    def intake_url(self) -> str:
+        if self.dd_llmobs_override_origin:
+            return self.dd_llmobs_override_origin.rstrip("/") + EVAL_METRIC_PATH
+        if self.agentless:
+            return f"https://api.{self.dd_site}{EVAL_METRIC_PATH}"
+        return self.agent_url.rstrip("/") + EVP_PROXY_PREFIX + EVAL_METRIC_PATH
+
+    @property
+    def agent_url(self) -> str:
+        if self.dd_trace_agent_url:
+            return self.dd_trace_agent_url
+        return f"http://{self.dd_agent_host or 'localhost'}:{self.dd_trace_agent_port}"
+
+    def intake_headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.agentless:
+            if self.dd_api_key is not None:
+                headers["DD-API-KEY"] = self.dd_api_key.get_secret_value()
+        else:
+            headers["X-Datadog-EVP-Subdomain"] = "api"
+        return headers
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redactor."""
+        values = [self.dd_api_key, self.kafka_sasl_password]
+        found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        url_password = _password_in_url(self.redis_url.get_secret_value())
+        if url_password:
+            found.append(url_password)
+        return found
+
+
+def _password_in_url(url: str) -> str | None:
+    return urlsplit(url).password
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment (and secrets files), with explicit overrides on top."""
+    secrets_dir = os.environ.get("EVALJOIN_SECRETS_DIR")
+    if secrets_dir:
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+    return Settings(**overrides)

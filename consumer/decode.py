@@ -1,0 +1,189 @@
+"""Kafka record -> validated event, or :class:`InvalidMessage` with a reason.
+
+Each topic accepts two shapes:
+
+* the span topic: a :class:`SpanContextEvent`, or a record of the Datadog guide's ``outputs.json``
+  whose ``input.source`` is ``trace_id=..;span_id=..;question_id=..``;
+* the result topic: a :class:`NemoResultEvent`, or a line of NeMo's LLM-as-a-judge ``scores.jsonl``
+  (``question_id, model, judge, user_prompt, judgment, score, turn, tstamp``), mapped exactly as the
+  guide maps it: label ``quality_assessment``, metric_type ``score``, value ``score``, metadata
+  ``model`` and ``judgement``, ``timestamp_ms`` from ``tstamp``.
+
+The namespace of an event is its ``ml_app`` field, else the record's ``ml_app`` header, else the
+configured default. Decoding is pure: no I/O, so it is safe to call on anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from consumer.errors import InvalidMessage
+from consumer.events import SCHEMA_VERSION, NemoResultEvent, SpanContextEvent
+
+Headers = Sequence[tuple[str, bytes | None]]
+
+SEED_LABEL = "quality_assessment"
+_DETAIL_LIMIT = 1000
+
+
+def _parse_json(value: bytes | None, max_bytes: int) -> Any:
+    if value is None or not value:
+        raise InvalidMessage("empty", "the record has no value")
+    if len(value) > max_bytes:
+        raise InvalidMessage("oversize", f"the value is {len(value)} bytes, the limit is {max_bytes}")
+    try:
+        # orjson rejects invalid UTF-8, NaN/Infinity literals, out-of-range numbers and deep nesting.
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("invalid_json", str(exc)[:_DETAIL_LIMIT]) from exc
+
+
+def _schema_error(exc: ValidationError) -> InvalidMessage:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "(root)"
+        parts.append(f"{location}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return InvalidMessage("schema", "; ".join(parts)[:_DETAIL_LIMIT])
+
+
+def _check_version(obj: dict[str, Any]) -> None:
+    version = obj.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InvalidMessage(
+            "unsupported_schema_version",
+            f"schema_version {str(version)[:40]!r} is not supported (this consumer reads {SCHEMA_VERSION})",
+        )
+
+
+def _join_key_value(raw: Any, name: str) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise InvalidMessage("schema", f"{name} must be a string or an integer")
+    return str(raw)
+
+
+def _ml_app_header(headers: Headers) -> str | None:
+    for key, value in headers:
+        if key == "ml_app" and value:
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidMessage("invalid_header", "the ml_app header is not UTF-8") from exc
+    return None
+
+
+def _resolve_ml_app(event_app: str | None, headers: Headers, default: str) -> str:
+    return event_app or _ml_app_header(headers) or default
+
+
+def _parse_source(source: str) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for part in source.split(";"):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise InvalidMessage("schema", f"input.source part {part[:80]!r} is not key=value")
+        meta[key.strip()] = value.strip()
+    return meta
+
+
+def _span_from_outputs_record(obj: dict[str, Any], join_key: str) -> dict[str, Any]:
+    source = obj["input"].get("source")
+    if not isinstance(source, str):
+        raise InvalidMessage("schema", "input.source must be a string trace_id=..;span_id=..;<join key>=..")
+    meta = _parse_source(source)
+    missing = [name for name in ("trace_id", "span_id", join_key) if not meta.get(name)]
+    if missing:
+        raise InvalidMessage("schema", f"input.source lacks {', '.join(missing)}")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "join_key": meta[join_key],
+        "trace_id": meta["trace_id"],
+        "span_id": meta["span_id"],
+    }
+
+
+def _result_from_judge_line(obj: dict[str, Any], join_key: str) -> dict[str, Any]:
+    score = obj.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise InvalidMessage("schema", "score must be a finite number")
+    tstamp = obj.get("tstamp")
+    if tstamp is not None and (
+        isinstance(tstamp, bool) or not isinstance(tstamp, int | float) or not 0 <= tstamp < 253402300800
+    ):
+        raise InvalidMessage("schema", "tstamp must be a Unix time in seconds")
+    canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    evaluation: dict[str, Any] = {
+        "label": SEED_LABEL,
+        "metric_type": "score",
+        "value": score,
+        "metadata": {"model": obj.get("model"), "judgement": obj.get("judgment")},
+    }
+    if tstamp is not None:
+        evaluation["timestamp_ms"] = int(tstamp * 1000)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": "judge-" + hashlib.sha256(canonical).hexdigest()[:40],
+        "join_key": _join_key_value(obj.get(join_key), join_key),
+        "evaluations": [evaluation],
+    }
+
+
+def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
+                max_bytes: int) -> SpanContextEvent:
+    """Decode a record of the span topic. Raises :class:`InvalidMessage`; never anything else."""
+    obj = _parse_json(value, max_bytes)
+    if not isinstance(obj, dict):
+        raise InvalidMessage("schema", "a span-context event must be a JSON object")
+    if isinstance(obj.get("input"), dict) and "schema_version" not in obj:
+        fields = _span_from_outputs_record(obj, join_key)
+    elif "schema_version" in obj:
+        _check_version(obj)
+        if obj.get("kind", "span_context") != "span_context":
+            raise InvalidMessage("wrong_topic", f"a {str(obj.get('kind'))[:40]!r} event on the span topic")
+        fields = obj
+    else:
+        raise InvalidMessage("schema", "neither a span-context event nor an outputs.json record")
+    try:
+        event = SpanContextEvent.model_validate(fields)
+    except ValidationError as exc:
+        raise _schema_error(exc) from exc
+    return event.model_copy(update={"ml_app": _checked_app(_resolve_ml_app(event.ml_app, headers, default_ml_app))})
+
+
+def decode_result(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
+                  max_bytes: int) -> NemoResultEvent:
+    """Decode a record of the result topic. Raises :class:`InvalidMessage`; never anything else."""
+    obj = _parse_json(value, max_bytes)
+    if not isinstance(obj, dict):
+        raise InvalidMessage("schema", "a NeMo result event must be a JSON object")
+    if "schema_version" not in obj and join_key in obj and "score" in obj:
+        fields = _result_from_judge_line(obj, join_key)
+    elif "schema_version" in obj:
+        _check_version(obj)
+        if obj.get("kind", "nemo_result") != "nemo_result":
+            raise InvalidMessage("wrong_topic", f"a {str(obj.get('kind'))[:40]!r} event on the result topic")
+        fields = obj
+    else:
+        raise InvalidMessage("schema", "neither a NeMo result event nor a scores.jsonl judge line")
+    try:
+        event = NemoResultEvent.model_validate(fields)
+    except ValidationError as exc:
+        raise _schema_error(exc) from exc
+    return event.model_copy(update={"ml_app": _checked_app(_resolve_ml_app(event.ml_app, headers, default_ml_app))})
+
+
+def _checked_app(ml_app: str) -> str:
+    if not ml_app:
+        raise InvalidMessage("no_ml_app", "no ml_app field, no ml_app header, and DEFAULT_ML_APP is not set")
+    if not 0 < len(ml_app) <= 200 or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in ml_app):
+        raise InvalidMessage("schema", "ml_app must be 1 to 200 characters without control characters")
+    return ml_app
+

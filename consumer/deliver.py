@@ -1,0 +1,129 @@
+"""The delivery step: joined evaluations -> the intake, exactly once in effect.
+
+For each evaluation the delivery ledger in the join store is consulted first: one already
+delivered or dead-lettered is skipped; one another consumer is sending right now (a live claim) is
+waited for. The rest are claimed, sent through the sink, and recorded as delivered (2xx) or
+dead-lettered (refused by the intake, after the dead-letter topic acknowledged it). A return from
+:meth:`Deliverer.deliver` means every evaluation given is finished.
+
+A duplicate can only come from a crash after the intake answered 2xx and before the ledger recorded
+it; the re-sent payload is then byte-identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from consumer.dlq import DeadLetters
+from consumer.join import Joined
+from consumer.sink import EvaluationSink
+from consumer.store import JoinStore, Namespace
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class DeliveryReport:
+    delivered: int = 0
+    already_done: int = 0
+    dead_lettered: int = 0
+
+
+class Deliverer:
+    def __init__(self, store: JoinStore, sink: EvaluationSink, dead_letters: DeadLetters, *, owner: str,
+                 lease_ms: int, busy_poll_s: float = 0.5) -> None:
+        self._store = store
+        self._sink = sink
+        self._dead_letters = dead_letters
+        self._owner = owner
+        self._lease_ms = lease_ms
+        self._busy_poll_s = busy_poll_s
+
+    async def deliver(self, joined: Sequence[Joined]) -> DeliveryReport:
+        report = DeliveryReport()
+        everything = _unique(joined)
+        waiting = everything
+        while waiting:
+            claimed, busy = await self._claim(waiting, report)
+            if claimed:
+                await self._send(claimed, report)
+            if busy:
+                log.info("delivery_waits_for_other_consumer", evaluations=len(busy))
+                await asyncio.sleep(self._busy_poll_s)
+            waiting = busy
+        # Every evaluation is finished now (by us or by another consumer), so the buffered copies
+        # of these results may go; not earlier, or a crash would lose the rest of a result.
+        await self._settle([], dead_lettered=False, drop_from=[item for item in everything if item.buffered])
+        return report
+
+    async def _claim(self, items: list[Joined], report: DeliveryReport) -> tuple[list[Joined], list[Joined]]:
+        by_ns: dict[Namespace, list[Joined]] = defaultdict(list)
+        for item in items:
+            by_ns[item.namespace].append(item)
+        now_ms = int(time.time() * 1000)
+        verdicts = await asyncio.gather(*(
+            self._store.claim(ns, [i.eval_id for i in group], owner=self._owner, now_ms=now_ms,
+                              lease_ms=self._lease_ms)
+            for ns, group in by_ns.items()
+        ))
+        claimed: list[Joined] = []
+        busy: list[Joined] = []
+        for group, group_verdicts in zip(by_ns.values(), verdicts, strict=True):
+            for item, verdict in zip(group, group_verdicts, strict=True):
+                if verdict == "new":
+                    claimed.append(item)
+                elif verdict == "busy":
+                    busy.append(item)
+                else:
+                    report.already_done += 1
+        return claimed, busy
+
+    async def _send(self, items: list[Joined], report: DeliveryReport) -> None:
+        rejections = {r.index: r for r in await self._sink.send([item.metric for item in items])}
+        await asyncio.gather(*(
+            self._dead_letters.rejected(key=_key(items[i]), metric=items[i].metric, source=items[i].source,
+                                        status=r.status, body=r.body)
+            for i, r in rejections.items()
+        ))
+        for i, r in rejections.items():
+            log.warning("evaluation_dead_lettered", ml_app=items[i].namespace.ml_app,
+                        join_key=items[i].namespace.join_key, label=items[i].label, status=r.status)
+        dead = [items[i] for i in rejections]
+        delivered = [item for i, item in enumerate(items) if i not in rejections]
+        await self._settle(dead, dead_lettered=True)
+        await self._settle(delivered, dead_lettered=False)
+        report.delivered += len(delivered)
+        report.dead_lettered += len(dead)
+
+    async def _settle(self, items: list[Joined], *, dead_lettered: bool, drop_from: Sequence[Joined] = ()) -> None:
+        eval_ids: dict[Namespace, list[str]] = defaultdict(list)
+        event_ids: dict[Namespace, set[str]] = defaultdict(set)
+        for item in items:
+            eval_ids[item.namespace].append(item.eval_id)
+        for item in drop_from:
+            event_ids[item.namespace].add(item.event_id)
+        await asyncio.gather(*(
+            self._store.settle(ns, eval_ids.get(ns, []), dead_lettered=dead_lettered,
+                               drop_event_ids=sorted(event_ids.get(ns, ())))
+            for ns in eval_ids.keys() | event_ids.keys()
+        ))
+
+
+def _key(item: Joined) -> bytes:
+    return f"{item.namespace.ml_app}:{item.namespace.join_key}".encode()
+
+
+def _unique(joined: Sequence[Joined]) -> list[Joined]:
+    seen: set[str] = set()
+    out = []
+    for item in joined:
+        if item.eval_id not in seen:
+            seen.add(item.eval_id)
+            out.append(item)
+    return out

@@ -1,0 +1,99 @@
+"""The expiry path: a side whose deadline passed without a match is reported, never dropped.
+
+The sweeper walks the deadline-index shards (one replica per shard at a time, under a lock), takes
+each due side out of the join, publishes it to the unmatched topic with its reason
+(``span_without_result`` or ``result_without_span``), waits for the broker's acknowledgement, and
+only then forgets it. A crash in between reports it again: reports are at-least-once and carry the
+side's identity, so a reader can tell a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+import structlog
+
+from consumer.dlq import Producer
+from consumer.store import DueSide, RedisJoinStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class SweepReport:
+    reported: int = 0
+    dropped: int = 0
+    postponed: int = 0
+
+
+class Sweeper:
+    def __init__(self, store: RedisJoinStore, producer: Producer, *, topic: str, interval_s: float,
+                 batch: int, retry_later_ms: int) -> None:
+        self._store = store
+        self._producer = producer
+        self._topic = topic
+        self._interval_s = interval_s
+        self._batch = batch
+        self._retry_later_ms = retry_later_ms
+        self._token = uuid.uuid4().hex
+
+    async def run(self) -> None:
+        """Sweep forever, every ``interval_s``; cancel to stop."""
+        while True:
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep_failed")
+            await asyncio.sleep(self._interval_s)
+
+    async def sweep_once(self, now_ms: int | None = None) -> SweepReport:
+        report = SweepReport()
+        for shard in range(self._store.shards):
+            if not await self._store.try_lock(shard, self._token, ttl_ms=60_000):
+                continue
+            try:
+                while True:
+                    now = now_ms if now_ms is not None else int(time.time() * 1000)
+                    sides = await self._store.due(shard, now, self._batch)
+                    for side in sides:
+                        await self._expire(side, now, report)
+                    if len(sides) < self._batch:
+                        break
+            finally:
+                await self._store.unlock(shard, self._token)
+        return report
+
+    async def _expire(self, side: DueSide, now_ms: int, report: SweepReport) -> None:
+        outcome = await self._store.expire(side)
+        if outcome.verdict == "busy":
+            await self._store.postpone(side, now_ms + self._retry_later_ms)
+            report.postponed += 1
+            return
+        if outcome.verdict == "report" and outcome.body is not None:
+            reason = "span_without_result" if side.event_id is None else "result_without_span"
+            message = {
+                "reason": reason,
+                "ml_app": side.namespace.ml_app,
+                "join_key": side.namespace.join_key,
+                "deadline_ms": side.deadline_ms,
+                "reported_at_ms": now_ms,
+                "side": orjson.loads(outcome.body),
+            }
+            await self._producer.send_and_wait(
+                self._topic,
+                value=orjson.dumps(message),
+                key=f"{side.namespace.ml_app}:{side.namespace.join_key}".encode(),
+                headers=[("evaljoin.reason", reason.encode())],
+            )
+            log.warning("unmatched_reported", reason=reason, ml_app=side.namespace.ml_app,
+                        join_key=side.namespace.join_key, deadline_ms=side.deadline_ms)
+            report.reported += 1
+        else:
+            report.dropped += 1
+        await self._store.forget(side)

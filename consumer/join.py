@@ -1,0 +1,114 @@
+"""The join step: a decoded event goes into the join store; what it completes comes out.
+
+A span-context event is buffered (it stays for ``join_ttl`` so that later results still join) and
+releases every result that waited for it; a result event joins its span at once if the span is
+buffered, else waits. The output is a list of :class:`Joined` evaluations for the delivery step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from consumer.errors import InvalidMessage
+from consumer.events import NemoResultEvent, SpanContextEvent
+from consumer.payload import build_metric, encode_metric, evaluation_id
+from consumer.store import JoinStore, Namespace
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record came from: for dead-letter headers, deadlines and logs."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset,
+                "timestamp_ms": self.timestamp_ms}
+
+
+@dataclass(frozen=True)
+class Joined:
+    """One evaluation, joined to its span and encoded for the intake."""
+
+    namespace: Namespace
+    eval_id: str
+    event_id: str
+    label: str
+    metric: bytes
+    source: dict[str, Any]  # the result record's origin
+    buffered: bool  # the result waited in the store and must be dropped from it once delivered
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    status: str  # stored | duplicate | joined | buffered
+    joined: list[Joined]
+
+
+class Joiner:
+    def __init__(self, store: JoinStore, *, join_ttl_ms: int) -> None:
+        self._store = store
+        self._ttl_ms = join_ttl_ms
+
+    def _deadline(self, source: Source) -> int:
+        # Counted from the Kafka record's timestamp, so a redelivered record keeps its deadline.
+        start = source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000)
+        return start + self._ttl_ms
+
+    async def on_span(self, event: SpanContextEvent, source: Source) -> JoinResult:
+        assert event.ml_app is not None  # resolved by decode
+        ns = Namespace(event.ml_app, event.join_key)
+        record = orjson.dumps({**event.model_dump(mode="json", exclude={"schema_version", "kind"}),
+                               "source": source.as_dict()})
+        put = await self._store.put_span(ns, f"{event.trace_id}:{event.span_id}", record,
+                                         self._deadline(source))
+        if put.status == "conflict":
+            existing = orjson.loads(put.existing or b"{}")
+            raise InvalidMessage(
+                "join_key_conflict",
+                f"{event.ml_app}/{event.join_key} is already bound to span {existing.get('span_id')} of "
+                f"trace {existing.get('trace_id')}; a join key names one span until its deadline",
+            )
+        # On "duplicate" the stored span has the same identity, so this record joins the same way.
+        span = orjson.loads(record)
+        joined: list[Joined] = []
+        for _event_id, result_record in sorted(put.pending.items()):
+            joined.extend(_joined(ns, span, orjson.loads(result_record), buffered=True))
+        return JoinResult(put.status, joined)
+
+    async def on_result(self, event: NemoResultEvent, source: Source) -> JoinResult:
+        assert event.ml_app is not None  # resolved by decode
+        ns = Namespace(event.ml_app, event.join_key)
+        result = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}),
+                  "received_ts_ms": source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000),
+                  "source": source.as_dict()}
+        eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i)
+                    for i in range(len(event.evaluations))]
+        put = await self._store.put_result(ns, event.event_id, orjson.dumps(result), eval_ids,
+                                           self._deadline(source))
+        if put.status != "joined":
+            return JoinResult(put.status, [])
+        assert put.span is not None
+        return JoinResult("joined", _joined(ns, orjson.loads(put.span), result, buffered=False))
+
+
+def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buffered: bool) -> list[Joined]:
+    return [
+        Joined(
+            namespace=ns,
+            eval_id=evaluation_id(ns.ml_app, ns.join_key, result["event_id"], index),
+            event_id=result["event_id"],
+            label=evaluation["label"],
+            metric=encode_metric(build_metric(span, result, index)),
+            source=result["source"],
+            buffered=buffered,
+        )
+        for index, evaluation in enumerate(result["evaluations"])
+    ]

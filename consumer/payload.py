@@ -1,0 +1,61 @@
+"""Joined span + evaluation -> the eval-metric object the intake takes, encoded once.
+
+The object is the one ``LLMObs.submit_evaluation(span={...}, ...)`` builds for the same arguments
+(``tests/test_payload_contract.py`` checks that against ddtrace itself), and it is a pure function
+of the two records, so a re-sent evaluation is byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+try:  # the tag ddtrace puts on every evaluation it sends
+    from ddtrace import __version__ as _DDTRACE_VERSION
+except ImportError:  # pragma: no cover - ddtrace is a dependency
+    _DDTRACE_VERSION = "unknown"
+
+
+def evaluation_id(ml_app: str, join_key: str, event_id: str, index: int) -> str:
+    """Deterministic id of one evaluation: the delivery ledger's key."""
+    raw = f"{ml_app}\x00{join_key}\x00{event_id}\x00{index}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> dict[str, Any]:
+    """The eval-metric object for evaluation ``index`` of ``result``, joined to ``span``."""
+    evaluation = result["evaluations"][index]
+    provenance = result.get("provenance") or {}
+    metric_type = evaluation["metric_type"]
+    ml_app = span["ml_app"]
+    timestamp_ms = (
+        evaluation.get("timestamp_ms") or provenance.get("evaluated_at_ms") or result["received_ts_ms"]
+    )
+    tags = {"ddtrace.version": _DDTRACE_VERSION, "ml_app": ml_app, **(evaluation.get("tags") or {})}
+    metric: dict[str, Any] = {
+        "event_kind": "evaluation",
+        "join_on": {"span": {"span_id": span["span_id"], "trace_id": span["trace_id"]}},
+        "label": evaluation["label"],
+        "metric_type": metric_type,
+        "timestamp_ms": timestamp_ms,
+        f"{metric_type}_value": evaluation["value"],
+        "ml_app": ml_app,
+        "tags": [f"{key}:{value}" for key, value in tags.items()],
+        "eval_scope": "span",
+    }
+    if evaluation.get("assessment"):
+        metric["assessment"] = evaluation["assessment"]
+    if evaluation.get("reasoning"):
+        metric["reasoning"] = evaluation["reasoning"]
+    metadata = dict(evaluation.get("metadata") or {})
+    if provenance:
+        metadata.setdefault("nemo", {k: v for k, v in provenance.items() if v is not None})
+    if metadata:
+        metric["metadata"] = metadata
+    return metric
+
+
+def encode_metric(metric: dict[str, Any]) -> bytes:
+    return orjson.dumps(metric)

@@ -1,0 +1,307 @@
+"""The consume loop: decode -> join -> deliver -> commit, batch by batch.
+
+Each batch from ``getmany`` is processed as a whole: every record is decoded (or dead-lettered),
+joined in the store, and every evaluation it completed is delivered; only then are its offsets
+committed. Processing a batch is idempotent, so a batch that fails on a transient error (Redis or
+Kafka unreachable) is simply processed again after a backoff. While a batch is in progress the
+assigned partitions are paused and the consumer keeps polling, so memory stays bounded and the
+group does not evict a consumer that is waiting on a slow intake.
+
+On SIGTERM the loop stops fetching, finishes the batch in flight (bounded by the shutdown timeout),
+commits, and leaves the group. On revoke it waits for the batch in flight, then commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import uuid
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from consumer.commit import OffsetCommitter
+from consumer.config import Settings
+from consumer.decode import decode_result, decode_span
+from consumer.deliver import Deliverer
+from consumer.dlq import DeadLetters, DlqLimit
+from consumer.errors import DlqLimitExceeded, InvalidMessage
+from consumer.expiry import Sweeper
+from consumer.join import Joined, Joiner, Source
+from consumer.sink import EvaluationSink, HttpIntakeSink
+from consumer.store import RedisClient, RedisJoinStore
+
+log = structlog.get_logger(__name__)
+
+Batch = dict[TopicPartition, list[Any]]
+TRANSIENT = (RedisError, KafkaError, OSError, asyncio.TimeoutError)
+
+
+class Service:
+    """One consumer process. Use ``async with Service.open(settings) as service: await service.run()``."""
+
+    def __init__(self, *, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, store: RedisJoinStore,
+                 sink: EvaluationSink, settings: Settings) -> None:
+        self._consumer = consumer
+        self._store = store
+        self._span_topic = settings.span_topic
+        self._result_topic = settings.result_topic
+        self._join_key = settings.join_key
+        self._default_ml_app = settings.default_ml_app or ""
+        self._max_bytes = settings.max_message_bytes
+        self._max_batch = settings.kafka_max_batch
+        self._shutdown_timeout = settings.shutdown_timeout_seconds
+        self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}".replace("|", "_")
+        self._dead_letters = DeadLetters(producer, topic=settings.dlq_topic, limit=DlqLimit(
+            max_invalid_ratio=settings.dlq_max_invalid_ratio, window=settings.dlq_window,
+            max_consecutive=settings.dlq_max_consecutive_invalid))
+        self._joiner = Joiner(store, join_ttl_ms=settings.join_ttl_seconds * 1000)
+        self._deliverer = Deliverer(store, sink, self._dead_letters, owner=self._owner,
+                                    lease_ms=int(settings.claim_lease_seconds * 1000))
+        self.sweeper = Sweeper(store, producer, topic=settings.unmatched_topic,
+                               interval_s=settings.sweep_interval_seconds, batch=settings.sweep_batch,
+                               retry_later_ms=int(settings.claim_lease_seconds * 1000))
+        self._committer = OffsetCommitter(consumer)
+        self._stopping = asyncio.Event()
+        self._work: asyncio.Task[None] | None = None
+        self.batches_done = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, settings: Settings) -> _ServiceContext:
+        return _ServiceContext(settings)
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in flight, commit and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`. Raises :class:`DlqLimitExceeded` to halt."""
+        self._consumer.subscribe([self._span_topic, self._result_topic], listener=_Rebalance(self))
+        sweeper = asyncio.create_task(self.sweeper.run(), name="evaljoin-sweeper")
+        carry: Batch = {}
+        try:
+            while not self._stopping.is_set():
+                batch = carry or await self._consumer.getmany(timeout_ms=500, max_records=self._max_batch)
+                carry = {}
+                if batch:
+                    carry = await self._process_until_done(batch)
+                    await self._committer.commit()
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await self._committer.commit()
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    async def _process_until_done(self, batch: Batch) -> Batch:
+        """Process a batch, retrying it whole after transient failures; returns records fetched meanwhile."""
+        carry: Batch = {}
+        delay = 0.2
+        while True:
+            self._work = asyncio.create_task(self._process(batch), name="evaljoin-batch")
+            carry = _merge(carry, await self._keep_polling_while(self._work))
+            try:
+                self._work.result()
+                self.batches_done += 1
+                return carry
+            except asyncio.CancelledError:
+                log.warning("batch_abandoned", records=_count(batch))  # revoked or shutting down
+                return {}
+            except DlqLimitExceeded:
+                raise
+            except TRANSIENT as exc:
+                if self._stopping.is_set():
+                    log.warning("batch_abandoned_on_shutdown", error=repr(exc))
+                    return {}
+                log.warning("batch_retry", error=repr(exc), retry_in_s=round(delay, 2), records=_count(batch))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+            finally:
+                self._work = None
+
+    async def _keep_polling_while(self, work: asyncio.Task[None]) -> Batch:
+        fetched: Batch = {}
+        paused: set[TopicPartition] = set()
+        stop_waiter = asyncio.create_task(self._stopping.wait())
+        stop_deadline: float | None = None
+        try:
+            while not work.done():
+                await asyncio.wait({work, stop_waiter}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                if work.done():
+                    break
+                if self._stopping.is_set():
+                    loop_time = asyncio.get_running_loop().time()
+                    stop_deadline = stop_deadline or loop_time + self._shutdown_timeout
+                    if loop_time >= stop_deadline:
+                        work.cancel()
+                        await asyncio.gather(work, return_exceptions=True)
+                        break
+                # Keep the group membership alive without fetching more for the partitions we hold.
+                assignment = set(self._consumer.assignment())
+                self._consumer.pause(*assignment)
+                paused |= assignment
+                fetched = _merge(fetched, await self._consumer.getmany(timeout_ms=0))
+        finally:
+            stop_waiter.cancel()
+            still_assigned = paused & set(self._consumer.assignment())
+            if still_assigned:
+                self._consumer.resume(*still_assigned)
+        return fetched
+
+    async def _process(self, batch: Batch) -> None:
+        per_partition = await asyncio.gather(*(self._process_partition(records) for records in batch.values()))
+        joined = [item for items in per_partition for item in items]
+        if joined:
+            report = await self._deliverer.deliver(joined)
+            log.info("batch_delivered", delivered=report.delivered, already_done=report.already_done,
+                     dead_lettered=report.dead_lettered)
+        for tp, records in batch.items():
+            self._committer.finished(tp, records[-1].offset + 1)
+
+    async def _process_partition(self, records: Sequence[Any]) -> list[Joined]:
+        joined: list[Joined] = []
+        for record in records:
+            with structlog.contextvars.bound_contextvars(topic=record.topic, partition=record.partition,
+                                                         offset=record.offset):
+                joined.extend(await self._process_record(record))
+        return joined
+
+    async def _process_record(self, record: Any) -> list[Joined]:
+        source = Source(record.topic, record.partition, record.offset, record.timestamp)
+        headers = list(record.headers or ())
+        try:
+            if record.topic == self._span_topic:
+                span = decode_span(record.value, headers, join_key=self._join_key,
+                                   default_ml_app=self._default_ml_app, max_bytes=self._max_bytes)
+                with structlog.contextvars.bound_contextvars(ml_app=span.ml_app, join_key=span.join_key):
+                    result = await self._joiner.on_span(span, source)
+            else:
+                event = decode_result(record.value, headers, join_key=self._join_key,
+                                      default_ml_app=self._default_ml_app, max_bytes=self._max_bytes)
+                with structlog.contextvars.bound_contextvars(ml_app=event.ml_app, join_key=event.join_key):
+                    result = await self._joiner.on_result(event, source)
+        except InvalidMessage as error:
+            log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
+            value = record.value
+            if error.reason == "oversize" and value is not None:
+                headers.append(("evaljoin.truncated_from", str(len(value)).encode()))
+                value = value[: self._max_bytes]
+            await self._dead_letters.invalid(key=record.key, value=value, headers=headers,
+                                             source=source.as_dict(), error=error)
+            return []
+        self._dead_letters.record_valid()
+        log.debug("message_joined", status=result.status, evaluations=len(result.joined))
+        return result.joined
+
+    # -- rebalance ------------------------------------------------------------------------------
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        work = self._work
+        if work is not None and not work.done():
+            done, _ = await asyncio.wait({work}, timeout=self._shutdown_timeout)
+            if not done:
+                log.warning("revoke_cancels_batch", partitions=len(revoked))
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        await self._committer.commit()
+        self._committer.forget(revoked)
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._service.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+
+class _ServiceContext:
+    """Builds every client from the settings, and closes each one it opened, in reverse order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Service:
+        s = self._settings
+        stack = self._stack
+        try:
+            kafka_common = kafka_client_options(s)
+            producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
+                                        max_request_size=s.max_message_bytes + 65_536, **kafka_common)
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+            consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, enable_auto_commit=False,
+                                        auto_offset_reset="earliest",
+                                        max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+                                        fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
+                                        max_partition_fetch_bytes=s.max_message_bytes + 65_536,
+                                        **kafka_common)
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)
+            client = redis_client(s)
+            stack.push_async_callback(client.aclose)
+            store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
+                                   ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000)
+            sink = HttpIntakeSink(url=s.intake_url, headers=s.intake_headers(), timeout_s=s.intake_timeout_seconds,
+                                  max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
+                                  retry_initial_s=s.intake_retry_initial_seconds,
+                                  retry_max_s=s.intake_retry_max_seconds)
+            stack.push_async_callback(sink.aclose)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return Service(consumer=consumer, producer=producer, store=store, sink=sink, settings=s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
+def kafka_client_options(s: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap_servers, "client_id": s.kafka_client_id,
+                               "security_protocol": s.kafka_security_protocol}
+    if s.kafka_sasl_mechanism:
+        options["sasl_mechanism"] = s.kafka_sasl_mechanism
+        options["sasl_plain_username"] = s.kafka_sasl_username
+        options["sasl_plain_password"] = (s.kafka_sasl_password.get_secret_value()
+                                          if s.kafka_sasl_password else None)
+    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile)
+    return options
+
+
+def redis_client(s: Settings) -> RedisClient:
+    url = s.redis_url.get_secret_value()
+    if s.redis_cluster:
+        return RedisCluster.from_url(url)
+    return Redis.from_url(url)
+
+
+def _merge(a: Batch, b: Batch) -> Batch:
+    if not b:
+        return a
+    out = {tp: list(records) for tp, records in a.items()}
+    for tp, records in b.items():
+        out.setdefault(tp, []).extend(records)
+    return out
+
+
+def _count(batch: Batch) -> int:
+    return sum(len(records) for records in batch.values())

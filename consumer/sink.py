@@ -1,0 +1,152 @@
+"""The evaluation sink: where joined evaluations go, and what a return from it means.
+
+ddtrace's own writer cannot be the delivery guarantee (it drops after three tries, caps its buffer
+and never says whether a batch arrived), so :class:`HttpIntakeSink` posts eval-metric batches to the
+intake itself, agentless or through the Datadog Agent's EVP proxy, and counts only a 2xx as
+delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+import structlog
+
+from consumer.errors import RejectedDelivery, RetryableDelivery
+
+log = structlog.get_logger(__name__)
+
+_BODY_HEAD = b'{"data":{"type":"evaluation_metric","attributes":{"metrics":['
+_BODY_TAIL = b"]}}}"
+_RETRYABLE_STATUS = frozenset({408, 425, 429})
+# A batch answered with one of these may be refused because of a single metric: split it to find out.
+_SPLIT_STATUS = frozenset({400, 413, 422})
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The intake refused metric ``index`` of a ``send`` call for good."""
+
+    index: int
+    status: int
+    body: str
+
+
+class EvaluationSink(Protocol):
+    async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
+        """Deliver encoded eval-metric objects.
+
+        A return means every metric not named in the returned rejections was accepted by the intake
+        (a 2xx answer). Transient failures are retried inside, with capped jittered backoff, for as
+        long as it takes; the only way to stop that is to cancel the call, and a cancelled call
+        implies nothing about what was delivered.
+        """
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def encode_batch(metrics: Sequence[bytes]) -> bytes:
+    """The intake's batch body around already-encoded metric objects."""
+    return _BODY_HEAD + b",".join(metrics) + _BODY_TAIL
+
+
+class HttpIntakeSink:
+    """:class:`EvaluationSink` posting to the eval-metric intake over HTTP."""
+
+    def __init__(self, *, url: str, headers: dict[str, str], timeout_s: float, max_batch: int,
+                 max_body_bytes: int, retry_initial_s: float, retry_max_s: float,
+                 on_retry: Callable[[str], None] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._url = url
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s, transport=transport)
+        self._max_batch = max_batch
+        self._max_body = max_body_bytes - len(_BODY_HEAD) - len(_BODY_TAIL)
+        self._retry_initial = retry_initial_s
+        self._retry_max = retry_max_s
+        self._on_retry = on_retry or (lambda reason: None)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
+        rejections: list[Rejection] = []
+        for chunk in self._chunks(range(len(metrics)), metrics):
+            rejections.extend(await self._send_chunk(chunk, metrics))
+        return rejections
+
+    def _chunks(self, indexes: Sequence[int], metrics: Sequence[bytes]) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        size = 0
+        for index in indexes:
+            length = len(metrics[index]) + 1
+            if current and (len(current) >= self._max_batch or size + length > self._max_body):
+                chunks.append(current)
+                current, size = [], 0
+            current.append(index)
+            size += length
+        if current:
+            chunks.append(current)
+        return chunks
+
+    async def _send_chunk(self, chunk: list[int], metrics: Sequence[bytes]) -> list[Rejection]:
+        try:
+            await self._post_until_answered(encode_batch([metrics[i] for i in chunk]), len(chunk))
+            return []
+        except RejectedDelivery as exc:
+            if len(chunk) > 1 and exc.status in _SPLIT_STATUS:
+                half = len(chunk) // 2
+                return [*await self._send_chunk(chunk[:half], metrics),
+                        *await self._send_chunk(chunk[half:], metrics)]
+            return [Rejection(i, exc.status or 0, exc.body) for i in chunk]
+
+    async def _post_until_answered(self, body: bytes, count: int) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._post(body)
+                return
+            except RetryableDelivery as exc:
+                attempt += 1
+                delay = min(self._retry_max, self._retry_initial * 2 ** min(attempt - 1, 30))
+                delay *= random.uniform(0.5, 1.0)
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, self._retry_max))
+                log.warning("intake_retry", attempt=attempt, evaluations=count, status=exc.status,
+                            error=str(exc), retry_in_s=round(delay, 3))
+                self._on_retry(str(exc.status or "error"))
+                await asyncio.sleep(delay)
+
+    async def _post(self, body: bytes) -> None:
+        try:
+            response = await self._client.post(self._url, content=body)
+        except httpx.TimeoutException as exc:
+            raise RetryableDelivery(f"timed out: {type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise RetryableDelivery(f"connection error: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        text = response.text[:2000]
+        if status in _RETRYABLE_STATUS or status >= 500:
+            raise RetryableDelivery(f"intake answered {status}", status=status, body=text,
+                             retry_after=_retry_after(response))
+        raise RejectedDelivery(f"intake answered {status}", status=status, body=text)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+

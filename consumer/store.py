@@ -1,0 +1,264 @@
+"""The join buffer: where the side that arrives first waits for the other.
+
+:class:`JoinStore` is the contract; :class:`RedisJoinStore` implements it with one Lua script per
+check-and-store, so any number of consumer replicas can race on one join key safely. Every key of
+one join key shares a hash tag, so each script touches a single slot and the same code runs on a
+Redis Cluster. Deadlines live in sharded sorted sets (the deadline index), swept in batches by
+:mod:`consumer.expiry`; keyspace notifications are never used.
+
+Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both percent-encoded):
+
+========================  =====================================================================
+``prefix:{tag}:s``        the span: hash ``id`` (trace_id:span_id), ``body``, ``joined``
+``prefix:{tag}:r``        results waiting for the span: hash event_id -> record
+``prefix:{tag}:d``        delivery ledger: hash eval_id -> ``d`` | ``x`` | ``c|owner|lease_until``
+``prefix:{tag}:x``        sides whose deadline passed, kept until their report is published
+``prefix:{dlN}:idx``      deadline index shard N: sorted set member -> deadline (ms)
+``prefix:{dlN}:lock``     sweeper lock of shard N
+========================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal, Protocol
+from urllib.parse import quote, unquote
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+RedisClient = Redis | RedisCluster
+
+SpanStatus = Literal["stored", "duplicate", "conflict"]
+ResultStatus = Literal["joined", "buffered", "duplicate"]
+ClaimVerdict = Literal["new", "done", "busy"]
+ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
+
+_SEP = "\x1f"  # cannot occur in a tag: tags are percent-encoded
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """One join key inside one ml_app. Keys of different apps never collide."""
+
+    ml_app: str
+    join_key: str
+
+    @property
+    def tag(self) -> str:
+        return f"{quote(self.ml_app, safe='')}:{quote(self.join_key, safe='')}"
+
+    @classmethod
+    def from_tag(cls, tag: str) -> Namespace:
+        app, _, key = tag.partition(":")
+        return cls(unquote(app), unquote(key))
+
+
+@dataclass(frozen=True)
+class SpanPut:
+    status: SpanStatus
+    pending: dict[str, bytes]  # event_id -> result record, results that now join this span
+    existing: bytes | None = None  # on conflict: the span already bound to the key
+
+
+@dataclass(frozen=True)
+class ResultPut:
+    status: ResultStatus
+    span: bytes | None = None  # when joined: the span record
+
+
+@dataclass(frozen=True)
+class DueSide:
+    """A deadline-index entry that is due: a span (``event_id`` None) or one result."""
+
+    shard: int
+    member: str
+    deadline_ms: int
+    namespace: Namespace
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class ExpireOutcome:
+    verdict: ExpireVerdict
+    body: bytes | None = None
+
+
+class JoinStore(Protocol):
+    """What the join needs from its buffer.
+
+    A successful return from ``put_span``/``put_result`` means the side is stored as durably as
+    the backing store is configured to be (for Redis: AOF with ``appendfsync always`` makes it
+    survive a crash); only then may the Kafka offset of its message be committed. Every method is
+    idempotent for the same arguments, so a redelivered message may call it again.
+    """
+
+    async def put_span(self, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
+        """Store the span, or recognise it; returns the results that wait for it."""
+        ...
+
+    async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
+                         deadline_ms: int) -> ResultPut:
+        """Join the result with its span if the span is here, else buffer it until ``deadline_ms``."""
+        ...
+
+    async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
+                    lease_ms: int) -> list[ClaimVerdict]:
+        """Claim evaluations for delivery; ``done`` ones were delivered or dead-lettered already."""
+        ...
+
+    async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
+                     drop_event_ids: Sequence[str] = ()) -> None:
+        """Record evaluations as finished (2xx, or dead-letter acknowledged) and drop finished results."""
+        ...
+
+    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
+        """Deadline-index entries of ``shard`` that are due, oldest first."""
+        ...
+
+    async def expire(self, side: DueSide) -> ExpireOutcome:
+        """Take a due side out of the join; a ``report`` outcome must be published, then ``forget``."""
+        ...
+
+    async def forget(self, side: DueSide) -> None:
+        """Drop an expired side once its report is published (or it needed none)."""
+        ...
+
+    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
+        """Move a due entry to a later deadline (its delivery is under way)."""
+        ...
+
+
+def _script(name: str) -> str:
+    return resources.files("consumer").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+class RedisJoinStore:
+    """:class:`JoinStore` on Redis or Redis Cluster."""
+
+    def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
+                 ledger_retention_ms: int) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.shards = shards
+        self._retention_ms = ledger_retention_ms
+        register = client.register_script
+        self._put_span: AsyncScript = register(_script("put_span"))
+        self._put_result: AsyncScript = register(_script("put_result"))
+        self._claim: AsyncScript = register(_script("claim"))
+        self._settle: AsyncScript = register(_script("settle"))
+        self._expire: AsyncScript = register(_script("expire_side"))
+        self._unindex: AsyncScript = register(_script("unindex"))
+        self._unlock: AsyncScript = register(_script("unlock"))
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _key(self, ns: Namespace, suffix: str) -> str:
+        return f"{self._prefix}:{{{ns.tag}}}:{suffix}"
+
+    def shard_of(self, ns: Namespace) -> int:
+        return zlib.crc32(ns.tag.encode()) % self.shards
+
+    def index_key(self, shard: int) -> str:
+        return f"{self._prefix}:{{dl{shard}}}:idx"
+
+    def lock_key(self, shard: int) -> str:
+        return f"{self._prefix}:{{dl{shard}}}:lock"
+
+    def _side_keys(self, ns: Namespace) -> list[str]:
+        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x")]
+
+    async def _index(self, ns: Namespace, member: str, deadline_ms: int) -> None:
+        # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
+        await self._client.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True)
+
+    # -- join -----------------------------------------------------------------------------------
+
+    async def put_span(self, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
+        reply: list[Any] = await self._put_span(keys=self._side_keys(ns), args=[identity, record])
+        status = reply[0].decode()
+        if status == "conflict":
+            return SpanPut("conflict", {}, reply[1])
+        # Index after storing: a crash in between leaves the message uncommitted, and its
+        # redelivery (status "duplicate") indexes it then.
+        await self._index(ns, f"s{_SEP}{ns.tag}", deadline_ms)
+        flat = reply[1]
+        pending = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        return SpanPut(status, pending)
+
+    async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
+                         deadline_ms: int) -> ResultPut:
+        keys = [*self._side_keys(ns), self._key(ns, "d")]
+        reply: list[Any] = await self._put_result(keys=keys, args=[event_id, record, *eval_ids])
+        status = reply[0].decode()
+        if status == "joined":
+            return ResultPut("joined", reply[1])
+        if status == "buffered" or status == "duplicate":
+            await self._index(ns, f"r{_SEP}{ns.tag}{_SEP}{event_id}", deadline_ms)
+        return ResultPut(status)
+
+    # -- delivery ledger -------------------------------------------------------------------------
+
+    async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
+                    lease_ms: int) -> list[ClaimVerdict]:
+        reply: list[bytes] = await self._claim(
+            keys=[self._key(ns, "d")], args=[owner, now_ms, lease_ms, self._retention_ms, *eval_ids]
+        )
+        return [verdict.decode() for verdict in reply]  # type: ignore[misc]
+
+    async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
+                     drop_event_ids: Sequence[str] = ()) -> None:
+        await self._settle(
+            keys=[self._key(ns, "d"), self._key(ns, "r")],
+            args=["x" if dead_lettered else "d", self._retention_ms, len(eval_ids), *eval_ids, *drop_event_ids],
+        )
+
+    async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
+        """The ledger entry of one evaluation (for inspection and tests)."""
+        value: bytes | None = await self._client.hget(self._key(ns, "d"), eval_id)  # type: ignore[assignment]
+        return None if value is None else value.decode()
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
+        rows: list[tuple[bytes, float]] = await self._client.zrangebyscore(  # type: ignore[assignment]
+            self.index_key(shard), "-inf", now_ms, start=0, num=limit, withscores=True
+        )
+        sides = []
+        for raw_member, score in rows:
+            member = raw_member.decode()
+            kind, _, rest = member.partition(_SEP)
+            tag, _, event_id = rest.partition(_SEP)
+            sides.append(DueSide(shard, member, int(score), Namespace.from_tag(tag),
+                                 event_id if kind == "r" else None))
+        return sides
+
+    async def expire(self, side: DueSide) -> ExpireOutcome:
+        args = ["s"] if side.event_id is None else ["r", side.event_id]
+        reply: list[Any] = await self._expire(keys=self._side_keys(side.namespace), args=args)
+        verdict = reply[0].decode()
+        body: bytes | None = reply[1] if len(reply) > 1 else None
+        if body is not None and side.event_id is None:
+            body = body.partition(b"\n")[2]  # a span's copy is stored as "identity\nbody"
+        return ExpireOutcome(verdict, body)
+
+    async def forget(self, side: DueSide) -> None:
+        field = "s" if side.event_id is None else f"r:{side.event_id}"
+        await self._client.hdel(self._key(side.namespace, "x"), field)
+        await self._unindex(keys=[self.index_key(side.shard)], args=[side.member, side.deadline_ms])
+
+    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
+        await self._client.zadd(self.index_key(side.shard), {side.member: deadline_ms}, xx=True, gt=True)
+
+    async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
+        return bool(await self._client.set(self.lock_key(shard), token, nx=True, px=ttl_ms))
+
+    async def unlock(self, shard: int, token: str) -> None:
+        await self._unlock(keys=[self.lock_key(shard)], args=[token])
+
+    async def ping(self) -> bool:
+        return bool(await self._client.ping())
