@@ -1,0 +1,17 @@
+"""Real local services for tests and the local demo.
+
+Each service binds 127.0.0.1 only, on a free port, and is a context manager
+whose ``__exit__`` stops everything its ``__enter__`` started:
+
+* :mod:`localenv.kafka` - ``KafkaBroker``: Apache Kafka 4.1.1 in KRaft mode
+  (jars fetched once with Maven), plus ``create_topics``.
+* :mod:`localenv.redis` - ``RedisServer`` and ``RedisCluster`` (``redis-server``).
+* :mod:`localenv.intake` - ``FakeIntake``: Datadog's LLM Observability
+  eval-metric intake with fault injection (stdlib HTTP server in a thread).
+* :mod:`localenv.testagent` - ``TestAgent``: Datadog's ``ddapm-test-agent``.
+* :mod:`localenv.ports` - ``free_port``.
+
+``python -m localenv kafka|redis|intake`` runs one of them in the foreground;
+``python -m localenv fetch`` only downloads the Kafka jars. Submodules are
+imported on demand so that, e.g., the intake does not need aiokafka.
+"""

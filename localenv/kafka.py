@@ -1,0 +1,512 @@
+"""A real Apache Kafka broker (KRaft mode) started from Maven Central jars.
+
+The jars are fetched once with Maven (see ``kafka-pom.xml`` next to this
+module) into a cache directory, then every :class:`KafkaBroker` runs
+``kafka.Kafka`` from them in a single JVM that is both broker and controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from localenv._process import kill_process, log_tail, require_binary, spawn, terminate_process
+from localenv.ports import free_ports
+
+__all__ = [
+    "KAFKA_VERSION",
+    "POM_PATH",
+    "KafkaBroker",
+    "acreate_topics",
+    "create_topics",
+    "default_cache_dir",
+    "ensure_jars",
+]
+
+KAFKA_VERSION = "4.1.1"
+"""Version of the broker jars named in ``kafka-pom.xml``."""
+
+POM_PATH = Path(__file__).resolve().with_name("kafka-pom.xml")
+"""The checked-in pom whose runtime dependencies form the broker classpath."""
+
+CACHE_ENV_VAR = "EVALJOIN_CACHE_DIR"
+"""Environment variable that overrides the default cache directory."""
+
+_MARKER = ".complete"
+_BIND_ATTEMPTS = 3
+_T = TypeVar("_T")
+
+
+def default_cache_dir() -> Path:
+    """Return ``$EVALJOIN_CACHE_DIR`` if set, else ``.cache`` at the repository root."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path(__file__).resolve().parent.parent / ".cache"
+
+
+def ensure_jars(cache_dir: Path | None = None) -> Path:
+    """Make sure the Kafka runtime jars are in the cache and return their directory.
+
+    The returned directory is ``<cache_dir>/kafka-<version>/libs`` and holds
+    every runtime jar the broker needs, so ``'<libs>/*'`` is a complete Java
+    classpath. Maven is run (``mvn dependency:copy-dependencies`` on
+    :data:`POM_PATH`) only when the completion marker from an earlier
+    successful run is missing; afterwards this is a cheap file check and needs
+    neither Maven nor the network. Concurrent callers (several test
+    processes) are serialised with a file lock, so only one runs Maven.
+
+    Raises ``RuntimeError`` naming ``mvn`` and quoting its output when Maven
+    is missing or fails. ``cache_dir`` defaults to :func:`default_cache_dir`.
+    """
+    root = (cache_dir if cache_dir is not None else default_cache_dir()).resolve()
+    version_dir = root / f"kafka-{KAFKA_VERSION}"
+    libs = version_dir / "libs"
+    marker = version_dir / _MARKER
+    if marker.exists():
+        return libs
+    version_dir.mkdir(parents=True, exist_ok=True)
+    _ignore_in_git(root)
+    with _file_lock(root / f"kafka-{KAFKA_VERSION}.lock"):
+        if marker.exists():
+            return libs
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise RuntimeError(
+                "mvn (Apache Maven) not found on PATH; it is needed once to fetch the Kafka "
+                f"{KAFKA_VERSION} jars into {libs} (install the Debian package maven)"
+            )
+        cmd = [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(POM_PATH),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()[-4000:]
+            raise RuntimeError(
+                f"mvn failed (exit {result.returncode}) fetching the Kafka {KAFKA_VERSION} jars "
+                f"with: {' '.join(cmd)}\n{output}"
+            )
+        if not any(libs.glob(f"kafka_2.13-{KAFKA_VERSION}.jar")):
+            raise RuntimeError(f"mvn succeeded but {libs} has no kafka_2.13-{KAFKA_VERSION}.jar")
+        marker.write_text(f"kafka {KAFKA_VERSION} jars fetched by mvn\n")
+    return libs
+
+
+def _ignore_in_git(cache_root: Path) -> None:
+    """Keep the repository-local default cache out of ``git status``."""
+    if cache_root != default_cache_dir() or CACHE_ENV_VAR in os.environ:
+        return
+    gitignore = cache_root / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# downloaded by localenv; not part of the source tree\n*\n")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _run_coroutine(factory: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a coroutine to completion from synchronous code.
+
+    Works whether or not the calling thread already runs an event loop: in
+    the latter case the coroutine runs on a fresh loop in a helper thread
+    (blocking the caller, which is acceptable for set-up code).
+    """
+
+    async def main() -> _T:
+        return await factory()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
+async def acreate_topics(bootstrap: str, topics: dict[str, int], *, request_timeout: float = 30.0) -> None:
+    """Create topics (name -> partition count) with replication factor 1.
+
+    Topics that already exist are left as they are (even if their partition
+    count differs); any other error is raised as the matching
+    ``aiokafka.errors`` exception. Returns once the controller has accepted
+    the creation. ``request_timeout`` bounds each request to the broker.
+    """
+    if not topics:
+        return
+    timeout_ms = int(request_timeout * 1000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    await admin.start()
+    try:
+        new_topics = [NewTopic(name, partitions, 1) for name, partitions in topics.items()]
+        response = await admin.create_topics(new_topics, timeout_ms=timeout_ms)
+    finally:
+        await admin.close()
+    for entry in response.topic_errors:
+        name, code = entry[0], entry[1]
+        if code == 0:
+            continue
+        error_cls = for_code(code)
+        if error_cls is TopicAlreadyExistsError:
+            continue
+        message = entry[2] if len(entry) > 2 and entry[2] else ""
+        raise error_cls(f"creating topic {name!r}: {message}")
+
+
+def create_topics(bootstrap: str, topics: dict[str, int], *, request_timeout: float = 30.0) -> None:
+    """Synchronous :func:`acreate_topics`; usable with or without a running event loop."""
+    _run_coroutine(lambda: acreate_topics(bootstrap, topics, request_timeout=request_timeout))
+
+
+async def _probe_broker(bootstrap: str, node_id: int, budget: float) -> bool:
+    """True if the broker answers a metadata request within ``budget`` seconds and lists itself."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=max(1000, int(budget * 1000)),
+        retry_backoff_ms=100,
+    )
+    try:
+        async with asyncio.timeout(budget):
+            await admin.start()
+            cluster: dict[str, Any] = await admin.describe_cluster()
+        brokers = cluster.get("brokers") or []
+        return any(int(broker.get("node_id", -1)) == node_id for broker in brokers)
+    except (KafkaError, OSError, TimeoutError):  # not ready yet
+        return False
+    finally:
+        with contextlib.suppress(KafkaError, OSError, TimeoutError):
+            await admin.close()
+
+
+def _new_cluster_id() -> str:
+    """A random Kafka cluster id (base64url UUID without padding, as Kafka's Uuid)."""
+    while True:
+        value = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not value.startswith("-"):
+            return value
+
+
+class KafkaBroker:
+    """One Apache Kafka broker+controller (KRaft, node id 1) on 127.0.0.1.
+
+    What callers may assume once :meth:`start` has returned:
+
+    * :attr:`bootstrap_servers` (``"127.0.0.1:<port>"``) accepts PLAINTEXT
+      clients and has already answered a metadata request listing itself.
+    * Topics are auto-created on first use with 4 partitions; internal
+      topics (consumer offsets, transactions) use replication factor 1, and
+      consumer groups rebalance without the initial delay.
+    * The ports and the data directory stay the same for the life of the
+      object, including across :meth:`kill` and :meth:`restart`, so data
+      written before a crash is still there afterwards (storage is formatted
+      only when the data directory has never been formatted).
+    * Broker output (including the JVM's) is appended to :attr:`log_path`.
+
+    Startup takes a few seconds (JVM start plus KRaft election). Every
+    process started is stopped by :meth:`stop` (or leaving the ``with``
+    block). When ``data_dir`` is None a temporary directory is used and
+    removed by :meth:`stop`; a directory passed in is never removed.
+    ``extra_properties`` are written last into ``server.properties`` and so
+    override the defaults.
+    """
+
+    NODE_ID = 1
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path | None = None,
+        heap: str = "512m",
+        extra_properties: dict[str, str] | None = None,
+        cache_dir: Path | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self._requested_data_dir = data_dir
+        self._heap = heap
+        self._extra_properties = dict(extra_properties or {})
+        self._cache_dir = cache_dir
+        self._startup_timeout = startup_timeout
+        self._data_dir: Path | None = None
+        self._owns_data_dir = False
+        self._port: int | None = None
+        self._controller_port: int | None = None
+        self._libs: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- properties -------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The PLAINTEXT (client) port. Only valid after :meth:`start`."""
+        if self._port is None:
+            raise RuntimeError("KafkaBroker has not been started")
+        return self._port
+
+    @property
+    def controller_port(self) -> int:
+        """The KRaft CONTROLLER listener port. Only valid after :meth:`start`."""
+        if self._controller_port is None:
+            raise RuntimeError("KafkaBroker has not been started")
+        return self._controller_port
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``"127.0.0.1:<port>"`` for Kafka clients. Only valid after :meth:`start`."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        """Directory holding ``server.properties``, the log dirs and ``broker.log``."""
+        if self._data_dir is None:
+            raise RuntimeError("KafkaBroker has not been started")
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's combined stdout/stderr (``<data_dir>/broker.log``)."""
+        return self.data_dir / "broker.log"
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Fetch jars if needed, format storage if needed, start the broker and wait until ready.
+
+        Raises ``RuntimeError`` if the broker is already running, and
+        ``TimeoutError``/``RuntimeError`` with the tail of ``broker.log`` when
+        it exits early or does not answer within ``startup_timeout``; in that
+        case the process is killed and a temporary data dir removed before raising.
+        """
+        if self.running:
+            raise RuntimeError("KafkaBroker is already running")
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # no half-started broker or stray temp dir; the error carries the log tail
+            raise
+
+    def _start(self) -> None:
+        self._libs = ensure_jars(self._cache_dir)
+        require_binary("java", "install a Java 17+ runtime (Debian package openjdk-17-jre-headless)")
+        if self._data_dir is None:
+            if self._requested_data_dir is None:
+                self._data_dir = Path(tempfile.mkdtemp(prefix="kafka-"))
+                self._owns_data_dir = True
+            else:
+                self._data_dir = self._requested_data_dir.resolve()
+                self._data_dir.mkdir(parents=True, exist_ok=True)
+                self._owns_data_dir = False
+        if self._port is not None and self._controller_port is not None:
+            self._launch()
+            return
+        for attempt in range(_BIND_ATTEMPTS):
+            # Free ports can be taken by another process before the JVM binds
+            # them; on a first start it is safe to just pick new ones.
+            self._port, self._controller_port = free_ports(2)
+            try:
+                self._launch()
+                return
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == _BIND_ATTEMPTS - 1:
+                    raise
+
+    def restart(self) -> None:
+        """Start the broker again on the same ports with the same data.
+
+        If the broker is still running it is stopped gracefully first. The
+        storage is not reformatted, so every message the broker had written
+        before (even before a :meth:`kill`) is readable afterwards. Raises
+        ``RuntimeError`` if the broker was never started or its temporary
+        data directory has already been removed by :meth:`stop`.
+        """
+        if self._data_dir is None or not self._data_dir.exists():
+            raise RuntimeError("restart() needs a broker that was started and not stopped")
+        if self._proc is not None:
+            terminate_process(self._proc, timeout=20.0)
+            self._proc = None
+        self._launch()
+
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM, up to 20 s, then SIGKILL) and remove a temporary data dir.
+
+        Idempotent; also the way to clean up after :meth:`kill`. After stop,
+        :meth:`start` begins afresh (new temporary directory and ports when
+        none were given).
+        """
+        if self._proc is not None:
+            terminate_process(self._proc, timeout=20.0)
+            self._proc = None
+        if self._owns_data_dir and self._data_dir is not None:
+            shutil.rmtree(self._data_dir, ignore_errors=True)
+            self._data_dir = None
+            self._port = None
+            self._controller_port = None
+            self._owns_data_dir = False
+
+    def kill(self) -> None:
+        """SIGKILL the broker (a crash) and wait for it to exit; data and ports are kept."""
+        if self._proc is not None:
+            kill_process(self._proc)
+            self._proc = None
+
+    def __enter__(self) -> KafkaBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals --------------------------------------------------------
+
+    def _properties(self) -> dict[str, str]:
+        port, cport = self.port, self.controller_port
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": str(self.NODE_ID),
+            "controller.quorum.voters": f"{self.NODE_ID}@127.0.0.1:{cport}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir / "kraft-logs"),
+            "num.partitions": "4",
+            "auto.create.topics.enable": "true",
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # After a crash the controller keeps the dead incarnation registered
+            # until its session expires; the default 9 s session would make every
+            # restart() after kill() take 9 s longer.
+            "broker.heartbeat.interval.ms": "500",
+            "broker.session.timeout.ms": "3000",
+        }
+        props.update(self._extra_properties)
+        return props
+
+    def _write_properties(self) -> Path:
+        path = self.data_dir / "server.properties"
+        lines = ["# written by localenv.kafka.KafkaBroker"]
+        lines += [f"{key}={value}" for key, value in self._properties().items()]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _classpath(self) -> str:
+        assert self._libs is not None
+        return f"{self._libs}{os.sep}*"
+
+    def _format_if_needed(self, properties: Path) -> None:
+        log_dirs = self._properties()["log.dirs"].split(",")
+        if all((Path(d) / "meta.properties").exists() for d in log_dirs):
+            return
+        cmd = [
+            "java",
+            "-cp",
+            self._classpath(),
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            _new_cluster_id(),
+            "-c",
+            str(properties),
+        ]
+        result = subprocess.run(cmd, cwd=self.data_dir, capture_output=True, text=True, check=False)
+        with open(self.log_path, "a") as log:
+            log.write(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"kafka StorageTool format failed (exit {result.returncode}):\n"
+                f"{(result.stdout + result.stderr).strip()[-4000:]}"
+            )
+
+    def _launch(self) -> None:
+        properties = self._write_properties()
+        self._format_if_needed(properties)
+        cmd = [
+            "java",
+            f"-Xmx{self._heap}",
+            "-cp",
+            self._classpath(),
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "kafka.Kafka",
+            str(properties),
+        ]
+        self._proc = spawn(cmd, log_path=self.log_path, cwd=self.data_dir)
+        try:
+            self._wait_ready()
+        except BaseException:
+            kill_process(self._proc)
+            self._proc = None
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"Kafka broker exited with code {code} during startup; "
+                    f"tail of {self.log_path.name}:\n{log_tail(self.log_path)}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"Kafka broker on {self.bootstrap_servers} not ready after "
+                    f"{self._startup_timeout:.0f}s; tail of {self.log_path.name}:\n{log_tail(self.log_path)}"
+                )
+            budget = min(5.0, max(remaining, 0.5))
+            if self._port_open() and _run_coroutine(
+                functools.partial(_probe_broker, self.bootstrap_servers, self.NODE_ID, budget)
+            ):
+                return
+            time.sleep(0.1)
+
+    def _port_open(self) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
