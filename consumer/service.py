@@ -25,8 +25,6 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from consumer.commit import OffsetCommitter
@@ -38,7 +36,7 @@ from consumer.errors import DlqLimitExceeded, InvalidMessage
 from consumer.expiry import Sweeper
 from consumer.join import Joined, Joiner, Source
 from consumer.sink import EvaluationSink, HttpIntakeSink
-from consumer.store import RedisClient, RedisJoinStore
+from consumer.store import RedisJoinStore, connect
 
 log = structlog.get_logger(__name__)
 
@@ -254,7 +252,7 @@ class _ServiceContext:
                                         **kafka_common)
             await consumer.start()
             stack.push_async_callback(consumer.stop)
-            client = redis_client(s)
+            client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster)
             stack.push_async_callback(client.aclose)
             store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                    ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000)
@@ -285,13 +283,6 @@ def kafka_client_options(s: Settings) -> dict[str, Any]:
 
         options["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile)
     return options
-
-
-def redis_client(s: Settings) -> RedisClient:
-    url = s.redis_url.get_secret_value()
-    if s.redis_cluster:
-        return RedisCluster.from_url(url)
-    return Redis.from_url(url)
 
 
 def _merge(a: Batch, b: Batch) -> Batch:

@@ -20,14 +20,15 @@ Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both p
 
 from __future__ import annotations
 
+import asyncio
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
@@ -133,6 +134,20 @@ class JoinStore(Protocol):
         ...
 
 
+async def connect(url: str, *, cluster: bool, max_connections: int = 64) -> RedisClient:
+    """A client for ``url``; a cluster client is initialised before use.
+
+    Initialising first matters: concurrent scripts on a lazily initialised asyncio cluster client
+    fail intermittently (redis-py issue 3935).
+    """
+    if cluster:
+        client = RedisCluster.from_url(url, max_connections=max_connections)
+        await client.initialize()
+        return client
+    # from_pool: the client owns the pool and closes its connections on aclose().
+    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30))
+
+
 def _script(name: str) -> str:
     return resources.files("consumer").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
 
@@ -141,8 +156,10 @@ class RedisJoinStore:
     """:class:`JoinStore` on Redis or Redis Cluster."""
 
     def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
-                 ledger_retention_ms: int) -> None:
+                 ledger_retention_ms: int, max_concurrency: int = 32) -> None:
         self._client = client
+        # At most this many commands in flight, so that a large batch never exhausts the client's pool.
+        self._slots = asyncio.Semaphore(max_concurrency)
         self._prefix = prefix
         self.shards = shards
         self._retention_ms = ledger_retention_ms
@@ -154,6 +171,14 @@ class RedisJoinStore:
         self._expire: AsyncScript = register(_script("expire_side"))
         self._unindex: AsyncScript = register(_script("unindex"))
         self._unlock: AsyncScript = register(_script("unlock"))
+
+    async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async with self._slots:
+            return await script(keys=keys, args=args)
+
+    async def _bounded(self, command: Awaitable[Any]) -> Any:
+        async with self._slots:
+            return await command
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -174,12 +199,12 @@ class RedisJoinStore:
 
     async def _index(self, ns: Namespace, member: str, deadline_ms: int) -> None:
         # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
-        await self._client.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True)
+        await self._bounded(self._client.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True))
 
     # -- join -----------------------------------------------------------------------------------
 
     async def put_span(self, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
-        reply: list[Any] = await self._put_span(keys=self._side_keys(ns), args=[identity, record])
+        reply: list[Any] = await self._call(self._put_span, keys=self._side_keys(ns), args=[identity, record])
         status = reply[0].decode()
         if status == "conflict":
             return SpanPut("conflict", {}, reply[1])
@@ -193,7 +218,7 @@ class RedisJoinStore:
     async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
                          deadline_ms: int) -> ResultPut:
         keys = [*self._side_keys(ns), self._key(ns, "d")]
-        reply: list[Any] = await self._put_result(keys=keys, args=[event_id, record, *eval_ids])
+        reply: list[Any] = await self._call(self._put_result, keys=keys, args=[event_id, record, *eval_ids])
         status = reply[0].decode()
         if status == "joined":
             return ResultPut("joined", reply[1])
@@ -205,29 +230,29 @@ class RedisJoinStore:
 
     async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
                     lease_ms: int) -> list[ClaimVerdict]:
-        reply: list[bytes] = await self._claim(
+        reply: list[bytes] = await self._call(self._claim,
             keys=[self._key(ns, "d")], args=[owner, now_ms, lease_ms, self._retention_ms, *eval_ids]
         )
         return [verdict.decode() for verdict in reply]  # type: ignore[misc]
 
     async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
                      drop_event_ids: Sequence[str] = ()) -> None:
-        await self._settle(
+        await self._call(self._settle,
             keys=[self._key(ns, "d"), self._key(ns, "r")],
             args=["x" if dead_lettered else "d", self._retention_ms, len(eval_ids), *eval_ids, *drop_event_ids],
         )
 
     async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
         """The ledger entry of one evaluation (for inspection and tests)."""
-        value: bytes | None = await self._client.hget(self._key(ns, "d"), eval_id)  # type: ignore[assignment]
+        value: bytes | None = await self._bounded(self._client.hget(self._key(ns, "d"), eval_id))
         return None if value is None else value.decode()
 
     # -- expiry ---------------------------------------------------------------------------------
 
     async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
-        rows: list[tuple[bytes, float]] = await self._client.zrangebyscore(  # type: ignore[assignment]
+        rows: list[tuple[bytes, float]] = await self._bounded(self._client.zrangebyscore(
             self.index_key(shard), "-inf", now_ms, start=0, num=limit, withscores=True
-        )
+        ))
         sides = []
         for raw_member, score in rows:
             member = raw_member.decode()
@@ -239,7 +264,7 @@ class RedisJoinStore:
 
     async def expire(self, side: DueSide) -> ExpireOutcome:
         args = ["s"] if side.event_id is None else ["r", side.event_id]
-        reply: list[Any] = await self._expire(keys=self._side_keys(side.namespace), args=args)
+        reply: list[Any] = await self._call(self._expire, keys=self._side_keys(side.namespace), args=args)
         verdict = reply[0].decode()
         body: bytes | None = reply[1] if len(reply) > 1 else None
         if body is not None and side.event_id is None:
@@ -248,17 +273,17 @@ class RedisJoinStore:
 
     async def forget(self, side: DueSide) -> None:
         field = "s" if side.event_id is None else f"r:{side.event_id}"
-        await self._client.hdel(self._key(side.namespace, "x"), field)
-        await self._unindex(keys=[self.index_key(side.shard)], args=[side.member, side.deadline_ms])
+        await self._bounded(self._client.hdel(self._key(side.namespace, "x"), field))
+        await self._call(self._unindex, keys=[self.index_key(side.shard)], args=[side.member, side.deadline_ms])
 
     async def postpone(self, side: DueSide, deadline_ms: int) -> None:
-        await self._client.zadd(self.index_key(side.shard), {side.member: deadline_ms}, xx=True, gt=True)
+        await self._bounded(self._client.zadd(self.index_key(side.shard), {side.member: deadline_ms}, xx=True, gt=True))
 
     async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
-        return bool(await self._client.set(self.lock_key(shard), token, nx=True, px=ttl_ms))
+        return bool(await self._bounded(self._client.set(self.lock_key(shard), token, nx=True, px=ttl_ms)))
 
     async def unlock(self, shard: int, token: str) -> None:
-        await self._unlock(keys=[self.lock_key(shard)], args=[token])
+        await self._call(self._unlock, keys=[self.lock_key(shard)], args=[token])
 
     async def ping(self) -> bool:
-        return bool(await self._client.ping())
+        return bool(await self._bounded(self._client.ping()))

@@ -1,0 +1,194 @@
+"""Real services for the tests: one Kafka broker, one redis-server and one intake per session.
+
+Each test gets its own topics, consumer group and Redis key prefix, so tests never see each
+other's data. Servers listen on 127.0.0.1 on free ports and are stopped by the fixture that
+started them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumer.config import Settings
+from consumer.service import Service
+from localenv.intake import FakeIntake
+from localenv.kafka import KafkaBroker, acreate_topics
+from localenv.redis import RedisCluster, RedisServer
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[KafkaBroker]:
+    with KafkaBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def intake() -> Iterator[FakeIntake]:
+    with FakeIntake() as server:
+        yield server
+
+
+@dataclass
+class Topics:
+    span: str
+    result: str
+    dlq: str
+    unmatched: str
+
+
+@pytest.fixture
+async def topics(kafka: KafkaBroker) -> Topics:
+    run = uuid.uuid4().hex[:10]
+    names = Topics(f"{run}.spans", f"{run}.results", f"{run}.dlq", f"{run}.unmatched")
+    await acreate_topics(kafka.bootstrap_servers, {names.span: 2, names.result: 2, names.dlq: 1, names.unmatched: 1})
+    return names
+
+
+@pytest.fixture(params=["standalone"])
+def redis_url(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """The Redis the service uses: (url, is_cluster). Modules that also run on a cluster override this."""
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url, False
+
+
+@pytest.fixture
+def make_settings(kafka: KafkaBroker, intake: FakeIntake, topics: Topics,
+                  redis_url: tuple[str, bool]) -> Callable[..., Settings]:
+    prefix = "t" + uuid.uuid4().hex[:12]
+    group = "g-" + uuid.uuid4().hex[:12]
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": kafka.bootstrap_servers,
+            "kafka_group_id": group,
+            "span_topic": topics.span,
+            "result_topic": topics.result,
+            "dlq_topic": topics.dlq,
+            "unmatched_topic": topics.unmatched,
+            "redis_url": redis_url[0],
+            "redis_cluster": redis_url[1],
+            "redis_key_prefix": prefix,
+            "redis_deadline_shards": 4,
+            "default_ml_app": "nemos-demo",
+            "dd_llmobs_override_origin": intake.origin,
+            "dd_llmobs_agentless_enabled": True,
+            "dd_api_key": "test-api-key-0123456789",
+            "intake_timeout_seconds": 2.0,
+            "claim_lease_seconds": 5.0,
+            "intake_retry_initial_seconds": 0.05,
+            "intake_retry_max_seconds": 0.5,
+            "sweep_interval_seconds": 0.5,
+            "shutdown_timeout_seconds": 5.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[Service]:
+    """Run the service in this event loop until the block ends, then stop it cleanly."""
+    async with Service.open(settings) as service:
+        task = asyncio.create_task(service.run())
+        try:
+            yield service
+        finally:
+            service.stop()
+            await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture
+async def producer(kafka: KafkaBroker) -> AsyncIterator[AIOKafkaProducer]:
+    client = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
+
+
+async def send_json(producer: AIOKafkaProducer, topic: str, value: Any, *, key: str | None = None,
+                    headers: list[tuple[str, bytes]] | None = None) -> None:
+    raw = value if isinstance(value, bytes) else orjson.dumps(value)
+    await producer.send_and_wait(topic, raw, key=key.encode() if key else None, headers=headers)
+
+
+async def eventually(check: Callable[[], Any], *, expect: Any = True, within: float = 30.0,
+                     what: str = "condition") -> None:
+    """Poll ``check`` (sync or async) until it returns ``expect``, without blocking the service's loop."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        outcome = check()
+        if isinstance(outcome, Awaitable):
+            outcome = await outcome
+        if outcome == expect:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, *, within: float = 30.0) -> list[Any]:
+    """Read the first ``count`` records of ``topic`` (fails if fewer arrive in time)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + within
+        while len(records) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{topic}: {len(records)} of {count} records after {within}s")
+            batch = await consumer.getmany(timeout_ms=200)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def group_lag(bootstrap: str, group: str, topic_names: list[str]) -> int:
+    """Records of ``topic_names`` not yet committed by consumer group ``group``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(t, p) for t in topic_names for p in await _partitions(consumer, t)]
+        ends = await consumer.end_offsets(partitions)
+        return sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    partitions = consumer.partitions_for_topic(topic)
+    if partitions is None:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+    return set(partitions or ())

@@ -1,0 +1,138 @@
+"""The join store's contract, run against a real redis-server and a real three-node Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from consumer.store import Namespace, RedisJoinStore, connect
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisJoinStore]:
+    server = request.getfixturevalue("redis_cluster" if request.param == "cluster" else "redis_server")
+    client = await connect(server.url, cluster=request.param == "cluster")
+    try:
+        yield RedisJoinStore(client, prefix="t" + uuid.uuid4().hex[:8], shards=4, ledger_retention_ms=600_000)
+    finally:
+        await client.aclose()
+
+
+NS = Namespace("app", "q-1")
+
+
+async def test_span_first_then_result_joins(store: RedisJoinStore) -> None:
+    """A result arriving after its span joins at once and returns the span record."""
+    assert (await store.put_span(NS, "t:1", b"SPAN", 10_000)).status == "stored"
+    put = await store.put_result(NS, "e1", b"RESULT", ["v1"], 10_000)
+    assert (put.status, put.span) == ("joined", b"SPAN")
+
+
+async def test_result_first_waits_and_is_released_by_span(store: RedisJoinStore) -> None:
+    """A result arriving first is buffered, and the span's arrival hands it over."""
+    assert (await store.put_result(NS, "e1", b"RESULT", ["v1"], 10_000)).status == "buffered"
+    assert (await store.put_result(NS, "e1", b"RESULT", ["v1"], 10_000)).status == "duplicate"
+    put = await store.put_span(NS, "t:1", b"SPAN", 10_000)
+    assert (put.status, put.pending) == ("stored", {"e1": b"RESULT"})
+
+
+async def test_redelivered_span_returns_pending_until_settled(store: RedisJoinStore) -> None:
+    """A redelivered span gets the undelivered results again, and none once they are settled."""
+    await store.put_result(NS, "e1", b"RESULT", ["v1"], 10_000)
+    await store.put_span(NS, "t:1", b"SPAN", 10_000)
+    again = await store.put_span(NS, "t:1", b"SPAN", 10_000)
+    assert (again.status, again.pending) == ("duplicate", {"e1": b"RESULT"})
+    await store.settle(NS, ["v1"], dead_lettered=False, drop_event_ids=["e1"])
+    assert (await store.put_span(NS, "t:1", b"SPAN", 10_000)).pending == {}
+
+
+async def test_other_span_on_same_key_conflicts(store: RedisJoinStore) -> None:
+    """A different span for a key already bound is a conflict that names the bound span."""
+    await store.put_span(NS, "t:1", b"SPAN-1", 10_000)
+    put = await store.put_span(NS, "t:2", b"SPAN-2", 10_000)
+    assert (put.status, put.existing) == ("conflict", b"SPAN-1")
+
+
+async def test_namespaces_do_not_collide(store: RedisJoinStore) -> None:
+    """The same join key in two ml_apps (and keys with brace and colon characters) stay apart."""
+    await store.put_span(Namespace("app-a", "1"), "t:1", b"A", 10_000)
+    assert (await store.put_result(Namespace("app-b", "1"), "e", b"R", ["v"], 10_000)).status == "buffered"
+    odd = Namespace("a:{b}", "c}:{d")
+    await store.put_span(odd, "t:9", b"ODD", 10_000)
+    assert (await store.put_result(odd, "e", b"R", ["v"], 10_000)).span == b"ODD"
+    assert (await store.put_result(Namespace("a", "{b}:c}:{d"), "e", b"R", ["v"], 10_000)).status == "buffered"
+
+
+async def test_claims_exclude_other_owners_until_lease_ends(store: RedisJoinStore) -> None:
+    """A live claim makes others wait; an expired one can be taken over; settled ones are done."""
+    assert await store.claim(NS, ["v1", "v2"], owner="a", now_ms=1000, lease_ms=500) == ["new", "new"]
+    assert await store.claim(NS, ["v1"], owner="b", now_ms=1200, lease_ms=500) == ["busy"]
+    assert await store.claim(NS, ["v1"], owner="a", now_ms=1200, lease_ms=500) == ["new"]
+    assert await store.claim(NS, ["v2"], owner="b", now_ms=1600, lease_ms=500) == ["new"]
+    await store.settle(NS, ["v1"], dead_lettered=False)
+    await store.settle(NS, ["v2"], dead_lettered=True)
+    assert await store.claim(NS, ["v1", "v2"], owner="c", now_ms=9000, lease_ms=500) == ["done", "done"]
+    assert await store.delivery_state(NS, "v2") == "x"
+
+
+async def test_concurrent_sides_always_meet(store: RedisJoinStore) -> None:
+    """Racing span and result puts on many keys: every result is either joined or handed to its span."""
+    keys = [Namespace("race", f"k{i}") for i in range(200)]
+
+    async def span_side(ns: Namespace) -> set[str]:
+        return set((await store.put_span(ns, "t:1", b"S", 10_000)).pending)
+
+    async def result_side(ns: Namespace) -> bool:
+        return (await store.put_result(ns, "e", b"R", ["v"], 10_000)).status == "joined"
+
+    outcomes = await asyncio.gather(*(asyncio.gather(span_side(ns), result_side(ns)) for ns in keys))
+    for released, joined in outcomes:
+        assert joined != ("e" in released)  # exactly one of the two sides saw the match
+
+
+async def test_result_already_settled_is_not_buffered_again(store: RedisJoinStore) -> None:
+    """A result redelivered after its span is gone but whose evaluations were delivered is a duplicate."""
+    await store.settle(NS, ["v1", "v2"], dead_lettered=False)
+    assert (await store.put_result(NS, "e1", b"R", ["v1", "v2"], 10_000)).status == "duplicate"
+    assert (await store.put_result(NS, "e2", b"R", ["v1", "v3"], 10_000)).status == "buffered"
+
+
+async def test_expiry_reports_unmatched_sides_once(store: RedisJoinStore) -> None:
+    """Due sides come out of the index: an unjoined span and a lone result are reported, then forgotten."""
+    lonely_span, lonely_result = Namespace("app", "s-only"), Namespace("app", "r-only")
+    await store.put_span(lonely_span, "t:1", b"SPAN", 1_000)
+    await store.put_result(lonely_result, "e1", b"RESULT", ["v"], 2_000)
+    due = [side for shard in range(store.shards) for side in await store.due(shard, 5_000, 100)]
+    assert {(s.namespace, s.event_id) for s in due} == {(lonely_span, None), (lonely_result, "e1")}
+    for side in due:
+        outcome = await store.expire(side)
+        assert (outcome.verdict, outcome.body) == ("report", b"SPAN" if side.event_id is None else b"RESULT")
+        # A crash before forget: the next sweep reports the same copy again.
+        assert (await store.expire(side)).body == outcome.body
+        await store.forget(side)
+    assert [s for shard in range(store.shards) for s in await store.due(shard, 5_000, 100)] == []
+    assert (await store.put_result(lonely_span, "e9", b"R", ["v9"], 9_000)).status == "buffered"
+
+
+async def test_expiry_drops_joined_span_silently(store: RedisJoinStore) -> None:
+    """A span that received results is dropped at its deadline without an unmatched report."""
+    await store.put_span(NS, "t:1", b"SPAN", 1_000)
+    await store.put_result(NS, "e1", b"R", ["v1"], 1_000)
+    (side,) = [s for shard in range(store.shards) for s in await store.due(shard, 5_000, 100)]
+    assert (await store.expire(side)).verdict == "dropped"
+
+
+async def test_redelivered_side_moves_deadline_only_later(store: RedisJoinStore) -> None:
+    """A side indexed again with the same deadline keeps it; forget after a later re-index keeps the entry."""
+    await store.put_result(NS, "e1", b"R", ["v1"], 1_000)
+    (side,) = [s for shard in range(store.shards) for s in await store.due(shard, 5_000, 100)]
+    await store.put_result(NS, "e1", b"R", ["v1"], 500)  # redelivery with an earlier stamp: no change
+    await store.put_result(NS, "e1", b"R", ["v1"], 8_000)  # re-published later: deadline moves
+    await store.forget(side)  # the sweeper read the old deadline; the new entry must survive
+    (later,) = [s for shard in range(store.shards) for s in await store.due(shard, 9_000, 100)]
+    assert later.deadline_ms == 8_000

@@ -1,0 +1,236 @@
+"""The service end to end: real Kafka, real Redis (single and cluster), a real HTTP intake."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from consumer.config import Settings
+from consumer.errors import DlqLimitExceeded
+from consumer.service import Service
+from localenv.intake import FakeIntake
+from localenv.kafka import KafkaBroker
+from tests.conftest import Topics, eventually, group_lag, read_topic, running_service, send_json
+
+pytestmark = pytest.mark.timeout(180)
+
+SEED = Path(__file__).parent.parent / "producer_examples" / "seed"
+OUTPUT_RECORD = json.loads((SEED / "outputs.json").read_text())[0]
+JUDGE_LINE = (SEED / "scores.jsonl").read_text().splitlines()[0].encode()
+
+
+@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
+def redis_url(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """Join and delivery run against a single redis-server and against a three-node Redis Cluster."""
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster").url, True
+    return request.getfixturevalue("redis_server").url, False
+
+
+def span_event(key: str, *, trace: str = "abc123", span: str = "42", ml_app: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"schema_version": 1, "join_key": key, "trace_id": trace, "span_id": span}
+    if ml_app:
+        event["ml_app"] = ml_app
+    return event
+
+
+def result_event(key: str, event_id: str, *labels: str, ml_app: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "schema_version": 1, "event_id": event_id, "join_key": key,
+        "evaluations": [{"label": label, "metric_type": "score", "value": 0.5, "timestamp_ms": 1_700_000_000_000}
+                        for label in labels or ("faithfulness",)],
+        "provenance": {"job_id": "eval-job-1", "target_type": "model"},
+    }
+    if ml_app:
+        event["ml_app"] = ml_app
+    return event
+
+
+def received(intake: FakeIntake) -> list[tuple[str, str, str, str]]:
+    """(ml_app, span_id, trace_id, label) of every metric the intake accepted."""
+    return [(m["ml_app"], m["join_on"]["span"]["span_id"], m["join_on"]["span"]["trace_id"], m["label"])
+            for m in intake.accepted_metrics()]
+
+
+@pytest.mark.parametrize("order", ["span_first", "result_first"])
+async def test_guide_cake_example_reaches_the_intake(order: str, make_settings: Callable[..., Settings],
+                                                    topics: Topics, producer: AIOKafkaProducer,
+                                                    intake: FakeIntake) -> None:
+    """The guide's outputs.json record and scores.jsonl line, in either order, give the guide's evaluation."""
+    async with running_service(make_settings()):
+        sends = [(topics.span, OUTPUT_RECORD), (topics.result, JUDGE_LINE)]
+        for topic, value in sends if order == "span_first" else reversed(sends):
+            await send_json(producer, topic, value, key="1")
+        await eventually(lambda: len(intake.accepted_metrics()) >= 1, what="the cake evaluation")
+    (metric,) = intake.accepted_metrics()
+    assert metric["join_on"] == {"span": {"span_id": "1", "trace_id": "0"}}
+    assert (metric["label"], metric["metric_type"], metric["score_value"]) == ("quality_assessment", "score", 8)
+    assert metric["metadata"] == {
+        "model": "meta/llama-3.1-8b-instruct",
+        "judgement": "Rating: [[8]] The answer clearly denotes the ingredients needed to make a cake",
+    }
+    assert metric["timestamp_ms"] == 1740429821107 and metric["ml_app"] == "nemos-demo"
+    request = next(r for r in intake.requests if r.status == 202)
+    assert request.headers.get("DD-API-KEY") == "test-api-key-0123456789"
+
+
+async def test_one_span_many_evaluations_including_late_ones(make_settings: Callable[..., Settings],
+                                                            topics: Topics, producer: AIOKafkaProducer,
+                                                            intake: FakeIntake) -> None:
+    """Several judges and metrics join one span, also results that arrive after the span was joined."""
+    async with running_service(make_settings()):
+        await send_json(producer, topics.result, result_event("q-7", "evt-judge-a", "relevance", "faithfulness"))
+        await send_json(producer, topics.span, span_event("q-7"))
+        await eventually(lambda: len(intake.accepted_metrics()) >= 2, what="the first two evaluations")
+        await send_json(producer, topics.result, result_event("q-7", "evt-judge-b", "toxicity"))
+        await eventually(lambda: len(intake.accepted_metrics()) >= 3, what="the late evaluation")
+    assert sorted(label for *_, label in received(intake)) == ["faithfulness", "relevance", "toxicity"]
+    assert {(app, span, trace) for app, span, trace, _ in received(intake)} == {("nemos-demo", "42", "abc123")}
+    metric = intake.accepted_metrics()[0]
+    assert metric["metadata"] == {"nemo": {"job_id": "eval-job-1", "target_type": "model"}}
+
+
+async def test_redelivered_and_republished_events_are_delivered_once(make_settings: Callable[..., Settings],
+                                                                     topics: Topics, producer: AIOKafkaProducer,
+                                                                     intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """Duplicates on the topics, and a second consumer group re-reading everything, send nothing twice."""
+    for _ in range(3):
+        await send_json(producer, topics.span, span_event("q-1"))
+        await send_json(producer, topics.result, result_event("q-1", "evt-00000001", "a", "b"))
+        await send_json(producer, topics.result, JUDGE_LINE)
+        await send_json(producer, topics.span, OUTPUT_RECORD)
+    settings = make_settings()
+    async with running_service(settings):
+        await eventually(lambda: len(intake.accepted_metrics()) >= 3, what="three evaluations")
+    # Everything again from offset 0, as after a lost commit: the delivery ledger recognises it all.
+    again = settings.model_copy(update={"kafka_group_id": settings.kafka_group_id + "-again"})
+    async with running_service(again):
+        await eventually(lambda: group_lag(kafka.bootstrap_servers, again.kafka_group_id,
+                                           [topics.span, topics.result]), expect=0, what="the second group")
+    assert Counter(label for *_, label in received(intake)) == {"a": 1, "b": 1, "quality_assessment": 1}
+
+
+async def test_same_question_id_in_two_apps_stays_apart(make_settings: Callable[..., Settings], topics: Topics,
+                                                        producer: AIOKafkaProducer, intake: FakeIntake) -> None:
+    """question_id 1 of app-a and question_id 1 of app-b join their own spans only."""
+    async with running_service(make_settings()):
+        await send_json(producer, topics.span, span_event("1", span="111", ml_app="app-a"))
+        await send_json(producer, topics.span, span_event("1", span="222"), headers=[("ml_app", b"app-b")])
+        await send_json(producer, topics.result, result_event("1", "evt-app-a-1", "la", ml_app="app-a"))
+        await send_json(producer, topics.result, result_event("1", "evt-app-b-1", "lb"),
+                        headers=[("ml_app", b"app-b")])
+        await eventually(lambda: len(intake.accepted_metrics()) >= 2, what="both apps' evaluations")
+    assert sorted(received(intake)) == [("app-a", "111", "abc123", "la"), ("app-b", "222", "abc123", "lb")]
+
+
+async def test_poison_messages_are_dead_lettered_and_the_partition_flows(
+        make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake,
+        kafka: KafkaBroker) -> None:
+    """Bad records go to the DLQ with reason and origin; the valid records around them are delivered."""
+    poison = [b"{not json", b'{"schema_version": 9}', b"\xff\xfe",
+              orjson.dumps(result_event("q", "evt-bad-label", "1x"))]
+    async with running_service(make_settings(kafka_max_batch=3)):
+        await send_json(producer, topics.span, span_event("q-9"))
+        for value in poison:
+            await send_json(producer, topics.result, value, key="q-9")
+        await send_json(producer, topics.result, result_event("q-9", "evt-good-0001", "good"))
+        await eventually(lambda: len(intake.accepted_metrics()) >= 1, what="the valid evaluation")
+        dead = await read_topic(kafka.bootstrap_servers, topics.dlq, len(poison))
+    assert [label for *_, label in received(intake)] == ["good"]
+    reasons = sorted(dict(r.headers)["evaljoin.error"].decode() for r in dead)
+    assert reasons == ["invalid_json", "invalid_json", "schema", "unsupported_schema_version"]
+    assert sorted(r.value for r in dead) == sorted(poison)
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["evaljoin.source.topic"].decode() == topics.result
+        assert int(headers["evaljoin.source.offset"]) >= 0 and headers["evaljoin.error.detail"]
+
+
+async def test_intake_failures_are_retried_until_delivered_once(make_settings: Callable[..., Settings],
+                                                                topics: Topics, producer: AIOKafkaProducer,
+                                                                intake: FakeIntake) -> None:
+    """500s, 429s and a hang past the timeout delay delivery; every evaluation arrives exactly once."""
+    intake.fail_next(3, status=500)
+    async with running_service(make_settings(intake_timeout_seconds=1.0, claim_lease_seconds=3.0,
+                                             kafka_max_batch=5)):
+        for i in range(20):
+            await send_json(producer, topics.span, span_event(f"q-{i}", span=str(1000 + i)))
+        await send_json(producer, topics.result, result_event("q-0", "evt-retry-0000", "score"))
+        await eventually(lambda: len(intake.requests) >= 4, what="the failing requests and a success")
+        intake.fail_next(2, status=429, retry_after=0.2)
+        intake.hang_next(1, seconds=1.5)
+        for i in range(1, 20):
+            await send_json(producer, topics.result, result_event(f"q-{i}", f"evt-retry-{i:04d}", "score"))
+        await eventually(lambda: len({s for _, s, _, _ in received(intake)}), expect=20, what="all 20 evaluations")
+    statuses = Counter(r.status for r in intake.requests)
+    assert statuses[500] >= 3 and statuses[429] >= 2
+    by_span: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for metric in intake.accepted_metrics():
+        by_span[metric["join_on"]["span"]["span_id"]].append(metric)
+    assert set(by_span) == {str(1000 + i) for i in range(20)}
+    # The hung request was processed by the intake after we had timed out and sent it again: its
+    # evaluations are the only possible duplicates, each at most twice and byte-identical.
+    duplicates = {span: metrics for span, metrics in by_span.items() if len(metrics) > 1}
+    assert all(len(metrics) == 2 and metrics[0] == metrics[1] for metrics in duplicates.values())
+    assert len(duplicates) <= max(len(r.metrics) for r in intake.requests)
+
+
+async def test_refused_evaluation_is_dead_lettered_alone(make_settings: Callable[..., Settings], topics: Topics,
+                                                         producer: AIOKafkaProducer, intake: FakeIntake,
+                                                         kafka: KafkaBroker) -> None:
+    """A 400 for one evaluation in a batch dead-letters that one with the answer; its batch-mates arrive."""
+    intake.reject_labels({"refused"})
+    async with running_service(make_settings()):
+        await send_json(producer, topics.span, span_event("q-r"))
+        await send_json(producer, topics.result, result_event("q-r", "evt-mixed-01", "kept", "refused", "also_kept"))
+        await eventually(lambda: len(intake.accepted_metrics()) >= 2, what="the accepted evaluations")
+        (dead,) = await read_topic(kafka.bootstrap_servers, topics.dlq, 1)
+    assert sorted(label for *_, label in received(intake)) == ["also_kept", "kept"]
+    headers = dict(dead.headers)
+    assert headers["evaljoin.error"] == b"intake_rejected" and b"400" in headers["evaljoin.error.detail"]
+    assert orjson.loads(dead.value)["label"] == "refused"
+
+
+async def test_unmatched_sides_are_reported_at_their_deadline(make_settings: Callable[..., Settings],
+                                                             topics: Topics, producer: AIOKafkaProducer,
+                                                             intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """A span without result and a result without span are published to the unmatched topic with reasons."""
+    async with running_service(make_settings(join_ttl_seconds=1, sweep_interval_seconds=0.2)):
+        await send_json(producer, topics.span, span_event("lonely-span"))
+        await send_json(producer, topics.result, result_event("lonely-result", "evt-lonely-1"))
+        reports = await read_topic(kafka.bootstrap_servers, topics.unmatched, 2, within=20)
+    by_reason = {orjson.loads(r.value)["reason"]: orjson.loads(r.value) for r in reports}
+    assert set(by_reason) == {"span_without_result", "result_without_span"}
+    assert by_reason["span_without_result"]["join_key"] == "lonely-span"
+    assert by_reason["result_without_span"]["side"]["event_id"] == "evt-lonely-1"
+    assert intake.accepted_metrics() == []
+
+
+async def test_second_span_for_a_bound_key_is_dead_lettered(make_settings: Callable[..., Settings],
+                                                            topics: Topics, producer: AIOKafkaProducer,
+                                                            intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """A different span claiming a join key that is bound goes to the DLQ as join_key_conflict."""
+    async with running_service(make_settings()):
+        await send_json(producer, topics.span, span_event("q-c", span="1"))
+        await send_json(producer, topics.span, span_event("q-c", span="2"))
+        (dead,) = await read_topic(kafka.bootstrap_servers, topics.dlq, 1)
+    assert dict(dead.headers)["evaljoin.error"] == b"join_key_conflict"
+
+
+async def test_dlq_limit_halts_without_committing(make_settings: Callable[..., Settings], topics: Topics,
+                                                  producer: AIOKafkaProducer, kafka: KafkaBroker) -> None:
+    """When nearly everything is invalid the consumer halts instead of dead-lettering the topic."""
+    for _ in range(30):
+        await send_json(producer, topics.result, b"garbage")
+    settings = make_settings(dlq_max_consecutive_invalid=5, dlq_window=100)
+    async with Service.open(settings) as service:
+        with pytest.raises(DlqLimitExceeded):
+            await service.run()
+    assert await group_lag(kafka.bootstrap_servers, settings.kafka_group_id, [topics.result]) == 30
