@@ -132,5 +132,5 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment (and secrets files), with explicit overrides on top."""
     secrets_dir = os.environ.get("EVALJOIN_SECRETS_DIR")
     if secrets_dir:
-        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+        return Settings(_secrets_dir=secrets_dir, **overrides)
     return Settings(**overrides)
