@@ -24,6 +24,7 @@ from consumer.service import Service
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker, acreate_topics
 from localenv.redis import RedisCluster, RedisServer
+from localenv.testagent import TestAgent
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,13 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_cluster() -> Iterator[RedisCluster]:
     with RedisCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def test_agent() -> Iterator[TestAgent]:
+    """Datadog's own APM test agent (ddapm-test-agent), standing in for the Datadog Agent."""
+    with TestAgent() as agent:
+        yield agent
 
 
 @pytest.fixture
