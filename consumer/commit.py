@@ -14,12 +14,15 @@ import structlog
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
+from consumer.metrics import Metrics
+
 log = structlog.get_logger(__name__)
 
 
 class OffsetCommitter:
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, metrics: Metrics) -> None:
         self._consumer = consumer
+        self._metrics = metrics
         self._finished: dict[TopicPartition, int] = {}
 
     def finished(self, tp: TopicPartition, next_offset: int) -> None:
@@ -40,7 +43,9 @@ class OffsetCommitter:
             await self._consumer.commit(offsets)
         except KafkaError as exc:
             log.warning("commit_failed", error=repr(exc), partitions=len(offsets))
+            self._metrics.commits.labels(outcome="failed").inc()
             return False
+        self._metrics.commits.labels(outcome="ok").inc()
         for tp, offset in offsets.items():
             if self._finished.get(tp) == offset:
                 del self._finished[tp]

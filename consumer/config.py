@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     # Kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_group_id: str = "evaljoin"
+    kafka_group_instance_id: str | None = None
     kafka_client_id: str = "evaljoin"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
     dlq_window: int = Field(1000, ge=10)
     dlq_max_consecutive_invalid: int = Field(1000, ge=0)
     shutdown_timeout_seconds: float = Field(30.0, gt=0)
+
+    # Health and metrics
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(8080, ge=0, le=65535)
+    liveness_timeout_seconds: float = Field(120.0, gt=0)
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -22,6 +22,7 @@ import structlog
 
 from consumer.dlq import DeadLetters
 from consumer.join import Joined
+from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink
 from consumer.store import JoinStore, Namespace
 
@@ -37,13 +38,14 @@ class DeliveryReport:
 
 class Deliverer:
     def __init__(self, store: JoinStore, sink: EvaluationSink, dead_letters: DeadLetters, *, owner: str,
-                 lease_ms: int, busy_poll_s: float = 0.5) -> None:
+                 lease_ms: int, metrics: Metrics, busy_poll_s: float = 0.5) -> None:
         self._store = store
         self._sink = sink
         self._dead_letters = dead_letters
         self._owner = owner
         self._lease_ms = lease_ms
         self._busy_poll_s = busy_poll_s
+        self._metrics = metrics
 
     async def deliver(self, joined: Sequence[Joined]) -> DeliveryReport:
         report = DeliveryReport()
@@ -60,6 +62,9 @@ class Deliverer:
         # Every evaluation is finished now (by us or by another consumer), so the buffered copies
         # of these results may go; not earlier, or a crash would lose the rest of a result.
         await self._settle([], dead_lettered=False, drop_from=[item for item in everything if item.buffered])
+        self._metrics.evaluations.labels(outcome="delivered").inc(report.delivered)
+        self._metrics.evaluations.labels(outcome="already_delivered").inc(report.already_done)
+        self._metrics.evaluations.labels(outcome="rejected").inc(report.dead_lettered)
         return report
 
     async def _claim(self, items: list[Joined], report: DeliveryReport) -> tuple[list[Joined], list[Joined]]:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from consumer.errors import DlqLimitExceeded, InvalidMessage
+from consumer.metrics import Metrics
 
 _DETAIL_LIMIT = 1000
 
@@ -59,8 +60,9 @@ class DlqLimit:
 class DeadLetters:
     """Publishes to the dead-letter topic; each call returns once the broker acknowledged it."""
 
-    def __init__(self, producer: Producer, *, topic: str, limit: DlqLimit) -> None:
+    def __init__(self, producer: Producer, *, topic: str, limit: DlqLimit, metrics: Metrics) -> None:
         self._producer = producer
+        self._metrics = metrics
         self._topic = topic
         self._limit = limit
 
@@ -89,3 +91,4 @@ class DeadLetters:
             ("evaljoin.source.offset", str(source.get("offset", "")).encode()),
         ]
         await self._producer.send_and_wait(self._topic, value=value, key=key, headers=out)
+        self._metrics.dead_letters.labels(reason=reason).inc()

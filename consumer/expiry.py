@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from consumer.dlq import Producer
+from consumer.metrics import Metrics
 from consumer.store import DueSide, RedisJoinStore
 
 log = structlog.get_logger(__name__)
@@ -32,7 +33,7 @@ class SweepReport:
 
 class Sweeper:
     def __init__(self, store: RedisJoinStore, producer: Producer, *, topic: str, interval_s: float,
-                 batch: int, retry_later_ms: int) -> None:
+                 batch: int, retry_later_ms: int, metrics: Metrics) -> None:
         self._store = store
         self._producer = producer
         self._topic = topic
@@ -40,6 +41,7 @@ class Sweeper:
         self._batch = batch
         self._retry_later_ms = retry_later_ms
         self._token = uuid.uuid4().hex
+        self._metrics = metrics
 
     async def run(self) -> None:
         """Sweep forever, every ``interval_s``; cancel to stop."""
@@ -93,6 +95,7 @@ class Sweeper:
             )
             log.warning("unmatched_reported", reason=reason, ml_app=side.namespace.ml_app,
                         join_key=side.namespace.join_key, deadline_ms=side.deadline_ms)
+            self._metrics.unmatched.labels(reason=reason).inc()
             report.reported += 1
         else:
             report.dropped += 1

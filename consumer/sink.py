@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +18,7 @@ import httpx
 import structlog
 
 from consumer.errors import RejectedDelivery, RetryableDelivery
+from consumer.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +62,7 @@ class HttpIntakeSink:
 
     def __init__(self, *, url: str, headers: dict[str, str], timeout_s: float, max_batch: int,
                  max_body_bytes: int, retry_initial_s: float, retry_max_s: float,
-                 on_retry: Callable[[str], None] | None = None,
+                 metrics: Metrics | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._url = url
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s, transport=transport)
@@ -69,7 +70,7 @@ class HttpIntakeSink:
         self._max_body = max_body_bytes - len(_BODY_HEAD) - len(_BODY_TAIL)
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
-        self._on_retry = on_retry or (lambda reason: None)
+        self._metrics = metrics or Metrics()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -120,12 +121,13 @@ class HttpIntakeSink:
                     delay = max(delay, min(exc.retry_after, self._retry_max))
                 log.warning("intake_retry", attempt=attempt, evaluations=count, status=exc.status,
                             error=str(exc), retry_in_s=round(delay, 3))
-                self._on_retry(str(exc.status or "error"))
+                self._metrics.intake_retries.labels(cause=str(exc.status or "error")).inc()
                 await asyncio.sleep(delay)
 
     async def _post(self, body: bytes) -> None:
         try:
-            response = await self._client.post(self._url, content=body)
+            with self._metrics.intake_request_seconds.time():
+                response = await self._client.post(self._url, content=body)
         except httpx.TimeoutException as exc:
             raise RetryableDelivery(f"timed out: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:

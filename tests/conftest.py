@@ -109,6 +109,7 @@ def make_settings(kafka: KafkaBroker, intake: FakeIntake, topics: Topics,
             "intake_retry_max_seconds": 0.5,
             "sweep_interval_seconds": 0.5,
             "shutdown_timeout_seconds": 5.0,
+            "health_port": 0,
         }
         values.update(overrides)
         return Settings(**values)

@@ -1,0 +1,54 @@
+"""Every metric the service emits, in one catalog.
+
+Prometheus conventions: base units, ``_total`` for counters, and labels of bounded cardinality only
+(topic, kind, outcome, reason; never join keys, span ids or ml_apps). Each service instance has its
+own registry, served on ``/metrics`` by :mod:`consumer.health`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_PREFIX = "evaljoin"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # Consumption
+        self.messages_consumed = Counter(
+            f"{_PREFIX}_messages_consumed", "Kafka records read, by topic.", ["topic"], registry=r)
+        self.events = Counter(
+            f"{_PREFIX}_events", "Decoded events by kind (span, result) and join outcome "
+            "(stored, duplicate, joined, buffered) or invalid.", ["kind", "outcome"], registry=r)
+        self.dead_letters = Counter(
+            f"{_PREFIX}_dead_letters", "Records and evaluations published to the DLQ, by reason.", ["reason"],
+            registry=r)
+        self.batches = Counter(f"{_PREFIX}_batches", "Batches finished (and then committed).", registry=r)
+        self.batch_retries = Counter(
+            f"{_PREFIX}_batch_retries", "Batches processed again after a transient Redis or Kafka error.",
+            registry=r)
+        # Delivery
+        self.evaluations = Counter(
+            f"{_PREFIX}_evaluations", "Joined evaluations by delivery outcome (delivered, already_delivered, "
+            "rejected).", ["outcome"], registry=r)
+        self.intake_retries = Counter(
+            f"{_PREFIX}_intake_retries", "Intake requests retried, by cause (HTTP status or 'error').", ["cause"],
+            registry=r)
+        self.intake_request_seconds = Histogram(
+            f"{_PREFIX}_intake_request_seconds", "Time of one intake request, whatever its answer.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        # Expiry
+        self.unmatched = Counter(
+            f"{_PREFIX}_unmatched_reported", "Sides published to the unmatched topic, by reason.", ["reason"],
+            registry=r)
+        # Offsets and group
+        self.commits = Counter(f"{_PREFIX}_commits", "Offset commits by outcome (ok, failed).", ["outcome"],
+                               registry=r)
+        self.rebalances = Counter(f"{_PREFIX}_rebalances", "Partition revocations.", registry=r)
+        self.assigned_partitions = Gauge(f"{_PREFIX}_assigned_partitions", "Partitions assigned now.", registry=r)
+        self.paused = Gauge(f"{_PREFIX}_paused", "1 while fetching is paused for a batch in flight.", registry=r)
+        self.last_progress = Gauge(
+            f"{_PREFIX}_last_progress_timestamp_seconds", "Unix time the consume loop last made progress.",
+            registry=r)
