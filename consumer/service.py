@@ -17,6 +17,7 @@ import asyncio
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -34,7 +35,9 @@ from consumer.deliver import Deliverer
 from consumer.dlq import DeadLetters, DlqLimit
 from consumer.errors import DlqLimitExceeded, InvalidMessage
 from consumer.expiry import Sweeper
+from consumer.health import HealthServer
 from consumer.join import Joined, Joiner, Source
+from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.store import RedisJoinStore, connect
 
@@ -48,7 +51,7 @@ class Service:
     """One consumer process. Use ``async with Service.open(settings) as service: await service.run()``."""
 
     def __init__(self, *, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, store: RedisJoinStore,
-                 sink: EvaluationSink, settings: Settings) -> None:
+                 sink: EvaluationSink, settings: Settings, metrics: Metrics) -> None:
         self._consumer = consumer
         self._store = store
         self._span_topic = settings.span_topic
@@ -59,19 +62,22 @@ class Service:
         self._max_batch = settings.kafka_max_batch
         self._shutdown_timeout = settings.shutdown_timeout_seconds
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}".replace("|", "_")
-        self._dead_letters = DeadLetters(producer, topic=settings.dlq_topic, limit=DlqLimit(
+        self.metrics = metrics
+        self._dead_letters = DeadLetters(producer, topic=settings.dlq_topic, metrics=metrics, limit=DlqLimit(
             max_invalid_ratio=settings.dlq_max_invalid_ratio, window=settings.dlq_window,
             max_consecutive=settings.dlq_max_consecutive_invalid))
         self._joiner = Joiner(store, join_ttl_ms=settings.join_ttl_seconds * 1000)
-        self._deliverer = Deliverer(store, sink, self._dead_letters, owner=self._owner,
+        self._deliverer = Deliverer(store, sink, self._dead_letters, owner=self._owner, metrics=metrics,
                                     lease_ms=int(settings.claim_lease_seconds * 1000))
         self.sweeper = Sweeper(store, producer, topic=settings.unmatched_topic,
                                interval_s=settings.sweep_interval_seconds, batch=settings.sweep_batch,
-                               retry_later_ms=int(settings.claim_lease_seconds * 1000))
-        self._committer = OffsetCommitter(consumer)
+                               retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=metrics)
+        self._committer = OffsetCommitter(consumer, metrics)
         self._stopping = asyncio.Event()
         self._work: asyncio.Task[None] | None = None
         self.batches_done = 0
+        self.last_progress = time.time()
+        self.in_group = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -91,6 +97,7 @@ class Service:
         try:
             while not self._stopping.is_set():
                 batch = carry or await self._consumer.getmany(timeout_ms=500, max_records=self._max_batch)
+                self._progressed()
                 carry = {}
                 if batch:
                     carry = await self._process_until_done(batch)
@@ -112,6 +119,7 @@ class Service:
             try:
                 self._work.result()
                 self.batches_done += 1
+                self.metrics.batches.inc()
                 return carry
             except asyncio.CancelledError:
                 log.warning("batch_abandoned", records=_count(batch))  # revoked or shutting down
@@ -123,6 +131,7 @@ class Service:
                     log.warning("batch_abandoned_on_shutdown", error=repr(exc))
                     return {}
                 log.warning("batch_retry", error=repr(exc), retry_in_s=round(delay, 2), records=_count(batch))
+                self.metrics.batch_retries.inc()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 10.0)
             finally:
@@ -135,7 +144,13 @@ class Service:
         stop_deadline: float | None = None
         try:
             while not work.done():
-                await asyncio.wait({work, stop_waiter}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                # Once stopping, the stop waiter stays done: wait on the work alone, until the deadline,
+                # or this loop would spin at full CPU for the whole shutdown timeout.
+                waiters, timeout = {work, stop_waiter}, 1.0
+                if stop_deadline is not None:
+                    waiters = {work}
+                    timeout = min(timeout, max(0.0, stop_deadline - asyncio.get_running_loop().time()))
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if work.done():
                     break
                 if self._stopping.is_set():
@@ -148,13 +163,16 @@ class Service:
                 # Keep the group membership alive without fetching more for the partitions we hold.
                 assignment = set(self._consumer.assignment())
                 self._consumer.pause(*assignment)
+                self.metrics.paused.set(1)
                 paused |= assignment
                 fetched = _merge(fetched, await self._consumer.getmany(timeout_ms=0))
+                self._progressed()
         finally:
             stop_waiter.cancel()
             still_assigned = paused & set(self._consumer.assignment())
             if still_assigned:
                 self._consumer.resume(*still_assigned)
+            self.metrics.paused.set(0)
         return fetched
 
     async def _process(self, batch: Batch) -> None:
@@ -178,6 +196,8 @@ class Service:
     async def _process_record(self, record: Any) -> list[Joined]:
         source = Source(record.topic, record.partition, record.offset, record.timestamp)
         headers = list(record.headers or ())
+        kind = "span" if record.topic == self._span_topic else "result"
+        self.metrics.messages_consumed.labels(topic=record.topic).inc()
         try:
             if record.topic == self._span_topic:
                 span = decode_span(record.value, headers, join_key=self._join_key,
@@ -191,6 +211,7 @@ class Service:
                     result = await self._joiner.on_result(event, source)
         except InvalidMessage as error:
             log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
+            self.metrics.events.labels(kind=kind, outcome="invalid").inc()
             value = record.value
             if error.reason == "oversize" and value is not None:
                 headers.append(("evaljoin.truncated_from", str(len(value)).encode()))
@@ -199,12 +220,28 @@ class Service:
                                              source=source.as_dict(), error=error)
             return []
         self._dead_letters.record_valid()
+        self.metrics.events.labels(kind=kind, outcome=result.status).inc()
         log.debug("message_joined", status=result.status, evaluations=len(result.joined))
         return result.joined
 
     # -- rebalance ------------------------------------------------------------------------------
 
+    def _progressed(self) -> None:
+        self.last_progress = time.time()
+        self.metrics.last_progress.set(self.last_progress)
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.in_group = True
+        self.metrics.assigned_partitions.set(len(assigned))
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+    async def ping_redis(self) -> bool:
+        return await self._store.ping()
+
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.in_group = False
+        self.metrics.rebalances.inc()
+        self.metrics.assigned_partitions.set(0)
         work = self._work
         if work is not None and not work.done():
             done, _ = await asyncio.wait({work}, timeout=self._shutdown_timeout)
@@ -225,7 +262,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._service.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+        self._service.on_assigned(set(assigned))
 
 
 class _ServiceContext:
@@ -244,7 +281,8 @@ class _ServiceContext:
                                         max_request_size=s.max_message_bytes + 65_536, **kafka_common)
             await producer.start()
             stack.push_async_callback(producer.stop)
-            consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, enable_auto_commit=False,
+            consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, group_instance_id=s.kafka_group_instance_id,
+                                        enable_auto_commit=False,
                                         auto_offset_reset="earliest",
                                         max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                                         fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
@@ -256,7 +294,9 @@ class _ServiceContext:
             stack.push_async_callback(client.aclose)
             store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                    ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000)
+            metrics = Metrics()
             sink = HttpIntakeSink(url=s.intake_url, headers=s.intake_headers(), timeout_s=s.intake_timeout_seconds,
+                                  metrics=metrics,
                                   max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
                                   retry_initial_s=s.intake_retry_initial_seconds,
                                   retry_max_s=s.intake_retry_max_seconds)
@@ -264,7 +304,17 @@ class _ServiceContext:
         except BaseException:
             await stack.aclose()
             raise
-        return Service(consumer=consumer, producer=producer, store=store, sink=sink, settings=s)
+        service = Service(consumer=consumer, producer=producer, store=store, sink=sink, settings=s, metrics=metrics)
+        if s.health_port:
+            try:
+                await stack.enter_async_context(HealthServer(
+                    host=s.health_host, port=s.health_port, metrics=metrics,
+                    liveness_timeout_s=s.liveness_timeout_seconds, last_progress=lambda: service.last_progress,
+                    in_group=lambda: service.in_group, redis_ping=service.ping_redis))
+            except BaseException:
+                await stack.aclose()
+                raise
+        return service
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
