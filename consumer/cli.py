@@ -1,4 +1,8 @@
-"""Command line: ``python -m consumer [run]`` runs the service; ``schemas DIR`` exports JSON Schemas."""
+"""Command line: ``python -m consumer [COMMAND]`` (also installed as ``evaljoin``).
+
+With no command it runs the service, as deployments call it. Every command reads the same
+environment as the service (see the README's configuration table).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,31 @@ import asyncio
 import json
 import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from consumer.config import Settings, load_settings
 from consumer.errors import DlqLimitExceeded
 from consumer.events import NemoResultEvent, SpanContextEvent
+from consumer.expiry import Sweeper
 from consumer.logs import configure_logging
-from consumer.service import Service
+from consumer.metrics import Metrics
+from consumer.ops.buffer import lookup, overview
+from consumer.ops.check import run_checks
+from consumer.ops.replay import ReplayFilter, progress_bar, replay_dlq
+from consumer.service import Service, kafka_client_options
+from consumer.store import RedisJoinStore, connect
 
-EXIT_HALTED = 3
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_HALTED = 3
 
 
 async def run_service(settings: Settings) -> int:
@@ -49,14 +65,114 @@ def export_schemas(directory: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
-    commands = parser.add_subparsers(dest="command")
+async def with_store(settings: Settings, use: Callable[[RedisJoinStore], Awaitable[Any]]) -> Any:
+    client = await connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster)
+    try:
+        return await use(RedisJoinStore(
+            client, prefix=settings.redis_key_prefix, shards=settings.redis_deadline_shards,
+            ledger_retention_ms=(settings.join_ttl_seconds + settings.ledger_grace_seconds) * 1000))
+    finally:
+        await client.aclose()
+
+
+async def cmd_check(settings: Settings) -> int:
+    findings = await run_checks(settings)
+    for finding in findings:
+        mark = "ok  " if finding.ok and not finding.warning else ("warn" if finding.ok else "FAIL")
+        print(f"{mark} {finding.component:7} {finding.message}")
+    return 0 if all(f.ok for f in findings) else EXIT_FAILED
+
+
+async def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
+    if args.key is not None:
+        ml_app = args.ml_app or settings.default_ml_app
+        if not ml_app:
+            print("inspect --key needs --ml-app (or DEFAULT_ML_APP)", file=sys.stderr)
+            return EXIT_CONFIG
+        result = await with_store(settings, lambda store: lookup(store, ml_app, args.key))
+    else:
+        result = await with_store(settings, lambda store: overview(
+            store, oldest=args.oldest, join_ttl_ms=settings.join_ttl_seconds * 1000))
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    flt = ReplayFilter(reasons=set(args.reason or ()), since_ms=_time_ms(args.since), until_ms=_time_ms(args.until),
+                       key_contains=args.key, include_replayed=args.include_replayed)
+    show = progress_bar if sys.stderr.isatty() and not args.quiet else None
+    report = await replay_dlq(settings, flt, dry_run=args.dry_run, progress=show)
+    if show:
+        sys.stderr.write("\n")
+    verb = "would replay" if args.dry_run else "replayed"
+    print(f"read {report.read}, {verb} {report.replayed}, skipped {sum(report.skipped.values())}")
+    for reason, count in sorted(report.skipped.items()):
+        print(f"  skipped {count}: {reason}")
+    return 0
+
+
+async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
+    async def sweep(store: RedisJoinStore) -> int:
+        now_ms = int(time.time() * 1000)
+        if not args.publish:
+            due = [side for shard in range(store.shards) for side in await store.due(shard, now_ms, 10_000)]
+            for side in due:
+                kind = "span" if side.event_id is None else f"result {side.event_id}"
+                print(f"due  {side.namespace.ml_app}/{side.namespace.join_key}  {kind}  "
+                      f"deadline {datetime.fromtimestamp(side.deadline_ms / 1000).astimezone().isoformat()}")
+            print(f"{len(due)} side(s) due; run with --publish to report them to {settings.unmatched_topic}")
+            return 0
+        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **kafka_client_options(settings))
+        await producer.start()
+        try:
+            sweeper = Sweeper(store, producer, topic=settings.unmatched_topic, interval_s=0, batch=settings.sweep_batch,
+                              retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=Metrics())
+            report = await sweeper.sweep_once(now_ms)
+        finally:
+            await producer.stop()
+        print(f"reported {report.reported}, dropped {report.dropped} (joined spans), "
+              f"postponed {report.postponed} (delivery under way)")
+        return 0
+
+    result: int = await with_store(settings, sweep)
+    return result
+
+
+def _time_ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m consumer", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = root.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the service (the default)")
+    commands.add_parser("check", help="check the configuration and that Kafka, Redis and the intake are reachable")
+    inspect = commands.add_parser("inspect", help="show what waits in the join buffer, or one join key")
+    inspect.add_argument("--key", help="show everything stored for this join key")
+    inspect.add_argument("--ml-app", help="the join key's ml_app (default: DEFAULT_ML_APP)")
+    inspect.add_argument("--oldest", type=int, default=10, help="how many of the oldest sides to list (10)")
+    replay = commands.add_parser("replay-dlq", help="re-publish dead-lettered records to their source topic")
+    replay.add_argument("--reason", action="append", help="only this reason (repeatable), e.g. schema")
+    replay.add_argument("--since", help="only records dead-lettered at or after this time (ISO 8601 or epoch ms)")
+    replay.add_argument("--until", help="only records dead-lettered at or before this time")
+    replay.add_argument("--key", help="only records whose Kafka key contains this text")
+    replay.add_argument("--include-replayed", action="store_true", help="also records that failed after a replay")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be replayed; publish nothing")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep = commands.add_parser("sweep", help="list sides whose deadline passed; --publish reports them now")
+    sweep.add_argument("--publish", action="store_true", help="publish them to the unmatched topic")
     schemas = commands.add_parser("schemas", help="write the events' JSON Schemas to a directory")
     schemas.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
+    return root
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "schemas":
         for path in export_schemas(args.directory):
             print(path)
@@ -66,5 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
-    return asyncio.run(run_service(settings))
+    if args.command in (None, "run"):
+        configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+        return asyncio.run(run_service(settings))
+    configure_logging(level="WARNING", fmt=settings.log_format, secrets=settings.secrets())
+    commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
+        "check": lambda: cmd_check(settings),
+        "inspect": lambda: cmd_inspect(settings, args),
+        "replay-dlq": lambda: cmd_replay(settings, args),
+        "sweep": lambda: cmd_sweep(settings, args),
+    }
+    return asyncio.run(commands[args.command]())

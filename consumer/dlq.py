@@ -16,6 +16,10 @@ from consumer.errors import DlqLimitExceeded, InvalidMessage
 from consumer.metrics import Metrics
 
 _DETAIL_LIMIT = 1000
+# The headers this module adds; a record dead-lettered again gets fresh ones (other headers are kept,
+# among them evaljoin.truncated_from, which the caller adds to an oversize record it truncated).
+DLQ_HEADERS = frozenset({"evaljoin.error", "evaljoin.error.detail", "evaljoin.source.topic",
+                         "evaljoin.source.partition", "evaljoin.source.offset"})
 
 
 class Producer(Protocol):
@@ -82,7 +86,7 @@ class DeadLetters:
 
     async def _publish(self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]],
                        source: dict[str, Any], reason: str, detail: str) -> None:
-        out = [(name, data) for name, data in headers if data is not None and not name.startswith("evaljoin.")]
+        out = [(name, data) for name, data in headers if data is not None and name not in DLQ_HEADERS]
         out += [
             ("evaljoin.error", reason.encode()),
             ("evaljoin.error.detail", detail[:_DETAIL_LIMIT].encode("utf-8", "replace")),

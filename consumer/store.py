@@ -279,6 +279,36 @@ class RedisJoinStore:
     async def postpone(self, side: DueSide, deadline_ms: int) -> None:
         await self._bounded(self._client.zadd(self.index_key(side.shard), {side.member: deadline_ms}, xx=True, gt=True))
 
+    # -- inspection (operators' CLI) ------------------------------------------------------------
+
+    async def lookup(self, ns: Namespace) -> dict[str, dict[str, str]]:
+        """Everything stored for one join key: span, waiting results, ledger, sides being reported."""
+        out: dict[str, dict[str, str]] = {}
+        for name, suffix in (("span", "s"), ("pending_results", "r"), ("ledger", "d"), ("expiring", "x")):
+            raw: dict[bytes, bytes] = await self._bounded(self._client.hgetall(self._key(ns, suffix)))
+            out[name] = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+        return out
+
+    async def census(self) -> dict[str, dict[str, int]]:
+        """Buffered sides per ml_app: {"spans": n, "results": m}. Scans every key of the prefix."""
+        counts: dict[str, dict[str, int]] = {}
+        async for raw in self._client.scan_iter(match=f"{self._prefix}:{{*}}:[sr]", count=1000):
+            key = raw.decode()
+            tag = key[key.index("{") + 1: key.rindex("}")]
+            entry = counts.setdefault(Namespace.from_tag(tag).ml_app, {"spans": 0, "results": 0})
+            if key.endswith(":s"):
+                entry["spans"] += 1
+            else:
+                entry["results"] += int(await self._bounded(self._client.hlen(key)))
+        return counts
+
+    async def oldest(self, count: int) -> list[DueSide]:
+        """The ``count`` entries of the deadline index with the earliest deadlines."""
+        sides: list[DueSide] = []
+        for shard in range(self.shards):
+            sides.extend(await self.due(shard, 2**62, count))
+        return sorted(sides, key=lambda side: side.deadline_ms)[:count]
+
     async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
         return bool(await self._bounded(self._client.set(self.lock_key(shard), token, nx=True, px=ttl_ms)))
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -25,6 +26,16 @@ from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker, acreate_topics
 from localenv.redis import RedisCluster, RedisServer
 from localenv.testagent import TestAgent
+
+
+# The service's structlog events go to stdlib logging, where pytest captures them per test
+# (structlog's default would print them to stdout, mixed with what commands print).
+structlog.configure(
+    processors=[structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.dev.ConsoleRenderer(colors=False)],
+    logger_factory=structlog.stdlib.LoggerFactory(),
+    wrapper_class=structlog.stdlib.BoundLogger,
+)
 
 
 @pytest.fixture(scope="session")

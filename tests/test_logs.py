@@ -21,11 +21,12 @@ def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixt
     """Production logging to the captured stderr (configured in the test's own phase), restored after."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
+    saved_structlog = structlog.get_config()
     try:
         yield capsys
     finally:
         root.handlers[:], root.level = saved
-        structlog.reset_defaults()
+        structlog.configure(**saved_structlog)
 
 
 def configure() -> None:

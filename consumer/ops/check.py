@@ -1,0 +1,115 @@
+"""``check``: is the configuration usable, and can the service reach Kafka, Redis and the intake?
+
+Each finding names the component and says precisely what is wrong and what to do; nothing is
+changed anywhere (no topic is created, nothing is sent to the intake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumer.config import Settings
+from consumer.service import kafka_client_options
+from consumer.store import connect
+
+
+@dataclass(frozen=True)
+class Finding:
+    component: str
+    ok: bool
+    message: str
+    warning: bool = False
+
+
+async def run_checks(settings: Settings, *, timeout_s: float = 10.0) -> list[Finding]:
+    findings: list[Finding] = []
+    for probe in (_kafka, _redis, _intake):
+        try:
+            findings.extend(await asyncio.wait_for(probe(settings), timeout=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a finding, with its cause
+            findings.append(Finding(probe.__name__.strip("_"), False, f"{type(exc).__name__}: {exc}"))
+    return findings
+
+
+async def _kafka(settings: Settings) -> list[Finding]:
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=8000)
+    try:
+        await admin.start()
+    except Exception as exc:  # noqa: BLE001
+        return [Finding("kafka", False, f"cannot reach {settings.kafka_bootstrap_servers}: {exc!r}")]
+    try:
+        findings = [Finding("kafka", True, f"connected to {settings.kafka_bootstrap_servers}")]
+        partitions = await topic_partitions(admin)
+        for role, topic in (("SPAN_TOPIC", settings.span_topic), ("RESULT_TOPIC", settings.result_topic),
+                            ("DLQ_TOPIC", settings.dlq_topic), ("UNMATCHED_TOPIC", settings.unmatched_topic)):
+            if topic in partitions:
+                findings.append(Finding("kafka", True, f"{role} {topic!r} exists with "
+                                        f"{partitions[topic]} partition(s)"))
+            else:
+                findings.append(Finding("kafka", False, f"{role} {topic!r} does not exist; create it "
+                                        "(the service never creates topics)"))
+        return findings
+    finally:
+        await admin.close()
+
+
+async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
+    """Every topic the cluster has, with its partition count."""
+    names = await admin.list_topics()
+    described = await admin.describe_topics(list(names))
+    return {t["topic"]: len(t["partitions"]) for t in described if t.get("error_code", 0) == 0}
+
+
+async def _redis(settings: Settings) -> list[Finding]:
+    url = settings.redis_url.get_secret_value()
+    where = urlsplit(url).hostname or url
+    client = await connect(url, cluster=settings.redis_cluster)
+    try:
+        await client.ping()
+        findings = [Finding("redis", True, f"PING answered by {where}"
+                            + (" (cluster)" if settings.redis_cluster else ""))]
+        info = await client.info("persistence")
+        aof = info.get("aof_enabled") if isinstance(info, dict) else None
+        if aof in (0, "0"):
+            findings.append(Finding("redis", True, "appendonly is off: a Redis crash loses buffered sides whose "
+                                    "offsets were committed (see Delivery guarantees)", warning=True))
+        try:
+            fsync = (await client.config_get("appendfsync")).get("appendfsync")
+        except Exception:  # noqa: BLE001 - managed Redis often forbids CONFIG
+            fsync = None
+        if fsync not in (None, "always", b"always"):
+            findings.append(Finding("redis", True, f"appendfsync is {fsync!r}, not 'always': a crash can lose "
+                                    "up to about a second of buffered sides", warning=True))
+        return findings
+    finally:
+        await client.aclose()
+
+
+async def _intake(settings: Settings) -> list[Finding]:
+    async with httpx.AsyncClient(timeout=8.0) as client:
+        if settings.dd_llmobs_override_origin:
+            response = await client.get(settings.dd_llmobs_override_origin)
+            return [Finding("intake", True, f"{settings.dd_llmobs_override_origin} answers HTTP "
+                            f"{response.status_code} (override origin: key not validated)")]
+        if settings.agentless:
+            key = settings.dd_api_key.get_secret_value() if settings.dd_api_key else ""
+            response = await client.get(f"https://api.{settings.dd_site}/api/v1/validate",
+                                        headers={"DD-API-KEY": key})
+            if response.status_code == 200:
+                return [Finding("intake", True, f"DD_API_KEY is valid for {settings.dd_site}")]
+            return [Finding("intake", False, f"api.{settings.dd_site} refused DD_API_KEY "
+                            f"(HTTP {response.status_code}); check DD_API_KEY and DD_SITE")]
+        response = await client.get(settings.agent_url.rstrip("/") + "/info")
+        if response.status_code != 200:
+            return [Finding("intake", False, f"the Datadog Agent at {settings.agent_url} answered "
+                            f"HTTP {response.status_code} on /info")]
+        endpoints = response.json().get("endpoints", [])
+        if not any(str(e).startswith("/evp_proxy/v2") for e in endpoints):
+            return [Finding("intake", False, f"the Datadog Agent at {settings.agent_url} has no EVP proxy v2; "
+                            "upgrade the Agent or set DD_LLMOBS_AGENTLESS_ENABLED=true with DD_API_KEY")]
+        return [Finding("intake", True, f"the Datadog Agent at {settings.agent_url} offers the EVP proxy")]
