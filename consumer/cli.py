@@ -32,6 +32,7 @@ from consumer.ops.check import run_checks
 from consumer.ops.replay import ReplayFilter, progress_bar, replay_dlq
 from consumer.service import Service, kafka_client_options
 from consumer.store import RedisJoinStore, connect
+from consumer.tracing import enable_tracing
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command in (None, "run"):
         configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+        if settings.dd_trace_enabled:
+            enable_tracing()
         return asyncio.run(run_service(settings))
     configure_logging(level="WARNING", fmt=settings.log_format, secrets=settings.secrets())
     commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {

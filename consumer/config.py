@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     dlq_max_consecutive_invalid: int = Field(1000, ge=0)
     shutdown_timeout_seconds: float = Field(30.0, gt=0)
 
+    # Self-tracing (ddtrace APM; ddtrace itself reads DD_SERVICE, DD_ENV, DD_VERSION, DD_AGENT_HOST)
+    dd_trace_enabled: bool = False
+
     # Health and metrics
     health_host: str = "0.0.0.0"
     health_port: int = Field(8080, ge=0, le=65535)

@@ -40,6 +40,7 @@ from consumer.join import Joined, Joiner, Source
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.store import RedisJoinStore, connect
+from consumer.tracing import span
 
 log = structlog.get_logger(__name__)
 
@@ -176,10 +177,15 @@ class Service:
         return fetched
 
     async def _process(self, batch: Batch) -> None:
+        with span("evaljoin.batch", records=_count(batch), partitions=len(batch)):
+            await self._process_batch(batch)
+
+    async def _process_batch(self, batch: Batch) -> None:
         per_partition = await asyncio.gather(*(self._process_partition(records) for records in batch.values()))
         joined = [item for items in per_partition for item in items]
         if joined:
-            report = await self._deliverer.deliver(joined)
+            with span("evaljoin.deliver", evaluations=len(joined)):
+                report = await self._deliverer.deliver(joined)
             log.info("batch_delivered", delivered=report.delivered, already_done=report.already_done,
                      dead_lettered=report.dead_lettered)
         for tp, records in batch.items():
