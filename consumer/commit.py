@@ -40,7 +40,8 @@ class OffsetCommitter:
             return True
         offsets = dict(self._finished)
         try:
-            await self._consumer.commit(offsets)
+            with self._metrics.commit_seconds.time():
+                await self._consumer.commit(offsets)
         except KafkaError as exc:
             log.warning("commit_failed", error=repr(exc), partitions=len(offsets))
             self._metrics.commits.labels(outcome="failed").inc()

@@ -101,6 +101,9 @@ class Deliverer:
                         join_key=items[i].namespace.join_key, label=items[i].label, status=r.status)
         dead = [items[i] for i in rejections]
         delivered = [item for i, item in enumerate(items) if i not in rejections]
+        now_ms = time.time() * 1000
+        for item in delivered:
+            self._metrics.join_latency_seconds.observe(max(0.0, (now_ms - item.first_seen_ms) / 1000))
         await self._settle(dead, dead_lettered=True)
         await self._settle(delivered, dead_lettered=False)
         report.delivered += len(delivered)

@@ -33,7 +33,7 @@ class SweepReport:
 
 class Sweeper:
     def __init__(self, store: RedisJoinStore, producer: Producer, *, topic: str, interval_s: float,
-                 batch: int, retry_later_ms: int, metrics: Metrics) -> None:
+                 batch: int, retry_later_ms: int, metrics: Metrics, join_ttl_ms: int = 0) -> None:
         self._store = store
         self._producer = producer
         self._topic = topic
@@ -42,6 +42,7 @@ class Sweeper:
         self._retry_later_ms = retry_later_ms
         self._token = uuid.uuid4().hex
         self._metrics = metrics
+        self._join_ttl_ms = join_ttl_ms
 
     async def run(self) -> None:
         """Sweep forever, every ``interval_s``; cancel to stop."""
@@ -69,6 +70,13 @@ class Sweeper:
                         break
             finally:
                 await self._store.unlock(shard, self._token)
+        size, earliest = await self._store.index_size()
+        self._metrics.buffered_sides.set(size)
+        if earliest is not None and self._join_ttl_ms:
+            age_ms = (now_ms or int(time.time() * 1000)) - (earliest - self._join_ttl_ms)
+            self._metrics.oldest_buffered_age.set(max(0, age_ms) / 1000)
+        else:
+            self._metrics.oldest_buffered_age.set(0)
         return report
 
     async def _expire(self, side: DueSide, now_ms: int, report: SweepReport) -> None:

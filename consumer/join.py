@@ -44,6 +44,7 @@ class Joined:
     metric: bytes
     source: dict[str, Any]  # the result record's origin
     buffered: bool  # the result waited in the store and must be dropped from it once delivered
+    first_seen_ms: int  # when the earlier of the two sides was produced (for the join latency)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buff
             metric=encode_metric(build_metric(span, result, index)),
             source=result["source"],
             buffered=buffered,
+            first_seen_ms=min(result["received_ts_ms"], span.get("source", {}).get("timestamp_ms") or 2**62),
         )
         for index, evaluation in enumerate(result["evaluations"])
     ]

@@ -39,13 +39,27 @@ class Metrics:
         self.intake_request_seconds = Histogram(
             f"{_PREFIX}_intake_request_seconds", "Time of one intake request, whatever its answer.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
-        # Expiry
+        self.join_latency_seconds = Histogram(
+            f"{_PREFIX}_join_latency_seconds", "From the first side produced to its evaluation delivered.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400), registry=r)
+        # Buffer and expiry
+        self.buffered_sides = Gauge(
+            f"{_PREFIX}_buffered_sides", "Sides in the deadline index (waiting, or joined spans kept for late "
+            "results), as of the last sweep.", registry=r)
+        self.oldest_buffered_age = Gauge(
+            f"{_PREFIX}_oldest_buffered_age_seconds", "Age of the oldest buffered side, as of the last sweep.",
+            registry=r)
         self.unmatched = Counter(
             f"{_PREFIX}_unmatched_reported", "Sides published to the unmatched topic, by reason.", ["reason"],
             registry=r)
         # Offsets and group
         self.commits = Counter(f"{_PREFIX}_commits", "Offset commits by outcome (ok, failed).", ["outcome"],
                                registry=r)
+        self.commit_seconds = Histogram(
+            f"{_PREFIX}_commit_seconds", "Time of one offset commit.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r)
+        self.lag = Gauge(f"{_PREFIX}_consumer_lag_records", "Records behind the partition's high watermark.",
+                         ["topic", "partition"], registry=r)
         self.rebalances = Counter(f"{_PREFIX}_rebalances", "Partition revocations.", registry=r)
         self.assigned_partitions = Gauge(f"{_PREFIX}_assigned_partitions", "Partitions assigned now.", registry=r)
         self.paused = Gauge(f"{_PREFIX}_paused", "1 while fetching is paused for a batch in flight.", registry=r)

@@ -72,7 +72,8 @@ class Service:
                                     lease_ms=int(settings.claim_lease_seconds * 1000))
         self.sweeper = Sweeper(store, producer, topic=settings.unmatched_topic,
                                interval_s=settings.sweep_interval_seconds, batch=settings.sweep_batch,
-                               retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=metrics)
+                               retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=metrics,
+                               join_ttl_ms=settings.join_ttl_seconds * 1000)
         self._committer = OffsetCommitter(consumer, metrics)
         self._stopping = asyncio.Event()
         self._work: asyncio.Task[None] | None = None
@@ -190,6 +191,10 @@ class Service:
                      dead_lettered=report.dead_lettered)
         for tp, records in batch.items():
             self._committer.finished(tp, records[-1].offset + 1)
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, highwater - records[-1].offset - 1))
 
     async def _process_partition(self, records: Sequence[Any]) -> list[Joined]:
         joined: list[Joined] = []

@@ -302,6 +302,17 @@ class RedisJoinStore:
                 entry["results"] += int(await self._bounded(self._client.hlen(key)))
         return counts
 
+    async def index_size(self) -> tuple[int, int | None]:
+        """(entries in the deadline index, earliest deadline or None): cheap, for the buffer gauges."""
+        total, earliest = 0, None
+        for shard in range(self.shards):
+            key = self.index_key(shard)
+            total += int(await self._bounded(self._client.zcard(key)))
+            first: list[tuple[bytes, float]] = await self._bounded(self._client.zrange(key, 0, 0, withscores=True))
+            if first and (earliest is None or first[0][1] < earliest):
+                earliest = int(first[0][1])
+        return total, earliest
+
     async def oldest(self, count: int) -> list[DueSide]:
         """The ``count`` entries of the deadline index with the earliest deadlines."""
         sides: list[DueSide] = []

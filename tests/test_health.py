@@ -26,6 +26,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+async def _gauge(client: httpx.AsyncClient, name: str) -> float | None:
+    return samples((await client.get("/metrics")).text).get((name, ()))
+
+
 async def status(client: httpx.AsyncClient, path: str) -> int:
     return (await client.get(path)).status_code
 
@@ -55,6 +59,11 @@ async def test_probes_and_metrics_follow_what_happens(make_settings: Callable[..
             assert values[("evaljoin_dead_letters_total", (("reason", "invalid_json"),))] == 1
             consumed = sum(v for (name, _), v in values.items() if name == "evaljoin_messages_consumed_total")
             assert consumed == 3
+            assert values[("evaljoin_join_latency_seconds_count", ())] == 1
+            lag = [v for (name, _), v in values.items() if name == "evaljoin_consumer_lag_records"]
+            assert lag and all(v == 0 for v in lag)
+            await eventually(lambda: _gauge(client, "evaljoin_buffered_sides"), expect=1.0,
+                             what="the joined span counted by a sweep")
             redis.kill()
             assert await status(client, "/readyz") == 503
             assert await status(client, "/nope") == 404
