@@ -8,6 +8,7 @@ from pathlib import Path
 
 from consumer.cli import export_schemas
 from consumer.config import Settings
+from consumer.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent
 
@@ -24,3 +25,12 @@ def test_exported_schemas_are_current(tmp_path: Path) -> None:
     for path in export_schemas(tmp_path):
         committed = ROOT / "docs" / "schemas" / path.name
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), path.name
+
+
+def test_readme_lists_every_metric() -> None:
+    """The README's metric table names exactly the metrics the service registers."""
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(evaljoin_[a-z_]+)` \|", readme, flags=re.MULTILINE))
+    registered = {family.name + ("_total" if family.type == "counter" else "")
+                  for family in Metrics().registry.collect()}
+    assert listed == registered
