@@ -164,7 +164,9 @@ def decode_result(value: bytes | None, headers: Headers, *, join_key: str, defau
     obj = _parse_json(value, max_bytes)
     if not isinstance(obj, dict):
         raise InvalidMessage("schema", "a NeMo result event must be a JSON object")
-    if "schema_version" not in obj and join_key in obj and "score" in obj:
+    if "schema_version" not in obj and "score" in obj and ("judgment" in obj or join_key in obj):
+        if join_key not in obj:
+            raise InvalidMessage("schema", f"a scores.jsonl judge line without the join key {join_key!r}")
         fields = _result_from_judge_line(obj, join_key)
     elif "schema_version" in obj:
         _check_version(obj)

@@ -30,9 +30,8 @@ def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> di
     provenance = result.get("provenance") or {}
     metric_type = evaluation["metric_type"]
     ml_app = span["ml_app"]
-    timestamp_ms = (
-        evaluation.get("timestamp_ms") or provenance.get("evaluated_at_ms") or result["received_ts_ms"]
-    )
+    timestamp_ms = next(value for value in (evaluation.get("timestamp_ms"), provenance.get("evaluated_at_ms"),
+                                            result["received_ts_ms"]) if value is not None)
     tags = {"ddtrace.version": _DDTRACE_VERSION, "ml_app": ml_app, **(evaluation.get("tags") or {})}
     metric: dict[str, Any] = {
         "event_kind": "evaluation",

@@ -76,6 +76,13 @@ def test_ml_app_precedence() -> None:
     assert result(native_result()).ml_app == "app"
 
 
+def test_judge_line_without_the_join_key_says_so() -> None:
+    """A judge line lacking the configured join key is refused with a message naming the key."""
+    line = json.loads(JUDGE_LINE)
+    with pytest.raises(InvalidMessage, match="without the join key 'item_id'"):
+        decode_result(orjson.dumps(line), [], join_key="item_id", default_ml_app="a", max_bytes=100_000)
+
+
 def test_no_namespace_is_invalid() -> None:
     """Without an ml_app anywhere and no default, the event is refused with reason no_ml_app."""
     assert reason_of(span, OUTPUT_RECORD, [], "") == "no_ml_app"
