@@ -8,6 +8,7 @@ A failed commit is not an error of the message: it is redelivered and recognised
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -20,8 +21,9 @@ log = structlog.get_logger(__name__)
 
 
 class OffsetCommitter:
-    def __init__(self, consumer: Any, metrics: Metrics) -> None:
+    def __init__(self, consumer: Any, metrics: Metrics, *, timeout_s: float = 15.0) -> None:
         self._consumer = consumer
+        self._timeout_s = timeout_s
         self._metrics = metrics
         self._finished: dict[TopicPartition, int] = {}
 
@@ -41,8 +43,9 @@ class OffsetCommitter:
         offsets = dict(self._finished)
         try:
             with self._metrics.commit_seconds.time():
-                await self._consumer.commit(offsets)
-        except KafkaError as exc:
+                # aiokafka retries while the group coordinator is unavailable; never wait on it forever.
+                await asyncio.wait_for(self._consumer.commit(offsets), timeout=self._timeout_s)
+        except (KafkaError, TimeoutError) as exc:
             log.warning("commit_failed", error=repr(exc), partitions=len(offsets))
             self._metrics.commits.labels(outcome="failed").inc()
             return False

@@ -13,12 +13,12 @@ score, sizes are capped.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 MAX_EVALUATIONS_PER_EVENT = 100
 MAX_METADATA_BYTES = 64 * 1024
