@@ -5,11 +5,13 @@ the process (so a producer learns about a bad event at once, not from the dead-l
 keys records by ``ml_app:join_key`` so both sides of a key stay ordered within their topic, and
 produces with ``acks=all`` and idempotence. Leaving the ``async with`` block flushes everything
 that was sent; a return from :meth:`publish_span` / :meth:`publish_result` means the broker has
-queued it for sending, and :meth:`flush` waits until the broker acknowledged all of it.
+queued it for sending, and :meth:`flush` waits until the broker acknowledged all of it, raising
+:class:`DeliveryError` if the broker refused or never acknowledged any of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 from types import TracebackType
@@ -24,6 +26,15 @@ DEFAULT_SPAN_TOPIC = "llmobs.span-context"
 DEFAULT_RESULT_TOPIC = "nemo.eval-results"
 
 
+class DeliveryError(Exception):
+    """Records sent since the last :meth:`EventPublisher.flush` were not acknowledged by the broker."""
+
+    def __init__(self, failed: int, first: BaseException) -> None:
+        super().__init__(f"{failed} record(s) were not delivered: {first!r}")
+        self.failed = failed
+        self.first = first
+
+
 class EventPublisher:
     """Async context manager that publishes span-context and NeMo result events to Kafka."""
 
@@ -36,15 +47,20 @@ class EventPublisher:
             acks="all", enable_idempotence=True, linger_ms=linger_ms, **producer_options,
         )
         self.published = 0
+        self._failures: list[BaseException] = []
 
     async def __aenter__(self) -> EventPublisher:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # e.g. no broker reachable: release what start() opened
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         try:
-            await self._producer.flush()
+            await self.flush()
         finally:
             await self._producer.stop()
 
@@ -64,14 +80,30 @@ class EventPublisher:
                           ml_app: str | None = None) -> None:
         """Send a record as it is (e.g. a line of the guide's files), with an optional ml_app header."""
         headers = [("ml_app", ml_app.encode())] if ml_app else None
-        await self._producer.send(topic, value, key=key.encode() if key else None, headers=headers)
+        delivery = await self._producer.send(topic, value, key=key.encode() if key else None, headers=headers)
+        delivery.add_done_callback(self._note_delivery)
         self.published += 1
 
     async def flush(self) -> None:
-        """Wait until every record sent so far is acknowledged by the broker."""
+        """Wait until every record sent so far is acknowledged by the broker.
+
+        Raises :class:`DeliveryError` if any record sent since the previous flush failed: aiokafka's
+        own flush returns normally in that case, so the failures are collected from each record's
+        delivery future.
+        """
         await self._producer.flush()
+        await asyncio.sleep(0)  # let the delivery callbacks of the last batches run
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise DeliveryError(len(failures), failures[0])
 
     async def _send(self, topic: str, ml_app: str | None, join_key: str, body: dict[str, Any]) -> None:
         key = f"{ml_app or ''}:{join_key}".encode()
-        await self._producer.send(topic, orjson.dumps(body), key=key)
+        delivery = await self._producer.send(topic, orjson.dumps(body), key=key)
+        delivery.add_done_callback(self._note_delivery)
         self.published += 1
+
+    def _note_delivery(self, delivery: asyncio.Future[Any]) -> None:
+        failure = None if delivery.cancelled() else delivery.exception()
+        if failure is not None:
+            self._failures.append(failure)

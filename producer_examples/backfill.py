@@ -1,0 +1,517 @@
+"""Backfill from files: publish the guide's ``outputs.json`` and ``scores.jsonl`` to the service's topics.
+
+::
+
+    python -m producer_examples.backfill --outputs outputs.json --scores scores.jsonl \\
+        [--ml-app nemos-demo] [--bootstrap host:9092] [--state backfill.state.json] [--dry-run]
+
+Each record is published verbatim (outputs records to the span topic, scores lines to the result
+topic): the service reads both formats as they are, joins them by ``question_id`` and delivers each
+evaluation once. Records are checked first with the service's own decoders
+(:func:`consumer.decode.decode_span` / :func:`consumer.decode.decode_result`); a record they would
+dead-letter is skipped and reported with a reason instead of being published.
+
+* **Streaming.** Either file may be JSON Lines or one JSON array (told apart by its first byte);
+  both are read one record at a time (:mod:`producer_examples.jsonstream`), and every
+  ``--checkpoint-every`` records the run waits for the broker's acknowledgements (with or without
+  ``--state``), so memory does not grow with the file.
+* **Idempotent.** Publishing the same files again publishes the same records again, which the
+  service recognises (a scores line's event id is a hash of the line's content; an outputs record
+  names the same span for the same key), so nothing reaches Datadog twice.
+* **Resumable.** With ``--state FILE`` the progress through each input is checkpointed: every
+  ``--checkpoint-every`` records the publisher waits until the broker acknowledged everything sent
+  (``acks=all``), then FILE is replaced atomically with, per input, the byte offset, record index
+  and line just past the last acknowledged record and a SHA-256 of the file up to there. A run
+  with the same FILE continues after that point if the file's bytes up to it are unchanged, and
+  reads the file from the start otherwise. Records sent after the last checkpoint of an
+  interrupted run are published again, which is harmless (see above). SIGINT/SIGTERM stop the
+  run after the record in hand, with a final checkpoint.
+
+Exit codes: 0 everything published (or, with ``--dry-run``, valid); 1 records were skipped (0 with
+``--allow-skips``); 2 bad arguments, an unreadable input, or a JSON array that is malformed past
+some point (the records before it are published); 3 the broker did not acknowledge records; 130
+interrupted (run again with the same ``--state`` to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, TextIO
+
+import orjson
+from aiokafka.errors import KafkaError
+from tqdm import tqdm  # type: ignore[import-untyped]
+
+from consumer.decode import decode_result, decode_span
+from consumer.errors import InvalidMessage
+from producer_examples.jsonstream import (
+    Format,
+    MalformedFile,
+    Position,
+    RawRecord,
+    RecordReader,
+    detect_format,
+    open_at,
+)
+from producer_examples.publisher import DEFAULT_RESULT_TOPIC, DEFAULT_SPAN_TOPIC, DeliveryError, EventPublisher
+
+Role = Literal["outputs", "scores"]
+
+STATE_VERSION = 1
+DEFAULT_CHECKPOINT_EVERY = 1000
+MAX_REPORTED_SKIPS = 100
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_DELIVERY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Decoding needs a namespace; without --ml-app the service's DEFAULT_ML_APP applies, unknown here.
+_SERVICE_DEFAULT_APP = "<DEFAULT_ML_APP>"
+
+
+@dataclass
+class Options:
+    """What to publish and how; the command line fills it."""
+
+    outputs: Path | None = None
+    scores: Path | None = None
+    ml_app: str | None = None
+    bootstrap: str | None = None
+    span_topic: str | None = None
+    result_topic: str | None = None
+    join_key: str = "question_id"
+    max_message_bytes: int = 1_048_576
+    state: Path | None = None
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    dry_run: bool = False
+    progress: bool = False
+    stop_after: int | None = None
+    """Stop as if interrupted after this many records of this run (for tests of resuming)."""
+
+
+@dataclass
+class InputSummary:
+    """Counts for one input file, over every run recorded in the state file."""
+
+    role: Role
+    path: Path
+    topic: str
+    format: Format | None = None
+    read: int = 0
+    published: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    published_this_run: int = 0
+    resumed_at: int | None = None
+    complete: bool = False
+    error: str | None = None
+
+    def counts(self) -> dict[str, Any]:
+        return {"read": self.read, "published": self.published, "skipped": dict(self.skipped)}
+
+
+@dataclass
+class Result:
+    """What a run did; :meth:`exit_code` is what the command exits with."""
+
+    inputs: list[InputSummary]
+    dry_run: bool
+    interrupted: bool = False
+    delivery_error: str | None = None
+
+    @property
+    def skipped(self) -> int:
+        return sum(sum(item.skipped.values()) for item in self.inputs)
+
+    def exit_code(self, *, allow_skips: bool = False) -> int:
+        if self.delivery_error:
+            return EXIT_DELIVERY
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if any(item.error for item in self.inputs):
+            return EXIT_USAGE
+        if self.skipped and not allow_skips:
+            return EXIT_SKIPPED
+        return EXIT_OK
+
+
+class Verdict:
+    """A record's fate: published under ``key``, or skipped for ``reason``."""
+
+    __slots__ = ("detail", "key", "reason")
+
+    def __init__(self, *, key: str | None = None, reason: str | None = None, detail: str = "") -> None:
+        self.key, self.reason, self.detail = key, reason, detail
+
+
+def check_record(role: Role, value: bytes | None, *, join_key: str, ml_app: str | None,
+                 max_bytes: int) -> Verdict:
+    """Decode a record as the service will and say whether to publish it, under which Kafka key.
+
+    The key is ``ml_app:join_key``, as :class:`EventPublisher` keys events, so both sides of a
+    question (and any re-publication) land in the same partition number, in order.
+    """
+    if value is None:
+        return Verdict(reason="oversize", detail=f"the record is larger than {max_bytes} bytes")
+    headers = [("ml_app", ml_app.encode())] if ml_app else []
+    decode = decode_span if role == "outputs" else decode_result
+    try:
+        event = decode(value, headers, join_key=join_key, default_ml_app=_SERVICE_DEFAULT_APP, max_bytes=max_bytes)
+    except InvalidMessage as exc:
+        return Verdict(reason=_refined_reason(role, value, join_key, exc.reason), detail=exc.detail)
+    app = "" if event.ml_app == _SERVICE_DEFAULT_APP else event.ml_app
+    return Verdict(key=f"{app}:{event.join_key}")
+
+
+def _refined_reason(role: Role, value: bytes, join_key: str, reason: str) -> str:
+    """Name what is missing where the decoder only says ``schema``."""
+    if reason != "schema":
+        return reason
+    obj = orjson.loads(value)  # it parsed once already
+    if not isinstance(obj, dict):
+        return "not_an_object"
+    if "schema_version" in obj:
+        return "schema"
+    if role == "outputs":
+        source = obj["input"].get("source") if isinstance(obj.get("input"), dict) else None
+        if not isinstance(source, str):
+            return "missing_source"
+        parts: dict[str, str] = {}
+        for part in source.split(";"):
+            name, _, part_value = part.partition("=")
+            parts[name.strip()] = part_value.strip()
+        for name in (join_key, "trace_id", "span_id"):
+            if not parts.get(name):
+                return f"missing_{name}"
+        return "schema"
+    if join_key not in obj:
+        return f"missing_{join_key}"
+    if "score" not in obj:
+        return "missing_score"
+    return "schema"
+
+
+# -- state file -------------------------------------------------------------------
+
+class StateFile:
+    """Per-input progress, saved atomically (write a temporary file, fsync, rename)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if not path.parent.is_dir():
+            raise ValueError(f"the state file's directory {path.parent} does not exist")
+        if path.exists():
+            doc = orjson.loads(path.read_bytes())
+            if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+                raise ValueError(f"{path} is not a backfill state file of version {STATE_VERSION}")
+            self.entries = dict(doc.get("inputs") or {})
+
+    def save(self, role: Role, entry: dict[str, Any]) -> None:
+        self.entries[role] = entry
+        body = orjson.dumps({"version": STATE_VERSION, "inputs": self.entries}, option=orjson.OPT_INDENT_2)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "wb") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.path)
+
+
+# -- the run ------------------------------------------------------------------------
+
+class _Input:
+    """One input file being read: its reader, summary and checkpointing."""
+
+    def __init__(self, summary: InputSummary, stream: BinaryIO, reader: RecordReader, bootstrap: str) -> None:
+        self.summary, self.stream, self.reader, self.bootstrap = summary, stream, reader, bootstrap
+
+    def entry(self) -> dict[str, Any]:
+        position = self.reader.position
+        return {
+            "path": str(self.summary.path), "format": self.reader.format, "topic": self.summary.topic,
+            "bootstrap": self.bootstrap, "offset": position.offset, "records": position.index,
+            "line": position.line, "array_state": position.array_state,
+            "prefix_sha256": self.reader.prefix_digest(), "complete": self.summary.complete,
+            **self.summary.counts(),
+        }
+
+
+def _open_input(summary: InputSummary, state: StateFile | None, options: Options, bootstrap: str,
+                note: Callable[[str], None]) -> _Input:
+    stream = open(summary.path, "rb")  # noqa: SIM115 - closed by the caller
+    fmt = detect_format(stream)
+    summary.format = fmt
+    entry = state.entries.get(summary.role) if state else None
+    if entry and (entry.get("topic"), entry.get("bootstrap"), entry.get("format")) == (summary.topic, bootstrap, fmt):
+        try:
+            position = Position(int(entry["offset"]), int(entry["records"]), int(entry["line"]),
+                                entry["array_state"])
+            counts = (int(entry["read"]), int(entry["published"]),
+                      Counter({str(k): int(v) for k, v in dict(entry["skipped"]).items()}))
+            digest = str(entry["prefix_sha256"])
+        except (KeyError, TypeError, ValueError):
+            note(f"{summary.path}: the state file's checkpoint is incomplete; reading the file from the start")
+        else:
+            reader = open_at(stream, fmt, position, digest, max_record_bytes=options.max_message_bytes)
+            if reader is not None:
+                summary.read, summary.published, summary.skipped = counts
+                summary.resumed_at = position.index
+                return _Input(summary, stream, reader, bootstrap)
+            note(f"{summary.path}: changed since the state file's checkpoint; reading it from the start")
+        stream.seek(0)
+    elif entry:
+        note(f"{summary.path}: the state file's checkpoint is for another topic, broker or format; "
+             "reading it from the start")
+    return _Input(summary, stream, RecordReader(stream, fmt, max_record_bytes=options.max_message_bytes),
+                  bootstrap)
+
+
+async def run(options: Options, *, stop: asyncio.Event | None = None, err: TextIO | None = None) -> Result:
+    """Publish (or, with ``dry_run``, only check) the inputs; returns the counts. Never raises for bad records."""
+    err = err or sys.stderr
+    stop = stop or asyncio.Event()
+    bootstrap = options.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    span_topic = options.span_topic or os.environ.get("SPAN_TOPIC", DEFAULT_SPAN_TOPIC)
+    result_topic = options.result_topic or os.environ.get("RESULT_TOPIC", DEFAULT_RESULT_TOPIC)
+    plan: list[InputSummary] = []
+    if options.outputs:
+        plan.append(InputSummary("outputs", options.outputs, span_topic))
+    if options.scores:
+        plan.append(InputSummary("scores", options.scores, result_topic))
+    result = Result(plan, dry_run=options.dry_run)
+    reporter = _Reporter(err)
+    state = StateFile(options.state) if options.state and not options.dry_run else None
+
+    budget = options.stop_after
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            publisher = None
+            if not options.dry_run:
+                publisher = await stack.enter_async_context(
+                    EventPublisher(bootstrap_servers=bootstrap, span_topic=span_topic, result_topic=result_topic))
+            budget = await _publish_all(plan, options, publisher, state, stop, reporter, result, bootstrap)
+    except DeliveryError as exc:  # from the flush when leaving the publisher
+        result.delivery_error = result.delivery_error or str(exc)
+    if budget == 0 or stop.is_set():
+        result.interrupted = not all(item.complete or item.error for item in plan)
+    return result
+
+
+async def _publish_all(plan: list[InputSummary], options: Options, publisher: EventPublisher | None,
+                       state: StateFile | None, stop: asyncio.Event, reporter: _Reporter, result: Result,
+                       bootstrap: str) -> int | None:
+    budget = options.stop_after
+    for summary in plan:
+        if stop.is_set() or result.delivery_error or budget == 0:
+            break
+        try:
+            current = _open_input(summary, state, options, bootstrap, reporter.note)
+        except OSError as exc:
+            summary.error = f"cannot read {summary.path}: {exc.strerror or exc}"
+            reporter.note(summary.error)
+            continue
+        with current.stream:
+            budget = await _publish_input(current, options, publisher, state, stop, reporter, result, budget)
+    return budget
+
+
+async def _publish_input(current: _Input, options: Options, publisher: EventPublisher | None, state: StateFile | None,
+                         stop: asyncio.Event, reporter: _Reporter, result: Result, budget: int | None) -> int | None:
+    summary = current.summary
+    topic = summary.topic
+    since_checkpoint = 0
+    bar = reporter.bar(summary, current.reader.consumed, enabled=options.progress)
+
+    async def checkpoint() -> bool:
+        if publisher is None:
+            return True
+        try:
+            await publisher.flush()
+        except DeliveryError as exc:
+            result.delivery_error = str(exc)
+            reporter.note(f"{summary.path}: the broker did not acknowledge {exc.failed} record(s): {exc.first!r}; "
+                          "the state file keeps the last acknowledged position")
+            return False
+        if state is not None:
+            state.save(summary.role, current.entry())
+        return True
+
+    try:
+        records: Iterator[RawRecord] = iter(current.reader)
+        for record in records:
+            verdict = check_record(summary.role, record.value, join_key=options.join_key, ml_app=options.ml_app,
+                                   max_bytes=options.max_message_bytes)
+            summary.read += 1
+            if verdict.key is None:
+                reason = verdict.reason or "invalid"
+                summary.skipped[reason] += 1
+                reporter.skip(summary, record, reason, verdict.detail)
+            else:
+                if publisher is not None:
+                    assert record.value is not None
+                    await publisher.publish_raw(topic, record.value, key=verdict.key, ml_app=options.ml_app)
+                summary.published += 1
+                summary.published_this_run += 1
+            bar.update(current.reader.consumed - bar.n)
+            since_checkpoint += 1
+            if since_checkpoint % 64 == 0:
+                await asyncio.sleep(0)  # let signal handlers run even when nothing else waits
+            if budget is not None:
+                budget -= 1
+            if budget == 0 or stop.is_set():
+                await checkpoint()
+                return budget
+            if since_checkpoint >= options.checkpoint_every:
+                since_checkpoint = 0
+                if not await checkpoint():
+                    return budget
+        summary.complete = True
+    except MalformedFile as exc:
+        summary.error = f"{summary.path}: {exc}"
+        reporter.note(f"{summary.error}; the records before it were {'checked' if options.dry_run else 'published'}")
+    finally:
+        bar.update(current.reader.consumed - bar.n)
+        bar.close()
+    await checkpoint()
+    return budget
+
+
+class _Reporter:
+    """Skip reports and notes on stderr (above the progress bar when there is one)."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.reported = 0
+
+    def note(self, message: str) -> None:
+        tqdm.write(message, file=self.err)
+
+    def skip(self, summary: InputSummary, record: RawRecord, reason: str, detail: str) -> None:
+        self.reported += 1
+        if self.reported <= MAX_REPORTED_SKIPS:
+            self.note(f"{summary.path}:{record.line}: record {record.index} skipped ({reason}): {detail[:300]}")
+        elif self.reported == MAX_REPORTED_SKIPS + 1:
+            self.note(f"more than {MAX_REPORTED_SKIPS} records skipped; the rest are counted, not listed")
+
+    def bar(self, summary: InputSummary, initial: int, *, enabled: bool) -> Any:
+        total = summary.path.stat().st_size
+        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, file=self.err,
+                    desc=summary.path.name, disable=not enabled, leave=False)
+
+
+def format_summary(result: Result, *, allow_skips: bool = False) -> str:
+    """The closing report: per input and in total, read / published / skipped with reasons."""
+    verb = "valid" if result.dry_run else "published"
+    lines = []
+    for item in result.inputs:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(item.skipped.items()))
+        line = (f"{item.role} {item.path} ({item.format or '?'} -> {item.topic}): {item.read} read, "
+                f"{item.published} {verb}, {sum(item.skipped.values())} skipped" + (f" ({reasons})" if reasons else ""))
+        if item.resumed_at is not None:
+            line += f"; resumed at record {item.resumed_at}, {item.published_this_run} {verb} in this run"
+        if item.error:
+            line += f"; stopped: {item.error}"
+        elif item.format is None:
+            line += "; not started"
+        elif not item.complete:
+            line += "; not finished"
+        lines.append(line)
+    total_read = sum(item.read for item in result.inputs)
+    total_published = sum(item.published for item in result.inputs)
+    lines.append(f"total: {total_read} read, {total_published} {verb}, {result.skipped} skipped")
+    if result.dry_run:
+        lines.append("dry run: nothing was published")
+    if result.delivery_error:
+        lines.append(f"delivery failed: {result.delivery_error}")
+    if result.interrupted:
+        lines.append("interrupted: run again with the same --state to continue")
+    if result.skipped and allow_skips:
+        lines.append("skipped records allowed (--allow-skips)")
+    return "\n".join(lines)
+
+
+# -- command line -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m producer_examples.backfill",
+        description="Publish the guide's outputs.json and scores.jsonl (JSON arrays or JSON Lines) to the "
+                    "span-context and NeMo result topics, verbatim, so the service joins them.")
+    parser.add_argument("--outputs", type=Path, help="outputs.json: records whose input.source names the span")
+    parser.add_argument("--scores", type=Path, help="scores.jsonl: NeMo LLM-as-a-judge lines")
+    parser.add_argument("--ml-app", help="ml_app header for the records (else the service's DEFAULT_ML_APP applies)")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS or "
+                                            "127.0.0.1:9092)")
+    parser.add_argument("--span-topic", help="default: $SPAN_TOPIC or llmobs.span-context")
+    parser.add_argument("--result-topic", help="default: $RESULT_TOPIC or nemo.eval-results")
+    parser.add_argument("--join-key", default=os.environ.get("JOIN_KEY", "question_id"),
+                        help="the service's JOIN_KEY (default: $JOIN_KEY or question_id)")
+    parser.add_argument("--max-message-bytes", type=int, default=int(os.environ.get("MAX_MESSAGE_BYTES", 1_048_576)),
+                        help="the service's MAX_MESSAGE_BYTES; larger records are skipped (default: 1048576)")
+    parser.add_argument("--state", type=Path, help="checkpoint file: a run with the same file continues where the "
+                                                   "last one stopped")
+    parser.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+                        help=f"records between checkpoints (default: {DEFAULT_CHECKPOINT_EVERY})")
+    parser.add_argument("--dry-run", action="store_true", help="check every record with the service's decoders; "
+                                                              "publish nothing; --state is neither read nor written")
+    parser.add_argument("--allow-skips", action="store_true", help="exit 0 even if records were skipped")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, bool]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.outputs and not args.scores:
+        parser.error("give --outputs, --scores or both")
+    if args.checkpoint_every < 1:
+        parser.error("--checkpoint-every must be at least 1")
+    options = Options(outputs=args.outputs, scores=args.scores, ml_app=args.ml_app, bootstrap=args.bootstrap,
+                      span_topic=args.span_topic, result_topic=args.result_topic, join_key=args.join_key,
+                      max_message_bytes=args.max_message_bytes, state=args.state,
+                      checkpoint_every=args.checkpoint_every, dry_run=args.dry_run,
+                      progress=not args.quiet and sys.stderr.isatty())
+    return options, bool(args.allow_skips)
+
+
+async def run_cli(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None,
+                  stop: asyncio.Event | None = None) -> int:
+    """The command: run, print the summary on ``out``, return the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    options, allow_skips = parse_options(argv)
+    if options.ml_app is None:
+        print("note: no --ml-app: the service files these records under its DEFAULT_ML_APP", file=err)
+    try:
+        result = await run(options, stop=stop, err=err)
+    except ValueError as exc:  # a state file that is not one
+        print(f"backfill: {exc}", file=err)
+        return EXIT_USAGE
+    except OSError as exc:  # the state file cannot be read or written
+        print(f"backfill: state file: {exc}", file=err)
+        return EXIT_USAGE
+    except KafkaError as exc:  # the broker cannot be reached, or refused a record outright
+        print(f"backfill: Kafka: {exc!r}; the state file keeps the last acknowledged position", file=err)
+        return EXIT_DELIVERY
+    print(format_summary(result, allow_skips=allow_skips), file=out, flush=True)
+    return result.exit_code(allow_skips=allow_skips)
+
+
+async def _main(argv: Sequence[str] | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return await run_cli(argv, stop=stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(_main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
