@@ -1,0 +1,461 @@
+"""Per-item NeMo Evaluator results -> NeMo result events, by explicit rules.
+
+For every record of a per-item file (see ``readers.py``):
+
+* **The item id is the join key**, read from a configured id column (``question_id``,
+  ``metadata.question_id``, ``_id``; a dotted name walks into objects). Never from row position:
+  ``problem_idx`` and ``sample_id`` are refused as id columns. A record without the column is an
+  error, and so is a second record with the same id (and the same turn or repeat) in one run.
+* **Each score becomes one evaluation** whose type follows its value, bool checked before int:
+  ``bool`` -> ``boolean``; ``int``/``float`` -> ``score``; ``str`` -> ``categorical``. NaN,
+  infinities, ``None``, error objects, a judge's unparsed rating (``-1``) and values of other types
+  are not sent: they are counted, with their reason, in the :class:`MappingReport`. So is an item
+  that failed as a whole (a BYOB sample that was not ``scored``).
+* **Labels are stable names** derived from the metric and score names only (``reward``,
+  ``exact_match``, ``ndcg_cut_10``, the judge's ``quality_assessment``), sanitised to the intake's
+  rule ``^[A-Za-z][A-Za-z0-9_]{0,199}$``; a second turn or repeat adds ``_turn2`` / ``_repeat1``.
+  No job id ever goes into a label.
+* **Provenance** (job id, config, target type and name, model, judge, time) goes into the event's
+  ``provenance``, which the service puts into each evaluation's ``metadata.nemo``; tags are
+  low-cardinality only: ``evaluator:nemo`` and ``task:<task>``.
+* **Event ids are deterministic**: a hash of the source (job id or run name), the item's key and
+  the evaluations' content, so a re-published result is recognised by the service and delivered
+  once.
+
+Nothing is published unless the whole run maps: errors are raised before any event is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import PurePosixPath
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from consumer.events import (
+    MAX_EVALUATIONS_PER_EVENT,
+    MAX_TEXT_CHARS,
+    Evaluation,
+    MetricType,
+    NemoResultEvent,
+    Provenance,
+)
+from producer_examples.nemo.errors import MappingError
+from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, Record, ResultFile
+
+LABEL_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,199}$")
+JUDGE_LABEL = "quality_assessment"
+POSITION_COLUMNS = frozenset({"problem_idx", "sample_id"})
+MAX_CATEGORICAL_CHARS = 1000
+MAX_JOIN_KEY_CHARS = 512
+_MAX_EXACT_INT = 2**53
+_MAX_NAME_CHARS = 200
+_TAG_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# BEIR lines with scores at the top level: these are the query, not a score.
+_BEIR_TEXT_FIELDS = frozenset({"_id", "text", "title", "query", "question", "answer", "metadata"})
+
+
+def label_for(name: str) -> str:
+    """A stable label for a metric or score name, valid under the intake's rule.
+
+    Runs of characters other than ASCII letters and digits become one ``_``; a label that would
+    not start with a letter gets ``m_`` in front; one longer than 200 characters is cut and ends
+    with a hash of the full name, so that two long names stay apart.
+    """
+    label = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "metric"
+    if not label[0].isalpha():
+        label = "m_" + label
+    if len(label) > _MAX_NAME_CHARS:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        label = f"{label[: _MAX_NAME_CHARS - 9]}_{digest}"
+    return label
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Why a value is not sent."""
+
+    reason: str
+
+
+def classify(value: Any) -> tuple[MetricType, Any] | Dropped:
+    """(metric_type, value) for a score value, or why it is not sent. A bool is checked before int."""
+    if value is None:
+        return Dropped("missing")
+    if isinstance(value, bool):
+        return "boolean", value
+    if isinstance(value, int):
+        return ("score", value) if abs(value) <= _MAX_EXACT_INT else Dropped("out_of_range")
+    if isinstance(value, float):
+        if math.isnan(value):
+            return Dropped("nan")
+        if math.isinf(value):
+            return Dropped("infinite")
+        return "score", value
+    if isinstance(value, str):
+        if not value.strip():
+            return Dropped("empty")
+        if len(value) > MAX_CATEGORICAL_CHARS:
+            return Dropped("too_long")
+        return "categorical", value
+    if isinstance(value, dict) and ("error" in value or "exception" in value):
+        return Dropped("error")
+    return Dropped("unsupported_type")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One evaluated item of a run, read from one record, before the rules are applied."""
+
+    where: str
+    item_id: str
+    variant: str  # "" or "turn2", "repeat1": part of the item's key and of its labels
+    scores: list[tuple[str, Any]]  # (metric or score name, raw value), in file order
+    failed: str | None = None  # the whole item failed: the reason
+    reasoning: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    timestamp_ms: int | None = None
+    model: str | None = None
+    judge: str | None = None
+    task: str | None = None
+
+
+@dataclass
+class MappingReport:
+    """What a run gave: items, events, evaluations, and what was not sent and why."""
+
+    items: int = 0
+    events: int = 0
+    evaluations: int = 0
+    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (label, reason) -> count
+    failed_items: Counter[str] = field(default_factory=Counter)  # reason -> count
+    items_without_evaluations: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "events": self.events,
+            "evaluations": self.evaluations,
+            "dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(sorted(Counter(reason for (_, reason) in self.dropped.elements()).items())),
+            "dropped_by_label": {f"{label}:{reason}": n for (label, reason), n in sorted(self.dropped.items())},
+            "failed_items": dict(sorted(self.failed_items.items())),
+            "items_without_evaluations": self.items_without_evaluations,
+        }
+
+    def summary(self) -> str:
+        """Lines for a person: totals, then each reason something was not sent."""
+        lines = [
+            f"items: {self.items}, events: {self.events}, evaluations: {self.evaluations}, "
+            f"not sent: {sum(self.dropped.values())} scores, {sum(self.failed_items.values())} failed items, "
+            f"{self.items_without_evaluations} items without any sendable score"
+        ]
+        lines += [f"  not sent: {label} ({reason}) x{n}" for (label, reason), n in sorted(self.dropped.items())]
+        lines += [f"  failed item: {reason} x{n}" for reason, n in sorted(self.failed_items.items())]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class MappingResult:
+    events: list[NemoResultEvent]
+    report: MappingReport
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What is known about the run as a whole: where results came from and how to name them."""
+
+    ml_app: str | None
+    source_id: str  # job id, or the run's name: part of every event id
+    id_column: str | None = None  # None: the format's default (DEFAULT_ID_COLUMN)
+    task: str | None = None  # None: the config's task whose name is in the file's path, or its only task
+    tasks: tuple[str, ...] = ()  # the task names of the run's config
+    label_prefix: str = ""
+    judge_label: str = JUDGE_LABEL
+    job_id: str | None = None
+    config: str | None = None
+    target_type: str | None = None
+    target_name: str | None = None
+    model: str | None = None
+    judge: str | None = None
+    evaluated_at_ms: int | None = None
+
+
+# --- reading items out of records ---------------------------------------------------------------
+
+
+def lookup(fields: dict[str, Any], column: str) -> Any:
+    """The value of ``column`` in a record: the key itself, else a dotted path into objects."""
+    if column in fields:
+        return fields[column]
+    value: Any = fields
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def check_id_column(column: str) -> None:
+    """Refuse id columns that are row positions: they are not stable across runs."""
+    if not column or column.rsplit(".", 1)[-1] in POSITION_COLUMNS:
+        raise MappingError(
+            f"id column {column!r} is a row position, not a stable id: name a dataset column "
+            "such as metadata.question_id"
+        )
+
+
+def item_id(record: Record, column: str) -> str:
+    value = lookup(record.fields, column)
+    if value is None:
+        raise MappingError(f"{record.where}: no value for the id column {column!r}")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise MappingError(f"{record.where}: the id column {column!r} must hold a string or an integer")
+    text = str(value)
+    if not text or len(text) > MAX_JOIN_KEY_CHARS or _CONTROL.search(text):
+        raise MappingError(
+            f"{record.where}: the id in {column!r} must be 1 to {MAX_JOIN_KEY_CHARS} characters "
+            "without control characters"
+        )
+    return text
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _variant(kind: str, number: int | None, first: int) -> str:
+    return f"{kind}{number}" if number is not None and number != first else ""
+
+
+def _text(value: Any) -> str | None:
+    return value[:MAX_TEXT_CHARS] if isinstance(value, str) and value else None
+
+
+def _name(value: Any) -> str | None:
+    """A provenance name: 1 to 200 characters without control characters, else None."""
+    if not isinstance(value, str):
+        return None
+    value = _CONTROL.sub(" ", value).strip()[:_MAX_NAME_CHARS]
+    return value or None
+
+
+def _judge_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    fields = record.fields
+    score = fields.get("score")
+    # MT-bench / FastChat judges write -1 when the "[[rating]]" could not be parsed.
+    unparsed = isinstance(score, int | float) and not isinstance(score, bool) and score == -1
+    judge = fields.get("judge")
+    judge_name = judge[0] if isinstance(judge, list) and judge else judge
+    metadata = {"model": fields.get("model"), "turn": _int(fields.get("turn"))}
+    if isinstance(judge, list) and len(judge) > 1:
+        metadata["judge_prompt"] = judge[1]
+    tstamp = fields.get("tstamp")
+    timestamp_ms = None
+    if isinstance(tstamp, int | float) and not isinstance(tstamp, bool) and 0 <= tstamp < 253402300800:
+        timestamp_ms = int(tstamp * 1000)
+    return Item(
+        where=record.where,
+        item_id=item_id(record, id_column),
+        variant=_variant("turn", _int(fields.get("turn")), 1),
+        scores=[(ctx.judge_label, Dropped("judge_rating_not_parsed") if unparsed else score)],
+        reasoning=_text(fields.get("judgment")),
+        metadata={k: v for k, v in metadata.items() if v is not None},
+        timestamp_ms=timestamp_ms,
+        model=_name(fields.get("model")),
+        judge=_name(judge_name),
+    )
+
+
+def _launcher_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    fields = record.fields
+    scores: list[tuple[str, Any]] = []
+    if "reward" in fields:
+        scores.append(("reward", fields["reward"]))
+    scorer_rewards = fields.get("scorer_rewards")
+    if isinstance(scorer_rewards, dict):
+        scores += [(str(name), value) for name, value in scorer_rewards.items()]
+    elif scorer_rewards is not None:
+        scores.append(("scorer_rewards", scorer_rewards))
+    repeat = _int(fields.get("repeat"))
+    metadata = {"problem_idx": fields.get("problem_idx"), "repeat": repeat}
+    return Item(
+        where=record.where,
+        item_id=item_id(record, id_column),
+        variant=_variant("repeat", repeat, 0),
+        scores=scores,
+        metadata={k: v for k, v in metadata.items() if v is not None},
+    )
+
+
+def _byob_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    fields = record.fields
+    raw_metadata = fields.get("metadata")
+    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
+    repeat = _int(metadata.get("_repeat"))
+    status = fields.get("status", "scored")
+    scores = fields.get("scores")
+    failed = None
+    if status != "scored":
+        failed = str(status)[:100] or "not_scored"
+    elif not isinstance(scores, dict):
+        failed = "no_scores"
+    extra = {"sample_id": fields.get("sample_id"), "repeat": repeat}
+    return Item(
+        where=record.where,
+        item_id=item_id(record, id_column),
+        variant=_variant("repeat", repeat, 0),
+        scores=[(str(k), v) for k, v in scores.items()] if isinstance(scores, dict) and failed is None else [],
+        failed=failed,
+        metadata={k: v for k, v in extra.items() if v is not None},
+    )
+
+
+def _beir_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    fields = record.fields
+    nested = next((fields[key] for key in ("scores", "metrics") if isinstance(fields.get(key), dict)), None)
+    if nested is not None:
+        scores = [(str(k), v) for k, v in nested.items()]
+    else:
+        top = id_column.split(".", 1)[0]
+        scores = [(k, v) for k, v in fields.items()
+                  if k not in _BEIR_TEXT_FIELDS and k != top and not isinstance(v, str | dict | list)]
+    return Item(where=record.where, item_id=item_id(record, id_column), variant="", scores=scores)
+
+
+_READERS = {"judge": _judge_item, "launcher": _launcher_item, "byob": _byob_item, "beir": _beir_item}
+
+
+def task_of(path: str, ctx: RunContext) -> str | None:
+    """The task a file belongs to: the one given, a config task named in its path, or the config's only task."""
+    if ctx.task:
+        return ctx.task
+    parts = set(PurePosixPath(path).parts)
+    named = [task for task in ctx.tasks if task in parts]
+    if len(named) == 1:
+        return named[0]
+    return ctx.tasks[0] if len(ctx.tasks) == 1 else None
+
+
+def items_of(files: Iterable[ResultFile], ctx: RunContext) -> Iterator[Item]:
+    """The items of per-item files, each with its id read from the id column."""
+    for result_file in files:
+        id_column = ctx.id_column or DEFAULT_ID_COLUMN[result_file.format]
+        check_id_column(id_column)
+        read = _READERS[result_file.format]
+        task = task_of(result_file.path, ctx)
+        for record in result_file.records:
+            item = read(record, ctx, id_column)
+            yield replace(item, task=task) if task else item
+
+
+# --- items -> events ----------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def _event_id(ctx: RunContext, item: Item, evaluations: list[Evaluation], chunk: int) -> str:
+    content = {
+        "source": ctx.source_id,
+        "ml_app": ctx.ml_app,
+        "item": item.item_id,
+        "variant": item.variant,
+        "chunk": chunk,
+        # Times are left out: a job's timestamps may be touched later; the result is the same.
+        "evaluations": [e.model_dump(mode="json", exclude_none=True, exclude={"timestamp_ms"}) for e in evaluations],
+    }
+    return "nemo-" + hashlib.sha256(_canonical(content)).hexdigest()[:40]
+
+
+def _tags(item: Item) -> dict[str, str]:
+    tags = {"evaluator": "nemo"}
+    if item.task:
+        tags["task"] = _CONTROL.sub(" ", item.task)[:_TAG_CHARS]
+    return tags
+
+
+def _provenance(ctx: RunContext, item: Item) -> Provenance:
+    return Provenance(
+        job_id=_name(ctx.job_id),
+        config=_name(ctx.config),
+        target_type=_name(ctx.target_type),
+        target_name=_name(ctx.target_name),
+        model=item.model or _name(ctx.model),
+        judge=item.judge or _name(ctx.judge),
+        evaluated_at_ms=ctx.evaluated_at_ms,
+    )
+
+
+def _evaluations(item: Item, ctx: RunContext, report: MappingReport) -> list[Evaluation]:
+    tags = _tags(item)
+    suffix = f"_{item.variant}" if item.variant else ""
+    by_label: dict[str, Evaluation] = {}
+    names: dict[str, str] = {}
+    for name, raw in item.scores:
+        label = label_for(f"{ctx.label_prefix}{name}{suffix}")
+        if label in names:
+            raise MappingError(
+                f"{item.where}: scores {names[label]!r} and {name!r} both give the label {label!r} "
+                "after sanitising; rename one of them"
+            )
+        names[label] = name
+        outcome = raw if isinstance(raw, Dropped) else classify(raw)
+        if isinstance(outcome, Dropped):
+            report.dropped[(label, outcome.reason)] += 1
+            continue
+        metric_type, value = outcome
+        try:
+            by_label[label] = Evaluation(
+                label=label, metric_type=metric_type, value=value, reasoning=item.reasoning,
+                metadata=item.metadata or None, tags=tags, timestamp_ms=item.timestamp_ms or ctx.evaluated_at_ms,
+            )
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False, include_input=False)[0]["msg"].removeprefix("Value error, ")
+            report.dropped[(label, f"invalid: {reason[:80]}")] += 1
+    return [by_label[label] for label in sorted(by_label)]
+
+
+def map_items(items: Iterable[Item], ctx: RunContext) -> MappingResult:
+    """Apply the rules to every item; raise :class:`MappingError` before returning anything if one breaks them."""
+    report = MappingReport()
+    events: list[NemoResultEvent] = []
+    seen: dict[tuple[str, str], str] = {}
+    for item in items:
+        report.items += 1
+        key = (item.item_id, item.variant)
+        if key in seen:
+            what = f"id {item.item_id!r}" + (f" ({item.variant})" if item.variant else "")
+            raise MappingError(f"{item.where}: {what} already appeared at {seen[key]}; ids must be unique in a run")
+        seen[key] = item.where
+        if item.failed is not None:
+            report.failed_items[item.failed] += 1
+            continue
+        evaluations = _evaluations(item, ctx, report)
+        if not evaluations:
+            report.items_without_evaluations += 1
+            continue
+        provenance = _provenance(ctx, item)
+        for chunk, start in enumerate(range(0, len(evaluations), MAX_EVALUATIONS_PER_EVENT)):
+            part = evaluations[start:start + MAX_EVALUATIONS_PER_EVENT]
+            events.append(NemoResultEvent(
+                schema_version=1, event_id=_event_id(ctx, item, part, chunk), ml_app=ctx.ml_app,
+                join_key=item.item_id, evaluations=part, provenance=provenance,
+            ))
+            report.evaluations += len(part)
+    report.events = len(events)
+    return MappingResult(events, report)
+
+
+def map_files(files: Iterable[ResultFile], ctx: RunContext) -> MappingResult:
+    """Read the items of per-item files and map them (see :func:`map_items`)."""
+    return map_items(items_of(files, ctx), ctx)
