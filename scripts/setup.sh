@@ -31,4 +31,35 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
 fi
 
 .venv/bin/python -m localenv fetch >/dev/null
+
+# The Helm chart's and the image's checks (tests/test_chart.py, tests/test_dockerfile.py).
+# helm: built from its Go module with the flags of a release build, so that it reports its own
+# version and assumes the Kubernetes version of its client-go (1.37 for helm 3.22) as a release
+# binary does. About 2 to 4 minutes on 2 cores the first time; skipped while .cache/bin/helm is
+# this version.
+helm_version=v3.22.0
+helm_kube_minor=37
+if [ "$(.cache/bin/helm version --template '{{.Version}}' 2>/dev/null)" != "$helm_version" ]; then
+  command -v go >/dev/null 2>&1 || { echo "setup: Go is needed to build helm" >&2; exit 1; }
+  echo "setup: building helm $helm_version"
+  ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ldflags="$ldflags -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$helm_kube_minor"
+  done
+  mkdir -p .cache/bin
+  CGO_ENABLED=0 GOBIN="$PWD/.cache/bin" go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$helm_version"
+fi
+# checkov, kubernetes-validate and hadolint: the `chart` extra of pyproject.toml, installed into a
+# venv of their own so that their pinned dependencies never touch the service's .venv.
+if [ ! -x .cache/venv-chart/bin/python ]; then
+  echo "setup: creating .cache/venv-chart"
+  "$python" -m venv .cache/venv-chart
+fi
+if [ ! -f .cache/venv-chart/.installed ] || [ pyproject.toml -nt .cache/venv-chart/.installed ]; then
+  echo "setup: installing the chart tools into .cache/venv-chart"
+  "$python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["chart"]))' \
+    > .cache/venv-chart/requirements.txt
+  .cache/venv-chart/bin/python -m pip install -q --disable-pip-version-check -r .cache/venv-chart/requirements.txt
+  touch .cache/venv-chart/.installed
+fi
 echo "setup: ready"

@@ -1,0 +1,220 @@
+{{/* Names */}}
+
+{{- define "evaljoin.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "evaljoin.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "evaljoin.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "evaljoin.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "evaljoin.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "evaljoin.secretName" -}}
+{{- default (include "evaljoin.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{/* The image tag: the chart's appVersion unless set. */}}
+{{- define "evaljoin.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{- define "evaljoin.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (include "evaljoin.imageTag" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels: name and instance only. They never change with the chart or app version, since a
+Deployment's or StatefulSet's selector cannot be changed after it is made.
+*/}}
+{{- define "evaljoin.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "evaljoin.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The Datadog service name: the same in every environment, so env and version tell them apart. */}}
+{{- define "evaljoin.datadogService" -}}
+{{- default (include "evaljoin.name" .) .Values.datadog.service }}
+{{- end }}
+
+{{/* Datadog unified service tagging. */}}
+{{- define "evaljoin.datadogLabels" -}}
+{{- $labels := dict "tags.datadoghq.com/service" (include "evaljoin.datadogService" .) "tags.datadoghq.com/version" (default (include "evaljoin.imageTag" .) .Values.datadog.version) }}
+{{- with .Values.datadog.env }}{{ $_ := set $labels "tags.datadoghq.com/env" . }}{{ end }}
+{{- toYaml $labels }}
+{{- end }}
+
+{{/* Common labels. Every object but the test pod carries them, so the checks run before any is made. */}}
+{{- define "evaljoin.labels" -}}
+{{- include "evaljoin.validate" . -}}
+helm.sh/chart: {{ include "evaljoin.chart" . }}
+{{ include "evaljoin.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "evaljoin.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: consumer
+app.kubernetes.io/part-of: evaljoin
+{{ include "evaljoin.datadogLabels" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A setting as the string the service parses. Helm reads every number in a values file as a float,
+which prints large ones in exponent form ("1.048576e+06") that an integer setting rejects; whole
+numbers are printed as integers.
+*/}}
+{{- define "evaljoin.settingValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) }}
+{{- printf "%d" (int64 .) }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* A setting is set unless null or empty (the service ignores empty variables). */}}
+{{- define "evaljoin.isSet" -}}
+{{- if and (not (kindIs "invalid" .)) (ne (toString .) "") }}true{{ end }}
+{{- end }}
+
+{{- define "evaljoin.agentless" -}}
+{{- if or .Values.config.DD_LLMOBS_AGENTLESS_ENABLED (include "evaljoin.isSet" .Values.config.DD_LLMOBS_OVERRIDE_ORIGIN) }}true{{ end }}
+{{- end }}
+
+{{/* An Agent is needed for delivery unless agentless, and for self-tracing always. */}}
+{{- define "evaljoin.agentHostFromNode" -}}
+{{- $c := .Values.config }}
+{{- $needsAgent := or (not (include "evaljoin.agentless" .)) $c.DD_TRACE_ENABLED }}
+{{- if and .Values.datadog.agentHostFromNode $needsAgent (not (include "evaljoin.isSet" $c.DD_AGENT_HOST)) (not (include "evaljoin.isSet" $c.DD_TRACE_AGENT_URL)) }}true{{ end }}
+{{- end }}
+
+{{- define "evaljoin.saslEnabled" -}}
+{{- if include "evaljoin.isSet" .Values.config.KAFKA_SASL_MECHANISM }}true{{ end }}
+{{- end }}
+
+{{- define "evaljoin.kafkaTls" -}}
+{{- if has .Values.config.KAFKA_SECURITY_PROTOCOL (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{/*
+The secret settings the pod mounts, as a dict of variable name -> key in the Secret. From the
+chart's own Secret: those given. From an existing Secret: REDIS_URL always, DD_API_KEY when
+agentless, KAFKA_SASL_PASSWORD when SASL is on (a key that is not needed is not required to exist).
+*/}}
+{{- define "evaljoin.secretItems" -}}
+{{- $items := dict }}
+{{- if .Values.existingSecret }}
+{{- $keys := .Values.existingSecretKeys }}
+{{- if $keys.REDIS_URL }}{{ $_ := set $items "REDIS_URL" $keys.REDIS_URL }}{{ end }}
+{{- if and (include "evaljoin.agentless" .) $keys.DD_API_KEY }}{{ $_ := set $items "DD_API_KEY" $keys.DD_API_KEY }}{{ end }}
+{{- if and (include "evaljoin.saslEnabled" .) $keys.KAFKA_SASL_PASSWORD }}{{ $_ := set $items "KAFKA_SASL_PASSWORD" $keys.KAFKA_SASL_PASSWORD }}{{ end }}
+{{- else }}
+{{- range $name, $value := .Values.secrets }}
+{{- if $value }}{{ $_ := set $items $name $name }}{{ end }}
+{{- end }}
+{{- end }}
+{{- toJson $items }}
+{{- end }}
+
+{{/* The port of a URL: explicit, else the scheme's. */}}
+{{- define "evaljoin.urlPort" -}}
+{{- $url := urlParse . }}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $url.host) }}
+{{- if $port }}{{ $port }}{{ else if eq $url.scheme "https" }}443{{ else if hasPrefix "redis" $url.scheme }}6379{{ else }}80{{ end }}
+{{- end }}
+
+{{/* Where the preStop hook, the drain and the margin fit: the grace period the pod needs. */}}
+{{- define "evaljoin.minimumGracePeriod" -}}
+{{- add (int .Values.preStopSleepSeconds) (ceil .Values.config.SHUTDOWN_TIMEOUT_SECONDS | int) (int .Values.shutdownMarginSeconds) }}
+{{- end }}
+
+{{- define "evaljoin.terminationGracePeriodSeconds" -}}
+{{- $minimum := include "evaljoin.minimumGracePeriod" . | int }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- $minimum }}
+{{- else if lt (int .Values.terminationGracePeriodSeconds) $minimum }}
+{{- fail (printf "terminationGracePeriodSeconds=%v is shorter than the shutdown needs: preStopSleepSeconds (%v) + config.SHUTDOWN_TIMEOUT_SECONDS (%v) + shutdownMarginSeconds (%v) = %v. Raise it, or leave it unset to have it derived." .Values.terminationGracePeriodSeconds .Values.preStopSleepSeconds .Values.config.SHUTDOWN_TIMEOUT_SECONDS .Values.shutdownMarginSeconds $minimum) }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Autoscaling bounds, checked against the partition count. */}}
+{{- define "evaljoin.maxReplicas" -}}
+{{- $a := .Values.autoscaling }}
+{{- if kindIs "invalid" .Values.kafkaPartitions }}
+{{- fail "kafkaPartitions is required with autoscaling.keda or autoscaling.hpa: autoscalers must not add replicas beyond the partition count (set it to the partition count of the larger of SPAN_TOPIC and RESULT_TOPIC)" }}
+{{- end }}
+{{- $max := int (default .Values.kafkaPartitions $a.maxReplicas) }}
+{{- if gt $max (int .Values.kafkaPartitions) }}
+{{- fail (printf "autoscaling.maxReplicas=%d is above kafkaPartitions=%d: a replica past the partition count holds no partition, and every replica added or removed rebalances the group" $max (int .Values.kafkaPartitions)) }}
+{{- end }}
+{{- if lt $max (int $a.minReplicas) }}
+{{- fail (printf "autoscaling.maxReplicas=%d is below autoscaling.minReplicas=%d" $max (int $a.minReplicas)) }}
+{{- end }}
+{{- $max }}
+{{- end }}
+
+{{- define "evaljoin.autoscaled" -}}
+{{- if or .Values.autoscaling.keda.enabled .Values.autoscaling.hpa.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+Checks across values that the schema cannot express, with the service's own rules (the service
+would refuse to start with exit code 2) and what the chart needs to render its objects.
+*/}}
+{{- define "evaljoin.validate" -}}
+{{- $c := .Values.config }}
+{{- if and .Values.autoscaling.keda.enabled .Values.autoscaling.hpa.enabled }}
+{{- fail "autoscaling.keda.enabled and autoscaling.hpa.enabled are both true: choose one autoscaler" }}
+{{- end }}
+{{- if has (toString $c.HEALTH_HOST) (list "127.0.0.1" "localhost" "::1") }}
+{{- fail (printf "config.HEALTH_HOST=%s: the kubelet probes the pod's IP, so the health server must listen on it (0.0.0.0)" $c.HEALTH_HOST) }}
+{{- end }}
+{{- if le (float64 $c.CLAIM_LEASE_SECONDS) (float64 $c.INTAKE_TIMEOUT_SECONDS) }}
+{{- fail (printf "config.CLAIM_LEASE_SECONDS (%v) must exceed config.INTAKE_TIMEOUT_SECONDS (%v)" $c.CLAIM_LEASE_SECONDS $c.INTAKE_TIMEOUT_SECONDS) }}
+{{- end }}
+{{- if not .Values.existingSecret }}
+{{- if and $c.DD_LLMOBS_AGENTLESS_ENABLED (not .Values.secrets.DD_API_KEY) (not (include "evaljoin.isSet" $c.DD_LLMOBS_OVERRIDE_ORIGIN)) }}
+{{- fail "config.DD_LLMOBS_AGENTLESS_ENABLED=true needs the Datadog API key: set secrets.DD_API_KEY, or existingSecret" }}
+{{- end }}
+{{- if and (include "evaljoin.saslEnabled" .) (not .Values.secrets.KAFKA_SASL_PASSWORD) }}
+{{- fail (printf "config.KAFKA_SASL_MECHANISM=%s needs a password: set secrets.KAFKA_SASL_PASSWORD, or existingSecret" $c.KAFKA_SASL_MECHANISM) }}
+{{- end }}
+{{- end }}
+{{- if and (include "evaljoin.saslEnabled" .) (not (include "evaljoin.isSet" $c.KAFKA_SASL_USERNAME)) }}
+{{- fail (printf "config.KAFKA_SASL_MECHANISM=%s needs config.KAFKA_SASL_USERNAME" $c.KAFKA_SASL_MECHANISM) }}
+{{- end }}
+{{- if and (include "evaljoin.saslEnabled" .) (not (hasPrefix "SASL_" $c.KAFKA_SECURITY_PROTOCOL)) }}
+{{- fail (printf "config.KAFKA_SASL_MECHANISM is set but config.KAFKA_SECURITY_PROTOCOL=%s: use SASL_SSL (or SASL_PLAINTEXT)" $c.KAFKA_SECURITY_PROTOCOL) }}
+{{- end }}
+{{- $reserved := concat (keys .Values.config) (keys .Values.secrets) (list "KAFKA_GROUP_INSTANCE_ID" "EVALJOIN_SECRETS_DIR") }}
+{{- range .Values.extraEnv }}
+{{- if has (upper .name) $reserved }}
+{{- fail (printf "extraEnv sets %s, a setting of the service: set it in config (or secrets) instead" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}

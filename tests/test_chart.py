@@ -1,0 +1,879 @@
+"""The Helm chart (deploy/helm/evaljoin), rendered by a real Helm and checked as a cluster would see it.
+
+Every scenario (the default values and each ``ci/*-values.yaml``) is linted with ``helm lint
+--strict``, validated against the Kubernetes schemas of a current release (kubernetes-validate) and
+scanned by checkov. The behaviour tests read the rendered objects: what the pod is given must be
+exactly what the service's settings read, secrets stay out of the ConfigMap, selectors never move.
+The tools come from scripts/setup.sh (helm in .cache/bin, the rest in .cache/venv-chart); YAML is
+parsed there too, so the service's .venv needs nothing for these tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from consumer.config import Settings, load_settings
+
+ROOT = Path(__file__).parent.parent
+CHART = ROOT / "deploy" / "helm" / "evaljoin"
+HELM = ROOT / ".cache" / "bin" / "helm"
+TOOLS = ROOT / ".cache" / "venv-chart" / "bin"
+KUBERNETES_VERSION = "1.37.0"
+RELEASE, NAMESPACE = "evaljoin", "llmobs"
+SCENARIOS = ["default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+SETTINGS = {name.upper() for name in Settings.model_fields}
+SECRET_SETTINGS = {name.upper() for name, field in Settings.model_fields.items()
+                   if SecretStr in getattr(field.annotation, "__args__", (field.annotation,))}
+# Set by the chart from the pod itself, never from values.
+POD_SETTINGS = {"KAFKA_GROUP_INSTANCE_ID"}
+# Not settings, but read: where the secret files are, and what ddtrace reads when self-tracing.
+SECRETS_DIR_VARIABLE = "EVALJOIN_SECRETS_DIR"
+DDTRACE_TAG_VARIABLES = {"DD_ENV", "DD_SERVICE", "DD_VERSION"}
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+
+def tool(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run scripts/setup.sh")
+    return path
+
+
+def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def yaml_documents(text: str) -> list[Any]:
+    """Parse YAML (one or many documents) with the chart tools' PyYAML."""
+    python = tool(TOOLS / "python")
+    code = ("import json, sys, yaml; "
+            "json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)")
+    done = subprocess.run([str(python), "-c", code], input=text, capture_output=True, text=True, timeout=60,
+                          check=True)
+    return list(json.loads(done.stdout))
+
+
+def values_file(scenario: str) -> list[str]:
+    return [] if scenario == "default" else ["-f", str(CHART / "ci" / scenario)]
+
+
+def helm_template(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    return run(tool(HELM), "template", RELEASE, chart, "--namespace", NAMESPACE, *args)
+
+
+@functools.cache
+def _render(args: tuple[str, ...]) -> str:
+    done = helm_template(*args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@functools.cache
+def _parsed(args: tuple[str, ...]) -> list[dict[str, Any]]:
+    return yaml_documents(_render(args))
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    """The chart's objects for these helm arguments (values files, --set)."""
+    return copy.deepcopy(_parsed(tuple(args)))
+
+
+def render_scenario(scenario: str, *more: str) -> list[dict[str, Any]]:
+    return render(*values_file(scenario), *more)
+
+
+def scenario_values(scenario: str) -> dict[str, Any]:
+    values = yaml_documents((CHART / "values.yaml").read_text())[0]
+    if scenario != "default":
+        values = merge(values, yaml_documents((CHART / "ci" / scenario).read_text())[0])
+    return dict(values)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> set[str]:
+    return {d["kind"] for d in docs}
+
+
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+    assert len(found) == 1
+    return found[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    specs = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in WORKLOAD_KINDS]
+    return specs + [d["spec"] for d in docs if d["kind"] == "Pod"]
+
+
+def consumer_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = workload(docs)["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def env_names(container: dict[str, Any], docs: list[dict[str, Any]]) -> set[str]:
+    """Every variable the container gets: its ConfigMaps' keys and its own env."""
+    names = {e["name"] for e in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        names |= set(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    return names
+
+
+def secrets_volume(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The volume of the consumer's secret settings, if it mounts any."""
+    volumes = [v for v in workload(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets"]
+    return volumes[0] if volumes else None
+
+
+def helm_fails(*args: str) -> str:
+    done = helm_template(*args)
+    assert done.returncode != 0, "rendered, but should have been refused"
+    return done.stderr
+
+
+# -- lint, schemas, static analysis ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_strict_is_clean(scenario: str) -> None:
+    """`helm lint --strict` passes for the scenario with no warning or error."""
+    done = run(tool(HELM), "lint", "--strict", CHART, *values_file(scenario))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[WARNING]" not in done.stdout and "[ERROR]" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_manifests_are_valid_kubernetes_objects(scenario: str, tmp_path: Path) -> None:
+    """Every built-in object validates strictly against the Kubernetes schemas; only the known CRDs have none."""
+    rendered = tmp_path / "manifests.yaml"
+    rendered.write_text(_render(tuple(values_file(scenario))))
+    done = run(tool(TOOLS / "kubernetes-validate"), "--strict", "--kubernetes-version", KUBERNETES_VERSION,
+               rendered)
+    assert done.returncode == 0, done.stdout + done.stderr
+    unvalidated = set(re.findall(r"Couldn't find schema for kind (\w+)", done.stdout + done.stderr))
+    assert unvalidated == kinds(render_scenario(scenario)) & CRD_KINDS
+
+
+@pytest.fixture(scope="module")
+def rendered_scenarios(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("rendered")
+    for scenario in SCENARIOS:
+        (directory / f"{scenario.removesuffix('.yaml')}.yaml").write_text(_render(tuple(values_file(scenario))))
+    return directory
+
+
+def checkov(directory: Path, *args: str) -> dict[str, Any]:
+    # --skip-download: checkov otherwise fetches guidelines from its vendor's API.
+    done = run(tool(TOOLS / "checkov"), "--directory", directory, "--framework", "kubernetes", "--skip-download",
+               "--output", "json", "--quiet", *args, timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    report = json.loads(done.stdout)
+    return dict(report[0] if isinstance(report, list) else report)
+
+
+def test_checkov_finds_nothing_in_any_scenario(rendered_scenarios: Path) -> None:
+    """checkov over every rendered scenario, with the chart's .checkov.yaml, reports no failed check."""
+    report = checkov(rendered_scenarios, "--config-file", str(CHART / ".checkov.yaml"))
+    failed = [(f["check_id"], f["resource"], f["file_path"]) for f in report["results"]["failed_checks"]]
+    assert failed == []
+    assert report["summary"]["passed"] > 0
+
+
+def test_every_checkov_skip_is_needed_and_explained(rendered_scenarios: Path) -> None:
+    """Each check .checkov.yaml skips fails without the skip, and a comment above it gives the reason."""
+    config = (CHART / ".checkov.yaml").read_text()
+    skipped = set(re.findall(r"^\s*-\s*(CKV\w+)", config, flags=re.MULTILINE))
+    report = checkov(rendered_scenarios)
+    failing = {f["check_id"] for f in report["results"]["failed_checks"]}
+    assert failing == skipped
+    comments = "\n".join(line for line in config.splitlines() if line.lstrip().startswith("#"))
+    for check in skipped:
+        assert check in comments, f"{check} is skipped without a reason"
+
+
+# -- one source of truth: the settings ----------------------------------------------------------------
+
+
+def test_chart_keys_are_exactly_the_services_settings() -> None:
+    """`config`, `secrets` and the pod-set variables partition Settings.model_fields: none missing, none extra."""
+    values = scenario_values("default")
+    config, secrets = set(values["config"]), set(values["secrets"])
+    assert config.isdisjoint(secrets)
+    assert secrets == SECRET_SETTINGS
+    assert config | secrets | POD_SETTINGS == SETTINGS
+    assert set(values["existingSecretKeys"]) == SECRET_SETTINGS
+
+
+def test_config_defaults_are_the_services_defaults() -> None:
+    """Every default in values.yaml `config` is the service's own default for that setting."""
+    for name, value in scenario_values("default")["config"].items():
+        default = Settings.model_fields[name.lower()].default
+        assert value == default, f"config.{name}: chart {value!r}, service {default!r}"
+
+
+def _pydantic_property(name: str) -> tuple[str, dict[str, Any]]:
+    schema = Settings.model_json_schema()["properties"][name.lower()]
+    variants = [v for v in schema.get("anyOf", [schema]) if v.get("type") != "null"]
+    assert len(variants) == 1
+    variant = dict(variants[0])
+    kind = "string" if "enum" in variant or "const" in variant else variant["type"]
+    if "const" in variant:
+        variant["enum"] = [variant["const"]]
+    return kind, variant
+
+
+def test_values_schema_types_each_setting_as_the_service_does() -> None:
+    """The values schema gives each config key the service's type, choices and limits (or stricter ones)."""
+    properties = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]["properties"]
+    assert set(properties) == SETTINGS - SECRET_SETTINGS - POD_SETTINGS
+    for name, chart in properties.items():
+        kind, service = _pydantic_property(name)
+        chart_types = chart["type"] if isinstance(chart["type"], list) else [chart["type"]]
+        assert [t for t in chart_types if t != "null"] == [kind], name
+        assert [v for v in chart.get("enum", [None]) if v is not None] == service.get("enum", []), name
+        for key in ("pattern", "minLength", "maxLength"):
+            if key in service:
+                assert chart.get(key) == service[key], (name, key)
+        assert _lower_bound_at_least_as_strict(chart, service), name
+        if "maximum" in service:
+            assert chart.get("maximum", float("inf")) <= service["maximum"], name
+
+
+def _lower_bound_at_least_as_strict(chart: dict[str, Any], service: dict[str, Any]) -> bool:
+    if "minimum" in service:
+        return bool(chart.get("minimum", float("-inf")) >= service["minimum"]
+                    or chart.get("exclusiveMinimum", float("-inf")) >= service["minimum"])
+    if "exclusiveMinimum" in service:
+        return bool(chart.get("exclusiveMinimum", float("-inf")) >= service["exclusiveMinimum"]
+                    or chart.get("minimum", float("-inf")) > service["exclusiveMinimum"])
+    return True
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pod_gets_only_what_the_service_reads(scenario: str) -> None:
+    """The consumer container's variables are settings the service reads, plus where its secret files are."""
+    docs = render_scenario(scenario)
+    names = env_names(consumer_container(docs), docs)
+    assert names <= SETTINGS | {SECRETS_DIR_VARIABLE}, names - SETTINGS
+    assert names.isdisjoint(SECRET_SETTINGS), "secrets must come as files, not variables"
+
+
+def test_self_tracing_adds_exactly_the_tags_ddtrace_reads() -> None:
+    """With DD_TRACE_ENABLED the pod also gets DD_ENV, DD_SERVICE, DD_VERSION, each from its own UST label."""
+    docs = render("--set", "config.DD_TRACE_ENABLED=true", "--set", "datadog.env=prod")
+    container = consumer_container(docs)
+    names = env_names(container, docs)
+    assert names - SETTINGS - {SECRETS_DIR_VARIABLE} == DDTRACE_TAG_VARIABLES
+    labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    for entry in container["env"]:
+        if entry["name"] in DDTRACE_TAG_VARIABLES:
+            path = entry["valueFrom"]["fieldRef"]["fieldPath"]
+            label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
+            assert label and label.group(1) in labels, path
+
+
+def _materialize_secret(directory: Path, files: dict[str, str]) -> None:
+    """Lay secret files out as the kubelet does: a timestamped dir, ..data pointing at it, links to ..data."""
+    stamp = directory / "..2026_01_01_00_00_00.000000000"
+    stamp.mkdir(parents=True)
+    for name, value in files.items():
+        (stamp / name).write_text(value)
+    (directory / "..data").symlink_to(stamp.name)
+    for name in files:
+        (directory / name).symlink_to(f"..data/{name}")
+
+
+FAKE_EXISTING_SECRET = {"api-key": "fedcba9876543210fedcba9876543210", "kafka-password": "msk-password",
+                        "redis-url": "rediss://default:from-vault@redis.example.internal:6380/0"}
+POD_NAME, NODE_IP = f"{RELEASE}-0", "10.1.2.3"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_service_reads_every_value_as_given(scenario: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod's ConfigMap, env and mounted secret files load into Settings holding exactly the chart's values."""
+    docs = render_scenario(scenario)
+    values = scenario_values(scenario)
+    container = consumer_container(docs)
+    for name in [*SETTINGS, SECRETS_DIR_VARIABLE]:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    environment: dict[str, str] = {}
+    for source in container["envFrom"]:
+        environment |= one(docs, "ConfigMap", source["configMapRef"]["name"])["data"]
+    field_values = {"metadata.name": POD_NAME, "status.hostIP": NODE_IP}
+    for entry in container.get("env", []):
+        environment[entry["name"]] = entry["value"] if "value" in entry else field_values[
+            entry["valueFrom"]["fieldRef"]["fieldPath"]]
+    secret_files: dict[str, str] = {}
+    volume = secrets_volume(docs)
+    if volume is not None:
+        if values["existingSecret"]:
+            data = FAKE_EXISTING_SECRET
+        else:
+            secret = one(docs, "Secret", volume["secret"]["secretName"])
+            data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        secret_files = {item["path"]: data[item["key"]] for item in volume["secret"]["items"]}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        assert environment[SECRETS_DIR_VARIABLE] == mount["mountPath"]
+        assert mount["readOnly"] is True
+    secrets_dir = tmp_path / "secrets"
+    if secret_files:
+        _materialize_secret(secrets_dir, secret_files)
+        environment[SECRETS_DIR_VARIABLE] = str(secrets_dir)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+    settings = load_settings()
+
+    for name, value in values["config"].items():
+        if value is not None:
+            assert getattr(settings, name.lower()) == value, name
+    for name, value in secret_files.items():
+        assert getattr(settings, name.lower()).get_secret_value() == value, name
+    for name, value in values["secrets"].items():
+        if value and not values["existingSecret"]:
+            assert getattr(settings, name.lower()).get_secret_value() == value, name
+    if one(docs, "ConfigMap")["data"].get("DD_LLMOBS_AGENTLESS_ENABLED") == "true":
+        assert settings.dd_api_key is not None
+    if any(e["name"] == "DD_AGENT_HOST" for e in container.get("env", [])):
+        assert settings.dd_agent_host == NODE_IP
+    if workload(docs)["kind"] == "StatefulSet":
+        assert settings.kafka_group_instance_id == POD_NAME
+    else:
+        assert settings.kafka_group_instance_id is None
+
+
+def test_large_numbers_reach_the_service_as_integers() -> None:
+    """Whole numbers are rendered as integers (Helm reads them as floats and would print 1.048576e+06)."""
+    data = one(render("--set-json", "config.MAX_MESSAGE_BYTES=16777216"), "ConfigMap")["data"]
+    assert data["MAX_MESSAGE_BYTES"] == "16777216"
+    assert one(render_scenario("default"), "ConfigMap")["data"]["INTAKE_MAX_BODY_BYTES"] == "4000000"
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+
+def test_api_key_is_in_the_secret_and_nowhere_else() -> None:
+    """The Datadog API key is in the chart-made Secret, and in no ConfigMap, env var or other object."""
+    docs = render_scenario("agentless-values.yaml")
+    values = scenario_values("agentless-values.yaml")
+    key, redis_url = values["secrets"]["DD_API_KEY"], values["secrets"]["REDIS_URL"]
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"]["DD_API_KEY"]).decode() == key
+    configmap = one(docs, "ConfigMap")
+    assert "DD_API_KEY" not in configmap["data"] and "REDIS_URL" not in configmap["data"]
+    others = json.dumps([d for d in docs if d["kind"] != "Secret"])
+    assert key not in others
+    assert "redis-password" not in others
+    assert redis_url not in others
+
+
+def test_existing_secret_is_mounted_under_the_settings_names() -> None:
+    """With existingSecret the chart makes no Secret and mounts the mapped keys the settings need as files."""
+    docs = render_scenario("existingsecret-values.yaml")
+    assert "Secret" not in kinds(docs)
+    volume = secrets_volume(docs)
+    assert volume is not None
+    assert volume["secret"]["secretName"] == "evaljoin-credentials"
+    items = {item["path"]: item["key"] for item in volume["secret"]["items"]}
+    assert items == {"DD_API_KEY": "api-key", "KAFKA_SASL_PASSWORD": "kafka-password", "REDIS_URL": "redis-url"}
+
+
+def test_existing_secret_mounts_only_the_keys_in_use() -> None:
+    """An existing Secret need not hold an API key without agentless delivery, nor a password without SASL."""
+    docs = render("--set", "existingSecret=creds")
+    volume = secrets_volume(docs)
+    assert volume is not None
+    assert [item["path"] for item in volume["secret"]["items"]] == ["REDIS_URL"]
+
+
+def test_no_secret_and_no_secret_volume_when_none_is_given() -> None:
+    """The default install makes no Secret and mounts none: the service keeps its own defaults."""
+    docs = render_scenario("default")
+    assert "Secret" not in kinds(docs)
+    assert secrets_volume(docs) is None
+    assert SECRETS_DIR_VARIABLE not in env_names(consumer_container(docs), docs)
+
+
+def test_config_change_rolls_the_pods() -> None:
+    """A changed setting changes the pod template (its config checksum), so the pods restart with it."""
+    before = workload(render_scenario("default"))["spec"]["template"]["metadata"]["annotations"]
+    after = workload(render("--set", "config.LOG_LEVEL=DEBUG"))["spec"]["template"]["metadata"]["annotations"]
+    assert before["checksum/config"] != after["checksum/config"]
+
+
+# -- schema and rules -----------------------------------------------------------------------------
+
+
+def test_schema_rejects_a_string_where_a_number_belongs() -> None:
+    """A string for a numeric setting is refused by the values schema, naming the value's path."""
+    message = helm_fails("--set-string", "config.KAFKA_MAX_BATCH=500")
+    assert "/config/KAFKA_MAX_BATCH" in message and "got string" in message
+    assert "/replicaCount" in helm_fails("--set-string", "replicaCount=two")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "config.KAFKA_BOOTSTRAP_SERVERS=null"], "missing property 'KAFKA_BOOTSTRAP_SERVERS'"),
+    (["--set", "config.KAFKA_BOOTSTRAP_SERVER=kafka:9092"], "'KAFKA_BOOTSTRAP_SERVER' not allowed"),
+    (["--set", "replicas=3"], "'replicas' not allowed"),
+    (["--set", "image.repository="], "/image/repository"),
+    (["--set", "config.LOG_LEVEL=TRACE"], "/config/LOG_LEVEL"),
+    (["--set", "config.HEALTH_PORT=0"], "/config/HEALTH_PORT"),
+    (["--set", "workload.kind=DaemonSet"], "/workload/kind"),
+])
+def test_schema_rejects_missing_unknown_and_invalid_values(args: list[str], expected: str) -> None:
+    """Missing required settings, unknown keys and out-of-range values fail with a message naming them."""
+    assert expected in helm_fails(*args)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "config.CLAIM_LEASE_SECONDS=5"], "CLAIM_LEASE_SECONDS (5) must exceed"),
+    (["--set", "config.DD_LLMOBS_AGENTLESS_ENABLED=true"], "needs the Datadog API key"),
+    (["--set", "config.KAFKA_SECURITY_PROTOCOL=SASL_SSL", "--set", "config.KAFKA_SASL_MECHANISM=PLAIN",
+      "--set", "config.KAFKA_SASL_USERNAME=u"], "set secrets.KAFKA_SASL_PASSWORD"),
+    (["--set", "config.KAFKA_SASL_MECHANISM=PLAIN", "--set", "config.KAFKA_SASL_USERNAME=u",
+      "--set", "secrets.KAFKA_SASL_PASSWORD=p"], "use SASL_SSL"),
+    (["--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.hpa.enabled=true",
+      "--set", "kafkaPartitions=3"], "choose one autoscaler"),
+    (["--set", "autoscaling.keda.enabled=true"], "kafkaPartitions is required"),
+    (["--set", "autoscaling.keda.enabled=true", "--set", "kafkaPartitions=6", "--set", "autoscaling.maxReplicas=8"],
+     "is above kafkaPartitions=6"),
+    (["--set", "autoscaling.hpa.enabled=true", "--set", "kafkaPartitions=6"], "set resources.requests.cpu"),
+    (["--set", "terminationGracePeriodSeconds=40"], "shorter than the shutdown needs"),
+    (["--set", "config.HEALTH_HOST=127.0.0.1"], "the kubelet probes the pod's IP"),
+    (["--set", "extraEnv[0].name=REDIS_URL", "--set", "extraEnv[0].value=x"], "a setting of the service"),
+])
+def test_rules_across_values_fail_with_a_readable_message(args: list[str], expected: str) -> None:
+    """What the service would refuse at start (exit code 2), or the chart cannot honour, fails the render."""
+    assert expected in helm_fails(*args)
+
+
+# -- labels and selectors -------------------------------------------------------------------------
+
+
+def _selectors(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for doc in docs:
+        spec = doc.get("spec", {})
+        if doc["kind"] in (*WORKLOAD_KINDS, "PodDisruptionBudget", "ServiceMonitor"):
+            found[doc["kind"]] = spec["selector"]
+        if doc["kind"] == "Service":
+            found["Service"] = spec["selector"]
+    return found
+
+
+@pytest.mark.parametrize("scenario", ["default", "statefulset-values.yaml", "servicemonitor-values.yaml"])
+def test_selector_labels_do_not_change_with_the_chart_version(scenario: str, tmp_path: Path) -> None:
+    """Selectors carry only name and instance, so a new chart or app version upgrades without a new selector."""
+    newer = tmp_path / "evaljoin"
+    shutil.copytree(CHART, newer)
+    chart_yaml = (newer / "Chart.yaml").read_text()
+    chart_yaml = re.sub(r"^version: .*$", "version: 9.8.7", chart_yaml, flags=re.MULTILINE)
+    chart_yaml = re.sub(r"^appVersion: .*$", 'appVersion: "9.8.7"', chart_yaml, flags=re.MULTILINE)
+    (newer / "Chart.yaml").write_text(chart_yaml)
+    done = helm_template(*values_file(scenario), chart=newer)
+    assert done.returncode == 0, done.stderr
+    old_docs, new_docs = render_scenario(scenario), yaml_documents(done.stdout)
+    assert workload(old_docs)["metadata"]["labels"] != workload(new_docs)["metadata"]["labels"]
+    assert _selectors(old_docs) == _selectors(new_docs)
+    expected = {"app.kubernetes.io/name": "evaljoin", "app.kubernetes.io/instance": RELEASE}
+    for kind, selector in _selectors(new_docs).items():
+        assert selector.get("matchLabels", selector) == expected, kind
+    pod_labels = workload(new_docs)["spec"]["template"]["metadata"]["labels"]
+    assert expected.items() <= pod_labels.items()
+
+
+def test_test_pod_is_not_adopted_by_the_workload() -> None:
+    """The `helm test` pod runs `check` and does not match the workload's selector."""
+    docs = render_scenario("default")
+    pod = one(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["containers"][0]["args"] == ["check"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    selector = workload(docs)["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+    consumer, check = consumer_container(docs), pod["spec"]["containers"][0]
+    assert (consumer["envFrom"], consumer.get("env"), consumer["volumeMounts"]) == (
+        check["envFrom"], check.get("env"), check["volumeMounts"])
+
+
+# -- probes and shutdown --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["default", "servicemonitor-values.yaml"])
+def test_probes_follow_the_health_contract(scenario: str) -> None:
+    """Startup and liveness probe /healthz, readiness /readyz, all on the port HEALTH_PORT configures."""
+    docs = render_scenario(scenario)
+    container = consumer_container(docs)
+    port = int(one(docs, "ConfigMap")["data"]["HEALTH_PORT"])
+    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert one(docs, "Service")["spec"]["ports"][0]["port"] == port
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_grace_period_covers_prestop_and_the_drain(scenario: str) -> None:
+    """SIGKILL comes no earlier than the preStop sleep plus SHUTDOWN_TIMEOUT_SECONDS plus a margin."""
+    docs = render_scenario(scenario)
+    spec = workload(docs)["spec"]["template"]["spec"]
+    container = consumer_container(docs)
+    shutdown = float(one(docs, "ConfigMap")["data"]["SHUTDOWN_TIMEOUT_SECONDS"])
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    assert set(pre_stop) <= {"sleep"}, "a preStop hook may only wait"
+    sleep = pre_stop.get("sleep", {}).get("seconds", 0)
+    assert spec["terminationGracePeriodSeconds"] >= sleep + shutdown + 10
+
+
+def test_default_grace_period_is_derived_and_no_prestop() -> None:
+    """By default there is no preStop hook and the grace period is the drain plus a 30 s margin."""
+    container = consumer_container(render_scenario("default"))
+    assert "lifecycle" not in container
+    assert workload(render_scenario("default"))["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+    spec = workload(render("--set", "config.SHUTDOWN_TIMEOUT_SECONDS=100", "--set", "preStopSleepSeconds=5"))
+    assert spec["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 135
+
+
+# -- workload kinds and scaling --------------------------------------------------------------------
+
+
+def test_statefulset_uses_the_pod_name_for_static_membership() -> None:
+    """In a StatefulSet KAFKA_GROUP_INSTANCE_ID is the pod's name; a Deployment never sets it."""
+    docs = render_scenario("statefulset-values.yaml")
+    statefulset = one(docs, "StatefulSet")
+    env = {e["name"]: e for e in consumer_container(docs)["env"]}
+    assert env["KAFKA_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert statefulset["spec"]["serviceName"] == one(docs, "Service")["metadata"]["name"]
+    assert one(docs, "Service")["spec"]["clusterIP"] == "None"
+    assert "Deployment" not in kinds(docs)
+    default = render_scenario("default")
+    assert "KAFKA_GROUP_INSTANCE_ID" not in env_names(consumer_container(default), default)
+
+
+def test_keda_scales_on_lag_within_the_partition_count() -> None:
+    """The ScaledObject targets the workload, measures the consumer's group on both topics, stops at the partitions."""
+    docs = render_scenario("keda-values.yaml")
+    values = scenario_values("keda-values.yaml")
+    config = one(docs, "ConfigMap")["data"]
+    scaled = one(docs, "ScaledObject")["spec"]
+    target = workload(docs)
+    assert "replicas" not in target["spec"], "the autoscaler owns the replica count"
+    assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": target["kind"],
+                                        "name": target["metadata"]["name"]}
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= values["kafkaPartitions"]
+    assert [t["metadata"]["topic"] for t in scaled["triggers"]] == [config["SPAN_TOPIC"], config["RESULT_TOPIC"]]
+    for trigger in scaled["triggers"]:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        assert meta["consumerGroup"] == config["KAFKA_GROUP_ID"]
+        assert meta["bootstrapServers"] == config["KAFKA_BOOTSTRAP_SERVERS"]
+        assert (meta["allowIdleConsumers"], meta["sasl"], meta["tls"]) == ("false", "scram_sha512", "enable")
+    scale_down = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 300
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in scale_down["policies"])
+
+
+def test_keda_authenticates_as_the_consumer() -> None:
+    """The TriggerAuthentication uses the consumer's SASL user and the Secret key that holds its password."""
+    docs = render_scenario("keda-values.yaml")
+    auth = one(docs, "TriggerAuthentication")
+    assert {t["authenticationRef"]["name"] for t in one(docs, "ScaledObject")["spec"]["triggers"]} == {
+        auth["metadata"]["name"]}
+    (username,) = auth["spec"]["env"]
+    assert username["parameter"] == "username"
+    assert username["name"] in one(docs, "ConfigMap")["data"]
+    assert username["containerName"] == consumer_container(docs)["name"]
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    secret = one(docs, "Secret")
+    assert refs["password"]["name"] == secret["metadata"]["name"]
+    password = scenario_values("keda-values.yaml")["secrets"]["KAFKA_SASL_PASSWORD"]
+    assert base64.b64decode(secret["data"][refs["password"]["key"]]).decode() == password
+    assert refs["ca"] == {"parameter": "ca", "name": "kafka-cluster-ca", "key": "ca.crt"}
+
+
+def test_hpa_stays_within_the_partition_count() -> None:
+    """The HPA targets the workload, stops at kafkaPartitions and scales down slowly."""
+    docs = render_scenario("hpa-values.yaml")
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == workload(docs)["metadata"]["name"]
+    assert hpa["minReplicas"] <= hpa["maxReplicas"] == scenario_values("hpa-values.yaml")["kafkaPartitions"]
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    assert "replicas" not in workload(docs)["spec"]
+
+
+def test_disruption_budget_covers_the_consumers() -> None:
+    """The PodDisruptionBudget selects the consumer pods and lets unhealthy ones be evicted."""
+    docs = render_scenario("default")
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    assert pdb["selector"] == workload(docs)["spec"]["selector"]
+    assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+# -- observability --------------------------------------------------------------------------------
+
+
+def test_service_monitor_scrapes_the_metrics_port() -> None:
+    """The ServiceMonitor selects the chart's Service and scrapes its `http` port at /metrics."""
+    docs = render_scenario("servicemonitor-values.yaml")
+    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_datadog_agent_scrapes_the_same_endpoint() -> None:
+    """Autodiscovery annotations name the container and point the OpenMetrics check at HEALTH_PORT/metrics."""
+    docs = render_scenario("default")
+    template = workload(docs)["spec"]["template"]
+    name = consumer_container(docs)["name"]
+    checks = json.loads(template["metadata"]["annotations"][f"ad.datadoghq.com/{name}.checks"])
+    (instance,) = checks["openmetrics"]["instances"]
+    assert instance["openmetrics_endpoint"] == "http://%%host%%:8080/metrics"
+    assert instance["raw_metric_prefix"] == "evaljoin_"
+    logs = json.loads(template["metadata"]["annotations"][f"ad.datadoghq.com/{name}.logs"])
+    assert logs[0]["service"] == template["metadata"]["labels"]["tags.datadoghq.com/service"]
+    off = workload(render_scenario("servicemonitor-values.yaml"))["spec"]["template"]["metadata"]
+    assert not any(k.startswith("ad.datadoghq.com/") for k in off.get("annotations", {}))
+
+
+def test_unified_service_tags_label_the_workload_and_its_pods() -> None:
+    """Workload and pods carry tags.datadoghq.com/env, service and version (env only when set)."""
+    docs = render_scenario("agentless-values.yaml")
+    for labels in (workload(docs)["metadata"]["labels"], workload(docs)["spec"]["template"]["metadata"]["labels"]):
+        assert labels["tags.datadoghq.com/env"] == "prod"
+        assert labels["tags.datadoghq.com/service"] == "evaljoin"
+        assert labels["tags.datadoghq.com/version"] == "0.1.0"
+    assert "tags.datadoghq.com/env" not in workload(render_scenario("default"))["metadata"]["labels"]
+
+
+@pytest.mark.parametrize(("scenario", "from_node"), [
+    ("default", True), ("agentless-values.yaml", False), ("servicemonitor-values.yaml", False)])
+def test_agent_is_the_nodes_unless_agentless_or_named(scenario: str, from_node: bool) -> None:
+    """DD_AGENT_HOST is the node's IP when delivery goes through an Agent that config does not name."""
+    env = {e["name"]: e for e in consumer_container(render_scenario(scenario)).get("env", [])}
+    if from_node:
+        assert env["DD_AGENT_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    else:
+        assert "DD_AGENT_HOST" not in env
+
+
+# -- security -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_pod_is_locked_down(scenario: str) -> None:
+    """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp, no API token."""
+    for spec in pod_specs(render_scenario(scenario)):
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert context["runAsUser"] >= 10000
+
+
+def test_network_policy_allows_only_dns_kafka_redis_and_datadog() -> None:
+    """Egress goes only to DNS and the ports of Kafka, Redis and the Agent; ingress only to the health port."""
+    docs = render_scenario("networkpolicy-values.yaml")
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    ports = [sorted((p["port"], p["protocol"]) for p in rule["ports"]) for rule in policy["egress"]]
+    assert ports == [[(53, "TCP"), (53, "UDP")], [(9092, "TCP")], [(6380, "TCP")], [(8126, "TCP")]]
+    assert all(rule.get("to") for rule in policy["egress"]), "every peer is narrowed in this scenario"
+    selected = {e["key"]: e["values"] for e in policy["podSelector"]["matchExpressions"]}
+    assert selected == {"app.kubernetes.io/instance": [RELEASE],
+                        "app.kubernetes.io/name": ["evaljoin", "evaljoin-check"]}
+    agentless = one(render_scenario("agentless-values.yaml"), "NetworkPolicy")["spec"]["egress"]
+    assert agentless[-1]["ports"] == [{"port": 443, "protocol": "TCP"}]
+
+
+# -- the README's install line and the notes ----------------------------------------------------------
+
+
+def _readme_commands() -> list[list[str]]:
+    readme = (CHART / "README.md").read_text()
+    block = re.search(r"## Install\n.*?```sh\n(.*?)```", readme, flags=re.DOTALL)
+    assert block, "the README has no install block"
+    return [shlex.split(line) for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_readme_install_line_renders_valid_manifests(tmp_path: Path) -> None:
+    """The README's `helm install` renders valid objects that mount the Secret its kubectl line makes."""
+    commands = _readme_commands()
+    (install,) = [c for c in commands if c[:2] == ["helm", "install"]]
+    (create,) = [c for c in commands if c[:2] == ["kubectl", "--namespace"] and "secret" in c]
+    release, chart, *args = install[2:]
+    assert (ROOT / chart).resolve() == CHART
+    done = run(tool(HELM), "template", release, chart, *args)
+    assert done.returncode == 0, done.stderr
+    rendered = tmp_path / "install.yaml"
+    rendered.write_text(done.stdout)
+    validated = run(tool(TOOLS / "kubernetes-validate"), "--strict", "--kubernetes-version", KUBERNETES_VERSION,
+                    rendered)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    docs = yaml_documents(done.stdout)
+    literal_keys = {arg.split("=", 2)[1] for arg in create if arg.startswith("--from-literal=")}
+    secret_name = create[create.index("generic") + 1]
+    volume = secrets_volume(docs)
+    assert volume is not None
+    assert volume["secret"]["secretName"] == secret_name
+    assert {item["key"] for item in volume["secret"]["items"]} <= literal_keys
+    assert "127.0.0.1" not in one(docs, "ConfigMap")["data"]["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+def _notes(tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as `helm install` prints it: rendered, in a copy of the chart, into a ConfigMap to read it."""
+    copy_ = tmp_path / "evaljoin"
+    shutil.copytree(CHART, copy_)
+    notes = (copy_ / "templates" / "NOTES.txt").read_text()
+    (copy_ / "templates" / "_notes_for_test.tpl").write_text(f'{{{{- define "notes-for-test" }}}}{notes}{{{{- end }}}}')
+    (copy_ / "templates" / "notes-for-test.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n'
+        'data:\n  notes: {{ include "notes-for-test" . | quote }}\n')
+    done = helm_template("--show-only", "templates/notes-for-test.yaml", *args, chart=copy_)
+    assert done.returncode == 0, done.stderr
+    return str(yaml_documents(done.stdout)[0]["data"]["notes"])
+
+
+def test_notes_warn_about_loopback_endpoints_and_say_what_to_check(tmp_path: Path) -> None:
+    """The notes warn when Kafka or Redis is the pod itself, and tell how to check readiness and delivery."""
+    notes = _notes(tmp_path)
+    assert "WARNING: config.KAFKA_BOOTSTRAP_SERVERS is 127.0.0.1:9092" in notes
+    assert "WARNING: no secrets.REDIS_URL" in notes
+    assert "helm test evaljoin --namespace llmobs" in notes
+    assert "/readyz" in notes and "rollout status deployment/evaljoin" in notes
+    assert "through the Datadog Agent on each pod's node" in notes
+    clean = _notes(tmp_path / "keda", *values_file("keda-values.yaml"))
+    assert "WARNING" not in clean
+    assert "kubectl --namespace llmobs get scaledobject evaljoin" in clean
+
+
+def test_notes_warn_when_replicas_exceed_partitions(tmp_path: Path) -> None:
+    """The notes say how many replicas would sit idle when replicaCount is above kafkaPartitions."""
+    notes = _notes(tmp_path, "--set", "replicaCount=5", "--set", "kafkaPartitions=3")
+    assert "2 replicas will hold no partition" in notes
+
+
+# -- the chart's own documentation ------------------------------------------------------------------
+
+
+def _documented_values() -> dict[str, str]:
+    """Keys of values.yaml with a `# --` comment, by dotted path."""
+    documented: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    pending = False
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            pending = True
+            continue
+        match = re.match(r"^(\s*)([A-Za-z0-9_.-]+):", line)
+        if stripped.startswith(("#", "-")) or not match:
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group(2)))
+        if pending:
+            documented[".".join(key for _, key in stack)] = line
+            pending = False
+    return documented
+
+
+def _leaves(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, dict) and value:
+        return [leaf for key, item in value.items() for leaf in _leaves(item, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_readme_values_table_matches_values_yaml() -> None:
+    """The README's values table lists every documented value with its default, and every value is documented."""
+    values = scenario_values("default")
+    documented = _documented_values()
+    for leaf in _leaves(values):
+        assert any(leaf == key or leaf.startswith(key + ".") for key in documented), f"{leaf} is undocumented"
+    rows = re.findall(r"^\| `([^`]+)` \| [^|]+ \| `(.*)` \| .* \|$", (CHART / "README.md").read_text(),
+                      flags=re.MULTILINE)
+    assert [key for key, _ in rows] == list(documented)
+    for key, default in rows:
+        expected: Any = values
+        for part in key.split("."):
+            expected = expected[part]
+        assert json.loads(default) == expected, key
+
+
+def test_values_schema_covers_every_value() -> None:
+    """The values schema describes every top-level value and refuses others."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    assert set(scenario_values("default")) <= set(schema["properties"])
+
+
+def test_app_version_is_the_services_version() -> None:
+    """The chart's appVersion is the service's version, the default image tag."""
+    chart = yaml_documents((CHART / "Chart.yaml").read_text())[0]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "(.+)"$', pyproject, flags=re.MULTILINE)
+    assert version and chart["appVersion"] == version.group(1)
+    image = consumer_container(render_scenario("default"))["image"]
+    assert image.endswith(f":{chart['appVersion']}")
+    digest = "sha256:" + "a" * 64
+    pinned = consumer_container(render("--set", f"image.digest={digest}"))["image"]
+    assert pinned == f"evaljoin@{digest}"
+
+
+def test_helm_renders_for_the_kubernetes_version_the_manifests_are_validated_against(tmp_path: Path) -> None:
+    """The helm the tests use is a release build: it knows its version and renders for Kubernetes 1.37."""
+    done = run(tool(HELM), "version", "--template", "{{.Version}}")
+    assert done.returncode == 0 and re.fullmatch(r"v3\.\d+\.\d+", done.stdout), done.stdout
+    probe = tmp_path / "capabilities"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: capabilities\nversion: 0.1.0\n")
+    (probe / "templates" / "kube.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kube\n"
+        "data:\n  version: {{ .Capabilities.KubeVersion.Version | quote }}\n")
+    rendered = helm_template(chart=probe)
+    assert rendered.returncode == 0, rendered.stderr
+    assert yaml_documents(rendered.stdout)[0]["data"]["version"] == f"v{KUBERNETES_VERSION}"
