@@ -72,11 +72,8 @@ class Deliverer:
         for item in items:
             by_ns[item.namespace].append(item)
         now_ms = int(time.time() * 1000)
-        verdicts = await asyncio.gather(*(
-            self._store.claim(ns, [i.eval_id for i in group], owner=self._owner, now_ms=now_ms,
-                              lease_ms=self._lease_ms)
-            for ns, group in by_ns.items()
-        ))
+        verdicts = await self._store.claim_many([(ns, [i.eval_id for i in group]) for ns, group in by_ns.items()],
+                                                owner=self._owner, now_ms=now_ms, lease_ms=self._lease_ms)
         claimed: list[Joined] = []
         busy: list[Joined] = []
         for group, group_verdicts in zip(by_ns.values(), verdicts, strict=True):
@@ -116,11 +113,10 @@ class Deliverer:
             eval_ids[item.namespace].append(item.eval_id)
         for item in drop_from:
             event_ids[item.namespace].add(item.event_id)
-        await asyncio.gather(*(
-            self._store.settle(ns, eval_ids.get(ns, []), dead_lettered=dead_lettered,
-                               drop_event_ids=sorted(event_ids.get(ns, ())))
-            for ns in eval_ids.keys() | event_ids.keys()
-        ))
+        namespaces = list(eval_ids) + [ns for ns in event_ids if ns not in eval_ids]
+        if namespaces:
+            await self._store.settle_many([(ns, eval_ids.get(ns, []), sorted(event_ids.get(ns, ())))
+                                           for ns in namespaces], dead_lettered=dead_lettered)
 
 
 def _key(item: Joined) -> bytes:

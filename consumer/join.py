@@ -8,6 +8,7 @@ buffered, else waits. The output is a list of :class:`Joined` evaluations for th
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import orjson
 from consumer.errors import InvalidMessage
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.payload import build_metric, encode_metric, evaluation_id
-from consumer.store import JoinStore, Namespace
+from consumer.store import JoinStore, Namespace, ResultOp, ResultPut, SpanOp, SpanPut
 
 
 @dataclass(frozen=True)
@@ -64,40 +65,61 @@ class Joiner:
         return start + self._ttl_ms
 
     async def on_span(self, event: SpanContextEvent, source: Source) -> JoinResult:
-        assert event.ml_app is not None  # resolved by decode
-        ns = Namespace(event.ml_app, event.join_key)
-        record = orjson.dumps({**event.model_dump(mode="json", exclude={"schema_version", "kind"}),
-                               "source": source.as_dict()})
-        put = await self._store.put_span(ns, f"{event.trace_id}:{event.span_id}", record,
-                                         self._deadline(source))
+        outcome = (await self.join_many([(event, source)]))[0]
+        if isinstance(outcome, InvalidMessage):
+            raise outcome
+        return outcome
+
+    async def on_result(self, event: NemoResultEvent, source: Source) -> JoinResult:
+        outcome = (await self.join_many([(event, source)]))[0]
+        if isinstance(outcome, InvalidMessage):
+            raise outcome
+        return outcome
+
+    async def join_many(self, items: Sequence[tuple[SpanContextEvent | NemoResultEvent, Source]],
+                        ) -> list[JoinResult | InvalidMessage]:
+        """Join a batch of events with one store call; per event, its result or why it is invalid.
+
+        Events of one join key are stored in the order given, so a batch joins as its events one by one.
+        """
+        ops: list[SpanOp | ResultOp] = []
+        records: list[dict[str, Any]] = []
+        for event, source in items:
+            assert event.ml_app is not None  # resolved by decode
+            ns = Namespace(event.ml_app, event.join_key)
+            fields = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}), "source": source.as_dict()}
+            if isinstance(event, SpanContextEvent):
+                ops.append(SpanOp(ns, f"{event.trace_id}:{event.span_id}", orjson.dumps(fields),
+                                  self._deadline(source)))
+            else:
+                fields["received_ts_ms"] = source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000)
+                eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i)
+                            for i in range(len(event.evaluations))]
+                ops.append(ResultOp(ns, event.event_id, orjson.dumps(fields), eval_ids, self._deadline(source)))
+            records.append(fields)
+        puts = await self._store.put_many(ops) if ops else []
+        return [_outcome(op, put, record) for op, put, record in zip(ops, puts, records, strict=True)]
+
+
+def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, Any]) -> JoinResult | InvalidMessage:
+    ns = op.ns
+    if isinstance(put, SpanPut):
         if put.status == "conflict":
             existing = orjson.loads(put.existing or b"{}")
-            raise InvalidMessage(
+            return InvalidMessage(
                 "join_key_conflict",
-                f"{event.ml_app}/{event.join_key} is already bound to span {existing.get('span_id')} of "
+                f"{ns.ml_app}/{ns.join_key} is already bound to span {existing.get('span_id')} of "
                 f"trace {existing.get('trace_id')}; a join key names one span until its deadline",
             )
         # On "duplicate" the stored span has the same identity, so this record joins the same way.
-        span = orjson.loads(record)
         joined: list[Joined] = []
         for _event_id, result_record in sorted(put.pending.items()):
-            joined.extend(_joined(ns, span, orjson.loads(result_record), buffered=True))
+            joined.extend(_joined(ns, record, orjson.loads(result_record), buffered=True))
         return JoinResult(put.status, joined)
-
-    async def on_result(self, event: NemoResultEvent, source: Source) -> JoinResult:
-        assert event.ml_app is not None  # resolved by decode
-        ns = Namespace(event.ml_app, event.join_key)
-        result = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}),
-                  "received_ts_ms": source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000),
-                  "source": source.as_dict()}
-        eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i)
-                    for i in range(len(event.evaluations))]
-        put = await self._store.put_result(ns, event.event_id, orjson.dumps(result), eval_ids,
-                                           self._deadline(source))
-        if put.status != "joined":
-            return JoinResult(put.status, [])
-        assert put.span is not None
-        return JoinResult("joined", _joined(ns, orjson.loads(put.span), result, buffered=False))
+    if put.status != "joined":
+        return JoinResult(put.status, [])
+    assert put.span is not None
+    return JoinResult("joined", _joined(ns, orjson.loads(put.span), record, buffered=False))
 
 
 def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buffered: bool) -> list[Joined]:

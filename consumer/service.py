@@ -34,6 +34,7 @@ from consumer.decode import decode_result, decode_span
 from consumer.deliver import Deliverer
 from consumer.dlq import DeadLetters, DlqLimit
 from consumer.errors import DlqLimitExceeded, InvalidMessage
+from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.expiry import Sweeper
 from consumer.health import HealthServer
 from consumer.join import Joined, Joiner, Source
@@ -105,8 +106,7 @@ class Service:
                     carry = await self._process_until_done(batch)
                     await self._committer.commit()
         finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+            await cancel_and_wait(sweeper)
             await self._committer.commit()
 
     # -- one batch ------------------------------------------------------------------------------
@@ -159,8 +159,7 @@ class Service:
                     loop_time = asyncio.get_running_loop().time()
                     stop_deadline = stop_deadline or loop_time + self._shutdown_timeout
                     if loop_time >= stop_deadline:
-                        work.cancel()
-                        await asyncio.gather(work, return_exceptions=True)
+                        await cancel_and_wait(work)
                         break
                 # Keep the group membership alive without fetching more for the partitions we hold.
                 assignment = set(self._consumer.assignment())
@@ -182,8 +181,7 @@ class Service:
             await self._process_batch(batch)
 
     async def _process_batch(self, batch: Batch) -> None:
-        per_partition = await asyncio.gather(*(self._process_partition(records) for records in batch.values()))
-        joined = [item for items in per_partition for item in items]
+        joined = await self._join_records([record for records in batch.values() for record in records])
         if joined:
             with span("evaljoin.deliver", evaluations=len(joined)):
                 report = await self._deliverer.deliver(joined)
@@ -196,44 +194,55 @@ class Service:
                 self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                     max(0, highwater - records[-1].offset - 1))
 
-    async def _process_partition(self, records: Sequence[Any]) -> list[Joined]:
-        joined: list[Joined] = []
+    async def _join_records(self, records: Sequence[Any]) -> list[Joined]:
+        """Decode every record, join the valid ones in one store call, then finish each in record order.
+
+        The store keeps the order of one join key's events (a partition's order), and the outcomes
+        (dead letters, the DLQ limit, metrics) are taken in record order, as if one by one.
+        """
+        decoded: list[SpanContextEvent | NemoResultEvent | InvalidMessage] = []
         for record in records:
-            with structlog.contextvars.bound_contextvars(topic=record.topic, partition=record.partition,
-                                                         offset=record.offset):
-                joined.extend(await self._process_record(record))
+            self.metrics.messages_consumed.labels(topic=record.topic).inc()
+            decoded.append(self._decode(record))
+        valid = [(event, _source(record)) for record, event in zip(records, decoded, strict=True)
+                 if not isinstance(event, InvalidMessage)]
+        outcomes = iter(await self._joiner.join_many(valid) if valid else [])
+        joined: list[Joined] = []
+        for record, event in zip(records, decoded, strict=True):
+            outcome = event if isinstance(event, InvalidMessage) else next(outcomes)
+            context = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+            if not isinstance(event, InvalidMessage):
+                context.update(ml_app=event.ml_app, join_key=event.join_key)
+            kind = "span" if record.topic == self._span_topic else "result"
+            with structlog.contextvars.bound_contextvars(**context):
+                if isinstance(outcome, InvalidMessage):
+                    await self._dead_letter(record, kind, outcome)
+                    continue
+                self._dead_letters.record_valid()
+                self.metrics.events.labels(kind=kind, outcome=outcome.status).inc()
+                log.debug("message_joined", status=outcome.status, evaluations=len(outcome.joined))
+                joined.extend(outcome.joined)
         return joined
 
-    async def _process_record(self, record: Any) -> list[Joined]:
-        source = Source(record.topic, record.partition, record.offset, record.timestamp)
+    def _decode(self, record: Any) -> SpanContextEvent | NemoResultEvent | InvalidMessage:
         headers = list(record.headers or ())
-        kind = "span" if record.topic == self._span_topic else "result"
-        self.metrics.messages_consumed.labels(topic=record.topic).inc()
+        decode = decode_span if record.topic == self._span_topic else decode_result
         try:
-            if record.topic == self._span_topic:
-                span = decode_span(record.value, headers, join_key=self._join_key,
-                                   default_ml_app=self._default_ml_app, max_bytes=self._max_bytes)
-                with structlog.contextvars.bound_contextvars(ml_app=span.ml_app, join_key=span.join_key):
-                    result = await self._joiner.on_span(span, source)
-            else:
-                event = decode_result(record.value, headers, join_key=self._join_key,
-                                      default_ml_app=self._default_ml_app, max_bytes=self._max_bytes)
-                with structlog.contextvars.bound_contextvars(ml_app=event.ml_app, join_key=event.join_key):
-                    result = await self._joiner.on_result(event, source)
+            return decode(record.value, headers, join_key=self._join_key, default_ml_app=self._default_ml_app,
+                          max_bytes=self._max_bytes)
         except InvalidMessage as error:
-            log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
-            self.metrics.events.labels(kind=kind, outcome="invalid").inc()
-            value = record.value
-            if error.reason == "oversize" and value is not None:
-                headers.append(("evaljoin.truncated_from", str(len(value)).encode()))
-                value = value[: self._max_bytes]
-            await self._dead_letters.invalid(key=record.key, value=value, headers=headers,
-                                             source=source.as_dict(), error=error)
-            return []
-        self._dead_letters.record_valid()
-        self.metrics.events.labels(kind=kind, outcome=result.status).inc()
-        log.debug("message_joined", status=result.status, evaluations=len(result.joined))
-        return result.joined
+            return error
+
+    async def _dead_letter(self, record: Any, kind: str, error: InvalidMessage) -> None:
+        log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
+        self.metrics.events.labels(kind=kind, outcome="invalid").inc()
+        headers = list(record.headers or ())
+        value = record.value
+        if error.reason == "oversize" and value is not None:
+            headers.append(("evaljoin.truncated_from", str(len(value)).encode()))
+            value = value[: self._max_bytes]
+        await self._dead_letters.invalid(key=record.key, value=value, headers=headers,
+                                         source=_source(record).as_dict(), error=error)
 
     # -- rebalance ------------------------------------------------------------------------------
 
@@ -258,8 +267,7 @@ class Service:
             done, _ = await asyncio.wait({work}, timeout=self._shutdown_timeout)
             if not done:
                 log.warning("revoke_cancels_batch", partitions=len(revoked))
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+                await cancel_and_wait(work)
         await self._committer.commit()
         self._committer.forget(revoked)
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
@@ -346,6 +354,21 @@ def kafka_client_options(s: Settings) -> dict[str, Any]:
     return options
 
 
+async def cancel_and_wait(task: asyncio.Task[Any], *, again_after_s: float = 0.5) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again while it runs on.
+
+    One cancel is not always enough on Python 3.11: ``asyncio.wait_for`` (which redis-py wraps
+    around every socket write) returns the inner result and drops the cancellation when both land
+    in the same turn of the loop, so a task cancelled inside a Redis call can carry on as if
+    nothing happened (and a sweeper would then sleep and sweep forever).
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=again_after_s)
+    if not task.cancelled():
+        task.exception()  # retrieved, like gather(return_exceptions=True) did
+
+
 def _merge(a: Batch, b: Batch) -> Batch:
     if not b:
         return a
@@ -353,6 +376,10 @@ def _merge(a: Batch, b: Batch) -> Batch:
     for tp, records in b.items():
         out.setdefault(tp, []).extend(records)
     return out
+
+
+def _source(record: Any) -> Source:
+    return Source(record.topic, record.partition, record.offset, record.timestamp)
 
 
 def _count(batch: Batch) -> int:

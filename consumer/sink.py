@@ -63,7 +63,7 @@ class HttpIntakeSink:
     def __init__(self, *, url: str, headers: dict[str, str], timeout_s: float, max_batch: int,
                  max_body_bytes: int, retry_initial_s: float, retry_max_s: float,
                  metrics: Metrics | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, max_in_flight: int = 1) -> None:
         self._url = url
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s, transport=transport)
         self._max_batch = max_batch
@@ -71,15 +71,23 @@ class HttpIntakeSink:
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
         self._metrics = metrics or Metrics()
+        self._in_flight = asyncio.Semaphore(max_in_flight)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
-        rejections: list[Rejection] = []
-        for chunk in self._chunks(range(len(metrics)), metrics):
-            rejections.extend(await self._send_chunk(chunk, metrics))
-        return rejections
+        chunks = self._chunks(range(len(metrics)), metrics)
+        if len(chunks) <= 1:
+            return await self._send_chunk(chunks[0], metrics) if chunks else []
+        # Several requests in flight: a batch's delivery takes about one request's time, not one per chunk.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._send_chunk_bounded(chunk, metrics)) for chunk in chunks]
+        return [rejection for task in tasks for rejection in task.result()]
+
+    async def _send_chunk_bounded(self, chunk: list[int], metrics: Sequence[bytes]) -> list[Rejection]:
+        async with self._in_flight:
+            return await self._send_chunk(chunk, metrics)
 
     def _chunks(self, indexes: Sequence[int], metrics: Sequence[bytes]) -> list[list[int]]:
         chunks: list[list[int]] = []

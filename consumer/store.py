@@ -73,6 +73,27 @@ class ResultPut:
 
 
 @dataclass(frozen=True)
+class SpanOp:
+    """One ``put_span`` of a :meth:`RedisJoinStore.put_many` batch."""
+
+    ns: Namespace
+    identity: str
+    record: bytes
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class ResultOp:
+    """One ``put_result`` of a :meth:`RedisJoinStore.put_many` batch."""
+
+    ns: Namespace
+    event_id: str
+    record: bytes
+    eval_ids: Sequence[str]
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
 class DueSide:
     """A deadline-index entry that is due: a span (``event_id`` None) or one result."""
 
@@ -107,9 +128,23 @@ class JoinStore(Protocol):
         """Join the result with its span if the span is here, else buffer it until ``deadline_ms``."""
         ...
 
+    async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
+        """``put_span``/``put_result`` for a whole batch, in order per namespace; results in the same order."""
+        ...
+
     async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
                     lease_ms: int) -> list[ClaimVerdict]:
         """Claim evaluations for delivery; ``done`` ones were delivered or dead-lettered already."""
+        ...
+
+    async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
+                         lease_ms: int) -> list[list[ClaimVerdict]]:
+        """``claim`` for many namespaces at once; verdicts per request."""
+        ...
+
+    async def settle_many(self, requests: Sequence[tuple[Namespace, Sequence[str], Sequence[str]]], *,
+                          dead_lettered: bool) -> None:
+        """``settle`` for many (namespace, eval ids, event ids to drop) at once."""
         ...
 
     async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
@@ -197,50 +232,115 @@ class RedisJoinStore:
     def _side_keys(self, ns: Namespace) -> list[str]:
         return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x")]
 
-    async def _index(self, ns: Namespace, member: str, deadline_ms: int) -> None:
-        # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
-        await self._bounded(self._client.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True))
+    async def _index_many(self, entries: Sequence[tuple[Namespace, str, int]]) -> None:
+        """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
+        if not entries:
+            return
+        async with self._slots:
+            pipe = self._client.pipeline(transaction=False)
+            for ns, member, deadline_ms in entries:
+                # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
+                pipe.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True)
+            await pipe.execute()
+
+    async def _run_scripts(self, calls: Sequence[tuple[AsyncScript, Namespace, list[str], list[Any]]]) -> list[Any]:
+        """Run script calls, those of one namespace in the given order; replies in the same order.
+
+        On a single Redis this is one pipelined round trip (a pipeline runs its commands in order).
+        The asyncio cluster pipeline does not run scripts, so on a cluster each namespace's calls run
+        one after the other while namespaces run concurrently (at most ``max_concurrency`` at once).
+        """
+        if not calls:
+            return []
+        if isinstance(self._client, RedisCluster):
+            replies: list[Any] = [None] * len(calls)
+            groups: dict[Namespace, list[int]] = {}
+            for i, (_, ns, _, _) in enumerate(calls):
+                groups.setdefault(ns, []).append(i)
+
+            async def in_order(indexes: list[int]) -> None:
+                for i in indexes:
+                    script, _, keys, args = calls[i]
+                    replies[i] = await self._call(script, keys=keys, args=args)
+
+            await asyncio.gather(*(in_order(indexes) for indexes in groups.values()))
+            return replies
+        async with self._slots:
+            pipe = self._client.pipeline(transaction=False)
+            for script, _, keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads missing scripts
+            return list(await pipe.execute())
 
     # -- join -----------------------------------------------------------------------------------
 
     async def put_span(self, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
-        reply: list[Any] = await self._call(self._put_span, keys=self._side_keys(ns), args=[identity, record])
-        status = reply[0].decode()
-        if status == "conflict":
-            return SpanPut("conflict", {}, reply[1])
-        # Index after storing: a crash in between leaves the message uncommitted, and its
-        # redelivery (status "duplicate") indexes it then.
-        await self._index(ns, f"s{_SEP}{ns.tag}", deadline_ms)
-        flat = reply[1]
-        pending = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-        return SpanPut(status, pending)
+        put = (await self.put_many([SpanOp(ns, identity, record, deadline_ms)]))[0]
+        assert isinstance(put, SpanPut)
+        return put
 
     async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
                          deadline_ms: int) -> ResultPut:
-        keys = [*self._side_keys(ns), self._key(ns, "d")]
-        reply: list[Any] = await self._call(self._put_result, keys=keys, args=[event_id, record, *eval_ids])
-        status = reply[0].decode()
-        if status == "joined":
-            return ResultPut("joined", reply[1])
-        if status == "buffered" or status == "duplicate":
-            await self._index(ns, f"r{_SEP}{ns.tag}{_SEP}{event_id}", deadline_ms)
-        return ResultPut(status)
+        put = (await self.put_many([ResultOp(ns, event_id, record, eval_ids, deadline_ms)]))[0]
+        assert isinstance(put, ResultPut)
+        return put
+
+    async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
+        """``put_span``/``put_result`` for many sides in two round trips, in order per namespace."""
+        calls: list[tuple[AsyncScript, Namespace, list[str], list[Any]]] = []
+        for op in ops:
+            if isinstance(op, SpanOp):
+                calls.append((self._put_span, op.ns, self._side_keys(op.ns), [op.identity, op.record]))
+            else:
+                calls.append((self._put_result, op.ns, [*self._side_keys(op.ns), self._key(op.ns, "d")],
+                              [op.event_id, op.record, *op.eval_ids]))
+        replies = await self._run_scripts(calls)
+        puts: list[SpanPut | ResultPut] = []
+        index: list[tuple[Namespace, str, int]] = []
+        for op, reply in zip(ops, replies, strict=True):
+            status = reply[0].decode()
+            if isinstance(op, SpanOp):
+                if status == "conflict":
+                    puts.append(SpanPut("conflict", {}, reply[1]))
+                    continue
+                index.append((op.ns, f"s{_SEP}{op.ns.tag}", op.deadline_ms))
+                flat = reply[1]
+                puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
+            elif status == "joined":
+                puts.append(ResultPut("joined", reply[1]))
+            else:
+                if status == "buffered" or status == "duplicate":
+                    index.append((op.ns, f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}", op.deadline_ms))
+                puts.append(ResultPut(status))
+        # Index after storing: a crash in between leaves the message uncommitted, and its
+        # redelivery (status "duplicate") indexes it then.
+        await self._index_many(index)
+        return puts
 
     # -- delivery ledger -------------------------------------------------------------------------
 
     async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
                     lease_ms: int) -> list[ClaimVerdict]:
-        reply: list[bytes] = await self._call(self._claim,
-            keys=[self._key(ns, "d")], args=[owner, now_ms, lease_ms, self._retention_ms, *eval_ids]
-        )
-        return [verdict.decode() for verdict in reply]  # type: ignore[misc]
+        return (await self.claim_many([(ns, eval_ids)], owner=owner, now_ms=now_ms, lease_ms=lease_ms))[0]
+
+    async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
+                         lease_ms: int) -> list[list[ClaimVerdict]]:
+        """``claim`` for many namespaces in one round trip; verdicts per request."""
+        replies: list[list[bytes]] = await self._run_scripts([
+            (self._claim, ns, [self._key(ns, "d")], [owner, now_ms, lease_ms, self._retention_ms, *eval_ids])
+            for ns, eval_ids in requests])
+        return [[verdict.decode() for verdict in reply] for reply in replies]  # type: ignore[misc]
 
     async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
                      drop_event_ids: Sequence[str] = ()) -> None:
-        await self._call(self._settle,
-            keys=[self._key(ns, "d"), self._key(ns, "r")],
-            args=["x" if dead_lettered else "d", self._retention_ms, len(eval_ids), *eval_ids, *drop_event_ids],
-        )
+        await self.settle_many([(ns, eval_ids, drop_event_ids)], dead_lettered=dead_lettered)
+
+    async def settle_many(self, requests: Sequence[tuple[Namespace, Sequence[str], Sequence[str]]], *,
+                          dead_lettered: bool) -> None:
+        """``settle`` for many (namespace, eval ids, event ids to drop) in one round trip."""
+        await self._run_scripts([
+            (self._settle, ns, [self._key(ns, "d"), self._key(ns, "r")],
+             ["x" if dead_lettered else "d", self._retention_ms, len(eval_ids), *eval_ids, *drop_event_ids])
+            for ns, eval_ids, drop_event_ids in requests])
 
     async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
         """The ledger entry of one evaluation (for inspection and tests)."""

@@ -1,0 +1,645 @@
+"""Runs the measurements and collects their figures: services, consumer processes, producers.
+
+Each measurement uses fresh topics, a fresh consumer group and a fresh Redis key prefix, so steps
+never see each other's records. Consumers are real ``python -m consumer`` processes (through
+:mod:`bench.launch`), one per partition where a step says so; their CPU time and RSS are read
+from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+
+from bench.intake import LineRateIntake
+from bench.traffic import Pair, Send, TrafficSpec, expected_evaluations, make_pairs, schedule
+from consumer.config import Settings
+from consumer.store import Namespace, RedisJoinStore, connect
+from localenv.kafka import acreate_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+PRELOAD_RATE = 10_000.0  # pairs per second of virtual time: a preloaded log keeps the schedule's order
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass
+class Options:
+    pairs: int = 20_000
+    apps: int = 10
+    evals: int = 2
+    order: str = "interleaved"
+    lag_ms: float = 100.0
+    duplicates: float = 0.02
+    unmatched: float = 0.05
+    partitions: int = 2
+    max_batch: int = 500
+    runs: int = 3
+    latency_seconds: float = 20.0
+    latency_loads: tuple[float, ...] = (0.25, 0.5, 0.9)
+    memory_sides: int = 20_000
+    buffered: tuple[int, ...] = (1_000, 100_000, 1_000_000)
+    buffered_pairs: int = 10_000
+    scaling: tuple[int, ...] = (1, 2, 4)
+    soak_seconds: float = 600.0
+    soak_load: float = 0.5
+    guide_sizes: tuple[int, ...] = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000)
+    guide_budget_s: float = 60.0
+    steps: tuple[str, ...] = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide")
+    uvloop: bool = False
+    profile: str | None = None
+    workdir: Path = field(default_factory=lambda: Path("bench-out"))
+    seed: int = 7
+    service_root: Path | None = None  # run the service from another checkout (before/after comparisons)
+
+
+@dataclass
+class Env:
+    bootstrap: str
+    redis_url: str
+    intake: LineRateIntake
+    workdir: Path
+
+
+# -- consumer processes ---------------------------------------------------------------------------
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+
+
+def _proc_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Consumers:
+    """``count`` service processes in one group; stopped with SIGTERM by :meth:`stop`."""
+
+    def __init__(self, env: Env, settings_env: dict[str, str], *, count: int, name: str, uvloop: bool,
+                 profile: Path | None = None, service_root: Path | None = None) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._assigned: list[tuple[float, int]] = []  # (time, partitions) of each process's last assignment
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.started = time.time()
+        environ = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+        environ.update(settings_env)
+        if service_root is not None:  # its consumer package comes first on sys.path (the working directory)
+            environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+        for i in range(count):
+            args = [sys.executable, "-m", "bench.launch"]
+            if uvloop:
+                args.append("--uvloop")
+            if profile is not None and i == 0:
+                args += ["--pyinstrument", str(profile)]
+            log = (env.workdir / f"{name}-{i}.log").open("wb")
+            proc = subprocess.Popen(args, cwd=service_root or ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.PIPE)
+            self._procs.append(proc)
+            self._assigned.append((0.0, 0))
+            thread = threading.Thread(target=self._watch, args=(i, proc, log), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _watch(self, i: int, proc: subprocess.Popen[bytes], log: Any) -> None:
+        assert proc.stderr is not None
+        with log:
+            for line in proc.stderr:
+                log.write(line)
+                if b"partitions_assigned" in line:
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        event = orjson.loads(line)
+                        with self._lock:
+                            self._assigned[i] = (time.time(), len(event.get("partitions") or ()))
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    async def wait_stable(self, total_partitions: int, within: float = 90.0) -> float:
+        """Wait until the group holds every partition of both topics (``total_partitions`` each), quiet for 1 s."""
+        deadline = time.time() + within
+        while time.time() < deadline:
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a consumer exited with {proc.returncode}; see its log in the workdir")
+            with self._lock:
+                snapshot = list(self._assigned)
+            busy = min(len(self._procs), total_partitions)
+            holding = [parts for _, parts in snapshot if parts]
+            last = max(t for t, _ in snapshot)
+            if len(holding) >= busy and sum(holding) == 2 * total_partitions and time.time() - last > 1.0:
+                return last
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"the consumer group did not settle within {within}s: {self._assigned}")
+
+    def check_alive(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a consumer exited with {proc.returncode}; see its log in the workdir")
+
+    def settled_at(self, partitions: int) -> float | None:
+        """When the group last changed its assignment, once it holds all ``partitions`` of both topics."""
+        with self._lock:
+            snapshot = list(self._assigned)
+        if sum(parts for _, parts in snapshot) != 2 * partitions:
+            return None
+        return max(t for t, _ in snapshot)
+
+    def cpu_seconds(self) -> float:
+        return sum(_proc_cpu(pid) for pid in self.pids)
+
+    def rss_bytes(self) -> int:
+        return sum(_proc_rss(pid) for pid in self.pids)
+
+    def stop(self) -> list[int]:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc in self._procs:
+            try:
+                codes.append(proc.wait(timeout=40))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        for thread in self._threads:
+            thread.join(5)
+        return codes
+
+
+# -- Kafka helpers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One measurement's own topics, group and key prefix."""
+
+    name: str
+    span_topic: str
+    result_topic: str
+    group: str
+    prefix: str
+    partitions: int
+
+    @classmethod
+    def new(cls, name: str, partitions: int, prefix: str | None = None) -> Run:
+        tag = uuid.uuid4().hex[:8]
+        return cls(name, f"bench.{tag}.spans", f"bench.{tag}.results", f"bench-{tag}", prefix or f"b{tag}",
+                   partitions)
+
+    def settings_env(self, env: Env, max_batch: int) -> dict[str, str]:
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": env.bootstrap, "KAFKA_GROUP_ID": self.group, "KAFKA_MAX_BATCH": str(max_batch),
+            "SPAN_TOPIC": self.span_topic, "RESULT_TOPIC": self.result_topic,
+            "DLQ_TOPIC": f"{self.span_topic}.dlq", "UNMATCHED_TOPIC": f"{self.span_topic}.unmatched",
+            "REDIS_URL": env.redis_url, "REDIS_KEY_PREFIX": self.prefix,
+            "DD_LLMOBS_OVERRIDE_ORIGIN": env.intake.origin, "DD_LLMOBS_AGENTLESS_ENABLED": "true",
+            "DD_API_KEY": "bench-api-key", "HEALTH_PORT": "0", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
+        }
+
+    async def create(self, env: Env) -> None:
+        await acreate_topics(env.bootstrap, {self.span_topic: self.partitions, self.result_topic: self.partitions,
+                                             f"{self.span_topic}.dlq": 1, f"{self.span_topic}.unmatched": 1})
+
+    def topic(self, send: Send) -> str:
+        return self.span_topic if send.topic_kind == "span" else self.result_topic
+
+
+def _producer(env: Env, *, linger_ms: int) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=env.bootstrap, acks="all", linger_ms=linger_ms,
+                            max_batch_size=262_144, max_request_size=4_194_304)
+
+
+async def preload(env: Env, run: Run, pairs: list[Pair], sends: list[Send]) -> None:
+    producer = _producer(env, linger_ms=20)
+    await producer.start()
+    try:
+        pending = []
+        for send in sends:
+            pair = pairs[send.pair]
+            value = pair.span if send.topic_kind == "span" else pair.result
+            pending.append(await producer.send(run.topic(send), value, key=pair.key))
+            if len(pending) >= 5_000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def produce_live(producer: AIOKafkaProducer, run: Run, pairs: list[Pair], sends: list[Send],
+                       second_at: dict[bytes, float]) -> None:
+    """Produce each record at its scheduled time; records when each pair's completing side was sent."""
+    start = time.time() + 0.05
+    pending = []
+    i = 0
+    while i < len(sends):
+        now = time.time() - start
+        while i < len(sends) and sends[i].at_s <= now:
+            send = sends[i]
+            pair = pairs[send.pair]
+            value = pair.span if send.topic_kind == "span" else pair.result
+            pending.append(await producer.send(run.topic(send), value, key=pair.key))
+            if send.second:
+                second_at[pair.span_id.encode()] = time.time()
+            i += 1
+        if len(pending) > 2_000:
+            await asyncio.gather(*pending)
+            pending = []
+        if i < len(sends):
+            await asyncio.sleep(max(0.0, min(0.005, sends[i].at_s - (time.time() - start))))
+    await asyncio.gather(*pending)
+
+
+class Offsets:
+    """Committed offsets of a group, read with one admin client."""
+
+    def __init__(self, env: Env) -> None:
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=env.bootstrap)
+
+    async def __aenter__(self) -> Offsets:
+        await self._admin.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._admin.close()
+
+    async def committed(self, group: str) -> int:
+        try:
+            offsets = await self._admin.list_consumer_group_offsets(group)
+        except KafkaError:  # the group does not exist yet: nothing committed
+            return 0
+        return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+@dataclass
+class Drain:
+    """A preloaded log drained by the service: the throughput figures over the settled window."""
+
+    total_records: int  # in the topics (the bare consumer reads them all)
+    records: int  # committed during the settled window
+    evaluations: int
+    seconds: float
+    records_per_s: float
+    evaluations_per_s: float
+    pairs_per_s: float
+    cpu_ms_per_1000_evals: float
+    delivered_all: bool
+    missing: int
+    exit_codes: list[int]
+
+
+def spec_for(opts: Options, run: str, pairs: int, **changes: Any) -> TrafficSpec:
+    spec = TrafficSpec(pairs=pairs, apps=opts.apps, evals=opts.evals, order=opts.order,  # type: ignore[arg-type]
+                       lag_ms=opts.lag_ms, duplicates=opts.duplicates, unmatched=opts.unmatched, seed=opts.seed,
+                       run=run)
+    return dataclasses.replace(spec, **changes)
+
+
+async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partitions: int, consumers: int,
+                prefix: str | None = None, profile: Path | None = None) -> tuple[Drain, Run]:
+    run = Run.new(name, partitions, prefix)
+    await run.create(env)
+    pairs = make_pairs(spec_for(opts, run.group, pairs_count))
+    sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.lag_ms)
+    await preload(env, run, pairs, sends)
+    expected = {p.span_id.encode() for p in pairs if p.matched}
+    env.intake.take_arrivals()
+    group = Consumers(env, run.settings_env(env, opts.max_batch), count=consumers, name=name, uvloop=opts.uvloop,
+                      profile=profile, service_root=opts.service_root)
+    seen: set[bytes] = set()
+    samples: list[tuple[float, int, float]] = []  # (time, committed records, consumer CPU seconds)
+    arrivals: list[tuple[float, int]] = []
+    try:
+        async with Offsets(env) as offsets:
+            deadline = time.time() + max(180.0, pairs_count / 100)
+            while time.time() < deadline:
+                group.check_alive()
+                committed = await offsets.committed(run.group)
+                samples.append((time.time(), committed, group.cpu_seconds()))
+                for when, ids in env.intake.take_arrivals():
+                    seen.update(ids)
+                    arrivals.append((when, len(ids)))
+                if committed >= len(sends) and expected <= seen and group.settled_at(partitions):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        codes = group.stop()
+    # The window starts once the group settled (its last assignment): what ran before is start-up.
+    t0 = group.settled_at(partitions) or samples[0][0]
+    before = [sample for sample in samples if sample[0] <= t0] or samples[:1]
+    _, c0, cpu0 = before[-1]
+    t1, c1, cpu1 = samples[-1]
+    seconds = max(t1 - t0, 1e-6)
+    records = c1 - c0
+    evals = sum(n for when, n in arrivals if when >= t0)
+    return Drain(total_records=len(sends), records=records, evaluations=evals, seconds=seconds,
+                 records_per_s=records / seconds,
+                 evaluations_per_s=evals / seconds, pairs_per_s=evals / opts.evals / seconds,
+                 cpu_ms_per_1000_evals=(cpu1 - cpu0) * 1e6 / max(evals, 1),
+                 delivered_all=expected <= seen, missing=len(expected - seen), exit_codes=codes), run
+
+
+async def bare(env: Env, run: Run, count: int, max_batch: int) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.bare", env.bootstrap, f"{run.span_topic},{run.result_topic}", str(count),
+        str(max_batch), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"the bare consumer exited with {proc.returncode}")
+    result: dict[str, float] = orjson.loads(out)
+    result["records_per_s"] = result["records"] / result["seconds"]
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Latency:
+    load: float
+    pairs_per_s: float
+    pairs: int
+    matched: int  # pairs with both sides: each must be delivered
+    delivered: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+async def live(env: Env, opts: Options, run: Run, producer: AIOKafkaProducer, *, rate: float, seconds: float,
+               tag: str, warmup_s: float = 2.0) -> tuple[list[float], int, int, int]:
+    """Produce ``rate`` pairs/s for ``seconds``; returns latencies (s) after the warm-up, pairs, matched, delivered."""
+    pairs = make_pairs(spec_for(opts, f"{run.group}-{tag}", max(1, int(rate * seconds))))
+    sends = schedule(pairs, rate=rate, lag_ms=opts.lag_ms)
+    expected = {p.span_id.encode() for p in pairs if p.matched}
+    warm = {p.span_id.encode() for p in pairs if p.index / rate < warmup_s}
+    second_at: dict[bytes, float] = {}
+    latencies: list[float] = []
+    seen: set[bytes] = set()
+
+    def collect() -> None:
+        for when, ids in env.intake.take_arrivals():
+            for span_id in ids:
+                if span_id in expected and span_id not in seen:
+                    seen.add(span_id)
+                    if span_id not in warm and span_id in second_at:
+                        latencies.append(when - second_at[span_id])
+                elif span_id in expected and span_id not in warm and span_id in second_at:
+                    latencies.append(when - second_at[span_id])  # the pair's other evaluations
+
+    producing = asyncio.create_task(produce_live(producer, run, pairs, sends, second_at))
+    while not producing.done():
+        await asyncio.sleep(0.1)
+        collect()
+    await producing
+    deadline = time.time() + 30
+    while not expected <= seen and time.time() < deadline:
+        await asyncio.sleep(0.05)
+        collect()
+    return latencies, len(pairs), len(expected), len(seen)
+
+
+async def latency(env: Env, opts: Options, max_pairs_per_s: float) -> list[Latency]:
+    run = Run.new("latency", opts.partitions)
+    await run.create(env)
+    env.intake.take_arrivals()
+    group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name="latency", uvloop=opts.uvloop,
+                      service_root=opts.service_root)
+    producer = _producer(env, linger_ms=1)
+    await producer.start()
+    out = []
+    try:
+        await group.wait_stable(opts.partitions)
+        for load in opts.latency_loads:
+            rate = max(1.0, load * max_pairs_per_s)
+            values, produced, matched, delivered = await live(env, opts, run, producer, rate=rate,
+                                                     seconds=opts.latency_seconds, tag=f"l{int(load * 100)}")
+            ms = [v * 1000 for v in values]
+            out.append(Latency(load, rate, produced, matched, delivered, percentile(ms, 0.5), percentile(ms, 0.95),
+                               percentile(ms, 0.99), max(ms) if ms else float("nan")))
+    finally:
+        await producer.stop()
+        group.stop()
+    return out
+
+
+@dataclass
+class Soak:
+    seconds: float
+    pairs_per_s: float
+    samples: list[tuple[float, int]]  # (seconds since start, RSS bytes)
+    delivered: int
+    pairs: int
+
+    @property
+    def rss_start_mb(self) -> float:
+        settled = [rss for t, rss in self.samples if t >= self.seconds * 0.1] or [self.samples[0][1]]
+        return settled[0] / 2**20
+
+    @property
+    def rss_end_mb(self) -> float:
+        return self.samples[-1][1] / 2**20
+
+    @property
+    def rss_max_mb(self) -> float:
+        return max(rss for _, rss in self.samples) / 2**20
+
+    @property
+    def flat(self) -> bool:
+        return self.rss_end_mb - self.rss_start_mb <= max(5.0, 0.05 * self.rss_start_mb)
+
+
+async def soak(env: Env, opts: Options, max_pairs_per_s: float) -> Soak:
+    run = Run.new("soak", opts.partitions)
+    await run.create(env)
+    group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name="soak", uvloop=opts.uvloop,
+                      service_root=opts.service_root)
+    producer = _producer(env, linger_ms=1)
+    await producer.start()
+    rate = max(1.0, opts.soak_load * max_pairs_per_s)
+    samples: list[tuple[float, int]] = []
+    pairs = delivered = 0
+    try:
+        await group.wait_stable(opts.partitions)
+        start = time.time()
+        segment = 0
+        while time.time() - start < opts.soak_seconds:
+            length = min(20.0, opts.soak_seconds - (time.time() - start))
+            _, produced, _, got = await live(env, opts, run, producer, rate=rate, seconds=max(1.0, length),
+                                          tag=f"s{segment}")
+            pairs += produced
+            delivered += got
+            samples.append((time.time() - start, group.rss_bytes()))
+            segment += 1
+    finally:
+        await producer.stop()
+        group.stop()
+    return Soak(time.time() - start, rate, samples, delivered, pairs)
+
+
+async def redis_used_memory(url: str) -> int:
+    client = Redis.from_url(url)
+    try:
+        info = await client.info("memory")
+        return int(info["used_memory"])
+    finally:
+        await client.aclose()
+
+
+@dataclass
+class Memory:
+    sides: int
+    span_event_bytes: int
+    result_event_bytes: int
+    bytes_per_span: float
+    bytes_per_result: float
+
+
+async def memory(env: Env, opts: Options) -> Memory:
+    """Redis bytes per buffered side: N spans alone, then N results alone, each buffered by the service."""
+    figures = []
+    sizes = []
+    for kind in ("span", "result"):
+        run = Run.new(f"memory-{kind}", opts.partitions)
+        await run.create(env)
+        sides = (True, False) if kind == "span" else (False, True)
+        pairs = [dataclasses.replace(p, sides=sides, duplicated=(False, False))
+                 for p in make_pairs(spec_for(opts, run.group, opts.memory_sides))]
+        sizes.append(len(pairs[0].span if kind == "span" else pairs[0].result))
+        sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=0)
+        group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name=run.name, uvloop=opts.uvloop,
+                          service_root=opts.service_root)
+        try:
+            async with Offsets(env) as offsets:
+                await group.wait_stable(opts.partitions)
+                before = await redis_used_memory(env.redis_url)
+                await preload(env, run, pairs, sends)
+                deadline = time.time() + 300
+                while await offsets.committed(run.group) < len(sends) and time.time() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+                after = await redis_used_memory(env.redis_url)
+        finally:
+            group.stop()
+        figures.append((after - before) / len(pairs))
+    return Memory(opts.memory_sides, sizes[0], sizes[1], figures[0], figures[1])
+
+
+async def fill(env: Env, prefix: str, count: int, opts: Options) -> float:
+    """Buffer ``count`` spans under ``prefix`` through the store's own put_span (unmatched filler)."""
+    started = time.time()
+    client = await connect(env.redis_url, cluster=False)
+    try:
+        store = RedisJoinStore(client, prefix=prefix, shards=16, ledger_retention_ms=172_800_000)
+        filler = make_pairs(spec_for(opts, f"fill-{prefix}", min(count, 1)))[0]
+        deadline = int(time.time() * 1000) + 86_400_000
+        step = 2_000
+        for start in range(0, count, step):
+            await asyncio.gather(*(
+                store.put_span(Namespace("bench-filler", f"f{i}"), f"{filler.trace_id}:{i + 1}", filler.span,
+                               deadline)
+                for i in range(start, min(count, start + step))))
+    finally:
+        await client.aclose()
+    return time.time() - started
+
+
+@dataclass
+class Buffered:
+    sides: int
+    fill_seconds: float
+    drain: Drain
+
+    @property
+    def us_per_record(self) -> float:
+        return 1e6 / self.drain.records_per_s if self.drain.records_per_s else float("nan")
+
+
+async def buffered(env: Env, opts: Options) -> list[Buffered]:
+    out = []
+    for sides in opts.buffered:
+        prefix = f"f{uuid.uuid4().hex[:8]}"
+        took = await fill(env, prefix, sides, opts)
+        result, _ = await drain(env, opts, name=f"buffered-{sides}", pairs_count=opts.buffered_pairs,
+                                partitions=opts.partitions, consumers=1, prefix=prefix)
+        out.append(Buffered(sides, took, result))
+    return out
+
+
+async def guide(env: Env, opts: Options) -> list[dict[str, float]]:
+    from bench.traffic import write_guide_files
+
+    out = []
+    for size in opts.guide_sizes:
+        pairs = make_pairs(spec_for(opts, f"guide{size}", size, duplicates=0.0))
+        outputs, scores = write_guide_files(pairs, env.workdir / f"guide-{size}")
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.guide", str(outputs), str(scores),
+                                                    cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        try:
+            stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=opts.guide_budget_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            out.append({"pairs": size, "seconds": float("inf"), "joined": 0, "pairs_per_s": 0.0})
+            break
+        result = orjson.loads(stdout)
+        out.append({"pairs": size, "seconds": result["seconds"], "joined": result["joined"],
+                    "pairs_per_s": result["joined"] / result["seconds"]})
+        if result["seconds"] > opts.guide_budget_s / 4:  # the next size takes about four times as long
+            break
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@contextlib.contextmanager
+def timed(label: str) -> Iterator[None]:
+    started = time.time()
+    sys.stderr.write(f"bench: {label} ...\n")
+    sys.stderr.flush()
+    yield
+    sys.stderr.write(f"bench: {label} done in {time.time() - started:.1f}s\n")
+    sys.stderr.flush()
+
+
+__all__ = ["Buffered", "Drain", "Env", "Latency", "Memory", "Options", "Soak", "bare", "buffered", "drain",
+           "expected_evaluations", "guide", "latency", "median", "memory", "soak", "timed"]
