@@ -4,7 +4,8 @@
   The loop keeps polling while a batch waits on a slow intake, so waiting is not a failure; a loop
   that stopped turning is.
 * ``/readyz`` (readiness): 200 once the consumer has joined its group (it may hold no partition
-  when there are more replicas than partitions) and Redis answers PING within a second.
+  when there are more replicas than partitions; a later rebalance does not make it unready) and
+  Redis answers PING within a second.
 * ``/metrics``: the service's Prometheus registry.
 
 A plain asyncio server: a handful of GET requests from probes and scrapers needs no framework.

@@ -259,7 +259,8 @@ class Service:
         return await self._store.ping()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.in_group = False
+        # in_group stays true: every member is revoked in every rebalance, and a whole workload turning
+        # unready at once would stall rollouts and node drains for what is a normal, short pause.
         self.metrics.rebalances.inc()
         self.metrics.assigned_partitions.set(0)
         work = self._work
