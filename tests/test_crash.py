@@ -1,0 +1,321 @@
+"""Crash safety of the real process: SIGKILL mid-batch and SIGTERM during an intake outage.
+
+The service runs as ``python -m consumer`` in a child process configured only through its
+environment, exactly as it is deployed. Its stderr (JSON logs) goes to a file under ``tmp_path``
+whose tail is part of every failure message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from pydantic import SecretStr
+
+from consumer.config import Settings
+from localenv.intake import FakeIntake
+from localenv.kafka import KafkaBroker
+from tests.conftest import Topics, eventually, group_lag
+from tests.test_service import result_event, span_event
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LABELS = ("faithfulness", "relevance", "toxicity")
+SPAN_BASE = 700_000
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The child's environment: every Settings field under its upper-case variable name, JSON logs."""
+    env = {name: value for name, value in os.environ.items()
+           if name.lower() not in Settings.model_fields and name != "EVALJOIN_SECRETS_DIR"}
+    for field, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[field.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["LOG_FORMAT"] = "json"
+    return env
+
+
+class ServiceProcess:
+    """``python -m consumer`` as a child process; restarts append to one log file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self._env = service_env(settings)
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.cpu_seen: float | None = None  # the last CPU time sampled while waiting for the exit
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        assert self._proc is None or self._proc.poll() is not None, "the previous process still runs"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"=== start {self.starts}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen([sys.executable, "-m", "consumer"], cwd=REPO_ROOT, env=self._env,
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(sig)
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def ensure_running(self) -> None:
+        if not self.running():
+            code = None if self._proc is None else self._proc.returncode
+            raise AssertionError(f"the service exited unexpectedly with {code}\n{self.tail()}")
+
+    async def wait_exit(self, within: float) -> int | None:
+        """The exit code, or None if the process still runs after ``within`` seconds."""
+        assert self._proc is not None
+        deadline = asyncio.get_running_loop().time() + within
+        while self._proc.poll() is None:
+            self.cpu_seen = self.cpu_seconds() or self.cpu_seen
+            if asyncio.get_running_loop().time() > deadline:
+                return None
+            await asyncio.sleep(0.02)
+        return self._proc.returncode
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time of the running process (from /proc), or None where unavailable."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # fields after the command name, from the state on
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def until(self, check: Callable[[], Any], *, within: float, what: str, expect: Any = True) -> None:
+        """``eventually`` that fails fast if the service dies, with the log tail in the message."""
+
+        def alive_check() -> Any:
+            self.ensure_running()
+            return check()
+
+        try:
+            await eventually(alive_check, expect=expect, within=within, what=what)
+        except AssertionError as exc:
+            if "exited unexpectedly" in str(exc):
+                raise
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
+
+    def kill_if_running(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc is not None:
+            self._proc.wait(timeout=10)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no service log)"
+        return "--- service log tail ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def raw_metrics(body: bytes) -> list[str]:
+    """The JSON text of each metric in an intake request body, exactly as it was sent."""
+    text = body.decode()
+    start = text.index('"metrics":[') + len('"metrics":[')
+    decoder = json.JSONDecoder()
+    out: list[str] = []
+    position = start
+    while text[position] != "]":
+        _, end = decoder.raw_decode(text, position)
+        out.append(text[position:end])
+        position = end + 1 if text[end] == "," else end
+    return out
+
+
+def metric_key(metric: dict[str, Any]) -> tuple[str, str]:
+    return metric["join_on"]["span"]["span_id"], metric["label"]
+
+
+def distinct_delivered(intake: FakeIntake) -> int:
+    return len({metric_key(m) for m in intake.accepted_metrics()})
+
+
+async def lag_or_none(kafka: KafkaBroker, settings: Settings, topics: Topics) -> int | None:
+    """The group's lag on both input topics; None while the broker cannot tell yet (no coordinator)."""
+    try:
+        return await group_lag(kafka.bootstrap_servers, settings.kafka_group_id, [topics.span, topics.result])
+    except KafkaError:
+        return None
+
+
+async def publish(producer: AIOKafkaProducer, messages: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """Send (topic, key, value) in order without waiting for each acknowledgement, then wait for all."""
+    pending: list[Awaitable[Any]] = []
+    for topic, key, value in messages:
+        pending.append(await producer.send(topic, orjson.dumps(value), key=key.encode()))
+    await asyncio.gather(*pending)
+
+
+async def test_sigkill_mid_batch_and_restart_loses_nothing(make_settings: Callable[..., Settings], topics: Topics,
+                                                           producer: AIOKafkaProducer, intake: FakeIntake,
+                                                           kafka: KafkaBroker, tmp_path: Path) -> None:
+    """SIGKILLed repeatedly mid-batch and restarted, the service delivers every evaluation; only a kill repeats one."""
+    n, min_kills = 300, 5
+    seed = int(os.environ.get("EVALJOIN_CRASH_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
+    # Small Kafka batches and small intake requests against a slow intake: a batch is almost always
+    # in flight, part of it already answered 2xx and not yet recorded in the ledger.
+    settings = make_settings(kafka_max_batch=16, intake_batch_max_evals=3)
+    expected: set[tuple[str, str]] = set()
+    messages: list[tuple[str, str, dict[str, Any]]] = []
+    for i in range(n):
+        key, span_id, label = f"crash-{i:04d}", str(SPAN_BASE + i), LABELS[i % len(LABELS)]
+        expected.add((span_id, label))
+        pair = [(topics.span, key, span_event(key, span=span_id)),
+                (topics.result, key, result_event(key, f"evt-crash-{i:04d}", label))]
+        rng.shuffle(pair)
+        messages.extend(pair)
+    intake.delay(0.05)
+    await publish(producer, messages)
+
+    service = ServiceProcess(settings, tmp_path / "service.log")
+    loop = asyncio.get_running_loop()
+    marks: list[int] = []  # len(intake.requests) when each incarnation started: its first request index
+    kills: list[tuple[float, int]] = []  # (seconds the incarnation ran after its first request, delivered so far)
+    try:
+        while len(kills) < min_kills:
+            marks.append(len(intake.requests))
+            service.start()
+            first = marks[-1]
+            await service.until(lambda first=first: len(intake.requests) > first, within=45,
+                                what=f"incarnation {service.starts} to reach the intake (seed {seed})")
+            lived = rng.uniform(0.5, 1.5)
+            await asyncio.sleep(lived)
+            delivered = distinct_delivered(intake)
+            assert delivered < n, (f"everything was delivered before kill {len(kills) + 1}; the workload is too "
+                                   f"small to kill it mid-batch (seed {seed})\n{service.tail()}")
+            service.signal(signal.SIGKILL)
+            assert await service.wait_exit(10) == -signal.SIGKILL
+            kills.append((lived, delivered))
+            # Let the intake finish answering what the dead process had sent, so that every request
+            # recorded from here on belongs to the next incarnation. (The restart waits for the group
+            # to drop the dead member anyway.)
+            await asyncio.sleep(1.0)
+
+        marks.append(len(intake.requests))
+        restarted = loop.time()
+        service.start()
+        await service.until(lambda: len(intake.requests) > marks[-1], within=45,
+                            what=f"the last incarnation to reach the intake (seed {seed})")
+        rejoined_s = loop.time() - restarted
+        await service.until(lambda: distinct_delivered(intake), expect=n, within=60,
+                            what=f"all {n} evaluations after the last restart (seed {seed})")
+        await service.until(lambda: lag_or_none(kafka, settings, topics), expect=0, within=30,
+                            what=f"the group's lag to reach 0 (seed {seed})")
+        recovered_s = loop.time() - restarted
+        service.signal(signal.SIGTERM)
+        code = await service.wait_exit(settings.shutdown_timeout_seconds + 5)
+        assert code == 0, f"SIGTERM after recovery: exit {code}\n{service.tail()}"
+    finally:
+        service.kill_if_running()
+
+    # Every copy of every metric the intake accepted, with the incarnation that sent it.
+    copies: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    for index, request in enumerate(intake.requests):
+        if not 200 <= request.status < 300:
+            continue
+        raw = raw_metrics(request.body)
+        assert [json.loads(text) for text in raw] == request.metrics
+        incarnation = bisect_right(marks, index) - 1
+        for text, metric in zip(raw, request.metrics, strict=True):
+            copies[metric_key(metric)].append((incarnation, text))
+    lost = expected - copies.keys()
+    unexpected = copies.keys() - expected
+    duplicates = sum(len(sent) - 1 for sent in copies.values())
+    print(f"\ncrash test (seed {seed}): expected={len(expected)} delivered={len(copies)} lost={len(lost)} "
+          f"duplicates={duplicates} kills={len(kills)} restarts={service.starts - 1} "
+          f"recovered {recovered_s:.1f}s after the last restart (first request after {rejoined_s:.1f}s)")
+    print("kills (s after the incarnation's first request, evaluations delivered by then): "
+          + ", ".join(f"{lived:.2f}s/{delivered}" for lived, delivered in kills))
+    assert not lost, f"{len(lost)} evaluations never reached the intake, e.g. {sorted(lost)[:5]} (seed {seed})"
+    assert not unexpected, f"metrics nobody published: {sorted(unexpected)[:5]}"
+    for key, sent in copies.items():
+        first_text = sent[0][1]
+        for _, text in sent[1:]:
+            assert text == first_text, f"{key}: a re-sent copy differs from the first\n{first_text}\n{text}"
+        # A repeat needs a kill between the 2xx and the ledger's record, so one incarnation never repeats.
+        per_incarnation = Counter(incarnation for incarnation, _ in sent)
+        assert max(per_incarnation.values()) == 1, f"{key} accepted twice by one process: {per_incarnation}"
+    assert duplicates <= len(kills) * settings.kafka_max_batch
+
+
+async def test_sigterm_during_intake_outage_commits_nothing_unfinished(
+        make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake,
+        kafka: KafkaBroker, tmp_path: Path) -> None:
+    """SIGTERM during an intake outage exits 0, idle, within the shutdown timeout and commits no unfinished batch."""
+    m = 24
+    settings = make_settings()
+    spans = [(topics.span, f"out-{i:03d}", span_event(f"out-{i:03d}", span=str(SPAN_BASE + i))) for i in range(m)]
+    results = [(topics.result, f"out-{i:03d}", result_event(f"out-{i:03d}", f"evt-outage-{i:03d}", "faithfulness"))
+               for i in range(m)]
+    service = ServiceProcess(settings, tmp_path / "service.log")
+    loop = asyncio.get_running_loop()
+    try:
+        await publish(producer, spans)
+        service.start()
+        # Spans alone complete nothing, so their batches finish and are committed.
+        await service.until(lambda: lag_or_none(kafka, settings, topics),
+                            expect=0, within=45, what="the spans to be committed")
+        intake.fail_next(10_000, 503)
+        await publish(producer, results)
+        await service.until(lambda: sum(r.status == 503 for r in intake.requests) >= 5, within=30,
+                            what="the service to retry against the failing intake")
+        assert await lag_or_none(kafka, settings, topics) == m
+
+        cpu_before = service.cpu_seconds()
+        service.signal(signal.SIGTERM)
+        asked = loop.time()
+        code = await service.wait_exit(settings.shutdown_timeout_seconds + 5)
+        took = loop.time() - asked
+        assert code == 0, f"SIGTERM during the outage: exit {code} after {took:.1f}s\n{service.tail()}"
+        cpu = None if cpu_before is None or service.cpu_seen is None else service.cpu_seen - cpu_before
+        cpu_text = "n/a" if cpu is None else f"{cpu:.2f}s"
+        print(f"\noutage test: SIGTERM to exit {took:.1f}s (shutdown timeout "
+              f"{settings.shutdown_timeout_seconds:.0f}s), CPU meanwhile {cpu_text}, failed requests "
+              f"{len(intake.requests)}")
+        # Waiting for the stuck batch is a wait, not a busy loop.
+        assert cpu is None or cpu < 0.5 * took, f"{cpu:.1f}s of CPU in {took:.1f}s of shutdown\n{service.tail()}"
+        assert intake.accepted_metrics() == []
+        assert await lag_or_none(kafka, settings, topics) == m, service.tail()
+
+        intake.reset_faults()
+        service.start()
+        await service.until(lambda: distinct_delivered(intake), expect=m, within=45,
+                            what="the outage's evaluations after the restart")
+        await service.until(lambda: lag_or_none(kafka, settings, topics),
+                            expect=0, within=30, what="the group's lag to reach 0")
+        service.signal(signal.SIGTERM)
+        assert await service.wait_exit(settings.shutdown_timeout_seconds + 5) == 0, service.tail()
+    finally:
+        service.kill_if_running()
+    delivered = Counter(metric_key(metric) for metric in intake.accepted_metrics())
+    assert delivered == {(str(SPAN_BASE + i), "faithfulness"): 1 for i in range(m)}
