@@ -27,7 +27,6 @@ from localenv.kafka import KafkaBroker, acreate_topics
 from localenv.redis import RedisCluster, RedisServer
 from localenv.testagent import TestAgent
 
-
 # The service's structlog events go to stdlib logging, where pytest captures them per test
 # (structlog's default would print them to stdout, mixed with what commands print).
 structlog.configure(
