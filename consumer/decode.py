@@ -57,7 +57,8 @@ def _schema_error(exc: ValidationError) -> InvalidMessage:
 
 def _check_version(obj: dict[str, Any]) -> None:
     version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
+    # An integer, not just something equal to one: true and 1.0 compare equal to 1 (and pass Literal[1]).
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidMessage(
             "unsupported_schema_version",
             f"schema_version {str(version)[:40]!r} is not supported (this consumer reads {SCHEMA_VERSION})",

@@ -161,3 +161,11 @@ def test_every_metric_type_is_accepted() -> None:
 def test_bad_span_records_are_schema_errors(record: dict[str, Any]) -> None:
     """A span record without a usable trace_id, span_id or join key is refused."""
     assert reason_of(span, record) == "schema"
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", None])
+def test_a_version_equal_to_one_but_not_the_integer_is_unsupported(version: Any) -> None:
+    """schema_version true or 1.0 is not version 1: both event kinds dead-letter it as unsupported_schema_version."""
+    assert reason_of(span, {"schema_version": version, "join_key": "q", "trace_id": "ab", "span_id": "1"}) == (
+        "unsupported_schema_version")
+    assert reason_of(result, orjson.dumps(native_result(schema_version=version))) == "unsupported_schema_version"
