@@ -19,7 +19,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -309,7 +309,9 @@ class _ServiceContext:
                                         max_partition_fetch_bytes=s.max_message_bytes + 65_536,
                                         **kafka_common)
             await consumer.start()
-            stack.push_async_callback(consumer.stop)
+            # Leaving the group can wait on a rebalance for as long as other members take to rejoin
+            # (up to max.poll.interval); offsets are committed by then, so a shutdown does not wait on it.
+            stack.push_async_callback(stop_within, consumer.stop, 10.0, "kafka consumer")
             client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster)
             stack.push_async_callback(client.aclose)
             store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
@@ -368,6 +370,17 @@ async def cancel_and_wait(task: asyncio.Task[Any], *, again_after_s: float = 0.5
         await asyncio.wait({task}, timeout=again_after_s)
     if not task.cancelled():
         task.exception()  # retrieved, like gather(return_exceptions=True) did
+
+
+async def stop_within(stop: Callable[[], Awaitable[None]], timeout_s: float, what: str) -> None:
+    """Run ``stop()`` for at most ``timeout_s``, then give up on it (cancelled) and log that."""
+    task = asyncio.ensure_future(stop())
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        task.result()
+        return
+    log.warning("stop_timed_out", component=what, timeout_s=timeout_s)
+    await asyncio.wait({asyncio.ensure_future(cancel_and_wait(task))}, timeout=5.0)
 
 
 def _merge(a: Batch, b: Batch) -> Batch:
