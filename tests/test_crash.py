@@ -24,12 +24,12 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import SecretStr
 
 from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from tests.conftest import Topics, eventually, group_lag
+from tests.reliability.harness import service_env
 from tests.test_service import result_event, span_event
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -37,20 +37,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("faithfulness", "relevance", "toxicity")
 SPAN_BASE = 700_000
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    """The child's environment: every Settings field under its upper-case variable name, JSON logs."""
-    env = {name: value for name, value in os.environ.items()
-           if name.lower() not in Settings.model_fields and name != "EVALJOIN_SECRETS_DIR"}
-    for field, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[field.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    env["LOG_FORMAT"] = "json"
-    return env
 
 
 class ServiceProcess:
