@@ -4,7 +4,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-.venv/bin/ruff check consumer localenv producer_examples tests
+scripts/setup.sh --chart-tools
+.venv/bin/ruff check consumer localenv producer_examples bench tests
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

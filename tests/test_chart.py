@@ -50,7 +50,7 @@ DDTRACE_TAG_VARIABLES = {"DD_ENV", "DD_SERVICE", "DD_VERSION"}
 
 def tool(path: Path) -> Path:
     if not path.exists():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing: run scripts/setup.sh")
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run scripts/setup.sh --chart-tools")
     return path
 
 

@@ -28,7 +28,7 @@ CHART_VALUES = ROOT / "deploy" / "helm" / "evaljoin" / "values.yaml"
 def tool(name: str) -> Path:
     path = TOOLS / name
     if not path.exists():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing: run scripts/setup.sh")
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run scripts/setup.sh --chart-tools")
     return path
 
 
