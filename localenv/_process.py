@@ -8,8 +8,28 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
-__all__ = ["kill_process", "log_tail", "require_binary", "spawn", "terminate_process"]
+__all__ = ["LocalService", "kill_process", "log_tail", "require_binary", "spawn", "terminate_process"]
+
+
+class LocalService:
+    """What every local service shares: ``start``/``stop`` and the ``with`` block around them."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
 
 
 def require_binary(name: str, hint: str) -> str:

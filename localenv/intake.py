@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
+
+from localenv._process import LocalService
 
 __all__ = ["AGENTLESS_PATH", "EVP_PROXY_PATH", "FakeIntake", "IntakeRequest"]
 
@@ -111,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Silence the default per-request stderr logging."""
 
 
-class FakeIntake:
+class FakeIntake(LocalService):
     """An in-process HTTP stand-in for Datadog's eval-metric intake on 127.0.0.1.
 
     Accepts ``POST`` on :data:`AGENTLESS_PATH` and :data:`EVP_PROXY_PATH`
@@ -204,18 +205,6 @@ class FakeIntake:
             server.server_close()
         if thread is not None:
             thread.join()
-
-    def __enter__(self) -> FakeIntake:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- fault controls ---------------------------------------------------
 

@@ -22,13 +22,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from localenv._process import kill_process, log_tail, require_binary, spawn, terminate_process
+from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
 from localenv.ports import free_ports
 
 __all__ = [
@@ -217,7 +216,7 @@ def _new_cluster_id() -> str:
             return value
 
 
-class KafkaBroker:
+class KafkaBroker(LocalService):
     """One Apache Kafka broker+controller (KRaft, node id 1) on 127.0.0.1.
 
     What callers may assume once :meth:`start` has returned:
@@ -383,18 +382,6 @@ class KafkaBroker:
         if self._proc is not None:
             kill_process(self._proc)
             self._proc = None
-
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals --------------------------------------------------------
 

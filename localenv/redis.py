@@ -9,13 +9,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from localenv._process import kill_process, log_tail, require_binary, spawn, terminate_process
+from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
 from localenv.ports import free_ports
 
 __all__ = ["RedisCluster", "RedisServer"]
@@ -68,7 +67,7 @@ def _wait_until(
         time.sleep(0.02)
 
 
-class RedisServer:
+class RedisServer(LocalService):
     """One ``redis-server`` on 127.0.0.1, in the foreground of a child process.
 
     What callers may assume once :meth:`start` has returned:
@@ -216,18 +215,6 @@ class RedisServer:
             self._port = None
             self._owns_data_dir = False
 
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _args(self, binary: str) -> list[str]:
         args = [
             binary,
@@ -267,7 +254,7 @@ class RedisServer:
             raise
 
 
-class RedisCluster:
+class RedisCluster(LocalService):
     """A Redis Cluster of ``nodes`` masters (no replicas) on 127.0.0.1.
 
     What callers may assume once :meth:`start` has returned:
@@ -393,18 +380,6 @@ class RedisCluster:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-
-    def __enter__(self) -> RedisCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _wait_cluster_ok(self) -> None:
         deadline = time.monotonic() + self._startup_timeout

@@ -12,13 +12,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from localenv._process import kill_process, log_tail, spawn, terminate_process
+from localenv._process import LocalService, kill_process, log_tail, spawn, terminate_process
 from localenv.ports import free_ports
 
 __all__ = ["EVAL_METRIC_PATH_SUFFIX", "SESSION_TOKEN_HEADER", "TestAgent"]
@@ -40,7 +39,7 @@ def _find_binary() -> str:
     raise FileNotFoundError("'ddapm-test-agent' not found on PATH; install it with: pip install ddapm-test-agent")
 
 
-class TestAgent:
+class TestAgent(LocalService):
     """``ddapm-test-agent`` on 127.0.0.1 with LLM Observability forwarding disabled.
 
     What callers may assume once :meth:`start` has returned:
@@ -137,18 +136,6 @@ class TestAgent:
         if self._proc is not None:
             kill_process(self._proc)
             self._proc = None
-
-    def __enter__(self) -> TestAgent:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- session helpers --------------------------------------------------
 
