@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import orjson
 import structlog
 
+from consumer import records
 from consumer.dlq import Producer
 from consumer.metrics import Metrics
 from consumer.store import DueSide, RedisJoinStore
@@ -87,13 +88,14 @@ class Sweeper:
             return
         if outcome.verdict == "report" and outcome.body is not None:
             reason = "span_without_result" if side.event_id is None else "result_without_span"
+            decode = records.decode_span if side.event_id is None else records.decode
             message = {
                 "reason": reason,
                 "ml_app": side.namespace.ml_app,
                 "join_key": side.namespace.join_key,
                 "deadline_ms": side.deadline_ms,
                 "reported_at_ms": now_ms,
-                "side": orjson.loads(outcome.body),
+                "side": decode(outcome.body, side.namespace),
             }
             await self._producer.send_and_wait(
                 self._topic,

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from consumer import records
 from consumer.errors import InvalidMessage
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.payload import build_metric, encode_metric, evaluation_id
@@ -83,29 +82,30 @@ class Joiner:
         Events of one join key are stored in the order given, so a batch joins as its events one by one.
         """
         ops: list[SpanOp | ResultOp] = []
-        records: list[dict[str, Any]] = []
+        fields_of: list[dict[str, Any]] = []
         for event, source in items:
             assert event.ml_app is not None  # resolved by decode
             ns = Namespace(event.ml_app, event.join_key)
-            fields = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}), "source": source.as_dict()}
+            fields = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}, exclude_none=True),
+                      "source": source.as_dict()}
             if isinstance(event, SpanContextEvent):
-                ops.append(SpanOp(ns, f"{event.trace_id}:{event.span_id}", orjson.dumps(fields),
+                ops.append(SpanOp(ns, records.span_identity(event.trace_id, event.span_id), records.encode_span(fields),
                                   self._deadline(source)))
             else:
                 fields["received_ts_ms"] = source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000)
                 eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i)
                             for i in range(len(event.evaluations))]
-                ops.append(ResultOp(ns, event.event_id, orjson.dumps(fields), eval_ids, self._deadline(source)))
-            records.append(fields)
+                ops.append(ResultOp(ns, event.event_id, records.encode(fields), eval_ids, self._deadline(source)))
+            fields_of.append(fields)
         puts = await self._store.put_many(ops) if ops else []
-        return [_outcome(op, put, record) for op, put, record in zip(ops, puts, records, strict=True)]
+        return [_outcome(op, put, record) for op, put, record in zip(ops, puts, fields_of, strict=True)]
 
 
 def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, Any]) -> JoinResult | InvalidMessage:
     ns = op.ns
     if isinstance(put, SpanPut):
         if put.status == "conflict":
-            existing = orjson.loads(put.existing or b"{}")
+            existing = records.decode_span(put.existing, ns) if put.existing else {}
             return InvalidMessage(
                 "join_key_conflict",
                 f"{ns.ml_app}/{ns.join_key} is already bound to span {existing.get('span_id')} of "
@@ -114,12 +114,12 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
         # On "duplicate" the stored span has the same identity, so this record joins the same way.
         joined: list[Joined] = []
         for _event_id, result_record in sorted(put.pending.items()):
-            joined.extend(_joined(ns, record, orjson.loads(result_record), buffered=True))
+            joined.extend(_joined(ns, record, records.decode(result_record, ns), buffered=True))
         return JoinResult(put.status, joined)
     if put.status != "joined":
         return JoinResult(put.status, [])
     assert put.span is not None
-    return JoinResult("joined", _joined(ns, orjson.loads(put.span), record, buffered=False))
+    return JoinResult("joined", _joined(ns, records.decode_span(put.span, ns), record, buffered=False))
 
 
 def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buffered: bool) -> list[Joined]:

@@ -9,7 +9,7 @@ Redis Cluster. Deadlines live in sharded sorted sets (the deadline index), swept
 Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both percent-encoded):
 
 ========================  =====================================================================
-``prefix:{tag}:s``        the span: hash ``id`` (trace_id:span_id), ``body``, ``joined``
+``prefix:{tag}:s``        the span: string ``<joined 0|1><trace_id:span_id>\\n<body>``
 ``prefix:{tag}:r``        results waiting for the span: hash event_id -> record
 ``prefix:{tag}:d``        delivery ledger: hash eval_id -> ``d`` | ``x`` | ``c|owner|lease_until``
 ``prefix:{tag}:x``        sides whose deadline passed, kept until their report is published
@@ -63,13 +63,13 @@ class Namespace:
 class SpanPut:
     status: SpanStatus
     pending: dict[str, bytes]  # event_id -> result record, results that now join this span
-    existing: bytes | None = None  # on conflict: the span already bound to the key
+    existing: bytes | None = None  # on conflict: the span already bound to the key, identity, "\n", body
 
 
 @dataclass(frozen=True)
 class ResultPut:
     status: ResultStatus
-    span: bytes | None = None  # when joined: the span record
+    span: bytes | None = None  # when joined: the span, identity, "\n", body
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class DueSide:
 @dataclass(frozen=True)
 class ExpireOutcome:
     verdict: ExpireVerdict
-    body: bytes | None = None
+    body: bytes | None = None  # a result's record, or a span's identity, "\n", body
 
 
 class JoinStore(Protocol):
@@ -366,10 +366,7 @@ class RedisJoinStore:
         args = ["s"] if side.event_id is None else ["r", side.event_id]
         reply: list[Any] = await self._call(self._expire, keys=self._side_keys(side.namespace), args=args)
         verdict = reply[0].decode()
-        body: bytes | None = reply[1] if len(reply) > 1 else None
-        if body is not None and side.event_id is None:
-            body = body.partition(b"\n")[2]  # a span's copy is stored as "identity\nbody"
-        return ExpireOutcome(verdict, body)
+        return ExpireOutcome(verdict, reply[1] if len(reply) > 1 else None)
 
     async def forget(self, side: DueSide) -> None:
         field = "s" if side.event_id is None else f"r:{side.event_id}"
@@ -381,12 +378,14 @@ class RedisJoinStore:
 
     # -- inspection (operators' CLI) ------------------------------------------------------------
 
-    async def lookup(self, ns: Namespace) -> dict[str, dict[str, str]]:
-        """Everything stored for one join key: span, waiting results, ledger, sides being reported."""
-        out: dict[str, dict[str, str]] = {}
-        for name, suffix in (("span", "s"), ("pending_results", "r"), ("ledger", "d"), ("expiring", "x")):
+    async def lookup(self, ns: Namespace) -> dict[str, dict[str, bytes]]:
+        """Everything stored for one join key, as stored: span, waiting results, ledger, sides being reported."""
+        out: dict[str, dict[str, bytes]] = {}
+        span: bytes | None = await self._bounded(self._client.get(self._key(ns, "s")))
+        out["span"] = {} if span is None else {"body": span[1:], "joined": span[:1]}
+        for name, suffix in (("pending_results", "r"), ("ledger", "d"), ("expiring", "x")):
             raw: dict[bytes, bytes] = await self._bounded(self._client.hgetall(self._key(ns, suffix)))
-            out[name] = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+            out[name] = {k.decode(): v for k, v in raw.items()}
         return out
 
     async def census(self) -> dict[str, dict[str, int]]:

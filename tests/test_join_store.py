@@ -30,7 +30,7 @@ async def test_span_first_then_result_joins(store: RedisJoinStore) -> None:
     """A result arriving after its span joins at once and returns the span record."""
     assert (await store.put_span(NS, "t:1", b"SPAN", 10_000)).status == "stored"
     put = await store.put_result(NS, "e1", b"RESULT", ["v1"], 10_000)
-    assert (put.status, put.span) == ("joined", b"SPAN")
+    assert (put.status, put.span) == ("joined", b"t:1\nSPAN")
 
 
 async def test_result_first_waits_and_is_released_by_span(store: RedisJoinStore) -> None:
@@ -55,7 +55,7 @@ async def test_other_span_on_same_key_conflicts(store: RedisJoinStore) -> None:
     """A different span for a key already bound is a conflict that names the bound span."""
     await store.put_span(NS, "t:1", b"SPAN-1", 10_000)
     put = await store.put_span(NS, "t:2", b"SPAN-2", 10_000)
-    assert (put.status, put.existing) == ("conflict", b"SPAN-1")
+    assert (put.status, put.existing) == ("conflict", b"t:1\nSPAN-1")
 
 
 async def test_namespaces_do_not_collide(store: RedisJoinStore) -> None:
@@ -64,7 +64,7 @@ async def test_namespaces_do_not_collide(store: RedisJoinStore) -> None:
     assert (await store.put_result(Namespace("app-b", "1"), "e", b"R", ["v"], 10_000)).status == "buffered"
     odd = Namespace("a:{b}", "c}:{d")
     await store.put_span(odd, "t:9", b"ODD", 10_000)
-    assert (await store.put_result(odd, "e", b"R", ["v"], 10_000)).span == b"ODD"
+    assert (await store.put_result(odd, "e", b"R", ["v"], 10_000)).span == b"t:9\nODD"
     assert (await store.put_result(Namespace("a", "{b}:c}:{d"), "e", b"R", ["v"], 10_000)).status == "buffered"
 
 
@@ -111,7 +111,7 @@ async def test_expiry_reports_unmatched_sides_once(store: RedisJoinStore) -> Non
     assert {(s.namespace, s.event_id) for s in due} == {(lonely_span, None), (lonely_result, "e1")}
     for side in due:
         outcome = await store.expire(side)
-        assert (outcome.verdict, outcome.body) == ("report", b"SPAN" if side.event_id is None else b"RESULT")
+        assert (outcome.verdict, outcome.body) == ("report", b"t:1\nSPAN" if side.event_id is None else b"RESULT")
         # A crash before forget: the next sweep reports the same copy again.
         assert (await store.expire(side)).body == outcome.body
         await store.forget(side)

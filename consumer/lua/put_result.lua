@@ -1,11 +1,11 @@
 -- Join a result with its span, or buffer it until the span arrives.
--- KEYS[1] span hash   KEYS[2] pending results hash   KEYS[3] expiring hash   KEYS[4] delivery ledger
+-- KEYS[1] span string (see put_span.lua)   KEYS[2] pending results hash   KEYS[3] expiring hash   KEYS[4] delivery ledger
 -- ARGV[1] event_id   ARGV[2] result record   ARGV[3..] the result's evaluation ids
--- Returns {"joined", span body} | {"buffered"} | {"duplicate"}.
-local span = redis.call('HGET', KEYS[1], 'body')
+-- Returns {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"duplicate"}.
+local span = redis.call('GET', KEYS[1])
 if span then
-  redis.call('HSET', KEYS[1], 'joined', '1')
-  return {'joined', span}
+  if string.sub(span, 1, 1) ~= '1' then redis.call('SETRANGE', KEYS[1], 0, '1') end
+  return {'joined', string.sub(span, 2)}
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[3], 'r:' .. ARGV[1]) == 1 then
   return {'duplicate'}

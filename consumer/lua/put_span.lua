@@ -1,22 +1,23 @@
 -- Store a span-context side, or recognise it, and return the results that wait for it.
--- KEYS[1] span hash {id, body, joined}   KEYS[2] pending results hash {event_id -> record}
+-- KEYS[1] span string "<joined 0|1><identity>\n<body>"   KEYS[2] pending results hash {event_id -> record}
 -- KEYS[3] expiring hash (sides the sweeper is reporting)
--- ARGV[1] identity "trace_id:span_id"    ARGV[2] span record
--- Returns {status, {event_id, record, ...}} with status stored | duplicate, or {"conflict", existing body}.
-local id = redis.call('HGET', KEYS[1], 'id')
-if not id then
+-- ARGV[1] identity "trace_id:span_id"    ARGV[2] span body
+-- Returns {status, {event_id, record, ...}} with status stored | duplicate, or {"conflict", "<identity>\n<body>"}.
+-- A plain string, not a hash: a span waits for the whole join TTL, and a hash costs ~170 bytes more.
+local stored = redis.call('GET', KEYS[1])
+if not stored then
   local expiring = redis.call('HGET', KEYS[3], 's')
   if expiring and string.sub(expiring, 1, #ARGV[1] + 1) == ARGV[1] .. '\n' then
     return {'duplicate', {}}
   end
-  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'body', ARGV[2])
-  id = ARGV[1]
   local pending = redis.call('HGETALL', KEYS[2])
-  if #pending > 0 then redis.call('HSET', KEYS[1], 'joined', '1') end
+  local joined = '0'
+  if #pending > 0 then joined = '1' end
+  redis.call('SET', KEYS[1], joined .. ARGV[1] .. '\n' .. ARGV[2])
   return {'stored', pending}
 end
-if id ~= ARGV[1] then
-  return {'conflict', redis.call('HGET', KEYS[1], 'body')}
+if string.sub(stored, 2, #ARGV[1] + 2) ~= ARGV[1] .. '\n' then
+  return {'conflict', string.sub(stored, 2)}
 end
 -- A redelivered span: the results it joined may not have been delivered yet (a crash before the
 -- commit), so they are returned again; the delivery ledger keeps them from being sent twice.

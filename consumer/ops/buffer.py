@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+import zlib
+from collections.abc import Callable
 from typing import Any
 
-import orjson
-
+from consumer import records
 from consumer.store import Namespace, RedisJoinStore
 
 
@@ -28,23 +29,24 @@ async def overview(store: RedisJoinStore, *, oldest: int = 10, join_ttl_ms: int)
 
 async def lookup(store: RedisJoinStore, ml_app: str, join_key: str) -> dict[str, Any]:
     """Both sides and the delivery ledger of one join key, with stored records decoded."""
-    raw = await store.lookup(Namespace(ml_app, join_key))
+    ns = Namespace(ml_app, join_key)
+    raw = await store.lookup(ns)
 
-    def decode(text: str) -> Any:
+    def decode(data: bytes, how: Callable[[bytes, Namespace], Any] = records.decode) -> Any:
         try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return text
+            return how(data, ns)
+        except (ValueError, zlib.error):  # not a record this version wrote: show it as it is
+            return data.decode("utf-8", "replace")
 
     span = raw["span"]
     ledger_names = {"d": "delivered", "x": "dead-lettered"}
+    ledger = {k: v.decode() for k, v in raw["ledger"].items()}
     return {
         "ml_app": ml_app,
         "join_key": join_key,
-        "span": decode(span["body"]) if "body" in span else None,
-        "span_joined": span.get("joined") == "1",
+        "span": decode(span["body"], records.decode_span) if "body" in span else None,
+        "span_joined": span.get("joined") == b"1",
         "pending_results": {k: decode(v) for k, v in raw["pending_results"].items()},
-        "ledger": {k: ledger_names.get(v, "in flight" if v.startswith("c|") else v)
-                   for k, v in raw["ledger"].items()},
+        "ledger": {k: ledger_names.get(v, "in flight" if v.startswith("c|") else v) for k, v in ledger.items()},
         "being_reported": sorted(raw["expiring"]),
     }

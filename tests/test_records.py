@@ -1,0 +1,58 @@
+"""The stored form of buffered sides: compact, and read back exactly as written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from consumer import records
+from consumer.store import Namespace
+
+NS = Namespace("support-bot", "q-17")
+SPAN: dict[str, Any] = {
+    "ml_app": "support-bot", "join_key": "q-17", "trace_id": "a38fd547923a736994e3bf911a61dbe2",
+    "span_id": "3434761080576430277", "tags": {"env": "prod", "version": "1.4.2"}, "emitted_at_ms": 1763900000001,
+    "source": {"topic": "llmobs.span-context", "partition": 1, "offset": 12345, "timestamp_ms": 1763900001234},
+}
+RESULT: dict[str, Any] = {
+    "ml_app": "support-bot", "join_key": "q-17", "event_id": "job-1:q-17",
+    "evaluations": [{"label": "faithfulness", "metric_type": "score", "value": 0.91, "assessment": "pass",
+                     "reasoning": "the answer names the ingredients and the steps in order",
+                     "metadata": {"judge": {"raw": None}}, "tags": {"evaluator": "nemo"},
+                     "timestamp_ms": 1763900060001}],
+    "provenance": {"job_id": "job-1", "model": "meta/llama-3.1-8b-instruct"},
+    "source": {"topic": "nemo.eval-results", "partition": 1, "offset": 99, "timestamp_ms": 1763900061000},
+    "received_ts_ms": 1763900061000,
+}
+
+
+def test_a_result_reads_back_as_written() -> None:
+    """Nulls inside metadata and values survive: they are the user's data, not absent fields."""
+    assert records.decode(records.encode(RESULT), NS) == RESULT
+
+
+def test_a_span_reads_back_with_its_identity() -> None:
+    """The store keeps identity, newline, body; trace and span id come back from the identity."""
+    identity = records.span_identity(SPAN["trace_id"], SPAN["span_id"])
+    stored = identity.encode() + b"\n" + records.encode_span(SPAN)
+    assert records.decode_span(stored, NS) == SPAN
+
+
+def test_absent_fields_are_left_out() -> None:
+    """Null top-level fields and empty objects are not stored; readers use .get()."""
+    sparse = {**SPAN, "tags": {}, "emitted_at_ms": None}
+    back = records.decode(records.encode(sparse), NS)
+    assert "tags" not in back and "emitted_at_ms" not in back
+
+
+def test_stored_records_are_much_smaller_than_the_events() -> None:
+    """What the key says is left out and the rest deflated: about a third of the JSON here."""
+    assert len(records.encode_span(SPAN)) < len(orjson.dumps(SPAN)) / 3
+    assert len(records.encode(RESULT)) < len(orjson.dumps(RESULT)) / 2
+
+
+def test_plain_json_records_written_before_the_compact_format_still_read() -> None:
+    assert records.decode(orjson.dumps(RESULT), NS) == RESULT
+    legacy_span = b"a38fd547923a736994e3bf911a61dbe2:3434761080576430277\n" + orjson.dumps(SPAN)
+    assert records.decode_span(legacy_span, NS) == SPAN
