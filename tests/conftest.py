@@ -19,6 +19,7 @@ import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from consumer.config import Settings
 from consumer.service import Service
@@ -190,13 +191,16 @@ async def read_topic(bootstrap: str, topic: str, count: int, *, within: float = 
 
 
 async def group_lag(bootstrap: str, group: str, topic_names: list[str]) -> int:
-    """Records of ``topic_names`` not yet committed by consumer group ``group``."""
+    """Records of ``topic_names`` not yet committed by consumer group ``group`` (-1: ask again)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     await admin.start()
     await consumer.start()
     try:
-        committed = await admin.list_consumer_group_offsets(group)
+        try:
+            committed = await admin.list_consumer_group_offsets(group)
+        except GroupCoordinatorNotAvailableError:  # a new broker creates its offsets topic on first use
+            return -1
         partitions = [TopicPartition(t, p) for t in topic_names for p in await _partitions(consumer, t)]
         ends = await consumer.end_offsets(partitions)
         return sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
