@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     intake_timeout_seconds: float = Field(10.0, gt=0)
     intake_batch_max_evals: int = Field(256, ge=1, le=10_000)
     intake_max_body_bytes: int = Field(4_000_000, ge=10_000, le=5_000_000)
+    intake_max_in_flight: int = Field(4, ge=1, le=64)
     intake_retry_initial_seconds: float = Field(0.5, gt=0)
     intake_retry_max_seconds: float = Field(30.0, gt=0)
     claim_lease_seconds: float = Field(60.0, gt=0)

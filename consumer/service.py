@@ -14,6 +14,7 @@ commits, and leaves the group. On revoke it waits for the batch in flight, then 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import socket
@@ -208,20 +209,20 @@ class Service:
                  if not isinstance(event, InvalidMessage)]
         outcomes = iter(await self._joiner.join_many(valid) if valid else [])
         joined: list[Joined] = []
+        debug = log.isEnabledFor(logging.DEBUG)  # the per-record context costs more than the join itself
         for record, event in zip(records, decoded, strict=True):
             outcome = event if isinstance(event, InvalidMessage) else next(outcomes)
-            context = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-            if not isinstance(event, InvalidMessage):
-                context.update(ml_app=event.ml_app, join_key=event.join_key)
             kind = "span" if record.topic == self._span_topic else "result"
-            with structlog.contextvars.bound_contextvars(**context):
-                if isinstance(outcome, InvalidMessage):
+            if isinstance(outcome, InvalidMessage):
+                with structlog.contextvars.bound_contextvars(**_context(record, event)):
                     await self._dead_letter(record, kind, outcome)
-                    continue
-                self._dead_letters.record_valid()
-                self.metrics.events.labels(kind=kind, outcome=outcome.status).inc()
-                log.debug("message_joined", status=outcome.status, evaluations=len(outcome.joined))
-                joined.extend(outcome.joined)
+                continue
+            self._dead_letters.record_valid()
+            self.metrics.events.labels(kind=kind, outcome=outcome.status).inc()
+            if debug:
+                log.debug("message_joined", status=outcome.status, evaluations=len(outcome.joined),
+                          **_context(record, event))
+            joined.extend(outcome.joined)
         return joined
 
     def _decode(self, record: Any) -> SpanContextEvent | NemoResultEvent | InvalidMessage:
@@ -321,7 +322,7 @@ class _ServiceContext:
                                   metrics=metrics,
                                   max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
                                   retry_initial_s=s.intake_retry_initial_seconds,
-                                  retry_max_s=s.intake_retry_max_seconds)
+                                  retry_max_s=s.intake_retry_max_seconds, max_in_flight=s.intake_max_in_flight)
             stack.push_async_callback(sink.aclose)
         except BaseException:
             await stack.aclose()
@@ -390,6 +391,14 @@ def _merge(a: Batch, b: Batch) -> Batch:
     for tp, records in b.items():
         out.setdefault(tp, []).extend(records)
     return out
+
+
+def _context(record: Any, event: SpanContextEvent | NemoResultEvent | InvalidMessage) -> dict[str, Any]:
+    """What a log line about one record says about it."""
+    context: dict[str, Any] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+    if not isinstance(event, InvalidMessage):
+        context.update(ml_app=event.ml_app, join_key=event.join_key)
+    return context
 
 
 def _source(record: Any) -> Source:

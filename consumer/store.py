@@ -24,6 +24,7 @@ import asyncio
 import zlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote
@@ -49,8 +50,8 @@ class Namespace:
     ml_app: str
     join_key: str
 
-    @property
-    def tag(self) -> str:
+    @cached_property
+    def tag(self) -> str:  # cached: every key of a namespace starts with it, several per record
         return f"{quote(self.ml_app, safe='')}:{quote(self.join_key, safe='')}"
 
     @classmethod
@@ -285,35 +286,49 @@ class RedisJoinStore:
         return put
 
     async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
-        """``put_span``/``put_result`` for many sides in two round trips, in order per namespace."""
+        """``put_span``/``put_result`` for many sides in one round trip (two on a cluster), in order per namespace.
+
+        A stored side is entered in the deadline index by its own script, atomically. On a cluster
+        the index lives in another slot, so it is written afterwards: a crash in between leaves the
+        message uncommitted, and its redelivery (status "duplicate") indexes it then.
+        """
+        in_script = not isinstance(self._client, RedisCluster)
         calls: list[tuple[AsyncScript, Namespace, list[str], list[Any]]] = []
+        members: list[str] = []
         for op in ops:
+            keys = self._side_keys(op.ns)
             if isinstance(op, SpanOp):
-                calls.append((self._put_span, op.ns, self._side_keys(op.ns), [op.identity, op.record]))
+                member = f"s{_SEP}{op.ns.tag}"
+                args: list[Any] = [op.identity, op.record, op.deadline_ms, member]
+                script = self._put_span
             else:
-                calls.append((self._put_result, op.ns, [*self._side_keys(op.ns), self._key(op.ns, "d")],
-                              [op.event_id, op.record, *op.eval_ids]))
+                member = f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
+                keys.append(self._key(op.ns, "d"))
+                args = [op.event_id, op.record, op.deadline_ms, member, *op.eval_ids]
+                script = self._put_result
+            if in_script:
+                keys.append(self.index_key(self.shard_of(op.ns)))
+            calls.append((script, op.ns, keys, args))
+            members.append(member)
         replies = await self._run_scripts(calls)
         puts: list[SpanPut | ResultPut] = []
         index: list[tuple[Namespace, str, int]] = []
-        for op, reply in zip(ops, replies, strict=True):
+        for op, member, reply in zip(ops, members, replies, strict=True):
             status = reply[0].decode()
             if isinstance(op, SpanOp):
                 if status == "conflict":
                     puts.append(SpanPut("conflict", {}, reply[1]))
                     continue
-                index.append((op.ns, f"s{_SEP}{op.ns.tag}", op.deadline_ms))
+                index.append((op.ns, member, op.deadline_ms))
                 flat = reply[1]
                 puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
             elif status == "joined":
                 puts.append(ResultPut("joined", reply[1]))
             else:
-                if status == "buffered" or status == "duplicate":
-                    index.append((op.ns, f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}", op.deadline_ms))
+                index.append((op.ns, member, op.deadline_ms))
                 puts.append(ResultPut(status))
-        # Index after storing: a crash in between leaves the message uncommitted, and its
-        # redelivery (status "duplicate") indexes it then.
-        await self._index_many(index)
+        if not in_script:
+            await self._index_many(index)
         return puts
 
     # -- delivery ledger -------------------------------------------------------------------------

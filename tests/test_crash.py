@@ -169,8 +169,9 @@ async def test_sigkill_mid_batch_and_restart_loses_nothing(make_settings: Callab
     seed = int(os.environ.get("EVALJOIN_CRASH_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     # Small Kafka batches and small intake requests against a slow intake: a batch is almost always
-    # in flight, part of it already answered 2xx and not yet recorded in the ledger.
-    settings = make_settings(kafka_max_batch=16, intake_batch_max_evals=3)
+    # in flight, part of it already answered 2xx and not yet recorded in the ledger. One request at a
+    # time, so that the workload outlasts the kills.
+    settings = make_settings(kafka_max_batch=16, intake_batch_max_evals=3, intake_max_in_flight=1)
     expected: set[tuple[str, str]] = set()
     messages: list[tuple[str, str, dict[str, Any]]] = []
     for i in range(n):
