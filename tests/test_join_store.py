@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from consumer.store import Namespace, RedisJoinStore, connect
+from consumer.store import ITEMS_PER_CALL, Namespace, RedisJoinStore, ResultOp, SpanOp, connect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,3 +136,22 @@ async def test_redelivered_side_moves_deadline_only_later(store: RedisJoinStore)
     await store.forget(side)  # the sweeper read the old deadline; the new entry must survive
     (later,) = [s for shard in range(store.shards) for s in await store.due(shard, 9_000, 100)]
     assert later.deadline_ms == 8_000
+
+
+async def test_a_batch_larger_than_one_call_keeps_each_keys_order(store: RedisJoinStore) -> None:
+    """A batch spans several script calls (pipelined) and many keys: each key's sides still meet in order."""
+    n = ITEMS_PER_CALL + 44  # one key's result and span land in different calls
+    ops: list[SpanOp | ResultOp] = []
+    for i in range(n):
+        ns = Namespace("app", f"big-{i}")
+        ops.append(ResultOp(ns, f"e{i}", f"R{i}".encode(), [f"v{i}"], 10_000))
+    ops += [SpanOp(Namespace("app", f"big-{i}"), f"t:{i}", f"S{i}".encode(), 10_000) for i in range(n)]
+    puts = await store.put_many(ops)
+    assert [p.status for p in puts] == ["buffered"] * n + ["stored"] * n
+    assert [p.pending for p in puts[n:]] == [{f"e{i}": f"R{i}".encode()} for i in range(n)]  # type: ignore[union-attr]
+    requests = [(Namespace("app", f"big-{i}"), [f"v{i}"]) for i in range(n)]
+    claims = await store.claim_many(requests, owner="me", now_ms=1, lease_ms=1_000)
+    assert claims == [["new"]] * n
+    await store.settle_many([(ns, ids, [f"e{i}"]) for i, (ns, ids) in enumerate(requests)], dead_lettered=False)
+    assert await store.claim_many(requests, owner="me", now_ms=2, lease_ms=1_000) == [["done"]] * n
+    assert all(state == "d" for state in [await store.delivery_state(ns, ids[0]) for ns, ids in requests])
