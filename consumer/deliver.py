@@ -24,7 +24,7 @@ from consumer.dlq import DeadLetters
 from consumer.join import Joined
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink
-from consumer.store import JoinStore, Namespace
+from consumer.store import JoinStore, Namespace, Settle
 
 log = structlog.get_logger(__name__)
 
@@ -50,18 +50,21 @@ class Deliverer:
     async def deliver(self, joined: Sequence[Joined]) -> DeliveryReport:
         report = DeliveryReport()
         everything = _unique(joined)
+        # The buffered copies of these results may go once every evaluation is finished (by us or by
+        # another consumer); not earlier, or a crash would lose the rest of a result.
+        buffered = [item for item in everything if item.buffered]
         waiting = everything
         while waiting:
             claimed, busy = await self._claim(waiting, report)
+            last = not busy
             if claimed:
-                await self._send(claimed, report)
+                await self._send(claimed, report, drop_from=buffered if last else ())
+            elif last:
+                await self._settle([], [], drop_from=buffered)
             if busy:
                 log.info("delivery_waits_for_other_consumer", evaluations=len(busy))
                 await asyncio.sleep(self._busy_poll_s)
             waiting = busy
-        # Every evaluation is finished now (by us or by another consumer), so the buffered copies
-        # of these results may go; not earlier, or a crash would lose the rest of a result.
-        await self._settle([], dead_lettered=False, drop_from=[item for item in everything if item.buffered])
         self._metrics.evaluations.labels(outcome="delivered").inc(report.delivered)
         self._metrics.evaluations.labels(outcome="already_delivered").inc(report.already_done)
         self._metrics.evaluations.labels(outcome="rejected").inc(report.dead_lettered)
@@ -86,7 +89,7 @@ class Deliverer:
                     report.already_done += 1
         return claimed, busy
 
-    async def _send(self, items: list[Joined], report: DeliveryReport) -> None:
+    async def _send(self, items: list[Joined], report: DeliveryReport, *, drop_from: Sequence[Joined]) -> None:
         rejections = {r.index: r for r in await self._sink.send([item.metric for item in items])}
         await asyncio.gather(*(
             self._dead_letters.rejected(key=_key(items[i]), metric=items[i].metric, source=items[i].source,
@@ -101,22 +104,25 @@ class Deliverer:
         now_ms = time.time() * 1000
         for item in delivered:
             self._metrics.join_latency_seconds.observe(max(0.0, (now_ms - item.first_seen_ms) / 1000))
-        await self._settle(dead, dead_lettered=True)
-        await self._settle(delivered, dead_lettered=False)
+        await self._settle(delivered, dead, drop_from=drop_from)
         report.delivered += len(delivered)
         report.dead_lettered += len(dead)
 
-    async def _settle(self, items: list[Joined], *, dead_lettered: bool, drop_from: Sequence[Joined] = ()) -> None:
-        eval_ids: dict[Namespace, list[str]] = defaultdict(list)
-        event_ids: dict[Namespace, set[str]] = defaultdict(set)
-        for item in items:
-            eval_ids[item.namespace].append(item.eval_id)
+    async def _settle(self, delivered: list[Joined], dead: list[Joined], *, drop_from: Sequence[Joined]) -> None:
+        """Record finished evaluations and drop finished results: one store call."""
+        delivered_ids: dict[Namespace, list[str]] = defaultdict(list)
+        dead_ids: dict[Namespace, list[str]] = defaultdict(list)
+        drops: dict[Namespace, dict[str, None]] = defaultdict(dict)  # ordered, without repeats
+        for item in delivered:
+            delivered_ids[item.namespace].append(item.eval_id)
+        for item in dead:
+            dead_ids[item.namespace].append(item.eval_id)
         for item in drop_from:
-            event_ids[item.namespace].add(item.event_id)
-        namespaces = list(eval_ids) + [ns for ns in event_ids if ns not in eval_ids]
+            drops[item.namespace][item.event_id] = None
+        namespaces = dict.fromkeys([*delivered_ids, *dead_ids, *drops])
         if namespaces:
-            await self._store.settle_many([(ns, eval_ids.get(ns, []), sorted(event_ids.get(ns, ())))
-                                           for ns in namespaces], dead_lettered=dead_lettered)
+            await self._store.settle_many([Settle(ns, delivered_ids.get(ns, []), dead_ids.get(ns, []),
+                                                  list(drops.get(ns, {}))) for ns in namespaces])
 
 
 def _key(item: Joined) -> bytes:

@@ -36,7 +36,7 @@ from redis.commands.core import AsyncScript
 RedisClient = Redis | RedisCluster
 
 SpanStatus = Literal["stored", "duplicate", "conflict"]
-ResultStatus = Literal["joined", "buffered", "duplicate"]
+ResultStatus = Literal["joined", "buffered", "duplicate", "full"]  # full: too many results wait for the span
 ClaimVerdict = Literal["new", "done", "busy"]
 ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
 
@@ -95,6 +95,16 @@ class ResultOp:
 
 
 @dataclass(frozen=True)
+class Settle:
+    """One namespace's part of a :meth:`RedisJoinStore.settle_many`: evaluations finished, results to drop."""
+
+    ns: Namespace
+    delivered: Sequence[str] = ()
+    dead_lettered: Sequence[str] = ()
+    drop_event_ids: Sequence[str] = ()  # results whose every evaluation is finished
+
+
+@dataclass(frozen=True)
 class DueSide:
     """A deadline-index entry that is due: a span (``event_id`` None) or one result."""
 
@@ -126,7 +136,10 @@ class JoinStore(Protocol):
 
     async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
                          deadline_ms: int) -> ResultPut:
-        """Join the result with its span if the span is here, else buffer it until ``deadline_ms``."""
+        """Join the result with its span if the span is here, else buffer it until ``deadline_ms``.
+
+        ``full`` when the join key already has as many results waiting as the store allows: not stored.
+        """
         ...
 
     async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
@@ -143,9 +156,8 @@ class JoinStore(Protocol):
         """``claim`` for many namespaces at once; verdicts per request."""
         ...
 
-    async def settle_many(self, requests: Sequence[tuple[Namespace, Sequence[str], Sequence[str]]], *,
-                          dead_lettered: bool) -> None:
-        """``settle`` for many (namespace, eval ids, event ids to drop) at once."""
+    async def settle_many(self, requests: Sequence[Settle]) -> None:
+        """``settle`` for many namespaces at once, delivered and dead-lettered evaluations together."""
         ...
 
     async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
@@ -192,8 +204,10 @@ class RedisJoinStore:
     """:class:`JoinStore` on Redis or Redis Cluster."""
 
     def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
-                 ledger_retention_ms: int, max_concurrency: int = 32) -> None:
+                 ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0) -> None:
         self._client = client
+        # Results that may wait for one join key's span (0: no limit); a result over it is refused ("full").
+        self._max_pending = max_pending_results
         # At most this many commands in flight, so that a large batch never exhausts the client's pool.
         self._slots = asyncio.Semaphore(max_concurrency)
         self._prefix = prefix
@@ -319,7 +333,7 @@ class RedisJoinStore:
                 args = ["r", op.event_id, op.record, op.deadline_ms, member, len(op.eval_ids), *op.eval_ids]
             items.append((op.ns, keys, args))
             members.append(member)
-        replies = await self._run_batched(self._put, [5 if in_script else 4], items)
+        replies = await self._run_batched(self._put, [5 if in_script else 4, self._max_pending], items)
         puts: list[SpanPut | ResultPut] = []
         index: list[tuple[Namespace, str, int]] = []
         for op, member, reply in zip(ops, members, replies, strict=True):
@@ -333,6 +347,8 @@ class RedisJoinStore:
                 puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
             elif status == "joined":
                 puts.append(ResultPut("joined", reply[1]))
+            elif status == "full":
+                puts.append(ResultPut("full"))
             else:
                 index.append((op.ns, member, op.deadline_ms))
                 puts.append(ResultPut(status))
@@ -356,15 +372,16 @@ class RedisJoinStore:
 
     async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
                      drop_event_ids: Sequence[str] = ()) -> None:
-        await self.settle_many([(ns, eval_ids, drop_event_ids)], dead_lettered=dead_lettered)
+        await self.settle_many([Settle(ns, (), eval_ids, drop_event_ids) if dead_lettered
+                                else Settle(ns, eval_ids, (), drop_event_ids)])
 
-    async def settle_many(self, requests: Sequence[tuple[Namespace, Sequence[str], Sequence[str]]], *,
-                          dead_lettered: bool) -> None:
-        """``settle`` for many (namespace, eval ids, event ids to drop) in one round trip."""
-        await self._run_batched(
-            self._settle, ["x" if dead_lettered else "d", self._retention_ms],
-            [(ns, [self._key(ns, "d"), self._key(ns, "r")], [len(eval_ids), *eval_ids, len(drop), *drop])
-             for ns, eval_ids, drop in requests])
+    async def settle_many(self, requests: Sequence[Settle]) -> None:
+        """``settle`` for many namespaces in one round trip."""
+        await self._run_batched(self._settle, [self._retention_ms], [
+            (r.ns, [self._key(r.ns, "d"), self._key(r.ns, "r")],
+             [len(r.delivered), *r.delivered, len(r.dead_lettered), *r.dead_lettered,
+              len(r.drop_event_ids), *r.drop_event_ids])
+            for r in requests])
 
     async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
         """The ledger entry of one evaluation (for inspection and tests)."""

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from consumer.store import ITEMS_PER_CALL, Namespace, RedisJoinStore, ResultOp, SpanOp, connect
+from consumer.store import ITEMS_PER_CALL, Namespace, RedisJoinStore, ResultOp, Settle, SpanOp, connect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,6 +152,6 @@ async def test_a_batch_larger_than_one_call_keeps_each_keys_order(store: RedisJo
     requests = [(Namespace("app", f"big-{i}"), [f"v{i}"]) for i in range(n)]
     claims = await store.claim_many(requests, owner="me", now_ms=1, lease_ms=1_000)
     assert claims == [["new"]] * n
-    await store.settle_many([(ns, ids, [f"e{i}"]) for i, (ns, ids) in enumerate(requests)], dead_lettered=False)
+    await store.settle_many([Settle(ns, ids, (), [f"e{i}"]) for i, (ns, ids) in enumerate(requests)])
     assert await store.claim_many(requests, owner="me", now_ms=2, lease_ms=1_000) == [["done"]] * n
     assert all(state == "d" for state in [await store.delivery_state(ns, ids[0]) for ns, ids in requests])
