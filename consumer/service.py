@@ -2,13 +2,16 @@
 
 Each batch from ``getmany`` is processed as a whole: every record is decoded (or dead-lettered),
 joined in the store, and every evaluation it completed is delivered; only then are its offsets
-committed. Processing a batch is idempotent, so a batch that fails on a transient error (Redis or
-Kafka unreachable) is simply processed again after a backoff. While a batch is in progress the
-assigned partitions are paused and the consumer keeps polling, so memory stays bounded and the
-group does not evict a consumer that is waiting on a slow intake.
+committed. Two stages overlap: while one batch's evaluations are delivered, the next batch is
+fetched and joined; its delivery starts only when the previous one has finished (one owner's
+deliveries never race for the same evaluation), and offsets are committed in order. So at most two
+batches are in flight. Both stages are idempotent: a join that fails on a transient error (Redis or
+Kafka unreachable) is done again after a backoff, and so is a delivery. While the next batch waits for the
+delivery in flight, the assigned partitions are paused and the consumer keeps polling, so memory
+stays bounded and the group does not evict a consumer that is waiting on a slow intake.
 
-On SIGTERM the loop stops fetching, finishes the batch in flight (bounded by the shutdown timeout),
-commits, and leaves the group. On revoke it waits for the batch in flight, then commits.
+On SIGTERM the loop stops fetching, finishes the batches in flight (bounded by the shutdown
+timeout), commits, and leaves the group. On revoke it waits for the batches in flight, then commits.
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ class Service:
                                join_ttl_ms=settings.join_ttl_seconds * 1000)
         self._committer = OffsetCommitter(consumer, metrics)
         self._stopping = asyncio.Event()
-        self._work: asyncio.Task[None] | None = None
+        self._stop_requested_at = 0.0
+        self._work: asyncio.Task[None] | None = None  # the batch being joined (and waiting to deliver)
+        self._delivering: asyncio.Task[None] | None = None  # the previous batch's delivery
         self.batches_done = 0
         self.last_progress = time.time()
         self.in_group = False
@@ -90,7 +95,9 @@ class Service:
         return _ServiceContext(settings)
 
     def stop(self) -> None:
-        """Ask the loop to finish the batch in flight, commit and return."""
+        """Ask the loop to finish the batches in flight, commit and return."""
+        if not self._stopping.is_set():
+            self._stop_requested_at = time.monotonic()
         self._stopping.set()
 
     async def run(self) -> None:
@@ -102,12 +109,15 @@ class Service:
             while not self._stopping.is_set():
                 batch = carry or await self._consumer.getmany(timeout_ms=500, max_records=self._max_batch)
                 self._progressed()
+                self._raise_if_delivery_failed()
                 carry = {}
                 if batch:
-                    carry = await self._process_until_done(batch)
-                    await self._committer.commit()
+                    carry = await self._process_until_done(batch)  # the delivery stage commits
+            await self._wait_for_delivery(self._stop_requested_at + self._shutdown_timeout - time.monotonic())
         finally:
             await cancel_and_wait(sweeper)
+            if self._delivering is not None and not self._delivering.done():
+                await cancel_and_wait(self._delivering)  # leaving on an error: its offsets stay uncommitted
             await self._committer.commit()
 
     # -- one batch ------------------------------------------------------------------------------
@@ -178,22 +188,59 @@ class Service:
         return fetched
 
     async def _process(self, batch: Batch) -> None:
+        """Join a batch, then hand it to the delivery stage once the previous batch is delivered."""
         with span("evaljoin.batch", records=_count(batch), partitions=len(batch)):
-            await self._process_batch(batch)
+            joined = await self._join_records([record for records in batch.values() for record in records])
+            previous = self._delivering
+            if previous is not None:
+                await previous  # its failure (the DLQ limit) is this batch's too; a cancel abandons both
+            self._delivering = asyncio.create_task(self._deliver_until_done(batch, joined), name="evaljoin-deliver")
 
-    async def _process_batch(self, batch: Batch) -> None:
-        joined = await self._join_records([record for records in batch.values() for record in records])
-        if joined:
-            with span("evaljoin.deliver", evaluations=len(joined)):
-                report = await self._deliverer.deliver(joined)
+    async def _wait_for_delivery(self, timeout_s: float) -> None:
+        """Let the delivery in flight finish (it retries on its own); cancel it after ``timeout_s``."""
+        delivering = self._delivering
+        if delivering is not None and not delivering.done():
+            done, _ = await asyncio.wait({delivering}, timeout=max(0.0, timeout_s))
+            if not done:
+                log.warning("delivery_abandoned", timeout_s=round(timeout_s, 1))
+                await cancel_and_wait(delivering)
+        self._raise_if_delivery_failed()
+
+    def _raise_if_delivery_failed(self) -> None:
+        """A delivery's failure (the DLQ limit, or a defect) stops the service even when no batch follows."""
+        delivering = self._delivering
+        if delivering is not None and delivering.done() and not delivering.cancelled():
+            error = delivering.exception()
+            if error is not None:
+                self._delivering = None
+                raise error
+
+    async def _deliver_until_done(self, batch: Batch, joined: list[Joined]) -> None:
+        """Deliver a joined batch, retrying after transient failures; then its offsets may be committed."""
+        delay = 0.2
+        while joined:
+            try:
+                with span("evaljoin.deliver", evaluations=len(joined)):
+                    report = await self._deliverer.deliver(joined)
+            except TRANSIENT as exc:
+                if self._stopping.is_set():
+                    log.warning("delivery_abandoned_on_shutdown", error=repr(exc))
+                    return
+                log.warning("delivery_retry", error=repr(exc), retry_in_s=round(delay, 2), evaluations=len(joined))
+                self.metrics.batch_retries.inc()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+                continue
             log.info("batch_delivered", delivered=report.delivered, already_done=report.already_done,
                      dead_lettered=report.dead_lettered)
+            break
         for tp, records in batch.items():
             self._committer.finished(tp, records[-1].offset + 1)
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
                 self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                     max(0, highwater - records[-1].offset - 1))
+        await self._committer.commit()
 
     async def _join_records(self, records: Sequence[Any]) -> list[Joined]:
         """Decode every record, join the valid ones in one store call, then finish each in record order.
@@ -209,7 +256,7 @@ class Service:
                  if not isinstance(event, InvalidMessage)]
         outcomes = iter(await self._joiner.join_many(valid) if valid else [])
         joined: list[Joined] = []
-        debug = log.isEnabledFor(logging.DEBUG)  # the per-record context costs more than the join itself
+        debug = log.is_enabled_for(logging.DEBUG)  # the per-record context costs more than the join itself
         for record, event in zip(records, decoded, strict=True):
             outcome = event if isinstance(event, InvalidMessage) else next(outcomes)
             kind = "span" if record.topic == self._span_topic else "result"
@@ -264,12 +311,13 @@ class Service:
         # unready at once would stall rollouts and node drains for what is a normal, short pause.
         self.metrics.rebalances.inc()
         self.metrics.assigned_partitions.set(0)
-        work = self._work
-        if work is not None and not work.done():
-            done, _ = await asyncio.wait({work}, timeout=self._shutdown_timeout)
-            if not done:
+        in_flight = {task for task in (self._work, self._delivering) if task is not None and not task.done()}
+        if in_flight:
+            _, late = await asyncio.wait(in_flight, timeout=self._shutdown_timeout)
+            if late:
                 log.warning("revoke_cancels_batch", partitions=len(revoked))
-                await cancel_and_wait(work)
+                for task in late:
+                    await cancel_and_wait(task)
         await self._committer.commit()
         self._committer.forget(revoked)
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
