@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = None
     kafka_max_batch: int = Field(500, ge=1, le=100_000)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    kafka_fetch_max_wait_ms: int = Field(100, ge=0, le=10_000)
     span_topic: str = "llmobs.span-context"
     result_topic: str = "nemo.eval-results"
     dlq_topic: str = "evaljoin.dlq"

@@ -356,6 +356,7 @@ class _ServiceContext:
                                         max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                                         fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
                                         max_partition_fetch_bytes=s.max_message_bytes + 65_536,
+                                        fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
                                         **kafka_common)
             await consumer.start()
             # Leaving the group can wait on a rebalance for as long as other members take to rejoin
