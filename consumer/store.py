@@ -196,6 +196,9 @@ async def connect(url: str, *, cluster: bool, max_connections: int = 64) -> Redi
     return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30))
 
 
+ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call
+
+
 def _script(name: str) -> str:
     return resources.files("consumer").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
 
