@@ -32,11 +32,26 @@ SEED_LABEL = "quality_assessment"
 _DETAIL_LIMIT = 1000
 
 
-def _parse_json(value: bytes | None, max_bytes: int) -> Any:
+def record_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """The size ``MAX_MESSAGE_BYTES`` limits: the key, the value, and each header's name and value.
+
+    Headers and key count because the consumer holds them in memory with the value and a dead-lettered
+    copy carries them: a record with a small value and a megabyte of headers is just as large.
+    """
+    header_bytes = sum(len(name.encode("utf-8", "surrogatepass")) + len(data or b"") for name, data in headers)
+    return len(key or b"") + len(value or b"") + header_bytes
+
+
+def _check_size(key: bytes | None, value: bytes | None, headers: Headers, max_bytes: int) -> None:
+    size = record_bytes(key, value, headers)
+    if size > max_bytes:
+        raise InvalidMessage("oversize", f"the record is {size} bytes (value {len(value or b'')}, key and headers "
+                                         f"{size - len(value or b'')}), the limit is {max_bytes}")
+
+
+def _parse_json(value: bytes | None) -> Any:
     if value is None or not value:
         raise InvalidMessage("empty", "the record has no value")
-    if len(value) > max_bytes:
-        raise InvalidMessage("oversize", f"the value is {len(value)} bytes, the limit is {max_bytes}")
     try:
         # orjson rejects invalid UTF-8, NaN/Infinity literals, out-of-range numbers and deep nesting.
         return orjson.loads(value)
@@ -55,13 +70,19 @@ def _schema_error(exc: ValidationError) -> InvalidMessage:
     return InvalidMessage("schema", "; ".join(parts)[:_DETAIL_LIMIT])
 
 
+def _brief(value: Any) -> str:
+    """A value for an error detail, short. A container only by its type: str() of a deeply nested one
+    (JSON allows 1024 levels) exhausts Python's stack, and the error would escape decoding."""
+    return type(value).__name__ if isinstance(value, dict | list) else str(value)[:40]
+
+
 def _check_version(obj: dict[str, Any]) -> None:
     version = obj.get("schema_version")
     # An integer, not just something equal to one: true and 1.0 compare equal to 1 (and pass Literal[1]).
     if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidMessage(
             "unsupported_schema_version",
-            f"schema_version {str(version)[:40]!r} is not supported (this consumer reads {SCHEMA_VERSION})",
+            f"schema_version {_brief(version)!r} is not supported (this consumer reads {SCHEMA_VERSION})",
         )
 
 
@@ -120,7 +141,10 @@ def _result_from_judge_line(obj: dict[str, Any], join_key: str) -> dict[str, Any
         isinstance(tstamp, bool) or not isinstance(tstamp, int | float) or not 0 <= tstamp < 253402300800
     ):
         raise InvalidMessage("schema", "tstamp must be a Unix time in seconds")
-    canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    try:
+        canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:  # nested deeper than orjson encodes (it decodes deeper than it encodes)
+        raise InvalidMessage("schema", f"the judge line cannot be encoded again: {exc}") from exc
     evaluation: dict[str, Any] = {
         "label": SEED_LABEL,
         "metric_type": "score",
@@ -138,9 +162,10 @@ def _result_from_judge_line(obj: dict[str, Any], join_key: str) -> dict[str, Any
 
 
 def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
-                max_bytes: int) -> SpanContextEvent:
+                max_bytes: int, key: bytes | None = None) -> SpanContextEvent:
     """Decode a record of the span topic. Raises :class:`InvalidMessage`; never anything else."""
-    obj = _parse_json(value, max_bytes)
+    _check_size(key, value, headers, max_bytes)
+    obj = _parse_json(value)
     if not isinstance(obj, dict):
         raise InvalidMessage("schema", "a span-context event must be a JSON object")
     if isinstance(obj.get("input"), dict) and "schema_version" not in obj:
@@ -148,7 +173,7 @@ def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default
     elif "schema_version" in obj:
         _check_version(obj)
         if obj.get("kind", "span_context") != "span_context":
-            raise InvalidMessage("wrong_topic", f"a {str(obj.get('kind'))[:40]!r} event on the span topic")
+            raise InvalidMessage("wrong_topic", f"a {_brief(obj.get('kind'))!r} event on the span topic")
         fields = obj
     else:
         raise InvalidMessage("schema", "neither a span-context event nor an outputs.json record")
@@ -160,9 +185,10 @@ def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default
 
 
 def decode_result(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
-                  max_bytes: int) -> NemoResultEvent:
+                  max_bytes: int, key: bytes | None = None) -> NemoResultEvent:
     """Decode a record of the result topic. Raises :class:`InvalidMessage`; never anything else."""
-    obj = _parse_json(value, max_bytes)
+    _check_size(key, value, headers, max_bytes)
+    obj = _parse_json(value)
     if not isinstance(obj, dict):
         raise InvalidMessage("schema", "a NeMo result event must be a JSON object")
     if "schema_version" not in obj and "score" in obj and ("judgment" in obj or join_key in obj):
@@ -172,7 +198,7 @@ def decode_result(value: bytes | None, headers: Headers, *, join_key: str, defau
     elif "schema_version" in obj:
         _check_version(obj)
         if obj.get("kind", "nemo_result") != "nemo_result":
-            raise InvalidMessage("wrong_topic", f"a {str(obj.get('kind'))[:40]!r} event on the result topic")
+            raise InvalidMessage("wrong_topic", f"a {_brief(obj.get('kind'))!r} event on the result topic")
         fields = obj
     else:
         raise InvalidMessage("schema", "neither a NeMo result event nor a scores.jsonl judge line")

@@ -12,14 +12,22 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
 from consumer.errors import DlqLimitExceeded, InvalidMessage
 from consumer.metrics import Metrics
 
 _DETAIL_LIMIT = 1000
+_VARINT_SLACK = 4  # a length prefix grows from 1 byte (empty) to at most 5
 # The headers this module adds; a record dead-lettered again gets fresh ones (other headers are kept,
-# among them evaljoin.truncated_from, which the caller adds to an oversize record it truncated).
+# among them the marks of a copy cut to fit, below).
 DLQ_HEADERS = frozenset({"evaljoin.error", "evaljoin.error.detail", "evaljoin.source.topic",
                          "evaljoin.source.partition", "evaljoin.source.offset"})
+TRUNCATED_FROM = "evaljoin.truncated_from"  # the value was cut; its original length
+HEADERS_DROPPED = "evaljoin.headers_dropped"  # the record's own headers were dropped; how many
+KEY_TRUNCATED_FROM = "evaljoin.key_truncated_from"  # the key was cut; its original length
+
+Header = tuple[str, bytes]
 
 
 class Producer(Protocol):
@@ -64,11 +72,13 @@ class DlqLimit:
 class DeadLetters:
     """Publishes to the dead-letter topic; each call returns once the broker acknowledged it."""
 
-    def __init__(self, producer: Producer, *, topic: str, limit: DlqLimit, metrics: Metrics) -> None:
+    def __init__(self, producer: Producer, *, topic: str, limit: DlqLimit, metrics: Metrics,
+                 max_record_bytes: int | None = None) -> None:
         self._producer = producer
         self._metrics = metrics
         self._topic = topic
         self._limit = limit
+        self._max_record_bytes = max_record_bytes
 
     def record_valid(self) -> None:
         self._limit.record(valid=True)
@@ -86,13 +96,49 @@ class DeadLetters:
 
     async def _publish(self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]],
                        source: dict[str, Any], reason: str, detail: str) -> None:
-        out = [(name, data) for name, data in headers if data is not None and name not in DLQ_HEADERS]
-        out += [
+        kept = [(name, data) for name, data in headers if data is not None and name not in DLQ_HEADERS]
+        own = [
             ("evaljoin.error", reason.encode()),
             ("evaljoin.error.detail", detail[:_DETAIL_LIMIT].encode("utf-8", "replace")),
             ("evaljoin.source.topic", str(source.get("topic", "")).encode()),
             ("evaljoin.source.partition", str(source.get("partition", "")).encode()),
             ("evaljoin.source.offset", str(source.get("offset", "")).encode()),
         ]
+        out = [*kept, *own]
+        if self._max_record_bytes is not None:
+            key, value, out = fit_record(key, value, kept, own, self._max_record_bytes)
         await self._producer.send_and_wait(self._topic, value=value, key=key, headers=out)
         self._metrics.dead_letters.labels(reason=reason).inc()
+
+
+def kafka_size(key: bytes | None, value: bytes | None, headers: Sequence[Header]) -> int:
+    """An upper bound of a record's size on the broker, as a batch of one: what ``max.message.bytes`` limits."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+    return size
+
+
+def fit_record(key: bytes | None, value: bytes | None, kept: Sequence[Header], own: Sequence[Header],
+               limit: int) -> tuple[bytes | None, bytes | None, list[Header]]:
+    """Cut a dead-letter copy to at most ``limit`` bytes on the broker, marking what was cut.
+
+    A copy the producer or the broker refuses as too large fails on every retry and stalls its partition
+    for good, so it is cut instead: first the value (``evaljoin.truncated_from``: its original length); if
+    the key and the record's headers (``kept``) alone do not fit, those headers are dropped
+    (``evaljoin.headers_dropped``: how many), then the key is cut (``evaljoin.key_truncated_from``).
+    The dead-letter headers (``own``) always stay.
+    """
+    if kafka_size(key, value, [*kept, *own]) <= limit:
+        return key, value, [*kept, *own]
+    value_mark: list[Header] = [(TRUNCATED_FROM, str(len(value)).encode())] if value else []
+    marks: list[Header] = []  # room for value_mark is kept while deciding what else has to go
+    if kafka_size(key, b"", [*kept, *own, *value_mark]) + _VARINT_SLACK > limit:
+        marks.append((HEADERS_DROPPED, str(len(kept)).encode()))
+        kept = []
+    if kafka_size(key, b"", [*own, *value_mark, *marks]) + _VARINT_SLACK > limit:
+        marks.append((KEY_TRUNCATED_FROM, str(len(key or b"")).encode()))
+        key = (key or b"")[:max(0, limit - kafka_size(b"", b"", [*own, *value_mark, *marks]) - 2 * _VARINT_SLACK)]
+    out = [*kept, *own, *marks]
+    if value is not None and kafka_size(key, value, out) > limit:
+        out += value_mark
+        value = value[:max(0, limit - kafka_size(key, b"", out) - _VARINT_SLACK)]
+    return key, value, out

@@ -24,6 +24,9 @@ MAX_EVALUATIONS_PER_EVENT = 100
 MAX_METADATA_BYTES = 64 * 1024
 MAX_TEXT_CHARS = 16 * 1024
 MAX_TAGS = 50
+# Nesting of a metadata or json value. The whole event nests a few levels deeper, and orjson refuses to
+# encode past 254 levels: an unbounded depth would fail later, at the join, on every retry.
+MAX_JSON_DEPTH = 32
 
 # The intake's rule for labels: starts with a letter, ASCII letters, digits and underscores, <= 200.
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,199}$")]
@@ -56,7 +59,19 @@ def _check_finite(value: Any, path: str) -> None:
             _check_finite(item, f"{path}[{index}]")
 
 
+def _check_depth(value: Any, path: str, limit: int) -> None:
+    """Reject JSON nested deeper than ``limit``; iterative, so that no depth can exhaust the stack."""
+    level: list[Any] = [value]
+    depth = 0
+    while containers := [node for node in level if isinstance(node, dict | list)]:
+        depth += 1
+        if depth > limit:
+            raise ValueError(f"{path} is nested more than {limit} levels deep")
+        level = [item for node in containers for item in (node.values() if isinstance(node, dict) else node)]
+
+
 def _check_json_size(value: Any, path: str, limit: int) -> None:
+    _check_depth(value, path, MAX_JSON_DEPTH)
     _check_finite(value, path)
     size = len(orjson.dumps(value))
     if size > limit:

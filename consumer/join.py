@@ -116,6 +116,12 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
         for _event_id, result_record in sorted(put.pending.items()):
             joined.extend(_joined(ns, record, records.decode(result_record, ns), buffered=True))
         return JoinResult(put.status, joined)
+    if put.status == "full":
+        return InvalidMessage(
+            "too_many_pending_results",
+            f"{ns.ml_app}/{ns.join_key} already has MAX_PENDING_RESULTS_PER_KEY results waiting for its span; "
+            "replay this record once the span has arrived",
+        )
     if put.status != "joined":
         return JoinResult(put.status, [])
     assert put.span is not None

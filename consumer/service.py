@@ -71,7 +71,7 @@ class Service:
         self.metrics = metrics
         self._dead_letters = DeadLetters(producer, topic=settings.dlq_topic, metrics=metrics, limit=DlqLimit(
             max_invalid_ratio=settings.dlq_max_invalid_ratio, window=settings.dlq_window,
-            max_consecutive=settings.dlq_max_consecutive_invalid))
+            max_consecutive=settings.dlq_max_consecutive_invalid), max_record_bytes=settings.max_message_bytes)
         self._joiner = Joiner(store, join_ttl_ms=settings.join_ttl_seconds * 1000)
         self._deliverer = Deliverer(store, sink, self._dead_letters, owner=self._owner, metrics=metrics,
                                     lease_ms=int(settings.claim_lease_seconds * 1000))
@@ -177,7 +177,9 @@ class Service:
                 self._consumer.pause(*assignment)
                 self.metrics.paused.set(1)
                 paused |= assignment
-                fetched = _merge(fetched, await self._consumer.getmany(timeout_ms=0))
+                # Paused partitions yield nothing (aiokafka drops what it prefetched for them and fetches it
+                # again after resume); only a partition assigned meanwhile can, and at most a batch of it.
+                fetched = _merge(fetched, await self._consumer.getmany(timeout_ms=0, max_records=self._max_batch))
                 self._progressed()
         finally:
             stop_waiter.cancel()
@@ -277,19 +279,16 @@ class Service:
         decode = decode_span if record.topic == self._span_topic else decode_result
         try:
             return decode(record.value, headers, join_key=self._join_key, default_ml_app=self._default_ml_app,
-                          max_bytes=self._max_bytes)
+                          max_bytes=self._max_bytes, key=record.key)
         except InvalidMessage as error:
             return error
 
     async def _dead_letter(self, record: Any, kind: str, error: InvalidMessage) -> None:
         log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
         self.metrics.events.labels(kind=kind, outcome="invalid").inc()
-        headers = list(record.headers or ())
-        value = record.value
-        if error.reason == "oversize" and value is not None:
-            headers.append(("evaljoin.truncated_from", str(len(value)).encode()))
-            value = value[: self._max_bytes]
-        await self._dead_letters.invalid(key=record.key, value=value, headers=headers,
+        # DeadLetters cuts a copy that would not fit in MAX_MESSAGE_BYTES (an oversize record, or one near the
+        # limit plus the dead-letter headers), so that the DLQ topic always takes it.
+        await self._dead_letters.invalid(key=record.key, value=record.value, headers=list(record.headers or ()),
                                          source=_source(record).as_dict(), error=error)
 
     # -- rebalance ------------------------------------------------------------------------------
@@ -365,7 +364,8 @@ class _ServiceContext:
             client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster)
             stack.push_async_callback(client.aclose)
             store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
-                                   ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000)
+                                   ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
+                                   max_pending_results=s.max_pending_results_per_key)
             metrics = Metrics()
             sink = HttpIntakeSink(url=s.intake_url, headers=s.intake_headers(), timeout_s=s.intake_timeout_seconds,
                                   metrics=metrics,

@@ -182,18 +182,22 @@ class JoinStore(Protocol):
         ...
 
 
-async def connect(url: str, *, cluster: bool, max_connections: int = 64) -> RedisClient:
+async def connect(url: str, *, cluster: bool, max_connections: int = 64, **options: Any) -> RedisClient:
     """A client for ``url``; a cluster client is initialised before use.
+
+    ``options`` (``username``, ``password``, ``ssl_ca_certs``) go to the client as given; what the
+    URL itself holds takes precedence over them.
 
     Initialising first matters: concurrent scripts on a lazily initialised asyncio cluster client
     fail intermittently (redis-py issue 3935).
     """
     if cluster:
-        client = RedisCluster.from_url(url, max_connections=max_connections)
+        client = RedisCluster.from_url(url, max_connections=max_connections, **options)
         await client.initialize()
         return client
     # from_pool: the client owns the pool and closes its connections on aclose().
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30))
+    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30,
+                                                           **options))
 
 
 ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call

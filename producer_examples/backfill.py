@@ -51,7 +51,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from consumer.decode import decode_result, decode_span
+from consumer.decode import decode_result, decode_span, record_bytes
 from consumer.errors import InvalidMessage
 from producer_examples.jsonstream import (
     Format,
@@ -164,7 +164,11 @@ def check_record(role: Role, value: bytes | None, *, join_key: str, ml_app: str 
     except InvalidMessage as exc:
         return Verdict(reason=_refined_reason(role, value, join_key, exc.reason), detail=exc.detail)
     app = "" if event.ml_app == _SERVICE_DEFAULT_APP else event.ml_app
-    return Verdict(key=f"{app}:{event.join_key}")
+    key = f"{app}:{event.join_key}"
+    size = record_bytes(key.encode(), value, headers)  # the service counts the key too, known only now
+    if size > max_bytes:
+        return Verdict(reason="oversize", detail=f"the record is {size} bytes with its key, the limit is {max_bytes}")
+    return Verdict(key=key)
 
 
 def _refined_reason(role: Role, value: bytes, join_key: str, reason: str) -> str:

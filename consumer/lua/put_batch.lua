@@ -4,7 +4,8 @@
 -- a Redis Cluster, where every key of a call must share a slot), so a batch costs one command
 -- instead of one per record.
 --
--- ARGV[1] keys per side: 4, or 5 when the deadline index is given (a single Redis). Then per side:
+-- ARGV[1] keys per side: 4, or 5 when the deadline index is given (a single Redis).
+-- ARGV[2] the most results that may wait for one join key's span (0: no limit). Then per side:
 --   "s", identity "trace_id:span_id", body, deadline ms, index member
 --   "r", event_id, record, deadline ms, index member, n, n evaluation ids
 -- KEYS per side: span string "<joined 0|1><identity>\n<body>", pending results hash
@@ -14,6 +15,7 @@
 -- Returns one reply per side:
 --   span:   {"stored" | "duplicate", {event_id, record, ...}} or {"conflict", "<identity>\n<body>"}
 --   result: {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"duplicate"}
+--           | {"full"} (ARGV[2] results already wait for this join key: not stored)
 -- A stored side is entered in the deadline index in the same call when the index key is given
 -- (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later).
 
@@ -45,6 +47,8 @@ local function put_span(k, identity, body, deadline, member)
   return {'duplicate', redis.call('HGETALL', k.pending)}
 end
 
+local max_pending = tonumber(ARGV[2])
+
 local function put_result(k, event_id, record, deadline, member, eval_ids)
   local span = redis.call('GET', k.span)
   if span then
@@ -67,6 +71,9 @@ local function put_result(k, event_id, record, deadline, member, eval_ids)
       return {'duplicate'}
     end
   end
+  -- A span releases all of its waiting results in one reply: their number is bounded, or one join key
+  -- flooded with distinct results would grow without limit and then exhaust the consumer's memory.
+  if max_pending > 0 and redis.call('HLEN', k.pending) >= max_pending then return {'full'} end
   redis.call('HSET', k.pending, event_id, record)
   index(k, deadline, member)
   return {'buffered'}
@@ -74,7 +81,7 @@ end
 
 local per = tonumber(ARGV[1])
 local out = {}
-local a = 2
+local a = 3
 for base = 0, #KEYS - 1, per do
   local k = {span = KEYS[base + 1], pending = KEYS[base + 2], expiring = KEYS[base + 3], ledger = KEYS[base + 4]}
   if per == 5 then k.index = KEYS[base + 5] end
