@@ -25,6 +25,10 @@ log = structlog.get_logger(__name__)
 _BODY_HEAD = b'{"data":{"type":"evaluation_metric","attributes":{"metrics":['
 _BODY_TAIL = b"]}}}"
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
+# Refusals of the request itself, not of its evaluations: a wrong DD_API_KEY (401, 403), DD_SITE or Agent
+# URL (404), proxy credentials (407). Dead-lettering would empty the whole stream into the DLQ; waiting
+# (lag grows, alerts fire) keeps it until the configuration is fixed.
+_NOT_THE_CONTENT = frozenset({401, 403, 404, 407})
 # A batch answered with one of these may be refused because of a single metric: split it to find out.
 _SPLIT_STATUS = frozenset({400, 413, 422})
 
@@ -147,6 +151,10 @@ class HttpIntakeSink:
         if status in _RETRYABLE_STATUS or status >= 500:
             raise RetryableDelivery(f"intake answered {status}", status=status, body=text,
                              retry_after=_retry_after(response))
+        if status in _NOT_THE_CONTENT:
+            log.error("intake_refuses_the_service", status=status,
+                      hint="check DD_API_KEY, DD_SITE, DD_TRACE_AGENT_URL / DD_AGENT_HOST; retrying")
+            raise RetryableDelivery(f"intake answered {status}", status=status, body=text)
         raise RejectedDelivery(f"intake answered {status}", status=status, body=text)
 
 

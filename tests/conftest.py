@@ -190,6 +190,17 @@ async def read_topic(bootstrap: str, topic: str, count: int, *, within: float = 
     return records
 
 
+async def topic_size(bootstrap: str, topic: str) -> int:
+    """Records ever written to ``topic`` (0 for a topic that does not exist yet)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+        return sum((await consumer.end_offsets(partitions)).values()) if partitions else 0
+    finally:
+        await consumer.stop()
+
+
 async def group_lag(bootstrap: str, group: str, topic_names: list[str]) -> int:
     """Records of ``topic_names`` not yet committed by consumer group ``group`` (-1: ask again)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

@@ -17,7 +17,7 @@ from consumer.errors import DlqLimitExceeded
 from consumer.service import Service
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
-from tests.conftest import Topics, eventually, group_lag, read_topic, running_service, send_json
+from tests.conftest import Topics, eventually, group_lag, read_topic, running_service, send_json, topic_size
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -180,6 +180,20 @@ async def test_intake_failures_are_retried_until_delivered_once(make_settings: C
     duplicates = {span: metrics for span, metrics in by_span.items() if len(metrics) > 1}
     assert all(len(metrics) == 2 and metrics[0] == metrics[1] for metrics in duplicates.values())
     assert len(duplicates) <= max(len(r.metrics) for r in intake.requests)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_an_intake_refusing_the_service_holds_the_stream_instead_of_dead_lettering_it(
+        status: int, make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer,
+        intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """A wrong API key, site or Agent URL refuses every request: nothing is dead-lettered, all waits and arrives."""
+    intake.fail_next(4, status=status)
+    async with running_service(make_settings(intake_retry_initial_seconds=0.05, intake_retry_max_seconds=0.2)):
+        await send_json(producer, topics.span, span_event("q-auth"))
+        await send_json(producer, topics.result, result_event("q-auth", "evt-auth-01", "kept", "also_kept"))
+        await eventually(lambda: len(intake.accepted_metrics()), expect=2, what="delivery once the intake accepts")
+    assert Counter(r.status for r in intake.requests)[status] == 4
+    assert await topic_size(kafka.bootstrap_servers, topics.dlq) == 0
 
 
 async def test_refused_evaluation_is_dead_lettered_alone(make_settings: Callable[..., Settings], topics: Topics,
