@@ -155,7 +155,8 @@ async def measure(env: Env, opts: Options) -> dict[str, Any]:
     if "buffered" in steps:
         with timed("per-event cost with buffered sides"):
             out["buffered"] = [{"sides": b.sides, "fill_seconds": b.fill_seconds, "us_per_record": b.us_per_record,
-                                "drain": dataclasses.asdict(b.drain)} for b in await buffered(env, opts)]
+                                "cpu_ms_per_1000_evals": b.cpu_ms_per_1000_evals, "delivered_all": b.delivered_all,
+                                "drains": [dataclasses.asdict(d) for d in b.drains]} for b in await buffered(env, opts)]
     if "scaling" in steps:
         scaling = []
         for n in opts.scaling:
@@ -225,14 +226,16 @@ def render(opts: Options, figures: dict[str, Any], context: dict[str, Any]) -> t
             row(f"Redis bytes per buffered {kind} ({mem[f'{kind}_event_bytes']} B event)", _n(per), "<= 400",
                 met(per <= 400))
     if "buffered" in figures:
-        first = figures["buffered"][0]["us_per_record"]
+        # The verdict is on CPU per evaluation (medians of --runs drains): the cost itself. Wall time per
+        # record is shown too; on a shared machine it moves with whatever else runs.
+        first = figures["buffered"][0]["cpu_ms_per_1000_evals"]
         for entry in figures["buffered"]:
-            change = entry["us_per_record"] / first - 1
-            row(f"per-record cost with {entry['sides']:,} sides buffered, us (CPU ms/1k evals)",
-                f"{_n(entry['us_per_record'])} ({_n(entry['drain']['cpu_ms_per_1000_evals'])})",
+            change = entry["cpu_ms_per_1000_evals"] / first - 1
+            row(f"cost with {entry['sides']:,} sides buffered: CPU ms/1k evals (us per record)",
+                f"{_n(entry['cpu_ms_per_1000_evals'])} ({_n(entry['us_per_record'])})",
                 "within 15%" if entry is not figures["buffered"][0] else "",
                 met(abs(change) <= 0.15) + f" ({change:+.0%})" if entry is not figures["buffered"][0] else "")
-            ok &= entry["drain"]["delivered_all"]
+            ok &= entry["delivered_all"]
     if "scaling" in figures:
         base = figures["scaling"][0]["drain"]["records_per_s"]
         for entry in figures["scaling"]:
