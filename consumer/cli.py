@@ -25,12 +25,12 @@ from consumer.config import Settings, load_settings
 from consumer.errors import DlqLimitExceeded
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.expiry import Sweeper
-from consumer.logs import configure_logging
+from consumer.logs import Redactor, configure_logging
 from consumer.metrics import Metrics
 from consumer.ops.buffer import lookup, overview
 from consumer.ops.check import run_checks
 from consumer.ops.replay import ReplayFilter, progress_bar, replay_dlq
-from consumer.service import Service, kafka_client_options
+from consumer.service import Service, kafka_client_options, redis_client_options
 from consumer.store import RedisJoinStore, connect
 from consumer.tracing import enable_tracing
 
@@ -67,7 +67,8 @@ def export_schemas(directory: Path) -> list[Path]:
 
 
 async def with_store(settings: Settings, use: Callable[[RedisJoinStore], Awaitable[Any]]) -> Any:
-    client = await connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster)
+    client = await connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster,
+                           **redis_client_options(settings))
     try:
         return await use(RedisJoinStore(
             client, prefix=settings.redis_key_prefix, shards=settings.redis_deadline_shards,
@@ -78,9 +79,10 @@ async def with_store(settings: Settings, use: Callable[[RedisJoinStore], Awaitab
 
 async def cmd_check(settings: Settings) -> int:
     findings = await run_checks(settings)
+    redact = Redactor(settings.secrets())  # findings quote errors from Kafka, Redis and HTTP clients
     for finding in findings:
         mark = "ok  " if finding.ok and not finding.warning else ("warn" if finding.ok else "FAIL")
-        print(f"{mark} {finding.component:7} {finding.message}")
+        print(f"{mark} {finding.component:7} {redact.text(finding.message)}")
     return 0 if all(f.ok for f in findings) else EXIT_FAILED
 
 
@@ -181,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"invalid configuration:\n{config_errors(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command in (None, "run"):
         configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
         if settings.dd_trace_enabled:
             enable_tracing()
-        return asyncio.run(run_service(settings))
+        return logged_failure("run", lambda: run_service(settings))
     configure_logging(level="WARNING", fmt=settings.log_format, secrets=settings.secrets())
     commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
         "check": lambda: cmd_check(settings),
@@ -195,4 +197,25 @@ def main(argv: list[str] | None = None) -> int:
         "replay-dlq": lambda: cmd_replay(settings, args),
         "sweep": lambda: cmd_sweep(settings, args),
     }
-    return asyncio.run(commands[args.command]())
+    return logged_failure(args.command, commands[args.command])
+
+
+def config_errors(exc: ValidationError) -> str:
+    """One line per problem, naming the variable but never the value given: a value may be a secret.
+
+    (pydantic's own text quotes the input, for a rule across settings all of them, secrets included.)
+    """
+    lines = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        variable = ".".join(str(part) for part in error["loc"]).upper()
+        lines.append(f"  {variable}: {error['msg']}" if variable else f"  {error['msg']}")
+    return "\n".join(lines)
+
+
+def logged_failure(name: str, command: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``command``; a failure is logged (so through the redactor) instead of printed raw, and exits 1."""
+    try:
+        return asyncio.run(command())
+    except Exception:  # noqa: BLE001 - any failure: its traceback is logged, redacted
+        structlog.get_logger("consumer").exception("command_failed", command=name)
+        return EXIT_FAILED

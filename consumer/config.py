@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     # Redis
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ssl_cafile: str | None = None
     redis_cluster: bool = False
     redis_key_prefix: str = Field("evj", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_deadline_shards: int = Field(16, ge=1, le=4096)
@@ -98,6 +101,30 @@ class Settings(BaseSettings):
             raise ValueError("CLAIM_LEASE_SECONDS must exceed INTAKE_TIMEOUT_SECONDS")
         return self
 
+    @model_validator(mode="after")
+    def _kafka_auth_is_complete(self) -> Settings:
+        """A SASL setup missing a part would connect unauthenticated or fail deep inside the client; say which part."""
+        sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
+        if self.kafka_sasl_mechanism and not sasl_protocol:
+            raise ValueError(f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}: "
+                             "use SASL_SSL (or SASL_PLAINTEXT)")
+        if sasl_protocol and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs KAFKA_SASL_MECHANISM, "
+                             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_auth_is_unambiguous(self) -> Settings:
+        """Credentials in REDIS_URL would silently win over the separate settings (redis-py's rule); refuse both."""
+        url = urlsplit(self.redis_url.get_secret_value())
+        if self.redis_password is not None and url.password:
+            raise ValueError("REDIS_PASSWORD is set and REDIS_URL has a password too: give it in one place")
+        if self.redis_username is not None and url.username:
+            raise ValueError("REDIS_USERNAME is set and REDIS_URL has a user name too: give it in one place")
+        if self.redis_ssl_cafile is not None and url.scheme != "rediss":
+            raise ValueError("REDIS_SSL_CAFILE is set but REDIS_URL does not use TLS: use rediss://")
+        return self
+
     @property
     def agentless(self) -> bool:
         """Agentless when asked for, or when an override origin (a local stand-in) is given, as ddtrace does."""
@@ -127,17 +154,16 @@ class Settings(BaseSettings):
         return headers
 
     def secrets(self) -> list[str]:
-        """Every secret value, for the log redactor."""
-        values = [self.dd_api_key, self.kafka_sasl_password]
+        """Every secret value, for the log redactor.
+
+        A password in REDIS_URL counts as written (percent-encoded) and as the client sends it (decoded).
+        """
+        values = [self.dd_api_key, self.kafka_sasl_password, self.redis_password]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
-        url_password = _password_in_url(self.redis_url.get_secret_value())
+        url_password = urlsplit(self.redis_url.get_secret_value()).password
         if url_password:
-            found.append(url_password)
+            found += sorted({url_password, unquote(url_password)})
         return found
-
-
-def _password_in_url(url: str) -> str | None:
-    return urlsplit(url).password
 
 
 def load_settings(**overrides: Any) -> Settings:

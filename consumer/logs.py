@@ -7,11 +7,13 @@ too. Per-message context (topic, partition, offset, ml_app, join key) is bound w
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
@@ -20,10 +22,19 @@ REDACTED = "[redacted]"
 
 
 class Redactor:
-    """Replaces configured secret values anywhere in an event, and values of secret-named keys."""
+    """Replaces configured secret values anywhere in an event, and values of secret-named keys.
+
+    Each secret is also looked for percent-encoded (as it would sit in a URL) and base64-encoded
+    (as in a Basic or SASL PLAIN credential), the forms a library could echo it in.
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        forms = {form for s in secrets if len(s) >= 4 for form in _encoded_forms(s)}
+        self._secrets = sorted(forms, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        """``value`` with every secret replaced, for output that does not go through logging."""
+        return str(self._clean(value))
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -47,6 +58,11 @@ class Redactor:
             else:
                 event[key] = self._clean(event[key])
         return event
+
+
+def _encoded_forms(secret: str) -> set[str]:
+    encoded = base64.b64encode(secret.encode()).decode()
+    return {secret, quote(secret, safe=""), encoded, encoded.rstrip("=")}
 
 
 def configure_logging(*, level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:

@@ -361,7 +361,7 @@ class _ServiceContext:
             # Leaving the group can wait on a rebalance for as long as other members take to rejoin
             # (up to max.poll.interval); offsets are committed by then, so a shutdown does not wait on it.
             stack.push_async_callback(stop_within, consumer.stop, 10.0, "kafka consumer")
-            client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster)
+            client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster, **redis_client_options(s))
             stack.push_async_callback(client.aclose)
             store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                    ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
@@ -390,6 +390,21 @@ class _ServiceContext:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
+
+
+def redis_client_options(s: Settings) -> dict[str, Any]:
+    """What the Redis client takes besides REDIS_URL: user, password and CA file given as settings of their own.
+
+    A password kept out of the URL can come from its own secret file, and a URL then never holds a secret.
+    """
+    options: dict[str, Any] = {}
+    if s.redis_username is not None:
+        options["username"] = s.redis_username
+    if s.redis_password is not None:
+        options["password"] = s.redis_password.get_secret_value()
+    if s.redis_ssl_cafile is not None:
+        options["ssl_ca_certs"] = s.redis_ssl_cafile
+    return options
 
 
 def kafka_client_options(s: Settings) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,11 +31,13 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
 from localenv.ports import free_ports
+from localenv.tls import Certificates, make_certificates
 
 __all__ = [
     "KAFKA_VERSION",
     "POM_PATH",
     "KafkaBroker",
+    "KafkaSecurity",
     "acreate_topics",
     "create_topics",
     "default_cache_dir",
@@ -216,6 +220,21 @@ def _new_cluster_id() -> str:
             return value
 
 
+SCRAM_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """A SASL_SSL listener next to the PLAINTEXT one: TLS with a throwaway CA, SCRAM users.
+
+    The user is created with credentials for both SCRAM mechanisms when the storage is formatted,
+    so it exists before any client connects (SCRAM users otherwise need an admin request).
+    """
+
+    username: str = "evaljoin"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+
+
 class KafkaBroker(LocalService):
     """One Apache Kafka broker+controller (KRaft, node id 1) on 127.0.0.1.
 
@@ -238,6 +257,18 @@ class KafkaBroker(LocalService):
     removed by :meth:`stop`; a directory passed in is never removed.
     ``extra_properties`` are written last into ``server.properties`` and so
     override the defaults.
+
+    With ``security``, the broker also has a SASL_SSL listener at
+    :attr:`sasl_ssl_bootstrap_servers`: a certificate for 127.0.0.1 signed by a
+    throwaway CA (:attr:`ca_file`, made at the first start in the data
+    directory) and SCRAM-SHA-512/256 authentication of ``security.username``.
+
+    With ``proxied_port``, the broker also has a PLAINTEXT listener named
+    PROXIED, bound on a port of its own (:attr:`proxied_listener_port`) but
+    advertising ``127.0.0.1:<proxied_port>``: a fault proxy listening there and
+    forwarding to :attr:`proxied_listener_port` then carries every connection
+    of a client bootstrapped through it (clients connect to the address the
+    broker advertises), while other clients keep using :attr:`bootstrap_servers`.
     """
 
     NODE_ID = 1
@@ -250,7 +281,13 @@ class KafkaBroker(LocalService):
         extra_properties: dict[str, str] | None = None,
         cache_dir: Path | None = None,
         startup_timeout: float = 60.0,
+        security: KafkaSecurity | None = None,
+        proxied_port: int | None = None,
     ) -> None:
+        self.security = security
+        self._proxied_port = proxied_port
+        self._proxied_listener_port: int | None = None
+        self._sasl_ssl_port: int | None = None
         self._requested_data_dir = data_dir
         self._heap = heap
         self._extra_properties = dict(extra_properties or {})
@@ -283,6 +320,25 @@ class KafkaBroker(LocalService):
     def bootstrap_servers(self) -> str:
         """``"127.0.0.1:<port>"`` for Kafka clients. Only valid after :meth:`start`."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        """``"127.0.0.1:<port>"`` of the SASL_SSL listener. Only with ``security``, after :meth:`start`."""
+        if self._sasl_ssl_port is None:
+            raise RuntimeError("KafkaBroker has no SASL_SSL listener (no security given, or not started)")
+        return f"127.0.0.1:{self._sasl_ssl_port}"
+
+    @property
+    def proxied_listener_port(self) -> int:
+        """The port the PROXIED listener binds (a proxy forwards to it). Only with ``proxied_port``, after start."""
+        if self._proxied_listener_port is None:
+            raise RuntimeError("KafkaBroker has no PROXIED listener (no proxied_port given, or not started)")
+        return self._proxied_listener_port
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate that verifies the SASL_SSL listener. Only with ``security``, after :meth:`start`."""
+        return self._certificates().ca_file
 
     @property
     def data_dir(self) -> Path:
@@ -337,6 +393,8 @@ class KafkaBroker(LocalService):
             # Free ports can be taken by another process before the JVM binds
             # them; on a first start it is safe to just pick new ones.
             self._port, self._controller_port = free_ports(2)
+            self._sasl_ssl_port = self._pick_sasl_ssl_port()
+            self._proxied_listener_port = self._pick_proxied_listener_port()
             try:
                 self._launch()
                 return
@@ -375,6 +433,8 @@ class KafkaBroker(LocalService):
             self._data_dir = None
             self._port = None
             self._controller_port = None
+            self._sasl_ssl_port = None
+            self._proxied_listener_port = None
             self._owns_data_dir = False
 
     def kill(self) -> None:
@@ -411,8 +471,64 @@ class KafkaBroker(LocalService):
             "broker.heartbeat.interval.ms": "500",
             "broker.session.timeout.ms": "3000",
         }
+        if self.security is not None:
+            props.update(self._sasl_ssl_properties(props))
+        if self._proxied_port is not None:
+            props.update(self._proxied_properties(props, self._proxied_port))
         props.update(self._extra_properties)
         return props
+
+    def _pick_sasl_ssl_port(self) -> int | None:
+        """A port for the SASL_SSL listener, distinct from the other two, or None without ``security``."""
+        if self.security is None:
+            return None
+        taken = {self._port, self._controller_port}
+        return next(port for port in free_ports(3) if port not in taken)
+
+    def _pick_proxied_listener_port(self) -> int | None:
+        """A port for the PROXIED listener, distinct from the others, or None without ``proxied_port``."""
+        if self._proxied_port is None:
+            return None
+        taken = {self._port, self._controller_port, self._sasl_ssl_port, self._proxied_port}
+        return next(port for port in free_ports(5) if port not in taken)
+
+    def _proxied_properties(self, props: dict[str, str], advertised_port: int) -> dict[str, str]:
+        """The PROXIED listener added to ``props``' listeners; the others stay exactly as they are."""
+        return {
+            "listeners": f"{props['listeners']},PROXIED://127.0.0.1:{self.proxied_listener_port}",
+            "advertised.listeners": f"{props['advertised.listeners']},PROXIED://127.0.0.1:{advertised_port}",
+            "listener.security.protocol.map": f"{props['listener.security.protocol.map']},PROXIED:PLAINTEXT",
+        }
+
+    def _certificates(self) -> Certificates:
+        if self.security is None:
+            raise RuntimeError("KafkaBroker has no SASL_SSL listener (no security given)")
+        return make_certificates(self.data_dir / "tls")
+
+    def _sasl_ssl_properties(self, props: dict[str, str]) -> dict[str, str]:
+        """The SASL_SSL listener added to ``props``' listeners; the others stay exactly as they are."""
+        listener = f"SASL_SSL://{self.sasl_ssl_bootstrap_servers}"
+        certs = self._certificates()
+        jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        added = {
+            "listeners": f"{props['listeners']},{listener}",
+            "advertised.listeners": f"{props['advertised.listeners']},{listener}",
+            "listener.security.protocol.map": f"{props['listener.security.protocol.map']},SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(certs.keystore_file),
+        }
+        for mechanism in SCRAM_MECHANISMS:
+            added[f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config"] = jaas
+        return added
+
+    def _scram_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments that create the SCRAM user, one per mechanism."""
+        if self.security is None:
+            return []
+        user = self.security
+        credential = f'[name="{user.username}",password="{user.password}"]'
+        return [arg for mechanism in SCRAM_MECHANISMS for arg in ("--add-scram", f"{mechanism}={credential}")]
 
     def _write_properties(self) -> Path:
         path = self.data_dir / "server.properties"
@@ -440,6 +556,7 @@ class KafkaBroker(LocalService):
             _new_cluster_id(),
             "-c",
             str(properties),
+            *self._scram_arguments(),
         ]
         result = subprocess.run(cmd, cwd=self.data_dir, capture_output=True, text=True, check=False)
         with open(self.log_path, "a") as log:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -16,12 +20,45 @@ from redis.retry import Retry
 
 from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
 from localenv.ports import free_ports
+from localenv.tls import Certificates, make_certificates
 
-__all__ = ["RedisCluster", "RedisServer"]
+__all__ = ["SERVICE_COMMANDS", "RedisCluster", "RedisServer", "RedisUser", "service_acl_rules"]
 
 _INSTALL_HINT = "install the Debian package redis-server"
 _APPENDFSYNC = ("always", "everysec", "no")
 _BIND_ATTEMPTS = 3
+
+
+SERVICE_COMMANDS = (
+    # connection and the `check` command (INFO persistence; its CONFIG GET may be refused)
+    "ping", "info",
+    # the Lua scripts, loaded on first use
+    "evalsha", "script|load", "script|exists",
+    # called directly and from the scripts
+    "exists", "get", "set", "setrange", "del", "hget", "hset", "hdel", "hexists", "hgetall", "hlen", "pexpire",
+    "zadd", "zrem", "zscore", "zrange", "zrangebyscore", "zcard",
+    # `inspect` counts buffered sides per ml_app
+    "scan",
+)
+"""Every command the service and its operator commands send to a single Redis, scripts included."""
+
+
+def service_acl_rules(prefix: str) -> str:
+    """The ACL rules of a Redis user for the service with ``REDIS_KEY_PREFIX=prefix``: its keys, its commands.
+
+    Scripts run with their caller's permissions, so the commands the Lua scripts call are listed
+    too; no pub/sub channels, nothing else.
+    """
+    return f"~{prefix}:* resetchannels -@all " + " ".join(f"+{command}" for command in SERVICE_COMMANDS)
+
+
+@dataclass(frozen=True)
+class RedisUser:
+    """An ACL user of a :class:`RedisServer`: ``ACL SETUSER <name> on ><password> <rules>``."""
+
+    name: str
+    password: str
+    rules: str
 
 
 def _no_retry() -> Retry:
@@ -29,8 +66,9 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def _ping(port: int, password: str | None) -> bool:
-    """True if the server on ``port`` answers PING (not while it is still loading data)."""
+def _ping(port: int, password: str | None, ca_file: Path | None = None) -> bool:
+    """True if the server on ``port`` answers PING (not while it is still loading data); TLS with ``ca_file``."""
+    tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(ca_file)} if ca_file is not None else {}
     client = redis.Redis(
         host="127.0.0.1",
         port=port,
@@ -38,6 +76,7 @@ def _ping(port: int, password: str | None) -> bool:
         socket_timeout=1.0,
         socket_connect_timeout=1.0,
         retry=_no_retry(),
+        **tls,
     )
     try:
         return bool(client.ping())
@@ -80,6 +119,10 @@ class RedisServer(LocalService):
     * The port and data directory stay the same across :meth:`kill` and
       :meth:`restart`; :meth:`restart` returns once the AOF is loaded.
     * Server output goes to :attr:`log_path` (``<data_dir>/redis.log``).
+    * With ``tls=True`` the port speaks only TLS (``rediss://``, no plaintext port), with a
+      certificate for 127.0.0.1 from a throwaway CA whose file is :attr:`ca_file`.
+    * With ``users``, those ACL users exist; the default user then needs a password (``password``,
+      or a random one, see :attr:`password`), so a client without credentials can do nothing.
 
     When ``data_dir`` is None a temporary directory is used and removed by
     :meth:`stop`; a directory passed in is never removed. Raises
@@ -94,12 +137,17 @@ class RedisServer(LocalService):
         password: str | None = None,
         data_dir: Path | None = None,
         startup_timeout: float = 15.0,
+        tls: bool = False,
+        users: Sequence[RedisUser] = (),
     ) -> None:
         if appendfsync not in _APPENDFSYNC:
             raise ValueError(f"appendfsync must be one of {_APPENDFSYNC}, got {appendfsync!r}")
         self._appendonly = appendonly
         self._appendfsync = appendfsync
-        self._password = password
+        self._users = tuple(users)
+        self._password = password if password is not None or not users else secrets.token_hex(16)
+        self._tls = tls
+        self._certificates: Certificates | None = None
         self._requested_data_dir = data_dir
         self._startup_timeout = startup_timeout
         self._data_dir: Path | None = None
@@ -116,14 +164,31 @@ class RedisServer(LocalService):
 
     @property
     def password(self) -> str | None:
-        """The ``requirepass`` password, or None."""
+        """The default user's password (``requirepass``; random when ``users`` were given without one), or None."""
         return self._password
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``, with ``:password@`` when a password is set."""
+        """``redis://127.0.0.1:<port>/0`` (``rediss://`` with TLS), with the default user's ``:password@`` if any."""
         auth = f":{self._password}@" if self._password is not None else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return self.base_url.replace("://", f"://{auth}", 1)
+
+    @property
+    def base_url(self) -> str:
+        """The server's URL without credentials: ``redis://`` or, with TLS, ``rediss://127.0.0.1:<port>/0``."""
+        return f"{'rediss' if self._tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    @property
+    def users(self) -> tuple[RedisUser, ...]:
+        """The ACL users besides the default user."""
+        return self._users
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate that verifies the server's TLS certificate (``tls=True``, after :meth:`start`)."""
+        if self._certificates is None:
+            raise RuntimeError("RedisServer has no TLS certificate (tls=False, or not started)")
+        return self._certificates.ca_file
 
     @property
     def data_dir(self) -> Path:
@@ -214,6 +279,7 @@ class RedisServer(LocalService):
             self._data_dir = None
             self._port = None
             self._owns_data_dir = False
+            self._certificates = None
 
     def _args(self, binary: str) -> list[str]:
         args = [
@@ -221,7 +287,7 @@ class RedisServer(LocalService):
             "--bind",
             "127.0.0.1",
             "--port",
-            str(self.port),
+            "0" if self._tls else str(self.port),
             "--save",
             "",
             "--appendonly",
@@ -233,16 +299,40 @@ class RedisServer(LocalService):
             "--daemonize",
             "no",
         ]
-        if self._password is not None:
+        if self._tls:
+            args += self._tls_args()
+        if self._users:
+            args += ["--aclfile", str(self._write_acl_file())]
+        elif self._password is not None:
             args += ["--requirepass", self._password]
         return args
+
+    def _tls_args(self) -> list[str]:
+        """TLS only, on the server's port; clients are verified by nothing but their ACL credentials."""
+        self._certificates = make_certificates(self.data_dir / "tls")
+        return ["--tls-port", str(self.port), "--tls-cert-file", str(self._certificates.cert_file),
+                "--tls-key-file", str(self._certificates.key_file),
+                "--tls-ca-cert-file", str(self._certificates.ca_file), "--tls-auth-clients", "no"]
+
+    def _write_acl_file(self) -> Path:
+        """The users, passwords as SHA-256 (``#<hex>``), so that no password is written to disk in clear."""
+        def line(name: str, password: str, rules: str) -> str:
+            return f"user {name} on #{hashlib.sha256(password.encode()).hexdigest()} {rules}"
+
+        assert self._password is not None  # set in __init__ whenever there are users
+        lines = [line("default", self._password, "~* &* +@all")]
+        lines += [line(user.name, user.password, user.rules) for user in self._users]
+        path = self.data_dir / "users.acl"
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def _launch(self) -> None:
         binary = require_binary("redis-server", _INSTALL_HINT)
         self._proc = spawn(self._args(binary), log_path=self.log_path, cwd=self.data_dir)
         try:
             _wait_until(
-                functools.partial(_ping, self.port, self._password),
+                functools.partial(_ping, self.port, self._password,
+                                  self._certificates.ca_file if self._certificates else None),
                 self._proc,
                 timeout=self._startup_timeout,
                 what=f"redis-server on port {self.port}",

@@ -7,6 +7,12 @@ produces with ``acks=all`` and idempotence. Leaving the ``async with`` block flu
 that was sent; a return from :meth:`publish_span` / :meth:`publish_result` means the broker has
 queued it for sending, and :meth:`flush` waits until the broker acknowledged all of it, raising
 :class:`DeliveryError` if the broker refused or never acknowledged any of it.
+
+The broker connection is configured like the service's: ``KAFKA_BOOTSTRAP_SERVERS``,
+``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_MECHANISM``, ``KAFKA_SASL_USERNAME``,
+``KAFKA_SASL_PASSWORD`` (or its file in ``EVALJOIN_SECRETS_DIR``) and ``KAFKA_SSL_CAFILE``; aiokafka
+options given to :class:`EventPublisher` (``security_protocol``, ``sasl_mechanism``,
+``sasl_plain_username``, ``sasl_plain_password``, ``ssl_context``, ...) take precedence.
 """
 
 from __future__ import annotations
@@ -14,16 +20,41 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.helpers import create_ssl_context
 
 from consumer.events import NemoResultEvent, SpanContextEvent
 
 DEFAULT_SPAN_TOPIC = "llmobs.span-context"
 DEFAULT_RESULT_TOPIC = "nemo.eval-results"
+
+
+def kafka_security_from_env() -> dict[str, Any]:
+    """aiokafka's security options from the service's own variables, so that a producer next to the service
+    reaches a TLS/SASL cluster with the same configuration (an unsecured one when none is set)."""
+    protocol = os.environ.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT"
+    options: dict[str, Any] = {"security_protocol": protocol}
+    mechanism = os.environ.get("KAFKA_SASL_MECHANISM")
+    if mechanism:
+        options.update(sasl_mechanism=mechanism, sasl_plain_username=os.environ.get("KAFKA_SASL_USERNAME"),
+                       sasl_plain_password=_secret("KAFKA_SASL_PASSWORD"))
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=os.environ.get("KAFKA_SSL_CAFILE") or None)
+    return options
+
+
+def _secret(name: str) -> str | None:
+    """The variable, else its file in ``EVALJOIN_SECRETS_DIR`` (as the service reads a mounted Secret)."""
+    value = os.environ.get(name)
+    directory = os.environ.get("EVALJOIN_SECRETS_DIR")
+    if value or not directory or not (Path(directory) / name).is_file():
+        return value
+    return (Path(directory) / name).read_text().strip()
 
 
 class DeliveryError(Exception):
@@ -44,7 +75,8 @@ class EventPublisher:
         self.result_topic = result_topic or os.environ.get("RESULT_TOPIC", DEFAULT_RESULT_TOPIC)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-            acks="all", enable_idempotence=True, linger_ms=linger_ms, **producer_options,
+            acks="all", enable_idempotence=True, linger_ms=linger_ms,
+            **{**kafka_security_from_env(), **producer_options},
         )
         self.published = 0
         self._failures: list[BaseException] = []

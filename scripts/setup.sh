@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the service, its demo and its tests need on a fresh Debian machine:
-# redis-server (Debian), a JRE and Maven for the Kafka broker, the Python packages in .venv,
+# redis-server and openssl (Debian; openssl makes the throwaway TLS certificates of the security
+# tests), a JRE and Maven for the Kafka broker, the Python packages in .venv,
 # and the Apache Kafka jars from Maven Central; with --chart-tools also helm (built with Go) and
 # the chart and Dockerfile linters. Safe to run again; it skips what is there.
 set -euo pipefail
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -416,6 +416,19 @@ def test_existing_secret_mounts_only_the_keys_in_use() -> None:
     assert [item["path"] for item in volume["secret"]["items"]] == ["REDIS_URL"]
 
 
+def test_redis_password_is_a_secret_file_from_either_secret() -> None:
+    """REDIS_PASSWORD given in `secrets` is in the chart's Secret only; from an existing Secret, mounted once named."""
+    own = render("--set", "secrets.REDIS_PASSWORD=redis-pw-4f2a", "--set", "config.REDIS_USERNAME=evaljoin")
+    assert base64.b64decode(one(own, "Secret")["data"]["REDIS_PASSWORD"]).decode() == "redis-pw-4f2a"
+    assert "redis-pw-4f2a" not in json.dumps([d for d in own if d["kind"] != "Secret"])
+    assert one(own, "ConfigMap")["data"]["REDIS_USERNAME"] == "evaljoin"
+    existing = render("--set", "existingSecret=creds", "--set", "existingSecretKeys.REDIS_PASSWORD=redis-password")
+    volume = secrets_volume(existing)
+    assert volume is not None
+    assert {item["path"]: item["key"] for item in volume["secret"]["items"]} == {
+        "REDIS_URL": "REDIS_URL", "REDIS_PASSWORD": "redis-password"}
+
+
 def test_no_secret_and_no_secret_volume_when_none_is_given() -> None:
     """The default install makes no Secret and mounts none: the service keeps its own defaults."""
     docs = render_scenario("default")

@@ -7,6 +7,9 @@ changed anywhere (no topic is created, nothing is sent to the intake).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -14,7 +17,7 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.config import Settings
-from consumer.service import kafka_client_options
+from consumer.service import kafka_client_options, redis_client_options
 from consumer.store import connect
 
 
@@ -38,10 +41,12 @@ async def run_checks(settings: Settings, *, timeout_s: float = 10.0) -> list[Fin
 
 async def _kafka(settings: Settings) -> list[Finding]:
     admin = AIOKafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=8000)
-    try:
-        await admin.start()
-    except Exception as exc:  # noqa: BLE001
-        return [Finding("kafka", False, f"cannot reach {settings.kafka_bootstrap_servers}: {exc!r}")]
+    with _kafka_errors_logged() as reasons:
+        try:
+            await admin.start()
+        except Exception as exc:  # noqa: BLE001
+            why = reasons[-1] if reasons else repr(exc)
+            return [Finding("kafka", False, f"cannot reach {settings.kafka_bootstrap_servers}: {why}")]
     try:
         findings = [Finding("kafka", True, f"connected to {settings.kafka_bootstrap_servers}")]
         partitions = await topic_partitions(admin)
@@ -58,6 +63,25 @@ async def _kafka(settings: Settings) -> list[Finding]:
         await admin.close()
 
 
+@contextlib.contextmanager
+def _kafka_errors_logged() -> Iterator[list[str]]:
+    """The errors aiokafka logs meanwhile: its exception only says "Unable to bootstrap", the log says why
+    (connection refused, a TLS certificate not trusted, SASL credentials refused)."""
+    reasons: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reasons.append(record.getMessage())
+
+    handler = Collect(logging.ERROR)
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(handler)
+    try:
+        yield reasons
+    finally:
+        logger.removeHandler(handler)
+
+
 async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
     """Every topic the cluster has, with its partition count."""
     names = await admin.list_topics()
@@ -67,8 +91,8 @@ async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 async def _redis(settings: Settings) -> list[Finding]:
     url = settings.redis_url.get_secret_value()
-    where = urlsplit(url).hostname or url
-    client = await connect(url, cluster=settings.redis_cluster)
+    where = urlsplit(url).hostname or urlsplit(url).path  # never the whole URL: it may hold the password
+    client = await connect(url, cluster=settings.redis_cluster, **redis_client_options(settings))
     try:
         await client.ping()
         findings = [Finding("redis", True, f"PING answered by {where}"
