@@ -236,7 +236,10 @@ class Service:
             log.info("batch_delivered", delivered=report.delivered, already_done=report.already_done,
                      dead_lettered=report.dead_lettered)
             break
+        assigned = self._consumer.assignment()
         for tp, records in batch.items():
+            if tp not in assigned:  # revoked meanwhile: its new owner redoes the batch, idempotently
+                continue
             self._committer.finished(tp, records[-1].offset + 1)
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
@@ -310,16 +313,25 @@ class Service:
         # unready at once would stall rollouts and node drains for what is a normal, short pause.
         self.metrics.rebalances.inc()
         self.metrics.assigned_partitions.set(0)
-        in_flight = {task for task in (self._work, self._delivering) if task is not None and not task.done()}
-        if in_flight:
-            _, late = await asyncio.wait(in_flight, timeout=self._shutdown_timeout)
+        await self._finish_in_flight(revoked)
+        await self._committer.commit()
+        self._committer.forget(revoked)
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
+
+
+    async def _finish_in_flight(self, revoked: set[TopicPartition]) -> None:
+        """Wait for the batch being joined and the delivery in flight; cancel what outlasts the timeout.
+
+        A join that finishes hands its batch to a new delivery, so this waits again until nothing is
+        in flight: a delivery left running would finish after the revoke, for partitions no longer ours.
+        """
+        deadline = time.monotonic() + self._shutdown_timeout
+        while in_flight := {task for task in (self._work, self._delivering) if task is not None and not task.done()}:
+            _, late = await asyncio.wait(in_flight, timeout=max(0.0, deadline - time.monotonic()))
             if late:
                 log.warning("revoke_cancels_batch", partitions=len(revoked))
                 for task in late:
                     await cancel_and_wait(task)
-        await self._committer.commit()
-        self._committer.forget(revoked)
-        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

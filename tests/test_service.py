@@ -248,3 +248,28 @@ async def test_dlq_limit_halts_without_committing(make_settings: Callable[..., S
         with pytest.raises(DlqLimitExceeded):
             await service.run()
     assert await group_lag(kafka.bootstrap_servers, settings.kafka_group_id, [topics.result]) == 30
+
+
+async def test_a_member_joining_while_batches_are_in_flight_leaves_nothing_behind(
+        make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake,
+        kafka: KafkaBroker) -> None:
+    """A rebalance while one batch is delivered and the next is joined waits for both stages.
+
+    Regression: the revoke waited for the join, whose end starts the next delivery; that delivery
+    then finished for partitions no longer assigned and the consumer crashed (AssertionError in
+    aiokafka's highwater). Every evaluation arrives, the group's lag ends at 0, both members stop cleanly.
+    """
+    n = 120
+    settings = make_settings(kafka_max_batch=8)
+    intake.delay(0.15)  # each delivery takes a while, so a rebalance finds both stages busy
+    async with running_service(settings):
+        for i in range(n):
+            await send_json(producer, topics.span, span_event(f"rb-{i}", span=str(5000 + i)), key=f"rb-{i}")
+            await send_json(producer, topics.result, result_event(f"rb-{i}", f"evt-rebalance-{i:04d}"), key=f"rb-{i}")
+        await eventually(lambda: len(intake.requests) >= 3, what="deliveries under way")
+        async with running_service(settings):  # joins the group mid-stream, and leaves it again at the end
+            await eventually(lambda: len(intake.requests) >= 12, within=60, what="deliveries after the rebalance")
+        await eventually(lambda: len({s for _, s, _, _ in received(intake)}), expect=n, within=90,
+                         what=f"all {n} evaluations")
+        await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
+                                           [topics.span, topics.result]), expect=0, what="everything committed")
