@@ -182,6 +182,12 @@ class JoinStore(Protocol):
         ...
 
 
+# Every command must end. redis-py before 8 has no socket timeout by default, and then a connection that
+# died silently (a half-open connection after a partition or a lost NAT entry) stalls the consumer for
+# good; redis-py 8's defaults, made explicit here. A ``socket_timeout`` in the URL takes precedence.
+SOCKET_TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+
+
 async def connect(url: str, *, cluster: bool, max_connections: int = 64, **options: Any) -> RedisClient:
     """A client for ``url``; a cluster client is initialised before use.
 
@@ -191,6 +197,7 @@ async def connect(url: str, *, cluster: bool, max_connections: int = 64, **optio
     Initialising first matters: concurrent scripts on a lazily initialised asyncio cluster client
     fail intermittently (redis-py issue 3935).
     """
+    options = {**SOCKET_TIMEOUTS, **options}
     if cluster:
         client = RedisCluster.from_url(url, max_connections=max_connections, **options)
         await client.initialize()

@@ -9,6 +9,8 @@ whose ``__exit__`` stops everything its ``__enter__`` started:
 * :mod:`localenv.intake` - ``FakeIntake``: Datadog's LLM Observability
   eval-metric intake with fault injection (stdlib HTTP server in a thread).
 * :mod:`localenv.testagent` - ``TestAgent``: Datadog's ``ddapm-test-agent``.
+* :mod:`localenv.netfault` - ``NetFault``: a TCP proxy in front of any of them
+  that cuts, delays, refuses, blackholes or half-opens connections on demand.
 * :mod:`localenv.ports` - ``free_port``.
 
 ``python -m localenv kafka|redis|intake`` runs one of them in the foreground;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -93,6 +94,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, intake: FakeIntake) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.intake = intake
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client resetting its connection (it timed out, the network cut it) is routine: no traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
