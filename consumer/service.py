@@ -113,7 +113,7 @@ class Service:
                 carry = {}
                 if batch:
                     carry = await self._process_until_done(batch)  # the delivery stage commits
-            await self._wait_for_delivery(self._stop_requested_at + self._shutdown_timeout - time.monotonic())
+            await self._wait_for_delivery(self._stop_deadline - time.monotonic())
         finally:
             await cancel_and_wait(sweeper)
             if self._delivering is not None and not self._delivering.done():
@@ -125,7 +125,7 @@ class Service:
     async def _process_until_done(self, batch: Batch) -> Batch:
         """Process a batch, retrying it whole after transient failures; returns records fetched meanwhile."""
         carry: Batch = {}
-        delay = 0.2
+        backoff = _Backoff()
         while True:
             self._work = asyncio.create_task(self._process(batch), name="evaljoin-batch")
             carry = _merge(carry, await self._keep_polling_while(self._work))
@@ -140,38 +140,45 @@ class Service:
             except DlqLimitExceeded:
                 raise
             except TRANSIENT as exc:
-                if self._stopping.is_set():
-                    log.warning("batch_abandoned_on_shutdown", error=repr(exc))
+                if not await self._retry_later("batch", exc, backoff, records=_count(batch)):
                     return {}
-                log.warning("batch_retry", error=repr(exc), retry_in_s=round(delay, 2), records=_count(batch))
-                self.metrics.batch_retries.inc()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 10.0)
             finally:
                 self._work = None
+
+    async def _retry_later(self, stage: str, exc: BaseException, backoff: _Backoff, **context: Any) -> bool:
+        """After a transient failure of a stage: wait and say True (do it again), or False when shutting down."""
+        if self._stopping.is_set():
+            log.warning(f"{stage}_abandoned_on_shutdown", error=repr(exc), **context)
+            return False
+        delay = backoff.next()
+        log.warning(f"{stage}_retry", error=repr(exc), retry_in_s=round(delay, 2), **context)
+        self.metrics.batch_retries.inc()
+        await asyncio.sleep(delay)
+        return True
+
+    @property
+    def _stop_deadline(self) -> float:
+        """When a stop gives up on the work in flight (``time.monotonic()``, the event loop's clock)."""
+        return self._stop_requested_at + self._shutdown_timeout
 
     async def _keep_polling_while(self, work: asyncio.Task[None]) -> Batch:
         fetched: Batch = {}
         paused: set[TopicPartition] = set()
         stop_waiter = asyncio.create_task(self._stopping.wait())
-        stop_deadline: float | None = None
         try:
             while not work.done():
                 # Once stopping, the stop waiter stays done: wait on the work alone, until the deadline,
                 # or this loop would spin at full CPU for the whole shutdown timeout.
                 waiters, timeout = {work, stop_waiter}, 1.0
-                if stop_deadline is not None:
+                if self._stopping.is_set():
                     waiters = {work}
-                    timeout = min(timeout, max(0.0, stop_deadline - asyncio.get_running_loop().time()))
+                    timeout = min(timeout, max(0.0, self._stop_deadline - time.monotonic()))
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if work.done():
                     break
-                if self._stopping.is_set():
-                    loop_time = asyncio.get_running_loop().time()
-                    stop_deadline = stop_deadline or loop_time + self._shutdown_timeout
-                    if loop_time >= stop_deadline:
-                        await cancel_and_wait(work)
-                        break
+                if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                    await cancel_and_wait(work)
+                    break
                 # Keep the group membership alive without fetching more for the partitions we hold.
                 assignment = set(self._consumer.assignment())
                 self._consumer.pause(*assignment)
@@ -219,19 +226,14 @@ class Service:
 
     async def _deliver_until_done(self, batch: Batch, joined: list[Joined]) -> None:
         """Deliver a joined batch, retrying after transient failures; then its offsets may be committed."""
-        delay = 0.2
+        backoff = _Backoff()
         while joined:
             try:
                 with span("evaljoin.deliver", evaluations=len(joined)):
                     report = await self._deliverer.deliver(joined)
             except TRANSIENT as exc:
-                if self._stopping.is_set():
-                    log.warning("delivery_abandoned_on_shutdown", error=repr(exc))
+                if not await self._retry_later("delivery", exc, backoff, evaluations=len(joined)):
                     return
-                log.warning("delivery_retry", error=repr(exc), retry_in_s=round(delay, 2), evaluations=len(joined))
-                self.metrics.batch_retries.inc()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 10.0)
                 continue
             log.info("batch_delivered", delivered=report.delivered, already_done=report.already_done,
                      dead_lettered=report.dead_lettered)
@@ -458,6 +460,18 @@ async def stop_within(stop: Callable[[], Awaitable[None]], timeout_s: float, wha
         return
     log.warning("stop_timed_out", component=what, timeout_s=timeout_s)
     await asyncio.wait({asyncio.ensure_future(cancel_and_wait(task))}, timeout=5.0)
+
+
+class _Backoff:
+    """Capped, jittered, doubling delays between attempts of a stage that failed transiently."""
+
+    def __init__(self, first_s: float = 0.2, cap_s: float = 10.0) -> None:
+        self._next = first_s
+        self._cap = cap_s
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self._cap)
+        return delay * random.uniform(0.5, 1.0)
 
 
 def _merge(a: Batch, b: Batch) -> Batch:
