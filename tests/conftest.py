@@ -92,6 +92,20 @@ def redis_url(request: pytest.FixtureRequest) -> tuple[str, bool]:
     return server.url, False
 
 
+# What every test service shares: agentless delivery to the intake stand-in, and timings short enough
+# for tests (a stand-in answers at once, and a test waits on retries, sweeps and shutdowns).
+FAST_TIMINGS: dict[str, Any] = {
+    "dd_llmobs_agentless_enabled": True,
+    "intake_timeout_seconds": 2.0,
+    "claim_lease_seconds": 5.0,
+    "intake_retry_initial_seconds": 0.05,
+    "intake_retry_max_seconds": 0.5,
+    "sweep_interval_seconds": 0.5,
+    "shutdown_timeout_seconds": 5.0,
+    "health_port": 0,
+}
+
+
 @pytest.fixture
 def make_settings(kafka: KafkaBroker, intake: FakeIntake, topics: Topics,
                   redis_url: tuple[str, bool]) -> Callable[..., Settings]:
@@ -112,15 +126,8 @@ def make_settings(kafka: KafkaBroker, intake: FakeIntake, topics: Topics,
             "redis_deadline_shards": 4,
             "default_ml_app": "nemos-demo",
             "dd_llmobs_override_origin": intake.origin,
-            "dd_llmobs_agentless_enabled": True,
             "dd_api_key": "test-api-key-0123456789",
-            "intake_timeout_seconds": 2.0,
-            "claim_lease_seconds": 5.0,
-            "intake_retry_initial_seconds": 0.05,
-            "intake_retry_max_seconds": 0.5,
-            "sweep_interval_seconds": 0.5,
-            "shutdown_timeout_seconds": 5.0,
-            "health_port": 0,
+            **FAST_TIMINGS,
         }
         values.update(overrides)
         return Settings(**values)

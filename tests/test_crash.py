@@ -12,8 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -23,134 +21,18 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
-from tests.conftest import Topics, eventually, group_lag
-from tests.reliability.harness import service_env
+from tests.conftest import Topics
+from tests.reliability.harness import ServiceProcess, delivered_keys, lag_or_none, metric_key, raw_metrics
 from tests.test_service import result_event, span_event
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("faithfulness", "relevance", "toxicity")
 SPAN_BASE = 700_000
-
-
-class ServiceProcess:
-    """``python -m consumer`` as a child process; restarts append to one log file."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.settings = settings
-        self._env = service_env(settings)
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.cpu_seen: float | None = None  # the last CPU time sampled while waiting for the exit
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    def start(self) -> None:
-        assert self._proc is None or self._proc.poll() is not None, "the previous process still runs"
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"=== start {self.starts}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen([sys.executable, "-m", "consumer"], cwd=REPO_ROOT, env=self._env,
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        self._proc.send_signal(sig)
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def ensure_running(self) -> None:
-        if not self.running():
-            code = None if self._proc is None else self._proc.returncode
-            raise AssertionError(f"the service exited unexpectedly with {code}\n{self.tail()}")
-
-    async def wait_exit(self, within: float) -> int | None:
-        """The exit code, or None if the process still runs after ``within`` seconds."""
-        assert self._proc is not None
-        deadline = asyncio.get_running_loop().time() + within
-        while self._proc.poll() is None:
-            self.cpu_seen = self.cpu_seconds() or self.cpu_seen
-            if asyncio.get_running_loop().time() > deadline:
-                return None
-            await asyncio.sleep(0.02)
-        return self._proc.returncode
-
-    def cpu_seconds(self) -> float | None:
-        """User plus system CPU time of the running process (from /proc), or None where unavailable."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()  # fields after the command name, from the state on
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    async def until(self, check: Callable[[], Any], *, within: float, what: str, expect: Any = True) -> None:
-        """``eventually`` that fails fast if the service dies, with the log tail in the message."""
-
-        def alive_check() -> Any:
-            self.ensure_running()
-            return check()
-
-        try:
-            await eventually(alive_check, expect=expect, within=within, what=what)
-        except AssertionError as exc:
-            if "exited unexpectedly" in str(exc):
-                raise
-            raise AssertionError(f"{exc}\n{self.tail()}") from None
-
-    def kill_if_running(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-        if self._proc is not None:
-            self._proc.wait(timeout=10)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no service log)"
-        return "--- service log tail ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-def raw_metrics(body: bytes) -> list[str]:
-    """The JSON text of each metric in an intake request body, exactly as it was sent."""
-    text = body.decode()
-    start = text.index('"metrics":[') + len('"metrics":[')
-    decoder = json.JSONDecoder()
-    out: list[str] = []
-    position = start
-    while text[position] != "]":
-        _, end = decoder.raw_decode(text, position)
-        out.append(text[position:end])
-        position = end + 1 if text[end] == "," else end
-    return out
-
-
-def metric_key(metric: dict[str, Any]) -> tuple[str, str]:
-    return metric["join_on"]["span"]["span_id"], metric["label"]
-
-
-def distinct_delivered(intake: FakeIntake) -> int:
-    return len({metric_key(m) for m in intake.accepted_metrics()})
-
-
-async def lag_or_none(kafka: KafkaBroker, settings: Settings, topics: Topics) -> int | None:
-    """The group's lag on both input topics; None while the broker cannot tell yet (no coordinator)."""
-    try:
-        return await group_lag(kafka.bootstrap_servers, settings.kafka_group_id, [topics.span, topics.result])
-    except KafkaError:
-        return None
 
 
 async def publish(producer: AIOKafkaProducer, messages: list[tuple[str, str, dict[str, Any]]]) -> None:
@@ -197,7 +79,7 @@ async def test_sigkill_mid_batch_and_restart_loses_nothing(make_settings: Callab
                                 what=f"incarnation {service.starts} to reach the intake (seed {seed})")
             lived = rng.uniform(0.5, 1.5)
             await asyncio.sleep(lived)
-            delivered = distinct_delivered(intake)
+            delivered = len(delivered_keys(intake))
             assert delivered < n, (f"everything was delivered before kill {len(kills) + 1}; the workload is too "
                                    f"small to kill it mid-batch (seed {seed})\n{service.tail()}")
             service.signal(signal.SIGKILL)
@@ -214,9 +96,9 @@ async def test_sigkill_mid_batch_and_restart_loses_nothing(make_settings: Callab
         await service.until(lambda: len(intake.requests) > marks[-1], within=45,
                             what=f"the last incarnation to reach the intake (seed {seed})")
         rejoined_s = loop.time() - restarted
-        await service.until(lambda: distinct_delivered(intake), expect=n, within=60,
+        await service.until(lambda: len(delivered_keys(intake)), expect=n, within=60,
                             what=f"all {n} evaluations after the last restart (seed {seed})")
-        await service.until(lambda: lag_or_none(kafka, settings, topics), expect=0, within=30,
+        await service.until(lambda: lag_or_none(kafka.bootstrap_servers, settings), expect=0, within=30,
                             what=f"the group's lag to reach 0 (seed {seed})")
         recovered_s = loop.time() - restarted
         service.signal(signal.SIGTERM)
@@ -270,13 +152,13 @@ async def test_sigterm_during_intake_outage_commits_nothing_unfinished(
         await publish(producer, spans)
         service.start()
         # Spans alone complete nothing, so their batches finish and are committed.
-        await service.until(lambda: lag_or_none(kafka, settings, topics),
+        await service.until(lambda: lag_or_none(kafka.bootstrap_servers, settings),
                             expect=0, within=45, what="the spans to be committed")
         intake.fail_next(10_000, 503)
         await publish(producer, results)
         await service.until(lambda: sum(r.status == 503 for r in intake.requests) >= 5, within=30,
                             what="the service to retry against the failing intake")
-        assert await lag_or_none(kafka, settings, topics) == m
+        assert await lag_or_none(kafka.bootstrap_servers, settings) == m
 
         cpu_before = service.cpu_seconds()
         service.signal(signal.SIGTERM)
@@ -292,13 +174,13 @@ async def test_sigterm_during_intake_outage_commits_nothing_unfinished(
         # Waiting for the stuck batch is a wait, not a busy loop.
         assert cpu is None or cpu < 0.5 * took, f"{cpu:.1f}s of CPU in {took:.1f}s of shutdown\n{service.tail()}"
         assert intake.accepted_metrics() == []
-        assert await lag_or_none(kafka, settings, topics) == m, service.tail()
+        assert await lag_or_none(kafka.bootstrap_servers, settings) == m, service.tail()
 
         intake.reset_faults()
         service.start()
-        await service.until(lambda: distinct_delivered(intake), expect=m, within=45,
+        await service.until(lambda: len(delivered_keys(intake)), expect=m, within=45,
                             what="the outage's evaluations after the restart")
-        await service.until(lambda: lag_or_none(kafka, settings, topics),
+        await service.until(lambda: lag_or_none(kafka.bootstrap_servers, settings),
                             expect=0, within=30, what="the group's lag to reach 0")
         service.signal(signal.SIGTERM)
         assert await service.wait_exit(settings.shutdown_timeout_seconds + 5) == 0, service.tail()

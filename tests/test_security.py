@@ -24,7 +24,7 @@ from urllib.parse import quote, quote_plus
 import httpx
 import pytest
 import redis.asyncio as aredis
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from pydantic import SecretStr
 from redis.exceptions import NoPermissionError, RedisError
 
@@ -36,8 +36,8 @@ from localenv.kafka import KafkaBroker, KafkaSecurity, acreate_topics
 from localenv.ports import free_port
 from localenv.redis import RedisServer, RedisUser, service_acl_rules
 from producer_examples.publisher import EventPublisher
-from tests.conftest import Topics, eventually, running_service
-from tests.reliability.harness import service_env
+from tests.conftest import FAST_TIMINGS, Topics, eventually, running_service, topic_size
+from tests.reliability.harness import drain_topic, service_env
 from tests.test_service import result_event, span_event
 
 pytestmark = pytest.mark.timeout(180)
@@ -97,15 +97,8 @@ def secured_settings(kafka: KafkaBroker, redis_server: RedisServer, intake: Fake
         "redis_deadline_shards": 4,
         "default_ml_app": "secure-app",
         "dd_llmobs_override_origin": intake.origin,
-        "dd_llmobs_agentless_enabled": True,
         "dd_api_key": "dd-api-key-" + secrets.token_hex(16),
-        "intake_timeout_seconds": 2.0,
-        "claim_lease_seconds": 5.0,
-        "intake_retry_initial_seconds": 0.05,
-        "intake_retry_max_seconds": 0.5,
-        "sweep_interval_seconds": 0.5,
-        "shutdown_timeout_seconds": 5.0,
-        "health_port": 0,
+        **FAST_TIMINGS,
     }
     values.update(overrides)
     return Settings(**values)
@@ -310,8 +303,8 @@ async def test_secrets_never_appear_in_logs_topics_or_check_output(
         await eventually(lambda: _ready(settings.health_port), within=60, what="the service's readiness")
         await _traffic_with_faults(settings, secured_kafka, intake)
     assert exit_code == [0], tail(log)
-    dead = await read_all(secured_kafka.bootstrap_servers, settings.dlq_topic)
-    unmatched = await read_all(secured_kafka.bootstrap_servers, settings.unmatched_topic)
+    dead = await drain_topic(secured_kafka.bootstrap_servers, settings.dlq_topic)
+    unmatched = await drain_topic(secured_kafka.bootstrap_servers, settings.unmatched_topic)
     assert sorted(_header(r, "evaljoin.error") or b"" for r in dead) == [b"intake_rejected", b"invalid_json", b"schema"]
     assert [_header(r, "evaljoin.reason") for r in unmatched] == [b"span_without_result"]
     check_code, check_out = await cli(env, "check")
@@ -382,32 +375,8 @@ def tail(log: Path) -> str:
 
 
 async def _ends(kafka: KafkaBroker, settings: Settings) -> tuple[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets([TopicPartition(settings.dlq_topic, 0),
-                                           TopicPartition(settings.unmatched_topic, 0)])
-        return ends[TopicPartition(settings.dlq_topic, 0)], ends[TopicPartition(settings.unmatched_topic, 0)]
-    finally:
-        await consumer.stop()
-
-
-async def read_all(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``topic``, from the first to the end offsets as they are now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
+    return (await topic_size(kafka.bootstrap_servers, settings.dlq_topic),
+            await topic_size(kafka.bootstrap_servers, settings.unmatched_topic))
 
 
 def _header(record: ConsumerRecord[bytes, bytes], name: str) -> bytes | None:

@@ -37,7 +37,7 @@ from pydantic import SecretStr
 
 from consumer.config import Settings
 from localenv.intake import FakeIntake
-from tests.conftest import group_lag
+from tests.conftest import eventually, group_lag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("RELIABILITY_SCALE") or 1)
@@ -154,6 +154,11 @@ class ServiceProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.exit_codes: list[int] = []
+        self.cpu_seen: float | None = None  # the last CPU time sampled while waiting for the exit
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def start(self) -> None:
         assert not self.running(), "the previous process still runs"
@@ -208,11 +213,35 @@ class ServiceProcess:
         assert self._proc is not None
         deadline = time.monotonic() + within
         while self._proc.poll() is None:
+            self.cpu_seen = self.cpu_seconds() or self.cpu_seen
             if time.monotonic() > deadline:
                 return None
             await asyncio.sleep(0.02)
         self.exit_codes.append(self._proc.returncode)
         return self._proc.returncode
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time of the running process (from /proc), or None where unavailable."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # fields after the command name, from the state on
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def until(self, check: Callable[[], Any], *, within: float, what: str, expect: Any = True) -> None:
+        """``eventually`` that fails fast if the service dies, with the log tail in the message."""
+
+        def alive_check() -> Any:
+            self.ensure_running()
+            return check()
+
+        try:
+            await eventually(alive_check, expect=expect, within=within, what=what)
+        except AssertionError as exc:
+            if "exited unexpectedly" in str(exc):
+                raise
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
 
     def kill_if_running(self) -> None:
         """For finally blocks: never leave a child behind."""
