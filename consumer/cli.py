@@ -30,7 +30,7 @@ from consumer.metrics import Metrics
 from consumer.ops.buffer import lookup, overview
 from consumer.ops.check import run_checks
 from consumer.ops.replay import ReplayFilter, progress_bar, replay_dlq
-from consumer.service import Service, kafka_client_options, redis_client_options
+from consumer.service import Service
 from consumer.store import RedisJoinStore, connect
 from consumer.tracing import enable_tracing
 
@@ -68,7 +68,7 @@ def export_schemas(directory: Path) -> list[Path]:
 
 async def with_store(settings: Settings, use: Callable[[RedisJoinStore], Awaitable[Any]]) -> Any:
     client = await connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster,
-                           **redis_client_options(settings))
+                           **settings.redis_client_options())
     try:
         return await use(RedisJoinStore(
             client, prefix=settings.redis_key_prefix, shards=settings.redis_deadline_shards,
@@ -125,7 +125,7 @@ async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
                       f"deadline {datetime.fromtimestamp(side.deadline_ms / 1000).astimezone().isoformat()}")
             print(f"{len(due)} side(s) due; run with --publish to report them to {settings.unmatched_topic}")
             return 0
-        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **kafka_client_options(settings))
+        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **settings.kafka_client_options())
         await producer.start()
         try:
             sweeper = Sweeper(store, producer, topic=settings.unmatched_topic, interval_s=0, batch=settings.sweep_batch,

@@ -9,7 +9,7 @@ Kubernetes mounts a Secret).
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, model_validator
@@ -18,25 +18,66 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 EVAL_METRIC_PATH = "/api/intake/llm-obs/v2/eval-metric"
 EVP_PROXY_PREFIX = "/evp_proxy/v2"
 
+_S = TypeVar("_S", bound="KafkaSettings")
 
-class Settings(BaseSettings):
+
+class KafkaSettings(BaseSettings):
+    """The broker connection and the two input topics: what the service and every producer example share.
+
+    Producers read it with :func:`load_kafka_settings`, so a producer next to the service reaches the same
+    (TLS/SASL) cluster with the same variables and the same defaults.
+    """
+
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
-    # Kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    kafka_group_id: str = "evaljoin"
-    kafka_group_instance_id: str | None = None
     kafka_client_id: str = "evaljoin"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
+    span_topic: str = "llmobs.span-context"
+    result_topic: str = "nemo.eval-results"
+
+    @model_validator(mode="after")
+    def _kafka_auth_is_complete(self) -> Self:
+        """A SASL setup missing a part would connect unauthenticated or fail deep inside the client; say which part."""
+        sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
+        if self.kafka_sasl_mechanism and not sasl_protocol:
+            raise ValueError(f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}: "
+                             "use SASL_SSL (or SASL_PLAINTEXT)")
+        if sasl_protocol and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs KAFKA_SASL_MECHANISM, "
+                             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        return self
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """aiokafka's connection options (brokers, client id, TLS, SASL), for producers, consumers and admins."""
+        options: dict[str, Any] = {"bootstrap_servers": self.kafka_bootstrap_servers,
+                                   "client_id": self.kafka_client_id,
+                                   "security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = (self.kafka_sasl_password.get_secret_value()
+                                              if self.kafka_sasl_password else None)
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return options
+
+
+class Settings(KafkaSettings):
+    """Everything the service reads: :class:`KafkaSettings` and the rest."""
+
+    # Kafka (the connection and the input topics are KafkaSettings')
+    kafka_group_id: str = "evaljoin"
+    kafka_group_instance_id: str | None = None
     kafka_max_batch: int = Field(500, ge=1, le=100_000)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
     kafka_fetch_max_wait_ms: int = Field(100, ge=0, le=10_000)
-    span_topic: str = "llmobs.span-context"
-    result_topic: str = "nemo.eval-results"
     dlq_topic: str = "evaljoin.dlq"
     unmatched_topic: str = "evaljoin.unmatched"
 
@@ -102,18 +143,6 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _kafka_auth_is_complete(self) -> Settings:
-        """A SASL setup missing a part would connect unauthenticated or fail deep inside the client; say which part."""
-        sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
-        if self.kafka_sasl_mechanism and not sasl_protocol:
-            raise ValueError(f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}: "
-                             "use SASL_SSL (or SASL_PLAINTEXT)")
-        if sasl_protocol and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
-            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs KAFKA_SASL_MECHANISM, "
-                             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
-        return self
-
-    @model_validator(mode="after")
     def _redis_auth_is_unambiguous(self) -> Settings:
         """Credentials in REDIS_URL would silently win over the separate settings (redis-py's rule); refuse both."""
         url = urlsplit(self.redis_url.get_secret_value())
@@ -153,6 +182,20 @@ class Settings(BaseSettings):
             headers["X-Datadog-EVP-Subdomain"] = "api"
         return headers
 
+    def redis_client_options(self) -> dict[str, Any]:
+        """What the Redis client takes besides REDIS_URL: user, password and CA file given as settings of their own.
+
+        A password kept out of the URL can come from its own secret file, and a URL then never holds a secret.
+        """
+        options: dict[str, Any] = {}
+        if self.redis_username is not None:
+            options["username"] = self.redis_username
+        if self.redis_password is not None:
+            options["password"] = self.redis_password.get_secret_value()
+        if self.redis_ssl_cafile is not None:
+            options["ssl_ca_certs"] = self.redis_ssl_cafile
+        return options
+
     def secrets(self) -> list[str]:
         """Every secret value, for the log redactor.
 
@@ -168,7 +211,16 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment (and secrets files), with explicit overrides on top."""
+    return _load(Settings, overrides)
+
+
+def load_kafka_settings(**overrides: Any) -> KafkaSettings:
+    """The Kafka connection and topics alone, read as :func:`load_settings` reads them (for producers)."""
+    return _load(KafkaSettings, overrides)
+
+
+def _load(model: type[_S], overrides: dict[str, Any]) -> _S:
     secrets_dir = os.environ.get("EVALJOIN_SECRETS_DIR")
     if secrets_dir:
-        return Settings(_secrets_dir=secrets_dir, **overrides)
-    return Settings(**overrides)
+        return model(_secrets_dir=secrets_dir, **overrides)
+    return model(**overrides)

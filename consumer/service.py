@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -32,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from consumer.aio import Backoff, cancel_and_wait, stop_within
 from consumer.commit import OffsetCommitter
 from consumer.config import Settings
 from consumer.decode import decode_result, decode_span
@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 
 Batch = dict[TopicPartition, list[Any]]
 TRANSIENT = (RedisError, KafkaError, OSError, asyncio.TimeoutError)
+STAGE_RETRY_FIRST_S = 0.2  # a stage that failed transiently is done again after this, doubling
+STAGE_RETRY_CAP_S = 10.0  # up to this
 
 
 class Service:
@@ -125,7 +127,7 @@ class Service:
     async def _process_until_done(self, batch: Batch) -> Batch:
         """Process a batch, retrying it whole after transient failures; returns records fetched meanwhile."""
         carry: Batch = {}
-        backoff = _Backoff()
+        backoff = Backoff(STAGE_RETRY_FIRST_S, STAGE_RETRY_CAP_S)
         while True:
             self._work = asyncio.create_task(self._process(batch), name="evaljoin-batch")
             carry = _merge(carry, await self._keep_polling_while(self._work))
@@ -145,7 +147,7 @@ class Service:
             finally:
                 self._work = None
 
-    async def _retry_later(self, stage: str, exc: BaseException, backoff: _Backoff, **context: Any) -> bool:
+    async def _retry_later(self, stage: str, exc: BaseException, backoff: Backoff, **context: Any) -> bool:
         """After a transient failure of a stage: wait and say True (do it again), or False when shutting down."""
         if self._stopping.is_set():
             log.warning(f"{stage}_abandoned_on_shutdown", error=repr(exc), **context)
@@ -226,7 +228,7 @@ class Service:
 
     async def _deliver_until_done(self, batch: Batch, joined: list[Joined]) -> None:
         """Deliver a joined batch, retrying after transient failures; then its offsets may be committed."""
-        backoff = _Backoff()
+        backoff = Backoff(STAGE_RETRY_FIRST_S, STAGE_RETRY_CAP_S)
         while joined:
             try:
                 with span("evaljoin.deliver", evaluations=len(joined)):
@@ -358,7 +360,7 @@ class _ServiceContext:
         s = self._settings
         stack = self._stack
         try:
-            kafka_common = kafka_client_options(s)
+            kafka_common = s.kafka_client_options()
             producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
                                         max_request_size=s.max_message_bytes + 65_536, **kafka_common)
             await producer.start()
@@ -375,7 +377,7 @@ class _ServiceContext:
             # Leaving the group can wait on a rebalance for as long as other members take to rejoin
             # (up to max.poll.interval); offsets are committed by then, so a shutdown does not wait on it.
             stack.push_async_callback(stop_within, consumer.stop, 10.0, "kafka consumer")
-            client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster, **redis_client_options(s))
+            client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster, **s.redis_client_options())
             stack.push_async_callback(client.aclose)
             store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                    ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
@@ -404,74 +406,6 @@ class _ServiceContext:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
-
-
-def redis_client_options(s: Settings) -> dict[str, Any]:
-    """What the Redis client takes besides REDIS_URL: user, password and CA file given as settings of their own.
-
-    A password kept out of the URL can come from its own secret file, and a URL then never holds a secret.
-    """
-    options: dict[str, Any] = {}
-    if s.redis_username is not None:
-        options["username"] = s.redis_username
-    if s.redis_password is not None:
-        options["password"] = s.redis_password.get_secret_value()
-    if s.redis_ssl_cafile is not None:
-        options["ssl_ca_certs"] = s.redis_ssl_cafile
-    return options
-
-
-def kafka_client_options(s: Settings) -> dict[str, Any]:
-    options: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap_servers, "client_id": s.kafka_client_id,
-                               "security_protocol": s.kafka_security_protocol}
-    if s.kafka_sasl_mechanism:
-        options["sasl_mechanism"] = s.kafka_sasl_mechanism
-        options["sasl_plain_username"] = s.kafka_sasl_username
-        options["sasl_plain_password"] = (s.kafka_sasl_password.get_secret_value()
-                                          if s.kafka_sasl_password else None)
-    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        options["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile)
-    return options
-
-
-async def cancel_and_wait(task: asyncio.Task[Any], *, again_after_s: float = 0.5) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again while it runs on.
-
-    One cancel is not always enough on Python 3.11: ``asyncio.wait_for`` (which redis-py wraps
-    around every socket write) returns the inner result and drops the cancellation when both land
-    in the same turn of the loop, so a task cancelled inside a Redis call can carry on as if
-    nothing happened (and a sweeper would then sleep and sweep forever).
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=again_after_s)
-    if not task.cancelled():
-        task.exception()  # retrieved, like gather(return_exceptions=True) did
-
-
-async def stop_within(stop: Callable[[], Awaitable[None]], timeout_s: float, what: str) -> None:
-    """Run ``stop()`` for at most ``timeout_s``, then give up on it (cancelled) and log that."""
-    task = asyncio.ensure_future(stop())
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if done:
-        task.result()
-        return
-    log.warning("stop_timed_out", component=what, timeout_s=timeout_s)
-    await asyncio.wait({asyncio.ensure_future(cancel_and_wait(task))}, timeout=5.0)
-
-
-class _Backoff:
-    """Capped, jittered, doubling delays between attempts of a stage that failed transiently."""
-
-    def __init__(self, first_s: float = 0.2, cap_s: float = 10.0) -> None:
-        self._next = first_s
-        self._cap = cap_s
-
-    def next(self) -> float:
-        delay, self._next = self._next, min(self._next * 2, self._cap)
-        return delay * random.uniform(0.5, 1.0)
 
 
 def _merge(a: Batch, b: Batch) -> Batch:

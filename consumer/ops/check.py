@@ -17,7 +17,6 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.config import Settings
-from consumer.service import kafka_client_options, redis_client_options
 from consumer.store import connect
 
 
@@ -40,7 +39,7 @@ async def run_checks(settings: Settings, *, timeout_s: float = 10.0) -> list[Fin
 
 
 async def _kafka(settings: Settings) -> list[Finding]:
-    admin = AIOKafkaAdminClient(**kafka_client_options(settings), request_timeout_ms=8000)
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=8000)
     with _kafka_errors_logged() as reasons:
         try:
             await admin.start()
@@ -92,7 +91,7 @@ async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
 async def _redis(settings: Settings) -> list[Finding]:
     url = settings.redis_url.get_secret_value()
     where = urlsplit(url).hostname or urlsplit(url).path  # never the whole URL: it may hold the password
-    client = await connect(url, cluster=settings.redis_cluster, **redis_client_options(settings))
+    client = await connect(url, cluster=settings.redis_cluster, **settings.redis_client_options())
     try:
         await client.ping()
         findings = [Finding("redis", True, f"PING answered by {where}"

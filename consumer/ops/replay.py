@@ -23,7 +23,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from consumer.config import Settings
 from consumer.dlq import DLQ_HEADERS
 from consumer.ops.check import topic_partitions
-from consumer.service import kafka_client_options
 
 REPLAYED_FROM = "evaljoin.replayed_from"
 
@@ -67,7 +66,7 @@ def _skip_reason(record: Any, headers: dict[str, bytes], settings: Settings, flt
 async def replay_dlq(settings: Settings, flt: ReplayFilter, *, dry_run: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> ReplayReport:
     """Replay the DLQ up to its end offsets at the start of the call."""
-    options = kafka_client_options(settings)
+    options = settings.kafka_client_options()
     consumer = AIOKafkaConsumer(group_id=f"{settings.kafka_group_id}-dlq-replay", enable_auto_commit=False,
                                 auto_offset_reset="earliest", **options)
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **options)
@@ -120,7 +119,7 @@ async def replay_dlq(settings: Settings, flt: ReplayFilter, *, dry_run: bool = F
 
 
 async def _partitions(settings: Settings, topic: str) -> set[int]:
-    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     await admin.start()
     try:
         count = (await topic_partitions(admin)).get(topic)
