@@ -15,7 +15,7 @@ from consumer.config import Settings
 from localenv.intake import EVP_PROXY_PATH, FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.testagent import TestAgent
-from tests.conftest import Topics, eventually, group_lag, running_service, send_json
+from tests.support import Topics, eventually, group_lag, running_service, send_json
 
 pytestmark = pytest.mark.timeout(180)
 

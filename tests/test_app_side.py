@@ -22,8 +22,8 @@ from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from producer_examples.publisher import EventPublisher
-from tests.conftest import Topics, eventually, read_topic, running_service
 from tests.standins import FIXED_COMPLETION, FakeOpenAI, LLMObsRecorder
+from tests.support import Topics, eventually, read_topic, running_service
 
 pytestmark = pytest.mark.timeout(120)
 

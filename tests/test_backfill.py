@@ -35,7 +35,7 @@ from localenv.kafka import KafkaBroker
 from producer_examples import app_side
 from producer_examples.backfill import Options, Result, build_parser, run, run_cli
 from producer_examples.jsonstream import RecordReader, open_at
-from tests.conftest import Topics, eventually, group_lag, read_topic, running_service
+from tests.support import Topics, eventually, group_lag, read_topic, running_service
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from consumer.cli import cmd_check, cmd_inspect, cmd_replay, cmd_sweep, parser
 from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
-from tests.conftest import Topics, eventually, group_lag, read_topic, running_service, send_json
+from tests.support import Topics, eventually, group_lag, read_topic, running_service, send_json
 
 pytestmark = pytest.mark.timeout(120)
 

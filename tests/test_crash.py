@@ -25,8 +25,8 @@ from aiokafka import AIOKafkaProducer
 from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
-from tests.conftest import Topics
 from tests.reliability.harness import ServiceProcess, delivered_keys, lag_or_none, metric_key, raw_metrics
+from tests.support import Topics
 from tests.test_service import result_event, span_event
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

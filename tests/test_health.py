@@ -16,7 +16,7 @@ from consumer.metrics import Metrics
 from localenv.intake import FakeIntake
 from localenv.ports import free_port
 from localenv.redis import RedisServer
-from tests.conftest import Topics, eventually, running_service, send_json
+from tests.support import Topics, eventually, running_service, send_json
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -35,7 +35,7 @@ from consumer.store import Namespace, RedisJoinStore, connect
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.redis import RedisServer
-from tests.conftest import Topics, eventually, group_lag, read_topic, running_service
+from tests.support import Topics, eventually, group_lag, read_topic, running_service
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -45,8 +45,8 @@ from producer_examples.nemo.targets import (
     request_body,
 )
 from producer_examples.publisher import EventPublisher
-from tests.conftest import Topics, eventually, group_lag, running_service, send_json
 from tests.nemo_standin import MASK, NemoEvaluatorStandIn
+from tests.support import Topics, eventually, group_lag, running_service, send_json
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -36,8 +36,8 @@ from localenv.kafka import KafkaBroker, KafkaSecurity, acreate_topics
 from localenv.ports import free_port
 from localenv.redis import RedisServer, RedisUser, service_acl_rules
 from producer_examples.publisher import EventPublisher
-from tests.conftest import FAST_TIMINGS, Topics, eventually, running_service, topic_size
 from tests.reliability.harness import drain_topic, service_env
+from tests.support import FAST_TIMINGS, Topics, eventually, running_service, topic_size
 from tests.test_service import result_event, span_event
 
 pytestmark = pytest.mark.timeout(180)

@@ -17,7 +17,7 @@ from consumer.errors import DlqLimitExceeded
 from consumer.service import Service
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
-from tests.conftest import Topics, eventually, group_lag, read_topic, running_service, send_json, topic_size
+from tests.support import Topics, eventually, group_lag, read_topic, running_service, send_json, topic_size
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.config import Settings
 from localenv.testagent import TestAgent
-from tests.conftest import Topics, eventually, send_json
+from tests.support import Topics, eventually, send_json
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -37,7 +37,7 @@ from pydantic import SecretStr
 
 from consumer.config import Settings
 from localenv.intake import FakeIntake
-from tests.conftest import eventually, group_lag
+from tests.support import eventually, group_lag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("RELIABILITY_SCALE") or 1)

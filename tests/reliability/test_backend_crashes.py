@@ -17,7 +17,6 @@ from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker, acreate_topics
 from localenv.redis import RedisServer
-from tests.conftest import Topics
 from tests.reliability.harness import (
     ServiceProcess,
     account,
@@ -33,6 +32,7 @@ from tests.reliability.harness import (
     timeout_for,
     wait_for,
 )
+from tests.support import Topics
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

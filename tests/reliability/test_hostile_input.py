@@ -35,7 +35,6 @@ from consumer.decode import record_bytes
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.ports import free_port
-from tests.conftest import Topics
 from tests.reliability.harness import (
     Message,
     ServiceProcess,
@@ -51,6 +50,7 @@ from tests.reliability.harness import (
     timeout_for,
     wait_for,
 )
+from tests.support import Topics
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

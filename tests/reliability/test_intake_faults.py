@@ -16,7 +16,6 @@ from aiokafka import AIOKafkaProducer
 from consumer.config import Settings
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
-from tests.conftest import Topics
 from tests.reliability.harness import (
     EvalKey,
     ServiceProcess,
@@ -34,6 +33,7 @@ from tests.reliability.harness import (
     timeout_for,
     wait_for,
 )
+from tests.support import Topics
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

@@ -46,7 +46,6 @@ from localenv.kafka import KafkaBroker, acreate_topics
 from localenv.netfault import NetFault
 from localenv.ports import free_port
 from localenv.redis import RedisServer
-from tests.conftest import Topics
 from tests.reliability.harness import (
     SCALE,
     EvalKey,
@@ -68,6 +67,7 @@ from tests.reliability.harness import (
     timeout_for,
     wait_for,
 )
+from tests.support import Topics
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
