@@ -34,7 +34,8 @@ from bench.intake import LineRateIntake
 from bench.traffic import Pair, Send, TrafficSpec, expected_evaluations, make_pairs, schedule
 from consumer import records
 from consumer.config import Settings
-from consumer.store import Namespace, RedisJoinStore, SpanOp, connect
+from consumer.store import Namespace, SpanOp
+from consumer.store_redis import RedisJoinStore, connect
 from localenv.kafka import acreate_topics
 
 ROOT = Path(__file__).resolve().parent.parent

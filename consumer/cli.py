@@ -31,7 +31,7 @@ from consumer.ops.buffer import lookup, overview
 from consumer.ops.check import run_checks
 from consumer.ops.replay import ReplayFilter, progress_bar, replay_dlq
 from consumer.service import Service
-from consumer.store import RedisJoinStore, connect
+from consumer.store_redis import RedisJoinStore, connect
 from consumer.tracing import enable_tracing
 
 EXIT_FAILED = 1

@@ -20,7 +20,7 @@ import structlog
 from consumer import records
 from consumer.dlq import Producer
 from consumer.metrics import Metrics
-from consumer.store import DueSide, RedisJoinStore
+from consumer.store import DeadlineIndex, DueSide
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,7 @@ class SweepReport:
 
 
 class Sweeper:
-    def __init__(self, store: RedisJoinStore, producer: Producer, *, topic: str, interval_s: float,
+    def __init__(self, store: DeadlineIndex, producer: Producer, *, topic: str, interval_s: float,
                  batch: int, retry_later_ms: int, metrics: Metrics, join_ttl_ms: int = 0) -> None:
         self._store = store
         self._producer = producer

@@ -1,46 +1,29 @@
-"""The join buffer: where the side that arrives first waits for the other.
+"""The join buffer's contract: where the side that arrives first waits for the other.
 
-:class:`JoinStore` is the contract; :class:`RedisJoinStore` implements it with one Lua script per
-check-and-store, so any number of consumer replicas can race on one join key safely. Every key of
-one join key shares a hash tag, so each script touches a single slot and the same code runs on a
-Redis Cluster. Deadlines live in sharded sorted sets (the deadline index), swept in batches by
-:mod:`consumer.expiry`; keyspace notifications are never used.
+Three small protocols, each for the step that uses it:
 
-Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both percent-encoded):
+- :class:`JoinStore`: the join and delivery steps (store sides, claim and settle evaluations).
+- :class:`DeadlineIndex`: the expiry path (sides whose deadline passed, the sweeper's locks).
+- :class:`Inspectable`: the operators' CLI (one join key decoded, counts per ml_app).
 
-========================  =====================================================================
-``prefix:{tag}:s``        the span: string ``<joined 0|1><trace_id:span_id>\\n<body>``
-``prefix:{tag}:r``        results waiting for the span: hash event_id -> record
-``prefix:{tag}:d``        delivery ledger: hash eval_id -> ``d`` | ``x`` | ``c|owner|lease_until``
-``prefix:{tag}:x``        sides whose deadline passed, kept until their report is published
-``prefix:{dlN}:idx``      deadline index shard N: sorted set member -> deadline (ms)
-``prefix:{dlN}:lock``     sweeper lock of shard N
-========================  =====================================================================
+:mod:`consumer.store_redis` implements them on Redis or Redis Cluster; :mod:`consumer.store_memory`
+in memory, with the same semantics, for unit tests. Both keep records as the caller encoded them
+(:mod:`consumer.records`), so what one returns the other returns too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import zlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import resources
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
-
-RedisClient = Redis | RedisCluster
 
 SpanStatus = Literal["stored", "duplicate", "conflict"]
 ResultStatus = Literal["joined", "buffered", "duplicate", "full"]  # full: too many results wait for the span
 ClaimVerdict = Literal["new", "done", "busy"]
 ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
-
-_SEP = "\x1f"  # cannot occur in a tag: tags are percent-encoded
 
 
 @dataclass(frozen=True)
@@ -61,6 +44,27 @@ class Namespace:
 
 
 @dataclass(frozen=True)
+class SpanOp:
+    """Store a span under its namespace, or recognise it (one item of :meth:`JoinStore.put_many`)."""
+
+    ns: Namespace
+    identity: str  # records.span_identity(trace_id, span_id)
+    record: bytes  # records.encode_span(...)
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class ResultOp:
+    """Join a result with its span, or buffer it until the span comes (one item of :meth:`JoinStore.put_many`)."""
+
+    ns: Namespace
+    event_id: str
+    record: bytes  # records.encode(...)
+    eval_ids: Sequence[str]  # a result whose every evaluation is finished is not buffered again
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
 class SpanPut:
     status: SpanStatus
     pending: dict[str, bytes]  # event_id -> result record, results that now join this span
@@ -74,29 +78,8 @@ class ResultPut:
 
 
 @dataclass(frozen=True)
-class SpanOp:
-    """One ``put_span`` of a :meth:`RedisJoinStore.put_many` batch."""
-
-    ns: Namespace
-    identity: str
-    record: bytes
-    deadline_ms: int
-
-
-@dataclass(frozen=True)
-class ResultOp:
-    """One ``put_result`` of a :meth:`RedisJoinStore.put_many` batch."""
-
-    ns: Namespace
-    event_id: str
-    record: bytes
-    eval_ids: Sequence[str]
-    deadline_ms: int
-
-
-@dataclass(frozen=True)
 class Settle:
-    """One namespace's part of a :meth:`RedisJoinStore.settle_many`: evaluations finished, results to drop."""
+    """One namespace's part of a :meth:`JoinStore.settle_many`: evaluations finished, results to drop."""
 
     ns: Namespace
     delivered: Sequence[str] = ()
@@ -109,7 +92,7 @@ class DueSide:
     """A deadline-index entry that is due: a span (``event_id`` None) or one result."""
 
     shard: int
-    member: str
+    member: str  # the entry's name in its shard; opaque to callers
     deadline_ms: int
     namespace: Namespace
     event_id: str | None
@@ -121,364 +104,154 @@ class ExpireOutcome:
     body: bytes | None = None  # a result's record, or a span's identity, "\n", body
 
 
+Readable = dict[str, Any] | str  # a decoded record, or, if this version cannot read it, its text as stored
+
+_LEDGER_NAMES = {"d": "delivered", "x": "dead-lettered"}
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """Everything stored for one join key, decoded for people to read."""
+
+    span: Readable | None
+    span_joined: bool  # a result joined the span, so its deadline passes without a report
+    pending_results: dict[str, Readable]  # event_id -> result waiting for the span
+    ledger: dict[str, str]  # eval_id -> "delivered" | "dead-lettered" | "in flight"
+    being_reported: list[str]  # sides the sweeper took out and reports: "s" the span, "r:<event_id>" a result
+
+    @classmethod
+    def decode(cls, ns: Namespace, *, span: bytes | None, span_joined: bool, pending: Mapping[str, bytes],
+               ledger: Mapping[str, str], being_reported: Iterable[str]) -> KeyState:
+        """The view of what a store holds, as it holds it.
+
+        ``span`` is identity, "\\n", body; ``ledger`` states are as :meth:`Inspectable.delivery_state` returns them.
+        """
+        from consumer import records  # here, not at the top: records imports Namespace from this module
+
+        def readable(data: bytes, decode: Callable[[bytes, Namespace], dict[str, Any]]) -> Readable:
+            try:
+                return decode(data, ns)
+            except (ValueError, zlib.error):  # not a record this version wrote: show it as it is
+                return data.decode("utf-8", "replace")
+
+        return cls(
+            span=None if span is None else readable(span, records.decode_span),
+            span_joined=span_joined,
+            pending_results={event_id: readable(record, records.decode) for event_id, record in pending.items()},
+            ledger={eval_id: _LEDGER_NAMES.get(state, "in flight" if state.startswith("c|") else state)
+                    for eval_id, state in ledger.items()},
+            being_reported=sorted(being_reported),
+        )
+
+
 class JoinStore(Protocol):
-    """What the join needs from its buffer.
+    """What the join and delivery steps need from the buffer.
 
-    A successful return from ``put_span``/``put_result`` means the side is stored as durably as
-    the backing store is configured to be (for Redis: AOF with ``appendfsync always`` makes it
-    survive a crash); only then may the Kafka offset of its message be committed. Every method is
-    idempotent for the same arguments, so a redelivered message may call it again.
+    A successful return from :meth:`put_many` means every side it reports as stored, buffered or
+    duplicate is stored as durably as the backing store is configured to be (for Redis: AOF with
+    ``appendfsync always`` makes it survive a crash); only then may the Kafka offsets of their
+    messages be committed. A return from :meth:`settle_many` means the ledger records the
+    evaluations as finished, just as durably. Every method is idempotent for the same arguments, so
+    a redelivered message may call it again; an exception means nothing can be assumed (part of a
+    batch may be stored), and the same call may be repeated.
     """
 
-    async def put_span(self, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
-        """Store the span, or recognise it; returns the results that wait for it."""
-        ...
-
-    async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
-                         deadline_ms: int) -> ResultPut:
-        """Join the result with its span if the span is here, else buffer it until ``deadline_ms``.
-
-        ``full`` when the join key already has as many results waiting as the store allows: not stored.
-        """
-        ...
-
     async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
-        """``put_span``/``put_result`` for a whole batch, in order per namespace; results in the same order."""
-        ...
+        """Store each span or result, or recognise it again; one reply per op, in order.
 
-    async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
-                    lease_ms: int) -> list[ClaimVerdict]:
-        """Claim evaluations for delivery; ``done`` ones were delivered or dead-lettered already."""
+        Ops of one namespace take effect in the order given, as if put one by one; ops of different
+        namespaces are independent. A span that is ``stored`` or ``duplicate`` returns the results
+        waiting for it (again on a duplicate: they may not have been delivered before a crash); a
+        ``conflict`` (another span is bound to the key) is not stored. A result is ``joined`` (not
+        stored: the span came back with it), ``buffered`` until its deadline, ``duplicate`` (waiting
+        already, or all its evaluations are finished), or ``full``: the key already has as many
+        results waiting as the store allows, and it is not stored. Stored and duplicate sides are in
+        the deadline index no earlier than their ``deadline_ms``.
+        """
         ...
 
     async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
                          lease_ms: int) -> list[list[ClaimVerdict]]:
-        """``claim`` for many namespaces at once; verdicts per request."""
+        """Claim evaluations for delivery until ``now_ms + lease_ms``; one verdict per evaluation id, per request.
+
+        ``new``: the caller holds the claim now (also when it held it already, or another owner's
+        lease ended), and may send it. ``busy``: another owner's lease is live; wait and claim again.
+        ``done``: delivered or dead-lettered already; never send it.
+        """
         ...
 
     async def settle_many(self, requests: Sequence[Settle]) -> None:
-        """``settle`` for many namespaces at once, delivered and dead-lettered evaluations together."""
-        ...
+        """Record evaluations as finished (2xx, or dead-letter acknowledged), then drop the finished results.
 
-    async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
-                     drop_event_ids: Sequence[str] = ()) -> None:
-        """Record evaluations as finished (2xx, or dead-letter acknowledged) and drop finished results."""
-        ...
-
-    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
-        """Deadline-index entries of ``shard`` that are due, oldest first."""
-        ...
-
-    async def expire(self, side: DueSide) -> ExpireOutcome:
-        """Take a due side out of the join; a ``report`` outcome must be published, then ``forget``."""
-        ...
-
-    async def forget(self, side: DueSide) -> None:
-        """Drop an expired side once its report is published (or it needed none)."""
-        ...
-
-    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
-        """Move a due entry to a later deadline (its delivery is under way)."""
-        ...
-
-
-# Every command must end. redis-py before 8 has no socket timeout by default, and then a connection that
-# died silently (a half-open connection after a partition or a lost NAT entry) stalls the consumer for
-# good; redis-py 8's defaults, made explicit here. A ``socket_timeout`` in the URL takes precedence.
-SOCKET_TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
-
-
-async def connect(url: str, *, cluster: bool, max_connections: int = 64, **options: Any) -> RedisClient:
-    """A client for ``url``; a cluster client is initialised before use.
-
-    ``options`` (``username``, ``password``, ``ssl_ca_certs``) go to the client as given; what the
-    URL itself holds takes precedence over them.
-
-    Initialising first matters: concurrent scripts on a lazily initialised asyncio cluster client
-    fail intermittently (redis-py issue 3935).
-    """
-    options = {**SOCKET_TIMEOUTS, **options}
-    if cluster:
-        client = RedisCluster.from_url(url, max_connections=max_connections, **options)
-        await client.initialize()
-        return client
-    # from_pool: the client owns the pool and closes its connections on aclose().
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30,
-                                                           **options))
-
-
-ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call
-
-
-def _script(name: str) -> str:
-    return resources.files("consumer").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
-
-
-class RedisJoinStore:
-    """:class:`JoinStore` on Redis or Redis Cluster."""
-
-    def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
-                 ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0) -> None:
-        self._client = client
-        # Results that may wait for one join key's span (0: no limit); a result over it is refused ("full").
-        self._max_pending = max_pending_results
-        # At most this many commands in flight, so that a large batch never exhausts the client's pool.
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._prefix = prefix
-        self.shards = shards
-        self._retention_ms = ledger_retention_ms
-        register = client.register_script
-        self._put: AsyncScript = register(_script("put_batch"))
-        self._claim: AsyncScript = register(_script("claim_batch"))
-        self._settle: AsyncScript = register(_script("settle_batch"))
-        self._expire: AsyncScript = register(_script("expire_side"))
-        self._unindex: AsyncScript = register(_script("unindex"))
-        self._unlock: AsyncScript = register(_script("unlock"))
-
-    async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        async with self._slots:
-            return await script(keys=keys, args=args)
-
-    async def _bounded(self, command: Awaitable[Any]) -> Any:
-        async with self._slots:
-            return await command
-
-    # -- keys ---------------------------------------------------------------------------------
-
-    def _key(self, ns: Namespace, suffix: str) -> str:
-        return f"{self._prefix}:{{{ns.tag}}}:{suffix}"
-
-    def shard_of(self, ns: Namespace) -> int:
-        return zlib.crc32(ns.tag.encode()) % self.shards
-
-    def index_key(self, shard: int) -> str:
-        return f"{self._prefix}:{{dl{shard}}}:idx"
-
-    def lock_key(self, shard: int) -> str:
-        return f"{self._prefix}:{{dl{shard}}}:lock"
-
-    def _side_keys(self, ns: Namespace) -> list[str]:
-        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x")]
-
-    async def _index_many(self, entries: Sequence[tuple[Namespace, str, int]]) -> None:
-        """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
-        if not entries:
-            return
-        async with self._slots:
-            pipe = self._client.pipeline(transaction=False)
-            for ns, member, deadline_ms in entries:
-                # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
-                pipe.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True)
-            await pipe.execute()
-
-    async def _run_batched(self, script: AsyncScript, head: list[Any],
-                           items: Sequence[tuple[Namespace, list[str], list[Any]]]) -> list[Any]:
-        """Run a batch script over items (namespace, keys, args): one reply per item, in item order.
-
-        A batch script takes the keys of all its items, then ``head`` and the args of all its items,
-        handles the items in order and returns one reply per item; so a batch costs one command, not
-        one per record (redis-py spends about 70 us of CPU per command). On a single Redis the items
-        go in calls of at most ``ITEMS_PER_CALL`` (no call holds Redis for long), pipelined in one
-        round trip. On a cluster every key of a call must share a slot: one call per namespace, with
-        that namespace's items in order, and namespaces concurrently (at most ``max_concurrency``).
+        From the return on, a claim of these evaluations says ``done``, and a span redelivered no
+        longer returns the dropped results.
         """
-        if not items:
-            return []
-
-        def keys_args(chosen: Sequence[tuple[Namespace, list[str], list[Any]]]) -> tuple[list[str], list[Any]]:
-            return [k for _, keys, _ in chosen for k in keys], [*head, *(a for _, _, args in chosen for a in args)]
-
-        if isinstance(self._client, RedisCluster):
-            groups: dict[Namespace, list[int]] = {}
-            for i, (ns, _, _) in enumerate(items):
-                groups.setdefault(ns, []).append(i)
-            replies: list[Any] = [None] * len(items)
-
-            async def one_namespace(indexes: list[int]) -> None:
-                keys, args = keys_args([items[i] for i in indexes])
-                for i, reply in zip(indexes, await self._call(script, keys=keys, args=args), strict=True):
-                    replies[i] = reply
-
-            await asyncio.gather(*(one_namespace(indexes) for indexes in groups.values()))
-            return replies
-        chunks = [items[i:i + ITEMS_PER_CALL] for i in range(0, len(items), ITEMS_PER_CALL)]
-        if len(chunks) == 1:
-            keys, args = keys_args(chunks[0])
-            return list(await self._call(script, keys=keys, args=args))
-        async with self._slots:
-            pipe = self._client.pipeline(transaction=False)
-            for chunk in chunks:
-                keys, args = keys_args(chunk)
-                await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads missing scripts
-            return [reply for result in await pipe.execute() for reply in result]
-
-    # -- join -----------------------------------------------------------------------------------
-
-    async def put_span(self, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
-        put = (await self.put_many([SpanOp(ns, identity, record, deadline_ms)]))[0]
-        assert isinstance(put, SpanPut)
-        return put
-
-    async def put_result(self, ns: Namespace, event_id: str, record: bytes, eval_ids: Sequence[str],
-                         deadline_ms: int) -> ResultPut:
-        put = (await self.put_many([ResultOp(ns, event_id, record, eval_ids, deadline_ms)]))[0]
-        assert isinstance(put, ResultPut)
-        return put
-
-    async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
-        """``put_span``/``put_result`` for many sides in one round trip (two on a cluster), in order per namespace.
-
-        A stored side is entered in the deadline index by its own script, atomically. On a cluster
-        the index lives in another slot, so it is written afterwards: a crash in between leaves the
-        message uncommitted, and its redelivery (status "duplicate") indexes it then.
-        """
-        in_script = not isinstance(self._client, RedisCluster)
-        items: list[tuple[Namespace, list[str], list[Any]]] = []
-        members: list[str] = []
-        for op in ops:
-            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]
-            if in_script:
-                keys.append(self.index_key(self.shard_of(op.ns)))
-            if isinstance(op, SpanOp):
-                member = f"s{_SEP}{op.ns.tag}"
-                args: list[Any] = ["s", op.identity, op.record, op.deadline_ms, member]
-            else:
-                member = f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
-                args = ["r", op.event_id, op.record, op.deadline_ms, member, len(op.eval_ids), *op.eval_ids]
-            items.append((op.ns, keys, args))
-            members.append(member)
-        replies = await self._run_batched(self._put, [5 if in_script else 4, self._max_pending], items)
-        puts: list[SpanPut | ResultPut] = []
-        index: list[tuple[Namespace, str, int]] = []
-        for op, member, reply in zip(ops, members, replies, strict=True):
-            status = reply[0].decode()
-            if isinstance(op, SpanOp):
-                if status == "conflict":
-                    puts.append(SpanPut("conflict", {}, reply[1]))
-                    continue
-                index.append((op.ns, member, op.deadline_ms))
-                flat = reply[1]
-                puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
-            elif status == "joined":
-                puts.append(ResultPut("joined", reply[1]))
-            elif status == "full":
-                puts.append(ResultPut("full"))
-            else:
-                index.append((op.ns, member, op.deadline_ms))
-                puts.append(ResultPut(status))
-        if not in_script:
-            await self._index_many(index)
-        return puts
-
-    # -- delivery ledger -------------------------------------------------------------------------
-
-    async def claim(self, ns: Namespace, eval_ids: Sequence[str], *, owner: str, now_ms: int,
-                    lease_ms: int) -> list[ClaimVerdict]:
-        return (await self.claim_many([(ns, eval_ids)], owner=owner, now_ms=now_ms, lease_ms=lease_ms))[0]
-
-    async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
-                         lease_ms: int) -> list[list[ClaimVerdict]]:
-        """``claim`` for many namespaces in one round trip; verdicts per request."""
-        replies: list[list[bytes]] = await self._run_batched(
-            self._claim, [owner, now_ms, lease_ms, self._retention_ms],
-            [(ns, [self._key(ns, "d")], [len(eval_ids), *eval_ids]) for ns, eval_ids in requests])
-        return [[verdict.decode() for verdict in reply] for reply in replies]  # type: ignore[misc]
-
-    async def settle(self, ns: Namespace, eval_ids: Sequence[str], *, dead_lettered: bool,
-                     drop_event_ids: Sequence[str] = ()) -> None:
-        await self.settle_many([Settle(ns, (), eval_ids, drop_event_ids) if dead_lettered
-                                else Settle(ns, eval_ids, (), drop_event_ids)])
-
-    async def settle_many(self, requests: Sequence[Settle]) -> None:
-        """``settle`` for many namespaces in one round trip."""
-        await self._run_batched(self._settle, [self._retention_ms], [
-            (r.ns, [self._key(r.ns, "d"), self._key(r.ns, "r")],
-             [len(r.delivered), *r.delivered, len(r.dead_lettered), *r.dead_lettered,
-              len(r.drop_event_ids), *r.drop_event_ids])
-            for r in requests])
-
-    async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
-        """The ledger entry of one evaluation (for inspection and tests)."""
-        value: bytes | None = await self._bounded(self._client.hget(self._key(ns, "d"), eval_id))
-        return None if value is None else value.decode()
-
-    # -- expiry ---------------------------------------------------------------------------------
-
-    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
-        rows: list[tuple[bytes, float]] = await self._bounded(self._client.zrangebyscore(
-            self.index_key(shard), "-inf", now_ms, start=0, num=limit, withscores=True
-        ))
-        sides = []
-        for raw_member, score in rows:
-            member = raw_member.decode()
-            kind, _, rest = member.partition(_SEP)
-            tag, _, event_id = rest.partition(_SEP)
-            sides.append(DueSide(shard, member, int(score), Namespace.from_tag(tag),
-                                 event_id if kind == "r" else None))
-        return sides
-
-    async def expire(self, side: DueSide) -> ExpireOutcome:
-        args = ["s"] if side.event_id is None else ["r", side.event_id]
-        reply: list[Any] = await self._call(self._expire, keys=self._side_keys(side.namespace), args=args)
-        verdict = reply[0].decode()
-        return ExpireOutcome(verdict, reply[1] if len(reply) > 1 else None)
-
-    async def forget(self, side: DueSide) -> None:
-        field = "s" if side.event_id is None else f"r:{side.event_id}"
-        await self._bounded(self._client.hdel(self._key(side.namespace, "x"), field))
-        await self._call(self._unindex, keys=[self.index_key(side.shard)], args=[side.member, side.deadline_ms])
-
-    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
-        await self._bounded(self._client.zadd(self.index_key(side.shard), {side.member: deadline_ms}, xx=True, gt=True))
-
-    # -- inspection (operators' CLI) ------------------------------------------------------------
-
-    async def lookup(self, ns: Namespace) -> dict[str, dict[str, bytes]]:
-        """Everything stored for one join key, as stored: span, waiting results, ledger, sides being reported."""
-        out: dict[str, dict[str, bytes]] = {}
-        span: bytes | None = await self._bounded(self._client.get(self._key(ns, "s")))
-        out["span"] = {} if span is None else {"body": span[1:], "joined": span[:1]}
-        for name, suffix in (("pending_results", "r"), ("ledger", "d"), ("expiring", "x")):
-            raw: dict[bytes, bytes] = await self._bounded(self._client.hgetall(self._key(ns, suffix)))
-            out[name] = {k.decode(): v for k, v in raw.items()}
-        return out
-
-    async def census(self) -> dict[str, dict[str, int]]:
-        """Buffered sides per ml_app: {"spans": n, "results": m}. Scans every key of the prefix."""
-        counts: dict[str, dict[str, int]] = {}
-        async for raw in self._client.scan_iter(match=f"{self._prefix}:{{*}}:[sr]", count=1000):
-            key = raw.decode()
-            tag = key[key.index("{") + 1: key.rindex("}")]
-            entry = counts.setdefault(Namespace.from_tag(tag).ml_app, {"spans": 0, "results": 0})
-            if key.endswith(":s"):
-                entry["spans"] += 1
-            else:
-                entry["results"] += int(await self._bounded(self._client.hlen(key)))
-        return counts
-
-    async def index_size(self) -> tuple[int, int | None]:
-        """(entries in the deadline index, earliest deadline or None): cheap, for the buffer gauges."""
-        total, earliest = 0, None
-        for shard in range(self.shards):
-            key = self.index_key(shard)
-            total += int(await self._bounded(self._client.zcard(key)))
-            first: list[tuple[bytes, float]] = await self._bounded(self._client.zrange(key, 0, 0, withscores=True))
-            if first and (earliest is None or first[0][1] < earliest):
-                earliest = int(first[0][1])
-        return total, earliest
-
-    async def oldest(self, count: int) -> list[DueSide]:
-        """The ``count`` entries of the deadline index with the earliest deadlines."""
-        sides: list[DueSide] = []
-        for shard in range(self.shards):
-            sides.extend(await self.due(shard, 2**62, count))
-        return sorted(sides, key=lambda side: side.deadline_ms)[:count]
-
-    async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
-        return bool(await self._bounded(self._client.set(self.lock_key(shard), token, nx=True, px=ttl_ms)))
-
-    async def unlock(self, shard: int, token: str) -> None:
-        await self._call(self._unlock, keys=[self.lock_key(shard)], args=[token])
+        ...
 
     async def ping(self) -> bool:
-        return bool(await self._bounded(self._client.ping()))
+        """True if the store answers (for the readiness probe); no data is read or written."""
+        ...
+
+
+class DeadlineIndex(Protocol):
+    """What the expiry path needs: the sides whose deadline passed, and one sweeper per shard.
+
+    The index is split in ``shards``; a namespace's sides are always in the same shard. Reports are
+    at least once: a side is reported after :meth:`expire` and removed by :meth:`forget`, and a
+    crash in between makes :meth:`expire` return the same copy again.
+    """
+
+    shards: int
+
+    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
+        """At most ``limit`` entries of ``shard`` whose deadline is at or before ``now_ms``, earliest first."""
+        ...
+
+    async def expire(self, side: DueSide) -> ExpireOutcome:
+        """Take a due side out of the join, keeping a copy until :meth:`forget`.
+
+        ``report``: publish the body, then forget the side (the same copy again until then).
+        ``dropped``: a span a result joined; nothing to report. ``busy``: a result whose span is
+        here, so its delivery is under way: :meth:`postpone` it. ``gone``: nothing is stored.
+        """
+        ...
+
+    async def forget(self, side: DueSide) -> None:
+        """Drop an expired side's copy and its index entry, unless the entry moved since :meth:`due` read it."""
+        ...
+
+    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
+        """Move the side's entry to ``deadline_ms`` if that is later; an entry no longer indexed stays gone."""
+        ...
+
+    async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
+        """Take the shard's sweeper lock for ``token`` until ``ttl_ms`` passes; False if anyone holds it."""
+        ...
+
+    async def unlock(self, shard: int, token: str) -> None:
+        """Release the shard's lock if ``token`` holds it; a lock another token holds stays."""
+        ...
+
+    async def index_size(self) -> tuple[int, int | None]:
+        """(entries in the whole index, earliest deadline or None if empty): cheap, for the buffer gauges."""
+        ...
+
+    async def oldest(self, count: int) -> list[DueSide]:
+        """The ``count`` entries of the whole index with the earliest deadlines, earliest first."""
+        ...
+
+
+class Inspectable(Protocol):
+    """What the operators' CLI reads; nothing here changes what is stored."""
+
+    async def lookup(self, ns: Namespace) -> KeyState:
+        """Everything stored for one join key, decoded (a record that cannot be decoded shows as text)."""
+        ...
+
+    async def census(self) -> dict[str, dict[str, int]]:
+        """Buffered sides per ml_app: ``{"spans": n, "results": m}``; may read every key, so slow on a large buffer."""
+        ...
+
+    async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
+        """One evaluation's ledger entry as stored: ``d`` delivered, ``x`` dead-lettered, ``c|owner|lease_until_ms``."""
+        ...

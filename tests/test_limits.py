@@ -31,7 +31,8 @@ from consumer.errors import InvalidMessage
 from consumer.events import MAX_EVALUATIONS_PER_EVENT, MAX_JSON_DEPTH, MAX_METADATA_BYTES, MAX_TAGS, MAX_TEXT_CHARS
 from consumer.service import Service
 from consumer.sink import HttpIntakeSink
-from consumer.store import Namespace, RedisJoinStore, connect
+from consumer.store import Namespace, ResultOp, SpanOp, SpanPut
+from consumer.store_redis import RedisJoinStore, connect
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.redis import RedisServer
@@ -461,11 +462,13 @@ async def test_one_join_key_buffers_at_most_its_limit_of_results(redis: str, req
         store = RedisJoinStore(client, prefix="t" + uuid.uuid4().hex[:8], ledger_retention_ms=60_000,
                                max_pending_results=3)
         ns = Namespace("app", "flooded")
-        statuses = [(await store.put_result(ns, f"e{i}", b"R", [f"v{i}"], 10**13)).status for i in range(6)]
-        assert statuses == ["buffered"] * 3 + ["full"] * 3
-        assert (await store.put_result(ns, "e0", b"R", ["v0"], 10**13)).status == "duplicate"
-        put = await store.put_span(ns, "t:1", b"SPAN", 10**13)
-        assert sorted(put.pending) == ["e0", "e1", "e2"]
-        assert (await store.put_result(ns, "e9", b"R", ["v9"], 10**13)).status == "joined"
+        puts = await store.put_many([ResultOp(ns, f"e{i}", b"R", [f"v{i}"], 10**13) for i in range(6)])
+        assert [put.status for put in puts] == ["buffered"] * 3 + ["full"] * 3
+        (again,) = await store.put_many([ResultOp(ns, "e0", b"R", ["v0"], 10**13)])
+        assert again.status == "duplicate"
+        span, late = await store.put_many([SpanOp(ns, "t:1", b"SPAN", 10**13),
+                                           ResultOp(ns, "e9", b"R", ["v9"], 10**13)])
+        assert isinstance(span, SpanPut) and sorted(span.pending) == ["e0", "e1", "e2"]
+        assert late.status == "joined"
     finally:
         await client.aclose()

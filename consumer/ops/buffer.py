@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-import zlib
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from consumer import records
-from consumer.store import Namespace, RedisJoinStore
+from consumer.store import DeadlineIndex, Inspectable, Namespace
 
 
-async def overview(store: RedisJoinStore, *, oldest: int = 10, join_ttl_ms: int) -> dict[str, Any]:
+class InspectableBuffer(DeadlineIndex, Inspectable, Protocol):
+    """A store whose contents and deadline index can be read."""
+
+
+async def overview(store: InspectableBuffer, *, oldest: int = 10, join_ttl_ms: int) -> dict[str, Any]:
     """Counts per ml_app and the entries closest to their deadline (the oldest sides)."""
     now_ms = int(time.time() * 1000)
     entries = []
@@ -27,26 +28,15 @@ async def overview(store: RedisJoinStore, *, oldest: int = 10, join_ttl_ms: int)
     return {"buffered": await store.census(), "oldest": entries}
 
 
-async def lookup(store: RedisJoinStore, ml_app: str, join_key: str) -> dict[str, Any]:
+async def lookup(store: Inspectable, ml_app: str, join_key: str) -> dict[str, Any]:
     """Both sides and the delivery ledger of one join key, with stored records decoded."""
-    ns = Namespace(ml_app, join_key)
-    raw = await store.lookup(ns)
-
-    def decode(data: bytes, how: Callable[[bytes, Namespace], Any] = records.decode) -> Any:
-        try:
-            return how(data, ns)
-        except (ValueError, zlib.error):  # not a record this version wrote: show it as it is
-            return data.decode("utf-8", "replace")
-
-    span = raw["span"]
-    ledger_names = {"d": "delivered", "x": "dead-lettered"}
-    ledger = {k: v.decode() for k, v in raw["ledger"].items()}
+    state = await store.lookup(Namespace(ml_app, join_key))
     return {
         "ml_app": ml_app,
         "join_key": join_key,
-        "span": decode(span["body"], records.decode_span) if "body" in span else None,
-        "span_joined": span.get("joined") == b"1",
-        "pending_results": {k: decode(v) for k, v in raw["pending_results"].items()},
-        "ledger": {k: ledger_names.get(v, "in flight" if v.startswith("c|") else v) for k, v in ledger.items()},
-        "being_reported": sorted(raw["expiring"]),
+        "span": state.span,
+        "span_joined": state.span_joined,
+        "pending_results": state.pending_results,
+        "ledger": state.ledger,
+        "being_reported": state.being_reported,
     }

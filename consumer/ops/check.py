@@ -17,7 +17,7 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.config import Settings
-from consumer.store import connect
+from consumer.store_redis import connect
 
 
 @dataclass(frozen=True)

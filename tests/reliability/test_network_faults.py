@@ -40,7 +40,7 @@ import redis.exceptions
 from aiokafka import AIOKafkaProducer
 
 from consumer.config import Settings
-from consumer.store import connect
+from consumer.store_redis import connect
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker, acreate_topics
 from localenv.netfault import NetFault
@@ -75,7 +75,7 @@ LABELS = ("faithfulness", "relevance")
 BAD_ID = "netfault.bad-id"  # header naming each record that is not JSON, to find it on the DLQ
 INTAKE_TIMEOUT_S = 2.0
 # Longer than the client's timeouts on each link: the intake request timeout; the Redis socket
-# timeout (5 s, consumer.store.SOCKET_TIMEOUTS); for Kafka the group session (10 s: the member is
+# timeout (5 s, consumer.store_redis.SOCKET_TIMEOUTS); for Kafka the group session (10 s: the member is
 # evicted), and at full size also aiokafka's request timeout (40 s: every request in flight times out).
 BLACKHOLE_S = {"intake": 2.5 * INTAKE_TIMEOUT_S, "redis": 8.0, "kafka": 12.0 if SCALE < 3 else 45.0}
 

@@ -1,0 +1,325 @@
+"""The join store on Redis or Redis Cluster: :class:`RedisJoinStore`.
+
+One Lua script per check-and-store, so any number of consumer replicas can race on one join key
+safely. Every key of one join key shares a hash tag, so each script touches a single slot and the
+same code runs on a Redis Cluster. Deadlines live in sharded sorted sets (the deadline index), swept
+in batches by :mod:`consumer.expiry`; keyspace notifications are never used.
+
+Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both percent-encoded):
+
+========================  =====================================================================
+``prefix:{tag}:s``        the span: string ``<joined 0|1><trace_id:span_id>\\n<body>``
+``prefix:{tag}:r``        results waiting for the span: hash event_id -> record
+``prefix:{tag}:d``        delivery ledger: hash eval_id -> ``d`` | ``x`` | ``c|owner|lease_until``
+``prefix:{tag}:x``        sides whose deadline passed, kept until their report is published
+``prefix:{dlN}:idx``      deadline index shard N: sorted set member -> deadline (ms)
+``prefix:{dlN}:lock``     sweeper lock of shard N
+========================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Awaitable, Sequence
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+from consumer.store import (
+    ClaimVerdict,
+    DueSide,
+    ExpireOutcome,
+    KeyState,
+    Namespace,
+    ResultOp,
+    ResultPut,
+    Settle,
+    SpanOp,
+    SpanPut,
+)
+
+RedisClient = Redis | RedisCluster
+
+_SEP = "\x1f"  # cannot occur in a tag: tags are percent-encoded
+
+# Every command must end. redis-py before 8 has no socket timeout by default, and then a connection that
+# died silently (a half-open connection after a partition or a lost NAT entry) stalls the consumer for
+# good; redis-py 8's defaults, made explicit here. A ``socket_timeout`` in the URL takes precedence.
+SOCKET_TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+
+
+async def connect(url: str, *, cluster: bool, max_connections: int = 64, **options: Any) -> RedisClient:
+    """A client for ``url``; a cluster client is initialised before use.
+
+    ``options`` (``username``, ``password``, ``ssl_ca_certs``) go to the client as given; what the
+    URL itself holds takes precedence over them.
+
+    Initialising first matters: concurrent scripts on a lazily initialised asyncio cluster client
+    fail intermittently (redis-py issue 3935).
+    """
+    options = {**SOCKET_TIMEOUTS, **options}
+    if cluster:
+        client = RedisCluster.from_url(url, max_connections=max_connections, **options)
+        await client.initialize()
+        return client
+    # from_pool: the client owns the pool and closes its connections on aclose().
+    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30,
+                                                           **options))
+
+
+ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call
+
+
+def _script(name: str) -> str:
+    return resources.files("consumer").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+class RedisJoinStore:
+    """:class:`~consumer.store.JoinStore`, :class:`~consumer.store.DeadlineIndex` and
+    :class:`~consumer.store.Inspectable` on Redis or Redis Cluster."""
+
+    def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
+                 ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0) -> None:
+        self._client = client
+        # Results that may wait for one join key's span (0: no limit); a result over it is refused ("full").
+        self._max_pending = max_pending_results
+        # At most this many commands in flight, so that a large batch never exhausts the client's pool.
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._prefix = prefix
+        self.shards = shards
+        self._retention_ms = ledger_retention_ms
+        register = client.register_script
+        self._put: AsyncScript = register(_script("put_batch"))
+        self._claim: AsyncScript = register(_script("claim_batch"))
+        self._settle: AsyncScript = register(_script("settle_batch"))
+        self._expire: AsyncScript = register(_script("expire_side"))
+        self._unindex: AsyncScript = register(_script("unindex"))
+        self._unlock: AsyncScript = register(_script("unlock"))
+
+    async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async with self._slots:
+            return await script(keys=keys, args=args)
+
+    async def _bounded(self, command: Awaitable[Any]) -> Any:
+        async with self._slots:
+            return await command
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _key(self, ns: Namespace, suffix: str) -> str:
+        return f"{self._prefix}:{{{ns.tag}}}:{suffix}"
+
+    def shard_of(self, ns: Namespace) -> int:
+        return zlib.crc32(ns.tag.encode()) % self.shards
+
+    def index_key(self, shard: int) -> str:
+        return f"{self._prefix}:{{dl{shard}}}:idx"
+
+    def lock_key(self, shard: int) -> str:
+        return f"{self._prefix}:{{dl{shard}}}:lock"
+
+    def _side_keys(self, ns: Namespace) -> list[str]:
+        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x")]
+
+    async def _index_many(self, entries: Sequence[tuple[Namespace, str, int]]) -> None:
+        """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
+        if not entries:
+            return
+        async with self._slots:
+            pipe = self._client.pipeline(transaction=False)
+            for ns, member, deadline_ms in entries:
+                # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
+                pipe.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True)
+            await pipe.execute()
+
+    async def _run_batched(self, script: AsyncScript, head: list[Any],
+                           items: Sequence[tuple[Namespace, list[str], list[Any]]]) -> list[Any]:
+        """Run a batch script over items (namespace, keys, args): one reply per item, in item order.
+
+        A batch script takes the keys of all its items, then ``head`` and the args of all its items,
+        handles the items in order and returns one reply per item; so a batch costs one command, not
+        one per record (redis-py spends about 70 us of CPU per command). On a single Redis the items
+        go in calls of at most ``ITEMS_PER_CALL`` (no call holds Redis for long), pipelined in one
+        round trip. On a cluster every key of a call must share a slot: one call per namespace, with
+        that namespace's items in order, and namespaces concurrently (at most ``max_concurrency``).
+        """
+        if not items:
+            return []
+
+        def keys_args(chosen: Sequence[tuple[Namespace, list[str], list[Any]]]) -> tuple[list[str], list[Any]]:
+            return [k for _, keys, _ in chosen for k in keys], [*head, *(a for _, _, args in chosen for a in args)]
+
+        if isinstance(self._client, RedisCluster):
+            groups: dict[Namespace, list[int]] = {}
+            for i, (ns, _, _) in enumerate(items):
+                groups.setdefault(ns, []).append(i)
+            replies: list[Any] = [None] * len(items)
+
+            async def one_namespace(indexes: list[int]) -> None:
+                keys, args = keys_args([items[i] for i in indexes])
+                for i, reply in zip(indexes, await self._call(script, keys=keys, args=args), strict=True):
+                    replies[i] = reply
+
+            await asyncio.gather(*(one_namespace(indexes) for indexes in groups.values()))
+            return replies
+        chunks = [items[i:i + ITEMS_PER_CALL] for i in range(0, len(items), ITEMS_PER_CALL)]
+        if len(chunks) == 1:
+            keys, args = keys_args(chunks[0])
+            return list(await self._call(script, keys=keys, args=args))
+        async with self._slots:
+            pipe = self._client.pipeline(transaction=False)
+            for chunk in chunks:
+                keys, args = keys_args(chunk)
+                await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads missing scripts
+            return [reply for result in await pipe.execute() for reply in result]
+
+    # -- join -----------------------------------------------------------------------------------
+
+    async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
+        """Many sides in one round trip (two on a cluster), in order per namespace.
+
+        A stored side is entered in the deadline index by its own script, atomically. On a cluster
+        the index lives in another slot, so it is written afterwards: a crash in between leaves the
+        message uncommitted, and its redelivery (status "duplicate") indexes it then.
+        """
+        in_script = not isinstance(self._client, RedisCluster)
+        items: list[tuple[Namespace, list[str], list[Any]]] = []
+        members: list[str] = []
+        for op in ops:
+            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]
+            if in_script:
+                keys.append(self.index_key(self.shard_of(op.ns)))
+            if isinstance(op, SpanOp):
+                member = f"s{_SEP}{op.ns.tag}"
+                args: list[Any] = ["s", op.identity, op.record, op.deadline_ms, member]
+            else:
+                member = f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
+                args = ["r", op.event_id, op.record, op.deadline_ms, member, len(op.eval_ids), *op.eval_ids]
+            items.append((op.ns, keys, args))
+            members.append(member)
+        replies = await self._run_batched(self._put, [5 if in_script else 4, self._max_pending], items)
+        puts: list[SpanPut | ResultPut] = []
+        index: list[tuple[Namespace, str, int]] = []
+        for op, member, reply in zip(ops, members, replies, strict=True):
+            status = reply[0].decode()
+            if isinstance(op, SpanOp):
+                if status == "conflict":
+                    puts.append(SpanPut("conflict", {}, reply[1]))
+                    continue
+                index.append((op.ns, member, op.deadline_ms))
+                flat = reply[1]
+                puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
+            elif status == "joined":
+                puts.append(ResultPut("joined", reply[1]))
+            elif status == "full":
+                puts.append(ResultPut("full"))
+            else:
+                index.append((op.ns, member, op.deadline_ms))
+                puts.append(ResultPut(status))
+        if not in_script:
+            await self._index_many(index)
+        return puts
+
+    # -- delivery ledger -------------------------------------------------------------------------
+
+    async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
+                         lease_ms: int) -> list[list[ClaimVerdict]]:
+        """Claims for many namespaces in one round trip; verdicts per request."""
+        replies: list[list[bytes]] = await self._run_batched(
+            self._claim, [owner, now_ms, lease_ms, self._retention_ms],
+            [(ns, [self._key(ns, "d")], [len(eval_ids), *eval_ids]) for ns, eval_ids in requests])
+        return [[verdict.decode() for verdict in reply] for reply in replies]  # type: ignore[misc]
+
+    async def settle_many(self, requests: Sequence[Settle]) -> None:
+        """Settles for many namespaces in one round trip."""
+        await self._run_batched(self._settle, [self._retention_ms], [
+            (r.ns, [self._key(r.ns, "d"), self._key(r.ns, "r")],
+             [len(r.delivered), *r.delivered, len(r.dead_lettered), *r.dead_lettered,
+              len(r.drop_event_ids), *r.drop_event_ids])
+            for r in requests])
+
+    async def ping(self) -> bool:
+        return bool(await self._bounded(self._client.ping()))
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
+        rows: list[tuple[bytes, float]] = await self._bounded(self._client.zrangebyscore(
+            self.index_key(shard), "-inf", now_ms, start=0, num=limit, withscores=True
+        ))
+        sides = []
+        for raw_member, score in rows:
+            member = raw_member.decode()
+            kind, _, rest = member.partition(_SEP)
+            tag, _, event_id = rest.partition(_SEP)
+            sides.append(DueSide(shard, member, int(score), Namespace.from_tag(tag),
+                                 event_id if kind == "r" else None))
+        return sides
+
+    async def expire(self, side: DueSide) -> ExpireOutcome:
+        args = ["s"] if side.event_id is None else ["r", side.event_id]
+        reply: list[Any] = await self._call(self._expire, keys=self._side_keys(side.namespace), args=args)
+        verdict = reply[0].decode()
+        return ExpireOutcome(verdict, reply[1] if len(reply) > 1 else None)
+
+    async def forget(self, side: DueSide) -> None:
+        field = "s" if side.event_id is None else f"r:{side.event_id}"
+        await self._bounded(self._client.hdel(self._key(side.namespace, "x"), field))
+        await self._call(self._unindex, keys=[self.index_key(side.shard)], args=[side.member, side.deadline_ms])
+
+    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
+        await self._bounded(self._client.zadd(self.index_key(side.shard), {side.member: deadline_ms}, xx=True, gt=True))
+
+    async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
+        return bool(await self._bounded(self._client.set(self.lock_key(shard), token, nx=True, px=ttl_ms)))
+
+    async def unlock(self, shard: int, token: str) -> None:
+        await self._call(self._unlock, keys=[self.lock_key(shard)], args=[token])
+
+    async def index_size(self) -> tuple[int, int | None]:
+        total, earliest = 0, None
+        for shard in range(self.shards):
+            key = self.index_key(shard)
+            total += int(await self._bounded(self._client.zcard(key)))
+            first: list[tuple[bytes, float]] = await self._bounded(self._client.zrange(key, 0, 0, withscores=True))
+            if first and (earliest is None or first[0][1] < earliest):
+                earliest = int(first[0][1])
+        return total, earliest
+
+    async def oldest(self, count: int) -> list[DueSide]:
+        sides: list[DueSide] = []
+        for shard in range(self.shards):
+            sides.extend(await self.due(shard, 2**62, count))
+        return sorted(sides, key=lambda side: side.deadline_ms)[:count]
+
+    # -- inspection (operators' CLI) ------------------------------------------------------------
+
+    async def lookup(self, ns: Namespace) -> KeyState:
+        stored: bytes | None = await self._bounded(self._client.get(self._key(ns, "s")))
+        pending, ledger, expiring = [
+            {k.decode(): v for k, v in (await self._bounded(self._client.hgetall(self._key(ns, suffix)))).items()}
+            for suffix in ("r", "d", "x")]
+        return KeyState.decode(ns, span=None if stored is None else stored[1:],
+                               span_joined=stored is not None and stored[:1] == b"1", pending=pending,
+                               ledger={k: v.decode() for k, v in ledger.items()}, being_reported=expiring)
+
+    async def census(self) -> dict[str, dict[str, int]]:
+        """Scans every key of the prefix."""
+        counts: dict[str, dict[str, int]] = {}
+        async for raw in self._client.scan_iter(match=f"{self._prefix}:{{*}}:[sr]", count=1000):
+            key = raw.decode()
+            tag = key[key.index("{") + 1: key.rindex("}")]
+            entry = counts.setdefault(Namespace.from_tag(tag).ml_app, {"spans": 0, "results": 0})
+            if key.endswith(":s"):
+                entry["spans"] += 1
+            else:
+                entry["results"] += int(await self._bounded(self._client.hlen(key)))
+        return counts
+
+    async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
+        value: bytes | None = await self._bounded(self._client.hget(self._key(ns, "d"), eval_id))
+        return None if value is None else value.decode()
