@@ -47,7 +47,7 @@ from openai import AsyncOpenAI, OpenAIError
 
 from consumer.events import SpanContextEvent
 from producer_examples.jsonstream import RecordReader, detect_format
-from producer_examples.publisher import DeliveryError, EventPublisher
+from producer_examples.publisher import DeliveryError, EventPublisher, add_kafka_arguments, kafka_settings_from
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful cooking assistant. Please reject any non-food related questions."
 
@@ -73,7 +73,7 @@ class SpanContextReporter:
     that the caller manages is passed), leaving flushes and stops it, raising
     :class:`~producer_examples.publisher.DeliveryError` if the broker did not acknowledge an event.
     ``tags`` are added to every event (per-call tags win). Extra keyword arguments go to the
-    :class:`EventPublisher` (``bootstrap_servers``, ``span_topic``, aiokafka options).
+    :class:`EventPublisher` (``kafka``, or ``bootstrap_servers`` and ``span_topic``; aiokafka options).
     """
 
     def __init__(self, *, ml_app: str, tags: Mapping[str, str] | None = None,
@@ -231,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", type=_tag, action="append", default=[], metavar="NAME:VALUE",
                         help="a tag on every span-context event (repeatable)")
     parser.add_argument("--concurrency", type=int, default=4, help="questions answered at once (default: 4)")
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS or "
-                                            "127.0.0.1:9092)")
-    parser.add_argument("--span-topic", help="default: $SPAN_TOPIC or llmobs.span-context")
+    add_kafka_arguments(parser, topics=("span",))
     return parser
 
 
@@ -245,8 +243,8 @@ async def run(args: argparse.Namespace, *, out: TextIO, err: TextIO) -> int:
             yield from read_questions(args.questions, id_field=args.id_field)
 
     client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key or "unused", max_retries=2)
-    async with client, SpanContextReporter(ml_app=args.ml_app, tags=dict(args.tag), bootstrap_servers=args.bootstrap,
-                                           span_topic=args.span_topic) as reporter:
+    async with client, SpanContextReporter(ml_app=args.ml_app, tags=dict(args.tag),
+                                           kafka=kafka_settings_from(args)) as reporter:
         answered, failed = await answer_all(questions(), client=client, model=args.model,
                                             system_prompt=args.system_prompt, reporter=reporter,
                                             concurrency=args.concurrency, out=out, err=err)
@@ -271,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(run(args, out=sys.stdout, err=sys.stderr))
-    except ValueError as exc:  # a bad --questions record
+    except ValueError as exc:  # a bad --questions record, or invalid Kafka variables
         print(f"app_side: {exc}", file=sys.stderr)
         return 2
     except (KafkaError, DeliveryError) as exc:

@@ -62,7 +62,7 @@ from producer_examples.jsonstream import (
     detect_format,
     open_at,
 )
-from producer_examples.publisher import DEFAULT_RESULT_TOPIC, DEFAULT_SPAN_TOPIC, DeliveryError, EventPublisher
+from producer_examples.publisher import DeliveryError, EventPublisher, add_kafka_arguments, kafka_settings
 
 Role = Literal["outputs", "scores"]
 
@@ -279,14 +279,14 @@ async def run(options: Options, *, stop: asyncio.Event | None = None, err: TextI
     """Publish (or, with ``dry_run``, only check) the inputs; returns the counts. Never raises for bad records."""
     err = err or sys.stderr
     stop = stop or asyncio.Event()
-    bootstrap = options.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-    span_topic = options.span_topic or os.environ.get("SPAN_TOPIC", DEFAULT_SPAN_TOPIC)
-    result_topic = options.result_topic or os.environ.get("RESULT_TOPIC", DEFAULT_RESULT_TOPIC)
+    kafka = kafka_settings(bootstrap_servers=options.bootstrap, span_topic=options.span_topic,
+                           result_topic=options.result_topic)
+    bootstrap = kafka.kafka_bootstrap_servers
     plan: list[InputSummary] = []
     if options.outputs:
-        plan.append(InputSummary("outputs", options.outputs, span_topic))
+        plan.append(InputSummary("outputs", options.outputs, kafka.span_topic))
     if options.scores:
-        plan.append(InputSummary("scores", options.scores, result_topic))
+        plan.append(InputSummary("scores", options.scores, kafka.result_topic))
     result = Result(plan, dry_run=options.dry_run)
     reporter = _Reporter(err)
     state = StateFile(options.state) if options.state and not options.dry_run else None
@@ -296,8 +296,7 @@ async def run(options: Options, *, stop: asyncio.Event | None = None, err: TextI
         async with contextlib.AsyncExitStack() as stack:
             publisher = None
             if not options.dry_run:
-                publisher = await stack.enter_async_context(
-                    EventPublisher(bootstrap_servers=bootstrap, span_topic=span_topic, result_topic=result_topic))
+                publisher = await stack.enter_async_context(EventPublisher(kafka=kafka))
             budget = await _publish_all(plan, options, publisher, state, stop, reporter, result, bootstrap)
     except DeliveryError as exc:  # from the flush when leaving the publisher
         result.delivery_error = result.delivery_error or str(exc)
@@ -449,10 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outputs", type=Path, help="outputs.json: records whose input.source names the span")
     parser.add_argument("--scores", type=Path, help="scores.jsonl: NeMo LLM-as-a-judge lines")
     parser.add_argument("--ml-app", help="ml_app header for the records (else the service's DEFAULT_ML_APP applies)")
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS or "
-                                            "127.0.0.1:9092)")
-    parser.add_argument("--span-topic", help="default: $SPAN_TOPIC or llmobs.span-context")
-    parser.add_argument("--result-topic", help="default: $RESULT_TOPIC or nemo.eval-results")
+    add_kafka_arguments(parser, topics=("span", "result"))
     parser.add_argument("--join-key", default=os.environ.get("JOIN_KEY", "question_id"),
                         help="the service's JOIN_KEY (default: $JOIN_KEY or question_id)")
     parser.add_argument("--max-message-bytes", type=int, default=int(os.environ.get("MAX_MESSAGE_BYTES", 1_048_576)),
@@ -492,7 +488,7 @@ async def run_cli(argv: Sequence[str] | None = None, *, out: TextIO | None = Non
         print("note: no --ml-app: the service files these records under its DEFAULT_ML_APP", file=err)
     try:
         result = await run(options, stop=stop, err=err)
-    except ValueError as exc:  # a state file that is not one
+    except ValueError as exc:  # a state file that is not one, or invalid Kafka variables
         print(f"backfill: {exc}", file=err)
         return EXIT_USAGE
     except OSError as exc:  # the state file cannot be read or written

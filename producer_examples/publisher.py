@@ -8,53 +8,69 @@ that was sent; a return from :meth:`publish_span` / :meth:`publish_result` means
 queued it for sending, and :meth:`flush` waits until the broker acknowledged all of it, raising
 :class:`DeliveryError` if the broker refused or never acknowledged any of it.
 
-The broker connection is configured like the service's: ``KAFKA_BOOTSTRAP_SERVERS``,
-``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_MECHANISM``, ``KAFKA_SASL_USERNAME``,
-``KAFKA_SASL_PASSWORD`` (or its file in ``EVALJOIN_SECRETS_DIR``) and ``KAFKA_SSL_CAFILE``; aiokafka
-options given to :class:`EventPublisher` (``security_protocol``, ``sasl_mechanism``,
+The broker connection and the topics are the service's own :class:`~consumer.config.KafkaSettings`,
+read by :func:`kafka_settings` from the same variables and secret files (``KAFKA_BOOTSTRAP_SERVERS``,
+``KAFKA_CLIENT_ID``, ``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_MECHANISM``, ``KAFKA_SASL_USERNAME``,
+``KAFKA_SASL_PASSWORD`` or its file in ``EVALJOIN_SECRETS_DIR``, ``KAFKA_SSL_CAFILE``, ``SPAN_TOPIC``,
+``RESULT_TOPIC``) with the same defaults, so a producer next to the service reaches the same (TLS/SASL)
+cluster. aiokafka options given to :class:`EventPublisher` (``security_protocol``, ``sasl_mechanism``,
 ``sasl_plain_username``, ``sasl_plain_password``, ``ssl_context``, ...) take precedence.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.helpers import create_ssl_context
+from pydantic import ValidationError
 
+from consumer.config import KafkaSettings, load_kafka_settings
 from consumer.events import NemoResultEvent, SpanContextEvent
 
-DEFAULT_SPAN_TOPIC = "llmobs.span-context"
-DEFAULT_RESULT_TOPIC = "nemo.eval-results"
+LINGER_MS = 20  # how long the producer waits to fill a batch before sending it
 
 
-def kafka_security_from_env() -> dict[str, Any]:
-    """aiokafka's security options from the service's own variables, so that a producer next to the service
-    reaches a TLS/SASL cluster with the same configuration (an unsecured one when none is set)."""
-    protocol = os.environ.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT"
-    options: dict[str, Any] = {"security_protocol": protocol}
-    mechanism = os.environ.get("KAFKA_SASL_MECHANISM")
-    if mechanism:
-        options.update(sasl_mechanism=mechanism, sasl_plain_username=os.environ.get("KAFKA_SASL_USERNAME"),
-                       sasl_plain_password=_secret("KAFKA_SASL_PASSWORD"))
-    if protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(cafile=os.environ.get("KAFKA_SSL_CAFILE") or None)
-    return options
+class KafkaConfigError(ValueError):
+    """The Kafka variables (or the values given on top) are invalid; the message names them, never their values."""
 
 
-def _secret(name: str) -> str | None:
-    """The variable, else its file in ``EVALJOIN_SECRETS_DIR`` (as the service reads a mounted Secret)."""
-    value = os.environ.get(name)
-    directory = os.environ.get("EVALJOIN_SECRETS_DIR")
-    if value or not directory or not (Path(directory) / name).is_file():
-        return value
-    return (Path(directory) / name).read_text().strip()
+def kafka_settings(*, bootstrap_servers: str | None = None, span_topic: str | None = None,
+                   result_topic: str | None = None) -> KafkaSettings:
+    """The service's Kafka settings, read as the service reads them, with the values given (command-line flags) on top.
+
+    Raises :class:`KafkaConfigError` when they are invalid, e.g. a SASL setup missing its password.
+    """
+    given = {"kafka_bootstrap_servers": bootstrap_servers, "span_topic": span_topic, "result_topic": result_topic}
+    try:
+        return load_kafka_settings(**{name: value for name, value in given.items() if value})
+    except ValidationError as exc:
+        # pydantic's own text quotes the input, secrets included: say what is wrong in the service's words.
+        # Imported here only: consumer.cli loads the whole service, which a producer otherwise never needs.
+        from consumer.cli import config_errors
+
+        raise KafkaConfigError(f"invalid Kafka configuration:\n{config_errors(exc)}") from None
+
+
+def add_kafka_arguments(parser: argparse._ActionsContainer, *, topics: tuple[Literal["span", "result"], ...],
+                        bootstrap_flag: str = "--bootstrap") -> None:
+    """The flags that override :func:`kafka_settings`: the brokers, and the topic of each side a command publishes."""
+    fields = KafkaSettings.model_fields
+    parser.add_argument(bootstrap_flag, dest="bootstrap", help="Kafka bootstrap servers (default: "
+                        f"$KAFKA_BOOTSTRAP_SERVERS or {fields['kafka_bootstrap_servers'].default})")
+    for side in topics:
+        name = f"{side}_topic"
+        parser.add_argument(f"--{side}-topic", dest=name, help=f"default: ${name.upper()} or {fields[name].default}")
+
+
+def kafka_settings_from(args: argparse.Namespace) -> KafkaSettings:
+    """:func:`kafka_settings` with the flags of :func:`add_kafka_arguments` on top."""
+    return kafka_settings(bootstrap_servers=args.bootstrap, span_topic=getattr(args, "span_topic", None),
+                          result_topic=getattr(args, "result_topic", None))
 
 
 class DeliveryError(Exception):
@@ -69,15 +85,22 @@ class DeliveryError(Exception):
 class EventPublisher:
     """Async context manager that publishes span-context and NeMo result events to Kafka."""
 
-    def __init__(self, *, bootstrap_servers: str | None = None, span_topic: str | None = None,
-                 result_topic: str | None = None, linger_ms: int = 20, **producer_options: Any) -> None:
-        self.span_topic = span_topic or os.environ.get("SPAN_TOPIC", DEFAULT_SPAN_TOPIC)
-        self.result_topic = result_topic or os.environ.get("RESULT_TOPIC", DEFAULT_RESULT_TOPIC)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-            acks="all", enable_idempotence=True, linger_ms=linger_ms,
-            **{**kafka_security_from_env(), **producer_options},
-        )
+    def __init__(self, *, kafka: KafkaSettings | None = None, bootstrap_servers: str | None = None,
+                 span_topic: str | None = None, result_topic: str | None = None, linger_ms: int = LINGER_MS,
+                 **producer_options: Any) -> None:
+        """Publish to the cluster and topics of ``kafka``, by default :func:`kafka_settings` of the values given.
+
+        Raises :class:`KafkaConfigError` when the Kafka variables are invalid.
+        """
+        if kafka is None:
+            kafka = kafka_settings(bootstrap_servers=bootstrap_servers, span_topic=span_topic,
+                                   result_topic=result_topic)
+        elif bootstrap_servers or span_topic or result_topic:
+            raise TypeError("give kafka settings or the values to read them with, not both")
+        self.span_topic = kafka.span_topic
+        self.result_topic = kafka.result_topic
+        self._producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=linger_ms,
+                                          **{**kafka.kafka_client_options(), **producer_options})
         self.published = 0
         self._failures: list[BaseException] = []
 

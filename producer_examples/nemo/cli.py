@@ -7,8 +7,8 @@ aggregate scores, which are not attached to spans. Logs go to stderr, with every
 the target and config files redacted.
 
 Exit codes: 0 done, 1 the evaluator failed (job failed or cancelled, timeout, API error) or Kafka
-did not acknowledge the events, 2 invalid input (a target, config or per-item file), nothing
-published.
+did not acknowledge the events, 2 invalid input (a target, config or per-item file, or the Kafka
+variables), nothing published.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ from producer_examples.nemo.mapping import JUDGE_LABEL, MappingResult, RunContex
 from producer_examples.nemo.publish import map_local_run, publish, run_job
 from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, FORMATS, Format
 from producer_examples.nemo.targets import EvaluationConfigSpec, Target, collect_secrets, load_config, load_target
-from producer_examples.publisher import DeliveryError, EventPublisher
+from producer_examples.publisher import (
+    DeliveryError,
+    EventPublisher,
+    KafkaConfigError,
+    add_kafka_arguments,
+    kafka_settings_from,
+)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +52,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-prefix", default="", help="put in front of every label, e.g. nemo_")
     group.add_argument("--judge-label", default=JUDGE_LABEL, help="label of a judge's score (default: %(default)s)")
     kafka = parser.add_argument_group("publishing")
-    kafka.add_argument("--bootstrap-servers",
-                       help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
-    kafka.add_argument("--result-topic", help="result topic (default: $RESULT_TOPIC or nemo.eval-results)")
+    add_kafka_arguments(kafka, topics=("result",), bootstrap_flag="--bootstrap-servers")
     kafka.add_argument("--dry-run", action="store_true", help="map and report, publish nothing")
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
@@ -153,8 +157,11 @@ async def execute(args: argparse.Namespace, inputs: Inputs | None = None, *, out
             print(f"dry run: {len(mapping.events)} events not published", file=out)
             return 0
         try:
-            async with EventPublisher(bootstrap_servers=args.bootstrap_servers,
-                                      result_topic=args.result_topic) as sink:
+            kafka = kafka_settings_from(args)
+        except KafkaConfigError as exc:
+            raise InputError(str(exc)) from None
+        try:
+            async with EventPublisher(kafka=kafka) as sink:
                 sent = await publish(mapping.events, sink)
         except (KafkaError, DeliveryError) as exc:  # starting or leaving the publisher
             raise PublishError(f"publishing failed: {exc!r}") from exc
