@@ -106,7 +106,9 @@ def _resolve_ml_app(event_app: str | None, headers: Headers, default: str) -> st
     return event_app or _ml_app_header(headers) or default
 
 
-def _parse_source(source: str) -> dict[str, str]:
+def parse_source(source: str) -> dict[str, str]:
+    """The guide's ``input.source`` (``trace_id=..;span_id=..;question_id=..``) as a dict; a part that is not
+    ``key=value`` raises :class:`InvalidMessage`."""
     meta: dict[str, str] = {}
     for part in source.split(";"):
         key, sep, value = part.partition("=")
@@ -120,7 +122,7 @@ def _span_from_outputs_record(obj: dict[str, Any], join_key: str) -> dict[str, A
     source = obj["input"].get("source")
     if not isinstance(source, str):
         raise InvalidMessage("schema", "input.source must be a string trace_id=..;span_id=..;<join key>=..")
-    meta = _parse_source(source)
+    meta = parse_source(source)
     missing = [name for name in ("trace_id", "span_id", join_key) if not meta.get(name)]
     if missing:
         raise InvalidMessage("schema", f"input.source lacks {', '.join(missing)}")

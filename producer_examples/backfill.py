@@ -51,7 +51,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from consumer.decode import decode_result, decode_span, record_bytes
+from consumer.decode import decode_result, decode_span, parse_source, record_bytes
 from consumer.errors import InvalidMessage
 from producer_examples.jsonstream import (
     Format,
@@ -184,10 +184,10 @@ def _refined_reason(role: Role, value: bytes, join_key: str, reason: str) -> str
         source = obj["input"].get("source") if isinstance(obj.get("input"), dict) else None
         if not isinstance(source, str):
             return "missing_source"
-        parts: dict[str, str] = {}
-        for part in source.split(";"):
-            name, _, part_value = part.partition("=")
-            parts[name.strip()] = part_value.strip()
+        try:
+            parts = parse_source(source)
+        except InvalidMessage:  # a part that is not key=value: the decoder's detail says which
+            return "schema"
         for name in (join_key, "trace_id", "span_id"):
             if not parts.get(name):
                 return f"missing_{name}"
