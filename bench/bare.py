@@ -15,11 +15,19 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.config import Settings
+
+# Fetch sizes as the service sets them for its default MAX_MESSAGE_BYTES, so that both read alike.
+_MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default
+FETCH_MAX_BYTES = max(52_428_800, 2 * _MAX_MESSAGE_BYTES)  # one fetch, all partitions
+PARTITION_FETCH_BYTES = _MAX_MESSAGE_BYTES + 65_536  # one partition's share: a record and its overhead
+POLL_TIMEOUT_MS = 500  # how long one getmany waits for records
+
 
 async def read(bootstrap: str, topics: list[str], count: int, max_batch: int) -> dict[str, float]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_bytes=52_428_800,
-                                max_partition_fetch_bytes=1_048_576 + 65_536)
+                                auto_offset_reset="earliest", fetch_max_bytes=FETCH_MAX_BYTES,
+                                max_partition_fetch_bytes=PARTITION_FETCH_BYTES)
     await consumer.start()
     try:
         partitions: list[TopicPartition] = []
@@ -35,7 +43,7 @@ async def read(bootstrap: str, topics: list[str], count: int, max_batch: int) ->
         size = 0
         started, cpu0 = time.perf_counter(), time.process_time()
         while seen < count:
-            batch = await consumer.getmany(timeout_ms=500, max_records=max_batch)
+            batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max_batch)
             for records in batch.values():
                 for record in records:
                     size += len(record.value or b"")

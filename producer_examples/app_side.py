@@ -50,6 +50,7 @@ from producer_examples.jsonstream import RecordReader, detect_format
 from producer_examples.publisher import DeliveryError, EventPublisher, add_kafka_arguments, kafka_settings_from
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful cooking assistant. Please reject any non-food related questions."
+MAX_QUESTION_BYTES = 1 << 20  # a larger question record is refused, so that reading one stays bounded
 
 
 class SpanContextError(RuntimeError):
@@ -133,10 +134,10 @@ def read_questions(path: Path, *, id_field: str = "question_id",
                    text_fields: Sequence[str] = ("question", "prompt")) -> Iterator[Question]:
     """Questions from a JSON Lines file or a JSON array, one record at a time. Raises ValueError on a bad record."""
     with open(path, "rb") as stream:
-        for record in RecordReader(stream, detect_format(stream), max_record_bytes=1_048_576):
+        for record in RecordReader(stream, detect_format(stream), max_record_bytes=MAX_QUESTION_BYTES):
             where = f"{path}:{record.line}"
             if record.value is None:
-                raise ValueError(f"{where}: the record is larger than 1 MiB")
+                raise ValueError(f"{where}: the record is larger than {MAX_QUESTION_BYTES} bytes")
             try:
                 obj = orjson.loads(record.value)
             except orjson.JSONDecodeError as exc:

@@ -51,6 +51,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from consumer.config import Settings
 from consumer.decode import decode_result, decode_span, parse_source, record_bytes
 from consumer.errors import InvalidMessage
 from producer_examples.jsonstream import (
@@ -62,11 +63,18 @@ from producer_examples.jsonstream import (
     detect_format,
     open_at,
 )
-from producer_examples.publisher import DeliveryError, EventPublisher, add_kafka_arguments, kafka_settings
+from producer_examples.publisher import (
+    MAX_MESSAGE_BYTES,
+    DeliveryError,
+    EventPublisher,
+    add_kafka_arguments,
+    kafka_settings,
+)
 
 Role = Literal["outputs", "scores"]
 
 STATE_VERSION = 1
+JOIN_KEY: str = Settings.model_fields["join_key"].default  # the service's default JOIN_KEY
 DEFAULT_CHECKPOINT_EVERY = 1000
 MAX_REPORTED_SKIPS = 100
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_DELIVERY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -84,8 +92,8 @@ class Options:
     bootstrap: str | None = None
     span_topic: str | None = None
     result_topic: str | None = None
-    join_key: str = "question_id"
-    max_message_bytes: int = 1_048_576
+    join_key: str = JOIN_KEY
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     state: Path | None = None
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     dry_run: bool = False
@@ -449,10 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scores", type=Path, help="scores.jsonl: NeMo LLM-as-a-judge lines")
     parser.add_argument("--ml-app", help="ml_app header for the records (else the service's DEFAULT_ML_APP applies)")
     add_kafka_arguments(parser, topics=("span", "result"))
-    parser.add_argument("--join-key", default=os.environ.get("JOIN_KEY", "question_id"),
-                        help="the service's JOIN_KEY (default: $JOIN_KEY or question_id)")
-    parser.add_argument("--max-message-bytes", type=int, default=int(os.environ.get("MAX_MESSAGE_BYTES", 1_048_576)),
-                        help="the service's MAX_MESSAGE_BYTES; larger records are skipped (default: 1048576)")
+    parser.add_argument("--join-key", default=os.environ.get("JOIN_KEY", JOIN_KEY),
+                        help=f"the service's JOIN_KEY (default: $JOIN_KEY or {JOIN_KEY})")
+    parser.add_argument("--max-message-bytes", type=int,
+                        default=int(os.environ.get("MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES)),
+                        help="the service's MAX_MESSAGE_BYTES; larger records are skipped "
+                             f"(default: {MAX_MESSAGE_BYTES})")
     parser.add_argument("--state", type=Path, help="checkpoint file: a run with the same file continues where the "
                                                    "last one stopped")
     parser.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",

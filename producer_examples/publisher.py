@@ -29,10 +29,11 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from consumer.config import KafkaSettings, load_kafka_settings
+from consumer.config import KafkaSettings, Settings, load_kafka_settings
 from consumer.events import NemoResultEvent, SpanContextEvent
 
 LINGER_MS = 20  # how long the producer waits to fill a batch before sending it
+MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default  # the service's default limit
 
 
 class KafkaConfigError(ValueError):

@@ -34,31 +34,50 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, get_args
 
 import orjson
-from pydantic import ValidationError
+from pydantic import StringConstraints, ValidationError
 
+from consumer.decode import SEED_LABEL
 from consumer.events import (
     MAX_EVALUATIONS_PER_EVENT,
     MAX_TEXT_CHARS,
     Evaluation,
+    JoinKeyValue,
+    Label,
     MetricType,
+    Name,
     NemoResultEvent,
     Provenance,
+    TagValue,
 )
 from producer_examples.nemo.errors import MappingError
 from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, Record, ResultFile
 
-LABEL_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,199}$")
-JUDGE_LABEL = "quality_assessment"
+
+def _constraints(text_type: Any) -> StringConstraints:
+    """The constraints of one of ``consumer.events``' string types, so that its limits are stated there only."""
+    return next(meta for meta in get_args(text_type)[1:] if isinstance(meta, StringConstraints))
+
+
+def _max_chars(text_type: Any) -> int:
+    limit = _constraints(text_type).max_length
+    assert limit is not None, f"{text_type} has no max_length"
+    return limit
+
+
+LABEL_RULE = re.compile(str(_constraints(Label).pattern))
+JUDGE_LABEL = SEED_LABEL  # the label the service gives a judge line of the guide's scores.jsonl
 POSITION_COLUMNS = frozenset({"problem_idx", "sample_id"})
-MAX_CATEGORICAL_CHARS = 1000
-MAX_JOIN_KEY_CHARS = 512
-_MAX_EXACT_INT = 2**53
-_MAX_NAME_CHARS = 200
-_TAG_CHARS = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_JOIN_KEY_CHARS = _max_chars(JoinKeyValue)
+_MAX_NAME_CHARS = _max_chars(Name)  # provenance names, and labels (LABEL_RULE allows as many)
+_TAG_CHARS = _max_chars(TagValue)
+# Evaluation's validator checks these two without naming them in consumer/events.py.
+MAX_CATEGORICAL_CHARS = 1000  # a categorical value's characters
+_MAX_EXACT_INT = 2**53  # a score that a double holds exactly
+_MAX_UNIX_SECONDS = 253402300800  # year 10000: events.TimestampMs ends in year 9999
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # what Name, JoinKeyValue and TagValue refuse
 # BEIR lines with scores at the top level: these are the query, not a score.
 _BEIR_TEXT_FIELDS = frozenset({"_id", "text", "title", "query", "question", "answer", "metadata"})
 
@@ -260,7 +279,7 @@ def _judge_item(record: Record, ctx: RunContext, id_column: str) -> Item:
         metadata["judge_prompt"] = judge[1]
     tstamp = fields.get("tstamp")
     timestamp_ms = None
-    if isinstance(tstamp, int | float) and not isinstance(tstamp, bool) and 0 <= tstamp < 253402300800:
+    if isinstance(tstamp, int | float) and not isinstance(tstamp, bool) and 0 <= tstamp < _MAX_UNIX_SECONDS:
         timestamp_ms = int(tstamp * 1000)
     return Item(
         where=record.where,
