@@ -13,15 +13,19 @@ from typing import Any
 
 import structlog
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
 
+from consumer.errors import DependencyError, kafka_errors
+from consumer.join import Batch
 from consumer.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
 
+COMMIT_TIMEOUT_S = 15.0  # aiokafka retries a commit while the group coordinator is unavailable; not forever
+
+
 class OffsetCommitter:
-    def __init__(self, consumer: Any, metrics: Metrics, *, timeout_s: float = 15.0) -> None:
+    def __init__(self, consumer: Any, metrics: Metrics, *, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
         self._consumer = consumer
         self._timeout_s = timeout_s
         self._metrics = metrics
@@ -31,6 +35,19 @@ class OffsetCommitter:
         """Record that every message of ``tp`` before ``next_offset`` is finished."""
         if next_offset > self._finished.get(tp, -1):
             self._finished[tp] = next_offset
+
+    def finished_batch(self, batch: Batch) -> None:
+        """Record a delivered batch as finished, for the partitions still assigned (a revoked one's new owner
+        does the batch again, idempotently), and update their lag."""
+        assigned = self._consumer.assignment()
+        for tp, records in batch.items():
+            if tp not in assigned:
+                continue
+            self.finished(tp, records[-1].offset + 1)
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                self._metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, highwater - records[-1].offset - 1))
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
@@ -42,11 +59,10 @@ class OffsetCommitter:
             return True
         offsets = dict(self._finished)
         try:
-            with self._metrics.commit_seconds.time():
-                # aiokafka retries while the group coordinator is unavailable; never wait on it forever.
+            with self._metrics.commit_seconds.time(), kafka_errors():
                 await asyncio.wait_for(self._consumer.commit(offsets), timeout=self._timeout_s)
-        except (KafkaError, TimeoutError) as exc:
-            log.warning("commit_failed", error=repr(exc), partitions=len(offsets))
+        except DependencyError as exc:
+            log.warning("commit_failed", error=str(exc), retriable=exc.retriable, partitions=len(offsets))
             self._metrics.commits.labels(outcome="failed").inc()
             return False
         self._metrics.commits.labels(outcome="ok").inc()

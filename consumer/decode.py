@@ -218,3 +218,30 @@ def _checked_app(ml_app: str) -> str:
         raise InvalidMessage("schema", "ml_app must be 1 to 200 characters without control characters")
     return ml_app
 
+
+
+Event = SpanContextEvent | NemoResultEvent
+
+
+class RecordDecoder:
+    """The decode step: a record of either input topic -> its event, or the :class:`InvalidMessage` saying why not.
+
+    Pure, like the functions it applies: the record's topic chooses :func:`decode_span` or :func:`decode_result`.
+    """
+
+    def __init__(self, *, span_topic: str, join_key: str, default_ml_app: str, max_bytes: int) -> None:
+        self._span_topic = span_topic
+        self._join_key = join_key
+        self._default_ml_app = default_ml_app
+        self._max_bytes = max_bytes
+
+    def is_span(self, record: Any) -> bool:
+        return bool(record.topic == self._span_topic)
+
+    def __call__(self, record: Any) -> Event | InvalidMessage:
+        decode = decode_span if self.is_span(record) else decode_result
+        try:
+            return decode(record.value, list(record.headers or ()), join_key=self._join_key,
+                          default_ml_app=self._default_ml_app, max_bytes=self._max_bytes, key=record.key)
+        except InvalidMessage as error:
+            return error

@@ -13,20 +13,23 @@ it; the re-sent payload is then byte-identical.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
+from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.dlq import DeadLetters
-from consumer.join import Joined
+from consumer.join import Batch, Joined, JoinedBatch
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink
 from consumer.store import JoinStore, Namespace, Settle
+from consumer.tracing import span
 
 log = structlog.get_logger(__name__)
+
+BUSY_POLL_S = 0.5  # how often evaluations another consumer is sending (a live claim) are looked at again
 
 
 @dataclass
@@ -38,7 +41,8 @@ class DeliveryReport:
 
 class Deliverer:
     def __init__(self, store: JoinStore, sink: EvaluationSink, dead_letters: DeadLetters, *, owner: str,
-                 lease_ms: int, metrics: Metrics, busy_poll_s: float = 0.5) -> None:
+                 lease_ms: int, metrics: Metrics, busy_poll_s: float = BUSY_POLL_S,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._store = store
         self._sink = sink
         self._dead_letters = dead_letters
@@ -46,6 +50,20 @@ class Deliverer:
         self._lease_ms = lease_ms
         self._busy_poll_s = busy_poll_s
         self._metrics = metrics
+        self._clock = clock
+
+    async def deliver_batch(self, joined: JoinedBatch) -> Batch:
+        """The delivery stage's work: every evaluation a batch completed, delivered or dead-lettered.
+
+        Returns the batch, for the commit step. Idempotent: a batch delivered again finds its evaluations
+        in the ledger (``already_done``) and sends nothing twice.
+        """
+        if joined.evaluations:
+            with span("evaljoin.deliver", evaluations=len(joined.evaluations)):
+                report = await self.deliver(joined.evaluations)
+            log.info("batch_delivered", delivered=report.delivered, already_done=report.already_done,
+                     dead_lettered=report.dead_lettered)
+        return joined.batch
 
     async def deliver(self, joined: Sequence[Joined]) -> DeliveryReport:
         report = DeliveryReport()
@@ -74,7 +92,7 @@ class Deliverer:
         by_ns: dict[Namespace, list[Joined]] = defaultdict(list)
         for item in items:
             by_ns[item.namespace].append(item)
-        now_ms = int(time.time() * 1000)
+        now_ms = self._clock.now_ms()
         verdicts = await self._store.claim_many([(ns, [i.eval_id for i in group]) for ns, group in by_ns.items()],
                                                 owner=self._owner, now_ms=now_ms, lease_ms=self._lease_ms)
         claimed: list[Joined] = []
@@ -97,11 +115,13 @@ class Deliverer:
             for i, r in rejections.items()
         ))
         for i, r in rejections.items():
-            log.warning("evaluation_dead_lettered", ml_app=items[i].namespace.ml_app,
+            source = items[i].source
+            log.warning("evaluation_dead_lettered", topic=source.get("topic"), partition=source.get("partition"),
+                        offset=source.get("offset"), ml_app=items[i].namespace.ml_app,
                         join_key=items[i].namespace.join_key, label=items[i].label, status=r.status)
         dead = [items[i] for i in rejections]
         delivered = [item for i, item in enumerate(items) if i not in rejections]
-        now_ms = time.time() * 1000
+        now_ms = self._clock.now_ms()
         for item in delivered:
             self._metrics.join_latency_seconds.observe(max(0.0, (now_ms - item.first_seen_ms) / 1000))
         await self._settle(delivered, dead, drop_from=drop_from)

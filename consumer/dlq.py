@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from consumer.errors import DlqLimitExceeded, InvalidMessage
+from consumer.errors import DlqLimitExceeded, InvalidMessage, kafka_errors
 from consumer.metrics import Metrics
 
 _DETAIL_LIMIT = 1000
@@ -107,7 +107,8 @@ class DeadLetters:
         out = [*kept, *own]
         if self._max_record_bytes is not None:
             key, value, out = fit_record(key, value, kept, own, self._max_record_bytes)
-        await self._producer.send_and_wait(self._topic, value=value, key=key, headers=out)
+        with kafka_errors():
+            await self._producer.send_and_wait(self._topic, value=value, key=key, headers=out)
         self._metrics.dead_letters.labels(reason=reason).inc()
 
 

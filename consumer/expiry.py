@@ -10,7 +10,6 @@ side's identity, so a reader can tell a repeat.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -18,11 +17,15 @@ import orjson
 import structlog
 
 from consumer import records
+from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.dlq import Producer
+from consumer.errors import kafka_errors
 from consumer.metrics import Metrics
 from consumer.store import DeadlineIndex, DueSide
 
 log = structlog.get_logger(__name__)
+
+SHARD_LOCK_MS = 60_000  # a sweeper's hold on a shard; a replica that died lets go after this
 
 
 @dataclass
@@ -34,7 +37,9 @@ class SweepReport:
 
 class Sweeper:
     def __init__(self, store: DeadlineIndex, producer: Producer, *, topic: str, interval_s: float,
-                 batch: int, retry_later_ms: int, metrics: Metrics, join_ttl_ms: int = 0) -> None:
+                 batch: int, retry_later_ms: int, metrics: Metrics, join_ttl_ms: int = 0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._store = store
         self._producer = producer
         self._topic = topic
@@ -59,11 +64,11 @@ class Sweeper:
     async def sweep_once(self, now_ms: int | None = None) -> SweepReport:
         report = SweepReport()
         for shard in range(self._store.shards):
-            if not await self._store.try_lock(shard, self._token, ttl_ms=60_000):
+            if not await self._store.try_lock(shard, self._token, ttl_ms=SHARD_LOCK_MS):
                 continue
             try:
                 while True:
-                    now = now_ms if now_ms is not None else int(time.time() * 1000)
+                    now = now_ms if now_ms is not None else self._clock.now_ms()
                     sides = await self._store.due(shard, now, self._batch)
                     for side in sides:
                         await self._expire(side, now, report)
@@ -74,7 +79,7 @@ class Sweeper:
         size, earliest = await self._store.index_size()
         self._metrics.buffered_sides.set(size)
         if earliest is not None and self._join_ttl_ms:
-            age_ms = (now_ms or int(time.time() * 1000)) - (earliest - self._join_ttl_ms)
+            age_ms = (now_ms or self._clock.now_ms()) - (earliest - self._join_ttl_ms)
             self._metrics.oldest_buffered_age.set(max(0, age_ms) / 1000)
         else:
             self._metrics.oldest_buffered_age.set(0)
@@ -97,13 +102,16 @@ class Sweeper:
                 "reported_at_ms": now_ms,
                 "side": decode(outcome.body, side.namespace),
             }
-            await self._producer.send_and_wait(
-                self._topic,
-                value=orjson.dumps(message),
-                key=f"{side.namespace.ml_app}:{side.namespace.join_key}".encode(),
-                headers=[("evaljoin.reason", reason.encode())],
-            )
-            log.warning("unmatched_reported", reason=reason, ml_app=side.namespace.ml_app,
+            with kafka_errors():
+                await self._producer.send_and_wait(
+                    self._topic,
+                    value=orjson.dumps(message),
+                    key=f"{side.namespace.ml_app}:{side.namespace.join_key}".encode(),
+                    headers=[("evaljoin.reason", reason.encode())],
+                )
+            source = message["side"].get("source", {}) if isinstance(message["side"], dict) else {}
+            log.warning("unmatched_reported", reason=reason, topic=source.get("topic"),
+                        partition=source.get("partition"), offset=source.get("offset"), ml_app=side.namespace.ml_app,
                         join_key=side.namespace.join_key, deadline_ms=side.deadline_ms)
             self._metrics.unmatched.labels(reason=reason).inc()
             report.reported += 1

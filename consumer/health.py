@@ -14,7 +14,6 @@ A plain asyncio server: a handful of GET requests from probes and scrapers needs
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -22,6 +21,7 @@ import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -30,7 +30,10 @@ log = structlog.get_logger(__name__)
 class HealthServer:
     def __init__(self, *, host: str, port: int, metrics: Metrics, liveness_timeout_s: float,
                  last_progress: Callable[[], float], in_group: Callable[[], bool],
-                 redis_ping: Callable[[], Awaitable[bool]]) -> None:
+                 redis_ping: Callable[[], Awaitable[bool]],
+                 not_ready_because: Callable[[], str | None] = lambda: None, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._not_ready_because = not_ready_because
+        self._clock = clock
         self._host = host
         self._last_progress = last_progress
         self._port = port
@@ -58,7 +61,7 @@ class HealthServer:
 
     async def live(self) -> tuple[bool, dict[str, object]]:
         last = self._last_progress()
-        age = time.time() - last if last else None
+        age = self._clock.now_s() - last if last else None
         ok = age is not None and age <= self._liveness_timeout_s
         return ok, {"last_progress_age_s": None if age is None else round(age, 3)}
 
@@ -68,7 +71,11 @@ class HealthServer:
             redis_ok = await asyncio.wait_for(self._redis_ping(), timeout=1.0)
         except Exception:  # noqa: BLE001 - any failure to answer means not ready
             redis_ok = False
-        return in_group and redis_ok, {"in_group": in_group, "redis": redis_ok}
+        refused = self._not_ready_because()
+        detail: dict[str, object] = {"in_group": in_group, "redis": redis_ok}
+        if refused is not None:
+            detail["refused"] = refused
+        return in_group and redis_ok and refused is None, detail
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

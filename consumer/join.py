@@ -7,16 +7,27 @@ buffered, else waits. The output is a list of :class:`Joined` evaluations for th
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from consumer import records
+from consumer.clock import SYSTEM_CLOCK, Clock
+from consumer.decode import Event, RecordDecoder
+from consumer.dlq import DeadLetters
 from consumer.errors import InvalidMessage
 from consumer.events import NemoResultEvent, SpanContextEvent
+from consumer.metrics import Metrics
 from consumer.payload import build_metric, encode_metric, evaluation_id
 from consumer.store import JoinStore, Namespace, ResultOp, ResultPut, SpanOp, SpanPut
+from consumer.tracing import span
+
+log = structlog.get_logger(__name__)
+
+Batch = dict[Any, list[Any]]  # one getmany(): TopicPartition -> its records, in offset order
 
 
 @dataclass(frozen=True)
@@ -48,32 +59,32 @@ class Joined:
 
 
 @dataclass(frozen=True)
+class JoinedBatch:
+    """A batch whose every record is buffered, joined or dead-lettered: what the delivery stage takes."""
+
+    batch: Batch
+    evaluations: list[Joined]
+
+
+@dataclass(frozen=True)
 class JoinResult:
     status: str  # stored | duplicate | joined | buffered
     joined: list[Joined]
 
 
 class Joiner:
-    def __init__(self, store: JoinStore, *, join_ttl_ms: int) -> None:
+    def __init__(self, store: JoinStore, *, join_ttl_ms: int, clock: Clock = SYSTEM_CLOCK) -> None:
         self._store = store
         self._ttl_ms = join_ttl_ms
+        self._clock = clock
+
+    def _produced_ms(self, source: Source) -> int:
+        """When the record was produced (its Kafka timestamp; now, for a record without one)."""
+        return source.timestamp_ms if source.timestamp_ms > 0 else self._clock.now_ms()
 
     def _deadline(self, source: Source) -> int:
         # Counted from the Kafka record's timestamp, so a redelivered record keeps its deadline.
-        start = source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000)
-        return start + self._ttl_ms
-
-    async def on_span(self, event: SpanContextEvent, source: Source) -> JoinResult:
-        outcome = (await self.join_many([(event, source)]))[0]
-        if isinstance(outcome, InvalidMessage):
-            raise outcome
-        return outcome
-
-    async def on_result(self, event: NemoResultEvent, source: Source) -> JoinResult:
-        outcome = (await self.join_many([(event, source)]))[0]
-        if isinstance(outcome, InvalidMessage):
-            raise outcome
-        return outcome
+        return self._produced_ms(source) + self._ttl_ms
 
     async def join_many(self, items: Sequence[tuple[SpanContextEvent | NemoResultEvent, Source]],
                         ) -> list[JoinResult | InvalidMessage]:
@@ -92,7 +103,7 @@ class Joiner:
                 ops.append(SpanOp(ns, records.span_identity(event.trace_id, event.span_id), records.encode_span(fields),
                                   self._deadline(source)))
             else:
-                fields["received_ts_ms"] = source.timestamp_ms if source.timestamp_ms > 0 else int(time.time() * 1000)
+                fields["received_ts_ms"] = self._produced_ms(source)
                 eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i)
                             for i in range(len(event.evaluations))]
                 ops.append(ResultOp(ns, event.event_id, records.encode(fields), eval_ids, self._deadline(source)))
@@ -142,3 +153,67 @@ def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buff
         )
         for index, evaluation in enumerate(result["evaluations"])
     ]
+
+
+class BatchJoin:
+    """The join stage's work: decode every record of a batch, join the valid ones in one store call, dead-letter
+    the rest; each record's outcome (dead letter, the DLQ limit, metrics) taken in record order, as if one by one.
+
+    Idempotent: a batch joined again after a failure finds its sides already stored (``duplicate``).
+    """
+
+    def __init__(self, joiner: Joiner, decoder: RecordDecoder, dead_letters: DeadLetters, metrics: Metrics) -> None:
+        self._joiner = joiner
+        self._decode = decoder
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+
+    async def __call__(self, batch: Batch) -> JoinedBatch:
+        records_ = [record for partition_records in batch.values() for record in partition_records]
+        with span("evaljoin.batch", records=len(records_), partitions=len(batch)):
+            return JoinedBatch(batch, await self._join(records_))
+
+    async def _join(self, records_: Sequence[Any]) -> list[Joined]:
+        decoded: list[Event | InvalidMessage] = []
+        for record in records_:
+            self._metrics.messages_consumed.labels(topic=record.topic).inc()
+            decoded.append(self._decode(record))
+        valid = [(event, source_of(record)) for record, event in zip(records_, decoded, strict=True)
+                 if not isinstance(event, InvalidMessage)]
+        outcomes = iter(await self._joiner.join_many(valid) if valid else [])
+        joined: list[Joined] = []
+        debug = log.is_enabled_for(logging.DEBUG)  # the per-record context costs more than the join itself
+        for record, event in zip(records_, decoded, strict=True):
+            outcome = event if isinstance(event, InvalidMessage) else next(outcomes)
+            kind = "span" if self._decode.is_span(record) else "result"
+            if isinstance(outcome, InvalidMessage):
+                with structlog.contextvars.bound_contextvars(**record_context(record, event)):
+                    await self._dead_letter(record, kind, outcome)
+                continue
+            self._dead_letters.record_valid()
+            self._metrics.events.labels(kind=kind, outcome=outcome.status).inc()
+            if debug:
+                log.debug("message_joined", status=outcome.status, evaluations=len(outcome.joined),
+                          **record_context(record, event))
+            joined.extend(outcome.joined)
+        return joined
+
+    async def _dead_letter(self, record: Any, kind: str, error: InvalidMessage) -> None:
+        log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
+        self._metrics.events.labels(kind=kind, outcome="invalid").inc()
+        # DeadLetters cuts a copy that would not fit in MAX_MESSAGE_BYTES (an oversize record, or one near the
+        # limit plus the dead-letter headers), so that the DLQ topic always takes it.
+        await self._dead_letters.invalid(key=record.key, value=record.value, headers=list(record.headers or ()),
+                                         source=source_of(record).as_dict(), error=error)
+
+
+def record_context(record: Any, event: Event | InvalidMessage) -> dict[str, Any]:
+    """What a log line about one record says about it: where it came from and, once decoded, its join key."""
+    context: dict[str, Any] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+    if not isinstance(event, InvalidMessage):
+        context.update(ml_app=event.ml_app, join_key=event.join_key)
+    return context
+
+
+def source_of(record: Any) -> Source:
+    return Source(record.topic, record.partition, record.offset, record.timestamp)

@@ -9,7 +9,6 @@ delivered.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,7 +16,8 @@ from typing import Protocol
 import httpx
 import structlog
 
-from consumer.errors import RejectedDelivery, RetryableDelivery
+from consumer.aio import Backoff
+from consumer.errors import RejectedDelivery, RetryableDelivery, ServiceRefused
 from consumer.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -25,10 +25,12 @@ log = structlog.get_logger(__name__)
 _BODY_HEAD = b'{"data":{"type":"evaluation_metric","attributes":{"metrics":['
 _BODY_TAIL = b"]}}}"
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
-# Refusals of the request itself, not of its evaluations: a wrong DD_API_KEY (401, 403), DD_SITE or Agent
-# URL (404), proxy credentials (407). Dead-lettering would empty the whole stream into the DLQ; waiting
-# (lag grows, alerts fire) keeps it until the configuration is fixed.
-_NOT_THE_CONTENT = frozenset({401, 403, 404, 407})
+# Refusals of the service, not of its evaluations: a wrong DD_API_KEY (401, 403), DD_SITE or Agent URL (404),
+# proxy credentials (407). Dead-lettering would empty the whole stream into the DLQ; the delivery stage waits
+# instead (unready, lag grows, alerts fire) until the configuration is fixed.
+_REFUSES_THE_SERVICE = frozenset({401, 403, 404, 407})
+INTAKE_HINT = "check DD_API_KEY, DD_SITE, DD_TRACE_AGENT_URL / DD_AGENT_HOST"
+_ANSWER_LIMIT = 2000  # characters of an intake's answer kept for logs and dead-letter headers
 # A batch answered with one of these may be refused because of a single metric: split it to find out.
 _SPLIT_STATUS = frozenset({400, 413, 422})
 
@@ -49,7 +51,8 @@ class EvaluationSink(Protocol):
         A return means every metric not named in the returned rejections was accepted by the intake
         (a 2xx answer). Transient failures are retried inside, with capped jittered backoff, for as
         long as it takes; the only way to stop that is to cancel the call, and a cancelled call
-        implies nothing about what was delivered.
+        implies nothing about what was delivered. Raises :class:`ServiceRefused` when the intake
+        refuses the service itself (401, 403, 404, 407): then nothing is known to be delivered either.
         """
         ...
 
@@ -85,8 +88,11 @@ class HttpIntakeSink:
         if len(chunks) <= 1:
             return await self._send_chunk(chunks[0], metrics) if chunks else []
         # Several requests in flight: a batch's delivery takes about one request's time, not one per chunk.
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._send_chunk_bounded(chunk, metrics)) for chunk in chunks]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._send_chunk_bounded(chunk, metrics)) for chunk in chunks]
+        except BaseExceptionGroup as failed:  # one request refused: the others were cancelled
+            raise failed.exceptions[0] from None
         return [rejection for task in tasks for rejection in task.result()]
 
     async def _send_chunk_bounded(self, chunk: list[int], metrics: Sequence[bytes]) -> list[Rejection]:
@@ -120,18 +126,14 @@ class HttpIntakeSink:
             return [Rejection(i, exc.status or 0, exc.body) for i in chunk]
 
     async def _post_until_answered(self, body: bytes, count: int) -> None:
-        attempt = 0
+        backoff = Backoff(self._retry_initial, self._retry_max)
         while True:
             try:
                 await self._post(body)
                 return
             except RetryableDelivery as exc:
-                attempt += 1
-                delay = min(self._retry_max, self._retry_initial * 2 ** min(attempt - 1, 30))
-                delay *= random.uniform(0.5, 1.0)
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, self._retry_max))
-                log.warning("intake_retry", attempt=attempt, evaluations=count, status=exc.status,
+                delay = backoff.next(retry_after_s=exc.retry_after)
+                log.warning("intake_retry", attempt=backoff.attempts, evaluations=count, status=exc.status,
                             error=str(exc), retry_in_s=round(delay, 3))
                 self._metrics.intake_retries.labels(cause=str(exc.status or "error")).inc()
                 await asyncio.sleep(delay)
@@ -147,14 +149,12 @@ class HttpIntakeSink:
         status = response.status_code
         if 200 <= status < 300:
             return
-        text = response.text[:2000]
+        text = response.text[:_ANSWER_LIMIT]
         if status in _RETRYABLE_STATUS or status >= 500:
             raise RetryableDelivery(f"intake answered {status}", status=status, body=text,
-                             retry_after=_retry_after(response))
-        if status in _NOT_THE_CONTENT:
-            log.error("intake_refuses_the_service", status=status,
-                      hint="check DD_API_KEY, DD_SITE, DD_TRACE_AGENT_URL / DD_AGENT_HOST; retrying")
-            raise RetryableDelivery(f"intake answered {status}", status=status, body=text)
+                                    retry_after=_retry_after(response))
+        if status in _REFUSES_THE_SERVICE:
+            raise ServiceRefused("intake", f"{self._url} answered {status}: {text[:200]}", hint=INTAKE_HINT)
         raise RejectedDelivery(f"intake answered {status}", status=status, body=text)
 
 

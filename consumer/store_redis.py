@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -29,6 +29,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from consumer.errors import redis_errors
 from consumer.store import (
     ClaimVerdict,
     DueSide,
@@ -100,13 +101,27 @@ class RedisJoinStore:
         self._unindex: AsyncScript = register(_script("unindex"))
         self._unlock: AsyncScript = register(_script("unlock"))
 
+    # Every Redis call goes through one of these three, which translate redis-py's errors (consumer.errors).
+
     async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
         async with self._slots:
-            return await script(keys=keys, args=args)
+            with redis_errors():
+                return await script(keys=keys, args=args)
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
         async with self._slots:
-            return await command
+            with redis_errors():
+                return await command
+
+    async def _pipelined(self, queue: Callable[[Any], Awaitable[None] | None]) -> list[Any]:
+        """One round trip: ``queue(pipe)`` queues the commands, their replies come back in order."""
+        async with self._slots:
+            with redis_errors():
+                pipe = self._client.pipeline(transaction=False)
+                queued = queue(pipe)
+                if queued is not None:
+                    await queued
+                return list(await pipe.execute())
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -129,12 +144,13 @@ class RedisJoinStore:
         """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
         if not entries:
             return
-        async with self._slots:
-            pipe = self._client.pipeline(transaction=False)
+
+        def queue(pipe: Any) -> None:
             for ns, member, deadline_ms in entries:
                 # GT: a redelivered side never pulls a deadline earlier; a republished one may push it later.
                 pipe.zadd(self.index_key(self.shard_of(ns)), {member: deadline_ms}, gt=True)
-            await pipe.execute()
+
+        await self._pipelined(queue)
 
     async def _run_batched(self, script: AsyncScript, head: list[Any],
                            items: Sequence[tuple[Namespace, list[str], list[Any]]]) -> list[Any]:
@@ -170,12 +186,13 @@ class RedisJoinStore:
         if len(chunks) == 1:
             keys, args = keys_args(chunks[0])
             return list(await self._call(script, keys=keys, args=args))
-        async with self._slots:
-            pipe = self._client.pipeline(transaction=False)
+
+        async def queue(pipe: Any) -> None:
             for chunk in chunks:
                 keys, args = keys_args(chunk)
                 await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads missing scripts
-            return [reply for result in await pipe.execute() for reply in result]
+
+        return [reply for result in await self._pipelined(queue) for reply in result]
 
     # -- join -----------------------------------------------------------------------------------
 
