@@ -62,6 +62,9 @@ class Metrics:
                          ["topic", "partition"], registry=r)
         self.rebalances = Counter(f"{_PREFIX}_rebalances", "Partition revocations.", registry=r)
         self.assigned_partitions = Gauge(f"{_PREFIX}_assigned_partitions", "Partitions assigned now.", registry=r)
+        self.refused = Gauge(
+            f"{_PREFIX}_refused", "1 while a dependency (kafka, redis, intake) refuses the service itself "
+            "(credentials, ACLs, a wrong URL): /readyz fails meanwhile.", ["component"], registry=r)
         self.paused = Gauge(f"{_PREFIX}_paused", "1 while fetching is paused for a batch in flight.", registry=r)
         self.last_progress = Gauge(
             f"{_PREFIX}_last_progress_timestamp_seconds", "Unix time the consume loop last made progress.",

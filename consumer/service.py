@@ -62,7 +62,7 @@ class Service:
         self._clock = clock
         owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}".replace("|", "_")
         self.metrics = metrics
-        self.refusals = Refusals()
+        self.refusals = Refusals(metrics)
         dead_letters = DeadLetters(producer, topic=settings.dlq_topic, metrics=metrics, limit=DlqLimit(
             max_invalid_ratio=settings.dlq_max_invalid_ratio, window=settings.dlq_window,
             max_consecutive=settings.dlq_max_consecutive_invalid), max_record_bytes=settings.max_message_bytes)

@@ -46,18 +46,22 @@ RETRY_CAP_S = 10.0  # up to this
 class Refusals:
     """Which dependencies refuse the service right now, and why: readiness fails while any does."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self._by_stage: dict[str, ServiceRefused] = {}
+        self._metrics = metrics
 
     def refused(self, stage: str, error: ServiceRefused) -> None:
         if stage not in self._by_stage:
             log.error(f"{error.component}_refuses_the_service", stage=stage, error=error.detail, hint=error.hint)
         self._by_stage[stage] = error
+        self._metrics.refused.labels(component=error.component).set(1)
 
     def cleared(self, stage: str) -> None:
         error = self._by_stage.pop(stage, None)
         if error is not None:
             log.info(f"{error.component}_accepts_the_service_again", stage=stage)
+            if all(other.component != error.component for other in self._by_stage.values()):
+                self._metrics.refused.labels(component=error.component).set(0)
 
     def reason(self) -> str | None:
         """What refuses the service, for ``/readyz``; None when nothing does."""

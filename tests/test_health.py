@@ -85,3 +85,25 @@ async def test_liveness_fails_when_the_loop_stops_progressing() -> None:
         progress["at"] = time.time() - 6
         assert await status(client, "/healthz") == 503
         assert await status(client, "/readyz") == 200
+
+
+async def test_an_intake_refusing_the_service_makes_it_unready_with_the_reason(
+        make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake) -> None:
+    """While the intake answers 403 the service says so on /readyz and /metrics; once it accepts, ready again."""
+    port = free_port()
+    intake.fail_next(6, status=403)
+    settings = make_settings(health_port=port, health_host="127.0.0.1")
+    async with running_service(settings), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        await eventually(lambda: status(client, "/readyz"), expect=200, what="readiness")
+        await send_json(producer, topics.span, {"schema_version": 1, "join_key": "q", "trace_id": "a", "span_id": "1"})
+        await send_json(producer, topics.result, {
+            "schema_version": 1, "event_id": "evt-refused-1", "join_key": "q",
+            "evaluations": [{"label": "x", "metric_type": "boolean", "value": True}]})
+        await eventually(lambda: status(client, "/readyz"), expect=503, what="unready while refused")
+        body = (await client.get("/readyz")).json()
+        assert "intake refuses the service" in body["refused"] and "403" in body["refused"]
+        assert "DD_API_KEY" in body["refused"]
+        assert samples((await client.get("/metrics")).text)[("evaljoin_refused", (("component", "intake"),))] == 1
+        await eventually(lambda: len(intake.accepted_metrics()), expect=1, what="delivery once the intake accepts")
+        await eventually(lambda: status(client, "/readyz"), expect=200, what="ready again")
+        assert samples((await client.get("/metrics")).text)[("evaljoin_refused", (("component", "intake"),))] == 0

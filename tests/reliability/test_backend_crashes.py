@@ -94,7 +94,7 @@ async def test_redis_sigkilled_and_restarted(appendfsync: str, make_settings: Ca
     outcome = account(f"c. Redis SIGKILL x{kills}, appendfsync {appendfsync}", expected=everything, intake=intake,
                       dlq=await drain_topic(kafka.bootstrap_servers, topics.dlq),
                       unmatched=await drain_topic(kafka.bootstrap_servers, topics.unmatched),
-                      recover_s=recover_s, seed=seed, batch_retries=service.log_events("batch_retry"))
+                      recover_s=recover_s, seed=seed, batch_retries=service.log_events("join_retry"))
     report(outcome)
     # README: with everysec a Redis crash can lose about a second of buffered sides (measured, not asserted).
     assert_guarantees(outcome, allow_loss=appendfsync == "everysec")

@@ -290,7 +290,7 @@ async def test_network_faults(name: str, make_settings: Callable[..., Settings],
                       faults=faults, recovered_s={phase: round(s, 1) for phase, s in recovered.items()},
                       duplicates_by_phase=_duplicates_by_phase(intake, waves), not_json=len(bad_ids),
                       accepted=stats.accepted, cut=stats.cut, held=stats.held, half_opened=stats.half_opened,
-                      batch_retries=service.log_events("batch_retry"),
+                      batch_retries=service.log_events("join_retry"),
                       intake_retries=service.log_events("intake_retry"),
                       commit_failures=service.log_events("commit_failed"))
     report(outcome)
