@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import BinaryIO, Literal
 
 Format = Literal["jsonl", "json_array"]
 ArrayState = Literal["start", "after_element", "end"]
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 64 * 1024  # bytes read from the file at a time
 _BOM = b"\xef\xbb\xbf"
 _WHITESPACE = b" \t\r\n"
 _NOT_WHITESPACE = re.compile(rb"[^ \t\r\n]")
@@ -135,7 +136,7 @@ class RecordReader:
     def __iter__(self) -> Iterator[RawRecord]:
         if self.format == "jsonl":
             return self._lines()
-        return self._array()
+        return _ArrayScanner(self).records()
 
     # -- JSON Lines -------------------------------------------------------------
 
@@ -175,154 +176,246 @@ class RecordReader:
             yield RawRecord(index=index, line=record_line, start=start, end=offset, size=size, value=value)
             index += 1
 
-    # -- JSON array -------------------------------------------------------------
-
-    def _array(self) -> Iterator[RawRecord]:
-        position = self.position
-        state: str = {"start": "start", "after_element": "after", "end": "end"}[position.array_state]
-        index, line_no = position.index, position.line
-        buf = b""
-        base = position.offset  # absolute offset of buf[0]
-        pos = 0
-        hashed = position.offset  # absolute offset hashed (and lines counted) so far
-        # the element being read
-        elem_start = elem_line = 0
-        kind = ""  # "container", "string" or "scalar"
-        depth = 0
-        in_string = escape = False
-        parts: list[bytes] | None = []
-        seg = 0
-
-        def advance_to(absolute: int) -> None:
-            """Hash and count lines of the bytes of ``buf`` up to ``absolute``."""
-            nonlocal hashed, line_no
-            if absolute > hashed:
-                piece = buf[hashed - base:absolute - base]
-                self._hasher.update(piece)
-                line_no += piece.count(b"\n")
-                hashed = absolute
-
-        def element_size(end_in_buf: int) -> int:
-            return base + end_in_buf - elem_start
-
-        while True:
-            if pos >= len(buf):
-                if state == "in" and parts is not None and seg < len(buf):
-                    parts.append(buf[seg:])
-                advance_to(base + len(buf))
-                base += len(buf)
-                buf = self._stream.read(self._read_size)
-                pos = seg = 0
-                self.consumed = base + len(buf)
-                if not buf:
-                    break
-                if base == 0 and buf.startswith(_BOM):
-                    pos = len(_BOM)
-                if state == "in" and parts is not None and element_size(0) > self._max:
-                    parts = None
-                continue
-            if state != "in":
-                match = _NOT_WHITESPACE.search(buf, pos)
-                if match is None:
-                    pos = len(buf)
-                    continue
-                pos = match.start()
-                char = buf[pos]
-                if state == "start":
-                    if char != ord("["):
-                        raise MalformedFile("a JSON array must start with '['", base + pos)
-                    pos += 1
-                    state = "before_first"
-                elif state in ("before_first", "before"):
-                    if char == ord("]"):  # an empty array, or a trailing comma
-                        pos += 1
-                        state = "end"
-                        advance_to(base + pos)
-                        self._mark(Position(base + pos, index, line_no, "end"))
-                    elif char == ord(","):
-                        raise MalformedFile("an empty element in the array", base + pos)
-                    else:
-                        advance_to(base + pos)
-                        elem_start, elem_line, seg, parts = base + pos, line_no, pos, []
-                        depth, in_string, escape = 0, False, False
-                        if char in b"[{":
-                            kind, depth = "container", 1
-                            pos += 1
-                        elif char == ord('"'):
-                            kind, in_string = "string", True
-                            pos += 1
-                        else:
-                            kind = "scalar"
-                        state = "in"
-                elif state == "after":
-                    if char == ord(","):
-                        pos += 1
-                        state = "before"
-                    elif char == ord("]"):
-                        pos += 1
-                        state = "end"
-                        advance_to(base + pos)
-                        self._mark(Position(base + pos, index, line_no, "end"))
-                    else:
-                        raise MalformedFile("expected ',' or ']' after an element of the array", base + pos)
-                else:  # end
-                    raise MalformedFile("data after the end of the array", base + pos)
-                continue
-            # inside an element: find where it ends
-            end: int | None = None
-            if in_string:
-                if escape:
-                    pos += 1
-                    escape = False
-                    continue
-                match = _STRING_END.search(buf, pos)
-                if match is None:
-                    pos = len(buf)
-                elif buf[match.start()] == ord("\\"):
-                    escape = True
-                    pos = match.start() + 1
-                else:
-                    in_string = False
-                    pos = match.start() + 1
-                    if kind == "string":
-                        end = pos
-            elif kind == "scalar":
-                match = _SCALAR_END.search(buf, pos)
-                if match is None:
-                    pos = len(buf)
-                else:
-                    pos = end = match.start()
-            else:
-                match = _STRUCTURE.search(buf, pos)
-                if match is None:
-                    pos = len(buf)
-                else:
-                    char = buf[match.start()]
-                    pos = match.start() + 1
-                    if char == ord('"'):
-                        in_string = True
-                    elif char in b"[{":
-                        depth += 1
-                    else:
-                        depth -= 1
-                        if depth == 0:
-                            end = pos
-            if parts is not None and element_size(pos) > self._max:
-                parts = None
-            if end is None:
-                continue
-            value = None if parts is None else b"".join([*parts, buf[seg:end]])
-            absolute_end = base + end
-            advance_to(absolute_end)
-            state = "after"
-            self._mark(Position(absolute_end, index + 1, line_no, "after_element"))
-            yield RawRecord(index=index, line=elem_line, start=elem_start, end=absolute_end,
-                            size=absolute_end - elem_start, value=value)
-            index += 1
-        if state != "end":
-            raise MalformedFile("the file ends inside the array (truncated?)", base)
-
     def _mark(self, position: Position) -> None:
         self.position = position
         self._digest_at = position.offset
         self._digest = self._hasher.copy().hexdigest()
+
+
+# -- JSON array ---------------------------------------------------------------------
+
+
+class _Array(Enum):
+    """Where a reader is in a JSON array. Each state has one handler in :class:`_ArrayScanner`."""
+
+    START = "start"  # before the opening '['
+    BEFORE_ELEMENT = "before_element"  # after '[' or ',': an element, or ']' (an empty array, a trailing comma)
+    IN_ELEMENT = "in_element"  # inside an element: looking for its end
+    AFTER_ELEMENT = "after_element"  # after an element: ',' or ']'
+    END = "end"  # after the closing ']': only whitespace may follow
+
+
+@dataclass
+class _Element:
+    """The element being read: where it starts, its kind, and its bytes so far (``None`` once it is too large)."""
+
+    start: int
+    line: int
+    kind: Literal["container", "string", "scalar"]
+    kept_from: int  # where in the window its bytes not yet in ``parts`` start
+    depth: int = 0  # open brackets of a container
+    in_string: bool = False
+    escape: bool = False  # the previous byte in a string was a backslash
+    parts: list[bytes] | None = field(default_factory=list)
+
+
+class _ArrayScanner:
+    """Splits a JSON array into its elements' exact bytes by scanning its structure, never parsing it.
+
+    The file is read through a window ``buf`` that starts at the absolute offset ``base``; ``pos`` is
+    the next byte of the window to look at. Bytes before ``hashed`` are in the reader's digest, and
+    their newlines counted in ``line``. The reader's position is marked at each record boundary.
+    """
+
+    def __init__(self, reader: RecordReader) -> None:
+        position = reader.position
+        self._reader = reader
+        self.state = _Array(position.array_state)
+        self.index, self.line = position.index, position.line
+        self.buf = b""
+        self.base = self.hashed = position.offset
+        self.pos = 0
+        self.element: _Element | None = None  # set in IN_ELEMENT only
+
+    def records(self) -> Iterator[RawRecord]:
+        handlers: dict[_Array, Callable[[], RawRecord | None]] = {
+            _Array.START: self._start,
+            _Array.BEFORE_ELEMENT: self._before_element,
+            _Array.IN_ELEMENT: self._in_element,
+            _Array.AFTER_ELEMENT: self._after_element,
+            _Array.END: self._end,
+        }
+        while True:
+            if self.pos >= len(self.buf):
+                if not self._refill():
+                    break
+                continue
+            record = handlers[self.state]()
+            if record is not None:
+                yield record
+        if self.state is not _Array.END:
+            raise MalformedFile("the file ends inside the array (truncated?)", self.base)
+
+    # -- one handler per state -----------------------------------------------------
+
+    def _start(self) -> None:
+        char = self._next_char()
+        if char is None:
+            return
+        if char != ord("["):
+            raise MalformedFile("a JSON array must start with '['", self.base + self.pos)
+        self.pos += 1
+        self.state = _Array.BEFORE_ELEMENT
+
+    def _before_element(self) -> None:
+        char = self._next_char()
+        if char is None:
+            return
+        if char == ord("]"):  # an empty array, or a trailing comma
+            self._close()
+        elif char == ord(","):
+            raise MalformedFile("an empty element in the array", self.base + self.pos)
+        else:
+            self._open(char)
+
+    def _in_element(self) -> RawRecord | None:
+        element = self.element
+        assert element is not None
+        if element.in_string:
+            end = self._scan_string(element)
+        elif element.kind == "scalar":
+            end = self._scan_scalar()
+        else:
+            end = self._scan_container(element)
+        self._drop_if_too_large(element, self.base + self.pos)
+        return None if end is None else self._finish(element, end)
+
+    def _after_element(self) -> None:
+        char = self._next_char()
+        if char is None:
+            return
+        if char == ord(","):
+            self.pos += 1
+            self.state = _Array.BEFORE_ELEMENT
+        elif char == ord("]"):
+            self._close()
+        else:
+            raise MalformedFile("expected ',' or ']' after an element of the array", self.base + self.pos)
+
+    def _end(self) -> None:
+        if self._next_char() is not None:
+            raise MalformedFile("data after the end of the array", self.base + self.pos)
+
+    # -- inside an element: each returns the element's end in the window once it is found --------
+
+    def _scan_string(self, element: _Element) -> int | None:
+        """Moves through a string (the element, or one inside it) to past its closing quote."""
+        if element.escape:
+            self.pos += 1
+            element.escape = False
+            return None
+        match = _STRING_END.search(self.buf, self.pos)
+        if match is None:
+            self.pos = len(self.buf)
+            return None
+        self.pos = match.start() + 1
+        if self.buf[match.start()] == ord("\\"):
+            element.escape = True
+            return None
+        element.in_string = False
+        return self.pos if element.kind == "string" else None
+
+    def _scan_scalar(self) -> int | None:
+        """A number, ``true``, ``false`` or ``null`` ends before ',', ']' or whitespace."""
+        match = _SCALAR_END.search(self.buf, self.pos)
+        if match is None:
+            self.pos = len(self.buf)
+            return None
+        self.pos = match.start()
+        return self.pos
+
+    def _scan_container(self, element: _Element) -> int | None:
+        """An object or array ends at the bracket that closes its first one; strings inside are skipped."""
+        match = _STRUCTURE.search(self.buf, self.pos)
+        if match is None:
+            self.pos = len(self.buf)
+            return None
+        char = self.buf[match.start()]
+        self.pos = match.start() + 1
+        if char == ord('"'):
+            element.in_string = True
+        elif char in b"[{":
+            element.depth += 1
+        else:
+            element.depth -= 1
+            if element.depth == 0:
+                return self.pos
+        return None
+
+    # -- transitions and the window ------------------------------------------------------
+
+    def _next_char(self) -> int | None:
+        """The next byte that is not whitespace, with ``pos`` on it; ``None`` when the window holds no more."""
+        match = _NOT_WHITESPACE.search(self.buf, self.pos)
+        if match is None:
+            self.pos = len(self.buf)
+            return None
+        self.pos = match.start()
+        return self.buf[self.pos]
+
+    def _open(self, char: int) -> None:
+        """An element starts at ``pos`` with ``char``."""
+        self._advance_to(self.base + self.pos)
+        element = _Element(start=self.base + self.pos, line=self.line, kind="scalar", kept_from=self.pos)
+        if char in b"[{":
+            element.kind, element.depth = "container", 1
+            self.pos += 1
+        elif char == ord('"'):
+            element.kind, element.in_string = "string", True
+            self.pos += 1
+        self.element = element
+        self.state = _Array.IN_ELEMENT
+
+    def _finish(self, element: _Element, end: int) -> RawRecord:
+        """The element ends at ``end`` in the window: mark the position after it and make its record."""
+        value = None if element.parts is None else b"".join([*element.parts, self.buf[element.kept_from:end]])
+        absolute_end = self.base + end
+        self._advance_to(absolute_end)
+        self.element = None
+        self.state = _Array.AFTER_ELEMENT
+        self._reader._mark(Position(absolute_end, self.index + 1, self.line, "after_element"))
+        record = RawRecord(index=self.index, line=element.line, start=element.start, end=absolute_end,
+                           size=absolute_end - element.start, value=value)
+        self.index += 1
+        return record
+
+    def _close(self) -> None:
+        """Past the closing ']' at ``pos``: the array is complete."""
+        self.pos += 1
+        self.state = _Array.END
+        self._advance_to(self.base + self.pos)
+        self._reader._mark(Position(self.base + self.pos, self.index, self.line, "end"))
+
+    def _drop_if_too_large(self, element: _Element, absolute: int) -> None:
+        if element.parts is not None and absolute - element.start > self._reader._max:
+            element.parts = None  # it is read on to its end, but not kept
+
+    def _refill(self) -> bool:
+        """Moves the window to the file's next bytes, keeping what the element in hand has of the old one.
+
+        Returns ``False`` at the end of the file.
+        """
+        element = self.element
+        if element is not None and element.parts is not None and element.kept_from < len(self.buf):
+            element.parts.append(self.buf[element.kept_from:])
+        self._advance_to(self.base + len(self.buf))
+        self.base += len(self.buf)
+        self.buf = self._reader._stream.read(self._reader._read_size)
+        self.pos = 0
+        self._reader.consumed = self.base + len(self.buf)
+        if not self.buf:
+            return False
+        if self.base == 0 and self.buf.startswith(_BOM):
+            self.pos = len(_BOM)
+        if element is not None:
+            element.kept_from = 0
+            self._drop_if_too_large(element, self.base)
+        return True
+
+    def _advance_to(self, absolute: int) -> None:
+        """Hash the window's bytes up to ``absolute`` and count their newlines."""
+        if absolute > self.hashed:
+            piece = self.buf[self.hashed - self.base:absolute - self.base]
+            self._reader._hasher.update(piece)
+            self.line += piece.count(b"\n")
+            self.hashed = absolute
