@@ -1,8 +1,10 @@
 """Logging: structlog events, JSON in production, readable on a terminal, secrets never printed.
 
 Library logs (aiokafka, httpx, redis) go through the same processors, so the redactor sees them
-too. Per-message context (topic, partition, offset, ml_app, join key) is bound with
-``structlog.contextvars.bound_contextvars`` where a message is handled.
+too. Every line about one record carries its topic, partition and offset (and, once decoded, its
+ml_app and join key): bound with ``structlog.contextvars.bound_contextvars`` where a record is
+dead-lettered, and passed as fields where an evaluation is refused (its result record) and where an
+unmatched side is reported (its own record).
 """
 
 from __future__ import annotations
