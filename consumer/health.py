@@ -27,6 +27,9 @@ from consumer.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 
+REDIS_PING_TIMEOUT_S = 1.0  # a Redis slower than this to answer PING counts as not ready
+REQUEST_READ_TIMEOUT_S = 5.0  # a probe that has not sent its request line and headers by then is dropped
+
 class HealthServer:
     def __init__(self, *, host: str, port: int, metrics: Metrics, liveness_timeout_s: float,
                  last_progress: Callable[[], float], in_group: Callable[[], bool],
@@ -68,7 +71,7 @@ class HealthServer:
     async def ready(self) -> tuple[bool, dict[str, object]]:
         in_group = self._in_group()
         try:
-            redis_ok = await asyncio.wait_for(self._redis_ping(), timeout=1.0)
+            redis_ok = await asyncio.wait_for(self._redis_ping(), timeout=REDIS_PING_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - any failure to answer means not ready
             redis_ok = False
         refused = self._not_ready_because()
@@ -79,8 +82,9 @@ class HealthServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_line = await asyncio.wait_for(reader.readline(), timeout=5)
-            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+            request_line = await asyncio.wait_for(reader.readline(), timeout=REQUEST_READ_TIMEOUT_S)
+            end_of_headers = (b"\r\n", b"\n", b"")
+            while (await asyncio.wait_for(reader.readline(), timeout=REQUEST_READ_TIMEOUT_S)) not in end_of_headers:
                 pass  # headers are not needed
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""

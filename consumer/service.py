@@ -46,6 +46,9 @@ log = structlog.get_logger(__name__)
 FETCH_TIMEOUT_MS = 500  # how long one getmany waits for records when nothing is in flight
 HOLD_CHECK_S = 1.0  # while a stage is full, how often the loop polls (keeping its group membership)
 CONSUMER_STOP_TIMEOUT_S = 10.0  # leaving the group may wait on a rebalance; offsets are committed by then
+RECORD_OVERHEAD_BYTES = 65_536  # a record's batch framing and headers beyond MAX_MESSAGE_BYTES
+FETCH_MAX_BYTES = 52_428_800  # one fetch across partitions (Kafka's default), at least two records' worth
+PRODUCER_LINGER_MS = 5  # dead letters and reports of one batch go out together
 
 
 class Service:
@@ -261,15 +264,15 @@ class _ServiceContext:
     @staticmethod
     async def _open(s: Settings, stack: AsyncExitStack) -> Service:
         kafka_common = s.kafka_client_options()
-        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
-                                    max_request_size=s.max_message_bytes + 65_536, **kafka_common)
+        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=PRODUCER_LINGER_MS,
+                                    max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
         await producer.start()
         stack.push_async_callback(producer.stop)
         consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, group_instance_id=s.kafka_group_instance_id,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
-                                    fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
-                                    max_partition_fetch_bytes=s.max_message_bytes + 65_536,
+                                    fetch_max_bytes=max(FETCH_MAX_BYTES, s.max_message_bytes * 2),
+                                    max_partition_fetch_bytes=s.max_message_bytes + RECORD_OVERHEAD_BYTES,
                                     fetch_max_wait_ms=s.kafka_fetch_max_wait_ms, **kafka_common)
         await consumer.start()
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
