@@ -11,44 +11,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import math
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bench.intake import LineRateIntake
-from bench.runner import (
-    Buffered,
-    Drain,
-    Env,
-    Latency,
-    Memory,
-    Options,
-    Soak,
-    bare,
-    buffered,
-    drain,
-    guide,
-    latency,
-    median,
-    memory,
-    soak,
-    timed,
-)
-from bench.traffic import ORDERS
+from bench.results import Figures, Scaling, Throughput, median, plain
+from bench.runner import Env, Options, bare, buffered, drain, guide, latency, memory, soak, timed
+from bench.traffic import ORDERS, TrafficSpec
 from localenv.kafka import KafkaBroker
 from localenv.redis import RedisServer
 
 STEPS = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide")
-SMOKE = {"pairs": 300, "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,), "memory_sides": 300,
-         "buffered": (100,), "buffered_pairs": 200, "scaling": (1,), "soak_seconds": 5.0,
-         "guide_sizes": (200, 400), "steps": ("throughput", "latency", "guide")}
+# The targets the table judges against (docs/performance.md explains each).
+TARGET_RATIO = 0.5  # service records/s at least half the bare consumer's
+TARGET_P99_LOAD = 0.5  # the latency target applies at half the maximal load...
+TARGET_P99_MS = 250.0  # ...where the p99 join latency is at most this
+TARGET_SIDE_BYTES = 400  # Redis bytes per buffered side
+TARGET_BUFFERED_CHANGE = 0.15  # CPU per evaluation with many sides buffered, against the fewest
+# --smoke: these flags' values, where the command line left them at their defaults.
+SMOKE: dict[str, Any] = {"pairs": 300, "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
+                         "memory_sides": 300, "buffered": (100,), "buffered_pairs": 200, "scaling": (1,),
+                         "soak_seconds": 5.0, "guide_sizes": (200, 400), "steps": "throughput,latency,guide"}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -61,17 +50,18 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def parser() -> argparse.ArgumentParser:
     d = Options()
+    traffic = d.traffic
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t = p.add_argument_group("traffic")
-    t.add_argument("--pairs", type=int, default=d.pairs, help="pairs per throughput run")
-    t.add_argument("--apps", type=int, default=d.apps, help="ml_apps the pairs spread over")
-    t.add_argument("--evals", type=int, default=d.evals, help="evaluations per result event (per span)")
-    t.add_argument("--order", choices=ORDERS, default=d.order, help="which side of a pair is produced first")
-    t.add_argument("--lag-ms", type=float, default=d.lag_ms, help="delay of a pair's second side")
-    t.add_argument("--duplicates", type=float, default=d.duplicates, help="fraction of sides produced twice")
-    t.add_argument("--unmatched", type=float, default=d.unmatched, help="fraction of pairs with one side only")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--pairs", type=int, default=traffic.pairs, help="pairs per throughput run")
+    t.add_argument("--apps", type=int, default=traffic.apps, help="ml_apps the pairs spread over")
+    t.add_argument("--evals", type=int, default=traffic.evals, help="evaluations per result event (per span)")
+    t.add_argument("--order", choices=ORDERS, default=traffic.order, help="which side of a pair is produced first")
+    t.add_argument("--lag-ms", type=float, default=traffic.lag_ms, help="delay of a pair's second side")
+    t.add_argument("--duplicates", type=float, default=traffic.duplicates, help="fraction of sides produced twice")
+    t.add_argument("--unmatched", type=float, default=traffic.unmatched, help="fraction of pairs with one side only")
+    t.add_argument("--seed", type=int, default=traffic.seed)
     s = p.add_argument_group("service")
     s.add_argument("--partitions", type=int, default=d.partitions, help="partitions per topic (one consumer)")
     s.add_argument("--max-batch", type=int, default=d.max_batch, help="KAFKA_MAX_BATCH of the service")
@@ -104,76 +94,66 @@ def parser() -> argparse.ArgumentParser:
 
 
 def options(args: argparse.Namespace) -> Options:
-    values: dict[str, Any] = {
-        "pairs": args.pairs, "apps": args.apps, "evals": args.evals, "order": args.order, "lag_ms": args.lag_ms,
-        "duplicates": args.duplicates, "unmatched": args.unmatched, "partitions": args.partitions,
-        "max_batch": args.max_batch, "runs": args.runs, "latency_seconds": args.latency_seconds,
-        "latency_loads": args.latency_loads, "memory_sides": args.memory_sides, "buffered": args.buffered,
-        "buffered_pairs": args.buffered_pairs, "scaling": args.scaling, "soak_seconds": args.soak_seconds,
-        "soak_load": args.soak_load, "guide_sizes": args.guide_sizes, "guide_budget_s": args.guide_budget,
-        "steps": tuple(s for s in args.steps.split(",") if s), "uvloop": args.uvloop, "profile": args.profile,
-        "workdir": args.workdir, "seed": args.seed,
-        "service_root": args.service_root.resolve() if args.service_root else None,
-    }
     if args.smoke:
         defaults = parser().parse_args([])
         for key, value in SMOKE.items():
-            if getattr(args, key, None) == getattr(defaults, key, None):
-                values[key] = value
-    unknown = set(values["steps"]) - set(STEPS)
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
+    steps = tuple(s for s in args.steps.split(",") if s)
+    unknown = set(steps) - set(STEPS)
     if unknown:
         raise SystemExit(f"unknown steps: {', '.join(sorted(unknown))}")
-    return Options(**values)
+    return Options(
+        traffic=TrafficSpec(pairs=args.pairs, apps=args.apps, evals=args.evals, order=args.order, lag_ms=args.lag_ms,
+                            duplicates=args.duplicates, unmatched=args.unmatched, seed=args.seed),
+        partitions=args.partitions, max_batch=args.max_batch, runs=args.runs, latency_seconds=args.latency_seconds,
+        latency_loads=args.latency_loads, memory_sides=args.memory_sides, buffered=args.buffered,
+        buffered_pairs=args.buffered_pairs, scaling=args.scaling, soak_seconds=args.soak_seconds,
+        soak_load=args.soak_load, guide_sizes=args.guide_sizes, guide_budget_s=args.guide_budget, steps=steps,
+        uvloop=args.uvloop, profile=args.profile, workdir=args.workdir,
+        service_root=args.service_root.resolve() if args.service_root else None,
+    )
 
 
 # -- the run ---------------------------------------------------------------------------------------
 
 
-async def measure(env: Env, opts: Options) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+async def measure(env: Env, opts: Options) -> Figures:
+    figures = Figures()
     steps = set(opts.steps)
     max_pairs_per_s = 0.0
     if "throughput" in steps or steps & {"latency", "soak"}:
-        runs: list[dict[str, Any]] = []
         for i in range(max(1, opts.runs)):
             with timed(f"throughput run {i + 1}/{opts.runs}: service"):
                 profile = Path(opts.profile) if opts.profile and i == 0 else None
-                service, run = await drain(env, opts, name=f"throughput-{i}", pairs_count=opts.pairs,
+                service, run = await drain(env, opts, name=f"throughput-{i}", pairs_count=opts.traffic.pairs,
                                            partitions=opts.partitions, consumers=1, profile=profile)
             with timed(f"throughput run {i + 1}/{opts.runs}: bare consumer"):
                 ceiling = await bare(env, run, service.total_records, opts.max_batch)
-            runs.append({"service": dataclasses.asdict(service), "bare": ceiling,
-                         "ratio": service.records_per_s / ceiling["records_per_s"]})
-        out["throughput"] = runs
-        max_pairs_per_s = median([r["service"]["pairs_per_s"] for r in runs])
+            figures.throughput.append(Throughput(service, ceiling))
+        max_pairs_per_s = median([r.service.pairs_per_s for r in figures.throughput])
     if "latency" in steps:
         with timed("latency"):
-            out["latency"] = [dataclasses.asdict(x) for x in await latency(env, opts, max_pairs_per_s)]
+            figures.latency = await latency(env, opts, max_pairs_per_s)
     if "memory" in steps:
         with timed("redis memory"):
-            out["memory"] = dataclasses.asdict(await memory(env, opts))
+            figures.memory = await memory(env, opts)
     if "buffered" in steps:
         with timed("per-event cost with buffered sides"):
-            out["buffered"] = [{"sides": b.sides, "fill_seconds": b.fill_seconds, "us_per_record": b.us_per_record,
-                                "cpu_ms_per_1000_evals": b.cpu_ms_per_1000_evals, "delivered_all": b.delivered_all,
-                                "drains": [dataclasses.asdict(d) for d in b.drains]} for b in await buffered(env, opts)]
+            figures.buffered = await buffered(env, opts)
     if "scaling" in steps:
-        scaling = []
         for n in opts.scaling:
             with timed(f"scaling: {n} partitions / processes"):
-                result, _ = await drain(env, opts, name=f"scaling-{n}", pairs_count=opts.pairs, partitions=n,
+                result, _ = await drain(env, opts, name=f"scaling-{n}", pairs_count=opts.traffic.pairs, partitions=n,
                                         consumers=n)
-            scaling.append({"processes": n, "drain": dataclasses.asdict(result)})
-        out["scaling"] = scaling
+            figures.scaling.append(Scaling(n, result))
     if "soak" in steps:
         with timed(f"soak {opts.soak_seconds:.0f}s"):
-            soaked = await soak(env, opts, max_pairs_per_s)
-        out["soak"] = {**dataclasses.asdict(soaked), "rss_start_mb": soaked.rss_start_mb,
-                       "rss_end_mb": soaked.rss_end_mb, "rss_max_mb": soaked.rss_max_mb, "flat": soaked.flat}
+            figures.soak = await soak(env, opts, max_pairs_per_s)
     if "guide" in steps:
         with timed("the guide's batch join"):
-            out["guide"] = await guide(env, opts)
-    return out
+            figures.guide = await guide(env, opts)
+    return figures
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -185,7 +165,7 @@ def _n(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def render(opts: Options, figures: dict[str, Any], context: dict[str, Any]) -> tuple[str, bool]:
+def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
     rows: list[tuple[str, str, str, str]] = []
     ok = True
 
@@ -195,70 +175,66 @@ def render(opts: Options, figures: dict[str, Any], context: dict[str, Any]) -> t
     def met(condition: bool) -> str:
         return "met" if condition else "NOT met"
 
-    if "throughput" in figures:
-        runs = figures["throughput"]
-        delivered = all(r["service"]["delivered_all"] for r in runs)
+    if runs := figures.throughput:
+        delivered = all(r.service.delivered_all for r in runs)
         ok &= delivered
         n = len(runs)
-        ratio = median([r["ratio"] for r in runs])
-        bare_rate = median([r["bare"]["records_per_s"] for r in runs])
-        row(f"bare aiokafka consumer, records/s (median of {n})", _n(bare_rate))
-        row(f"service, records/s (median of {n})", _n(median([r["service"]["records_per_s"] for r in runs])))
-        row("service, pairs/s", _n(median([r["service"]["pairs_per_s"] for r in runs])))
-        row("service, evaluations/s", _n(median([r["service"]["evaluations_per_s"] for r in runs])))
-        row("service / bare consumer (ratio per run, median)", f"{ratio:.2f}", ">= 0.50", met(ratio >= 0.5))
-        row("service CPU ms per 1,000 evaluations", _n(median([r["service"]["cpu_ms_per_1000_evals"] for r in runs])))
-        row("bare consumer CPU ms per 1,000 records",
-            _n(median([r["bare"]["cpu_seconds"] * 1e6 / r["bare"]["records"] for r in runs])))
+        ratio = median([r.ratio for r in runs])
+        row(f"bare aiokafka consumer, records/s (median of {n})", _n(median([r.bare.records_per_s for r in runs])))
+        row(f"service, records/s (median of {n})", _n(median([r.service.records_per_s for r in runs])))
+        row("service, pairs/s", _n(median([r.service.pairs_per_s for r in runs])))
+        row("service, evaluations/s", _n(median([r.service.evaluations_per_s for r in runs])))
+        row("service / bare consumer (ratio per run, median)", f"{ratio:.2f}", f">= {TARGET_RATIO:.2f}",
+            met(ratio >= TARGET_RATIO))
+        row("service CPU ms per 1,000 evaluations", _n(median([r.service.cpu_ms_per_1000_evals for r in runs])))
+        row("bare consumer CPU ms per 1,000 records", _n(median([r.bare.cpu_ms_per_1000_records for r in runs])))
         row("every matched pair delivered", "yes" if delivered else "NO")
-    for lat in figures.get("latency", []):
-        target = "p99 <= 250 ms" if lat["load"] == 0.5 else ""
-        verdict = met(lat["p99_ms"] <= 250) if target else ""
-        row(f"join latency at {lat['load']:.0%} ({_n(lat['pairs_per_s'])} pairs/s), p50/p95/p99 ms",
-            f"{_n(lat['p50_ms'])} / {_n(lat['p95_ms'])} / {_n(lat['p99_ms'])}", target, verdict)
-        if lat["delivered"] < lat["matched"]:
+    for lat in figures.latency:
+        target = f"p99 <= {TARGET_P99_MS:g} ms" if lat.load == TARGET_P99_LOAD else ""
+        verdict = met(lat.p99_ms <= TARGET_P99_MS) if target else ""
+        row(f"join latency at {lat.load:.0%} ({_n(lat.pairs_per_s)} pairs/s), p50/p95/p99 ms",
+            f"{_n(lat.p50_ms)} / {_n(lat.p95_ms)} / {_n(lat.p99_ms)}", target, verdict)
+        if lat.delivered < lat.matched:
             ok = False
-            row(f"  delivered at {lat['load']:.0%}", f"{lat['delivered']} of {lat['matched']} pairs", "", "MISSING")
-    if "memory" in figures:
-        mem: dict[str, Any] = figures["memory"]
-        for kind in ("span", "result"):
-            per = mem[f"bytes_per_{kind}"]
-            row(f"Redis bytes per buffered {kind} ({mem[f'{kind}_event_bytes']} B event)", _n(per), "<= 400",
-                met(per <= 400))
-    if "buffered" in figures:
+            row(f"  delivered at {lat.load:.0%}", f"{lat.delivered} of {lat.matched} pairs", "", "MISSING")
+    if mem := figures.memory:
+        for kind, per, event_bytes in (("span", mem.bytes_per_span, mem.span_event_bytes),
+                                       ("result", mem.bytes_per_result, mem.result_event_bytes)):
+            row(f"Redis bytes per buffered {kind} ({event_bytes} B event)", _n(per), f"<= {TARGET_SIDE_BYTES}",
+                met(per <= TARGET_SIDE_BYTES))
+    if figures.buffered:
         # The verdict is on CPU per evaluation (medians of --runs drains): the cost itself. Wall time per
         # record is shown too; on a shared machine it moves with whatever else runs.
-        first = figures["buffered"][0]["cpu_ms_per_1000_evals"]
-        for entry in figures["buffered"]:
-            change = entry["cpu_ms_per_1000_evals"] / first - 1
-            row(f"cost with {entry['sides']:,} sides buffered: CPU ms/1k evals (us per record)",
-                f"{_n(entry['cpu_ms_per_1000_evals'])} ({_n(entry['us_per_record'])})",
-                "within 15%" if entry is not figures["buffered"][0] else "",
-                met(abs(change) <= 0.15) + f" ({change:+.0%})" if entry is not figures["buffered"][0] else "")
-            ok &= entry["delivered_all"]
-    if "scaling" in figures:
-        base = figures["scaling"][0]["drain"]["records_per_s"]
-        for entry in figures["scaling"]:
-            d = entry["drain"]
-            ok &= d["delivered_all"]
-            row(f"{entry['processes']} partition(s) / process(es): records/s, pairs/s",
-                f"{_n(d['records_per_s'])}, {_n(d['pairs_per_s'])}", "", f"x{d['records_per_s'] / base:.2f}")
-    if "soak" in figures:
-        sk = figures["soak"]
-        row(f"consumer RSS over a {sk['seconds']:.0f} s soak at {_n(sk['pairs_per_s'])} pairs/s, MB start/end/max",
-            f"{sk['rss_start_mb']:.1f} / {sk['rss_end_mb']:.1f} / {sk['rss_max_mb']:.1f}", "flat",
-            met(sk["flat"]))
-    if "guide" in figures:
-        service_rate = median([r["service"]["pairs_per_s"] for r in figures.get("throughput", [])])
-        for entry in figures["guide"]:
-            if math.isinf(entry["seconds"]):
-                row(f"guide's batch join, {entry['pairs']:,} pairs", f"> {opts.guide_budget_s:.0f} s", "", "gave up")
+        first = figures.buffered[0]
+        for cost in figures.buffered:
+            change = cost.cpu_ms_per_1000_evals / first.cpu_ms_per_1000_evals - 1
+            judged = cost is not first
+            row(f"cost with {cost.sides:,} sides buffered: CPU ms/1k evals (us per record)",
+                f"{_n(cost.cpu_ms_per_1000_evals)} ({_n(cost.us_per_record)})",
+                f"within {TARGET_BUFFERED_CHANGE:.0%}" if judged else "",
+                met(abs(change) <= TARGET_BUFFERED_CHANGE) + f" ({change:+.0%})" if judged else "")
+            ok &= cost.delivered_all
+    if figures.scaling:
+        base = figures.scaling[0].drain.records_per_s
+        for point in figures.scaling:
+            d = point.drain
+            ok &= d.delivered_all
+            row(f"{point.processes} partition(s) / process(es): records/s, pairs/s",
+                f"{_n(d.records_per_s)}, {_n(d.pairs_per_s)}", "", f"x{d.records_per_s / base:.2f}")
+    if sk := figures.soak:
+        row(f"consumer RSS over a {sk.seconds:.0f} s soak at {_n(sk.pairs_per_s)} pairs/s, MB start/end/max",
+            f"{sk.rss_start_mb:.1f} / {sk.rss_end_mb:.1f} / {sk.rss_max_mb:.1f}", "flat", met(sk.flat))
+    if figures.guide:
+        service_rate = median([r.service.pairs_per_s for r in figures.throughput])
+        for join in figures.guide:
+            if math.isinf(join.seconds):
+                row(f"guide's batch join, {join.pairs:,} pairs", f"> {opts.guide_budget_s:.0f} s", "", "gave up")
                 continue
-            row(f"guide's batch join, {entry['pairs']:,} pairs: s (pairs/s)",
-                f"{entry['seconds']:.2f} ({_n(entry['pairs_per_s'])})", "",
-                f"service x{service_rate / entry['pairs_per_s']:.2f}" if service_rate == service_rate else "")
+            row(f"guide's batch join, {join.pairs:,} pairs: s (pairs/s)",
+                f"{join.seconds:.2f} ({_n(join.pairs_per_s)})", "",
+                f"service x{service_rate / join.pairs_per_s:.2f}" if service_rate == service_rate else "")
     widths = [max(len(r[i]) for r in [("measure", "value", "target", "verdict"), *rows]) for i in range(4)]
-    lines = [context["headline"], ""]
+    lines = [heading, ""]
     for i, r in enumerate([("measure", "value", "target", "verdict"), *rows]):
         lines.append("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(r)).rstrip())
         if i == 0:
@@ -268,8 +244,9 @@ def render(opts: Options, figures: dict[str, Any], context: dict[str, Any]) -> t
 
 def headline(opts: Options) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    return (f"evaljoin benchmark: {opts.pairs:,} pairs, {opts.apps} apps, {opts.evals} evals/pair, order {opts.order}, "
-            f"lag {opts.lag_ms:g} ms, {opts.duplicates:.0%} duplicates, {opts.unmatched:.0%} unmatched, "
+    t = opts.traffic
+    return (f"evaljoin benchmark: {t.pairs:,} pairs, {t.apps} apps, {t.evals} evals/pair, order {t.order}, "
+            f"lag {t.lag_ms:g} ms, {t.duplicates:.0%} duplicates, {t.unmatched:.0%} unmatched, "
             f"{opts.partitions} partitions, batch {opts.max_batch}{', uvloop' if opts.uvloop else ''}\n"
             f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
             f"load average at start {load[0]:.2f}")
@@ -277,7 +254,7 @@ def headline(opts: Options) -> str:
 
 async def amain(opts: Options, args: argparse.Namespace) -> int:
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    context = {"headline": headline(opts), "started": time.time()}
+    heading = headline(opts)
     with contextlib.ExitStack() as stack:
         bootstrap = args.bootstrap
         if not bootstrap:
@@ -289,12 +266,11 @@ async def amain(opts: Options, args: argparse.Namespace) -> int:
         intake = stack.enter_context(LineRateIntake())
         env = Env(bootstrap=bootstrap, redis_url=redis_url, intake=intake, workdir=opts.workdir)
         figures = await measure(env, opts)
-    table, ok = render(opts, figures, context)
+    table, ok = render(opts, figures, heading)
     sys.stdout.write(table + "\n")
     if args.json:
-        args.json.write_bytes(orjson.dumps({"options": {k: str(v) if isinstance(v, Path) else v
-                                                        for k, v in dataclasses.asdict(opts).items()},
-                                            "figures": figures, "table": table}, option=orjson.OPT_INDENT_2))
+        args.json.write_bytes(orjson.dumps({"options": plain(opts), "figures": figures.as_json(), "table": table},
+                                           default=str, option=orjson.OPT_INDENT_2))
     return 0 if ok else 1
 
 
@@ -307,4 +283,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["Buffered", "Drain", "Latency", "Memory", "Soak", "main"]
+__all__ = ["main"]

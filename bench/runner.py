@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -31,7 +30,8 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from bench.intake import LineRateIntake
-from bench.traffic import Pair, Send, TrafficSpec, expected_evaluations, make_pairs, schedule
+from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Soak
+from bench.traffic import Pair, Send, TrafficSpec, make_pairs, schedule, write_guide_files
 from consumer import records
 from consumer.config import Settings
 from consumer.store import Namespace, SpanOp
@@ -45,13 +45,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 @dataclass
 class Options:
-    pairs: int = 20_000
-    apps: int = 10
-    evals: int = 2
-    order: str = "interleaved"
-    lag_ms: float = 100.0
-    duplicates: float = 0.02
-    unmatched: float = 0.05
+    traffic: TrafficSpec = field(default_factory=lambda: TrafficSpec(pairs=20_000))  # pairs: per throughput run
     partitions: int = 2
     max_batch: int = 500
     runs: int = 3
@@ -69,7 +63,6 @@ class Options:
     uvloop: bool = False
     profile: str | None = None
     workdir: Path = field(default_factory=lambda: Path("bench-out"))
-    seed: int = 7
     service_root: Path | None = None  # run the service from another checkout (before/after comparisons)
 
 
@@ -306,28 +299,8 @@ class Offsets:
 # -- measurements --------------------------------------------------------------------------------
 
 
-@dataclass
-class Drain:
-    """A preloaded log drained by the service: the throughput figures over the settled window."""
-
-    total_records: int  # in the topics (the bare consumer reads them all)
-    records: int  # committed during the settled window
-    evaluations: int
-    seconds: float
-    records_per_s: float
-    evaluations_per_s: float
-    pairs_per_s: float
-    cpu_ms_per_1000_evals: float
-    delivered_all: bool
-    missing: int
-    exit_codes: list[int]
-
-
 def spec_for(opts: Options, run: str, pairs: int, **changes: Any) -> TrafficSpec:
-    spec = TrafficSpec(pairs=pairs, apps=opts.apps, evals=opts.evals, order=opts.order,  # type: ignore[arg-type]
-                       lag_ms=opts.lag_ms, duplicates=opts.duplicates, unmatched=opts.unmatched, seed=opts.seed,
-                       run=run)
-    return dataclasses.replace(spec, **changes)
+    return dataclasses.replace(opts.traffic, pairs=pairs, run=run, **changes)
 
 
 async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partitions: int, consumers: int,
@@ -335,7 +308,7 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     run = Run.new(name, partitions, prefix)
     await run.create(env)
     pairs = make_pairs(spec_for(opts, run.group, pairs_count))
-    sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.lag_ms)
+    sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.traffic.lag_ms)
     await preload(env, run, pairs, sends)
     expected = {p.span_id.encode() for p in pairs if p.matched}
     env.intake.take_arrivals()
@@ -369,21 +342,19 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     evals = sum(n for when, n in arrivals if when >= t0)
     return Drain(total_records=len(sends), records=records, evaluations=evals, seconds=seconds,
                  records_per_s=records / seconds,
-                 evaluations_per_s=evals / seconds, pairs_per_s=evals / opts.evals / seconds,
+                 evaluations_per_s=evals / seconds, pairs_per_s=evals / opts.traffic.evals / seconds,
                  cpu_ms_per_1000_evals=(cpu1 - cpu0) * 1e6 / max(evals, 1),
                  delivered_all=expected <= seen, missing=len(expected - seen), exit_codes=codes), run
 
 
-async def bare(env: Env, run: Run, count: int, max_batch: int) -> dict[str, float]:
+async def bare(env: Env, run: Run, count: int, max_batch: int) -> Bare:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bare", env.bootstrap, f"{run.span_topic},{run.result_topic}", str(count),
         str(max_batch), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"the bare consumer exited with {proc.returncode}")
-    result: dict[str, float] = orjson.loads(out)
-    result["records_per_s"] = result["records"] / result["seconds"]
-    return result
+    return Bare(**orjson.loads(out))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -394,23 +365,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @dataclass
-class Latency:
-    load: float
-    pairs_per_s: float
+class Live:
+    """Live traffic at one rate: latencies (s) after the warm-up, and how many pairs were produced and delivered."""
+
+    latencies: list[float]
     pairs: int
-    matched: int  # pairs with both sides: each must be delivered
+    matched: int
     delivered: int
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    max_ms: float
 
 
 async def live(env: Env, opts: Options, run: Run, producer: AIOKafkaProducer, *, rate: float, seconds: float,
-               tag: str, warmup_s: float = 2.0) -> tuple[list[float], int, int, int]:
-    """Produce ``rate`` pairs/s for ``seconds``; returns latencies (s) after the warm-up, pairs, matched, delivered."""
+               tag: str, warmup_s: float = 2.0) -> Live:
+    """Produce ``rate`` pairs/s for ``seconds`` and collect what the intake received."""
     pairs = make_pairs(spec_for(opts, f"{run.group}-{tag}", max(1, int(rate * seconds))))
-    sends = schedule(pairs, rate=rate, lag_ms=opts.lag_ms)
+    sends = schedule(pairs, rate=rate, lag_ms=opts.traffic.lag_ms)
     expected = {p.span_id.encode() for p in pairs if p.matched}
     warm = {p.span_id.encode() for p in pairs if p.index / rate < warmup_s}
     second_at: dict[bytes, float] = {}
@@ -436,7 +404,7 @@ async def live(env: Env, opts: Options, run: Run, producer: AIOKafkaProducer, *,
     while not expected <= seen and time.time() < deadline:
         await asyncio.sleep(0.05)
         collect()
-    return latencies, len(pairs), len(expected), len(seen)
+    return Live(latencies, len(pairs), len(expected), len(seen))
 
 
 async def latency(env: Env, opts: Options, max_pairs_per_s: float) -> list[Latency]:
@@ -452,41 +420,15 @@ async def latency(env: Env, opts: Options, max_pairs_per_s: float) -> list[Laten
         await group.wait_stable(opts.partitions)
         for load in opts.latency_loads:
             rate = max(1.0, load * max_pairs_per_s)
-            values, produced, matched, delivered = await live(env, opts, run, producer, rate=rate,
-                                                     seconds=opts.latency_seconds, tag=f"l{int(load * 100)}")
-            ms = [v * 1000 for v in values]
-            out.append(Latency(load, rate, produced, matched, delivered, percentile(ms, 0.5), percentile(ms, 0.95),
-                               percentile(ms, 0.99), max(ms) if ms else float("nan")))
+            traffic = await live(env, opts, run, producer, rate=rate, seconds=opts.latency_seconds,
+                                 tag=f"l{int(load * 100)}")
+            ms = [v * 1000 for v in traffic.latencies]
+            out.append(Latency(load, rate, traffic.pairs, traffic.matched, traffic.delivered, percentile(ms, 0.5),
+                               percentile(ms, 0.95), percentile(ms, 0.99), max(ms) if ms else float("nan")))
     finally:
         await producer.stop()
         group.stop()
     return out
-
-
-@dataclass
-class Soak:
-    seconds: float
-    pairs_per_s: float
-    samples: list[tuple[float, int]]  # (seconds since start, RSS bytes)
-    delivered: int
-    pairs: int
-
-    @property
-    def rss_start_mb(self) -> float:
-        settled = [rss for t, rss in self.samples if t >= self.seconds * 0.1] or [self.samples[0][1]]
-        return settled[0] / 2**20
-
-    @property
-    def rss_end_mb(self) -> float:
-        return self.samples[-1][1] / 2**20
-
-    @property
-    def rss_max_mb(self) -> float:
-        return max(rss for _, rss in self.samples) / 2**20
-
-    @property
-    def flat(self) -> bool:
-        return self.rss_end_mb - self.rss_start_mb <= max(5.0, 0.05 * self.rss_start_mb)
 
 
 async def soak(env: Env, opts: Options, max_pairs_per_s: float) -> Soak:
@@ -505,10 +447,9 @@ async def soak(env: Env, opts: Options, max_pairs_per_s: float) -> Soak:
         segment = 0
         while time.time() - start < opts.soak_seconds:
             length = min(20.0, opts.soak_seconds - (time.time() - start))
-            _, produced, _, got = await live(env, opts, run, producer, rate=rate, seconds=max(1.0, length),
-                                          tag=f"s{segment}")
-            pairs += produced
-            delivered += got
+            traffic = await live(env, opts, run, producer, rate=rate, seconds=max(1.0, length), tag=f"s{segment}")
+            pairs += traffic.pairs
+            delivered += traffic.delivered
             samples.append((time.time() - start, group.rss_bytes()))
             segment += 1
     finally:
@@ -524,15 +465,6 @@ async def redis_used_memory(url: str) -> int:
         return int(info["used_memory"])
     finally:
         await client.aclose()
-
-
-@dataclass
-class Memory:
-    sides: int
-    span_event_bytes: int
-    result_event_bytes: int
-    bytes_per_span: float
-    bytes_per_result: float
 
 
 async def memory(env: Env, opts: Options) -> Memory:
@@ -586,27 +518,6 @@ async def fill(env: Env, prefix: str, count: int, opts: Options) -> float:
     return time.time() - started
 
 
-@dataclass
-class Buffered:
-    sides: int
-    fill_seconds: float
-    drains: list[Drain]  # --runs drains over the same buffered sides
-
-    @property
-    def us_per_record(self) -> float:
-        """Median wall time per record: what a user sees, and what a loaded machine moves most."""
-        return median([1e6 / d.records_per_s if d.records_per_s else float("nan") for d in self.drains])
-
-    @property
-    def cpu_ms_per_1000_evals(self) -> float:
-        """Median CPU per 1,000 evaluations: the cost itself, less moved by what else runs."""
-        return median([d.cpu_ms_per_1000_evals for d in self.drains])
-
-    @property
-    def delivered_all(self) -> bool:
-        return all(d.delivered_all for d in self.drains)
-
-
 async def buffered(env: Env, opts: Options) -> list[Buffered]:
     out = []
     for sides in opts.buffered:
@@ -621,9 +532,7 @@ async def buffered(env: Env, opts: Options) -> list[Buffered]:
     return out
 
 
-async def guide(env: Env, opts: Options) -> list[dict[str, float]]:
-    from bench.traffic import write_guide_files
-
+async def guide(env: Env, opts: Options) -> list[GuideJoin]:
     out = []
     for size in opts.guide_sizes:
         pairs = make_pairs(spec_for(opts, f"guide{size}", size, duplicates=0.0))
@@ -635,18 +544,14 @@ async def guide(env: Env, opts: Options) -> list[dict[str, float]]:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            out.append({"pairs": size, "seconds": float("inf"), "joined": 0, "pairs_per_s": 0.0})
+            out.append(GuideJoin(size, seconds=float("inf"), joined=0))
             break
-        result = orjson.loads(stdout)
-        out.append({"pairs": size, "seconds": result["seconds"], "joined": result["joined"],
-                    "pairs_per_s": result["joined"] / result["seconds"]})
-        if result["seconds"] > opts.guide_budget_s / 4:  # the next size takes about four times as long
+        result = orjson.loads(stdout)  # the guide's own script prints a plain JSON line
+        joined = GuideJoin(size, seconds=result["seconds"], joined=result["joined"])
+        out.append(joined)
+        if joined.seconds > opts.guide_budget_s / 4:  # the next size takes about four times as long
             break
     return out
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 @contextlib.contextmanager
@@ -659,5 +564,4 @@ def timed(label: str) -> Iterator[None]:
     sys.stderr.flush()
 
 
-__all__ = ["Buffered", "Drain", "Env", "Latency", "Memory", "Options", "Soak", "bare", "buffered", "drain",
-           "expected_evaluations", "guide", "latency", "median", "memory", "soak", "timed"]
+__all__ = ["Env", "Options", "bare", "buffered", "drain", "guide", "latency", "memory", "soak", "timed"]

@@ -1,0 +1,204 @@
+"""What each measurement gives, typed: the runner fills these, the table and the JSON file read them.
+
+A result's fields are what was measured; its properties listed in ``derived`` are figures computed
+from them, which :func:`plain` writes into the JSON file beside the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# A consumer's RSS counts as flat over a soak if it grew by at most this much, or by this fraction.
+FLAT_RSS_MB = 5.0
+FLAT_RSS_FRACTION = 0.05
+# The soak's first tenth is start-up (imports, pools, first batches): its RSS is not the baseline.
+SOAK_WARMUP_FRACTION = 0.1
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Drain:
+    """A preloaded log drained by the service: the throughput figures over the settled window."""
+
+    total_records: int  # in the topics (the bare consumer reads them all)
+    records: int  # committed during the settled window
+    evaluations: int
+    seconds: float
+    records_per_s: float
+    evaluations_per_s: float
+    pairs_per_s: float
+    cpu_ms_per_1000_evals: float
+    delivered_all: bool
+    missing: int
+    exit_codes: list[int]
+
+
+@dataclass
+class Bare:
+    """The bare aiokafka consumer reading the same records (``python -m bench.bare``): the service's ceiling."""
+
+    derived: ClassVar[tuple[str, ...]] = ("records_per_s",)
+
+    records: int
+    seconds: float
+    cpu_seconds: float
+    bytes: int
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.seconds
+
+    @property
+    def cpu_ms_per_1000_records(self) -> float:
+        return self.cpu_seconds * 1e6 / self.records
+
+
+@dataclass
+class Throughput:
+    """One throughput run: the service's drain and the bare consumer's over the same records."""
+
+    derived: ClassVar[tuple[str, ...]] = ("ratio",)
+
+    service: Drain
+    bare: Bare
+
+    @property
+    def ratio(self) -> float:
+        return self.service.records_per_s / self.bare.records_per_s
+
+
+@dataclass
+class Latency:
+    """Join latency at one load: from a pair's completing side produced to its evaluations at the intake."""
+
+    load: float
+    pairs_per_s: float
+    pairs: int
+    matched: int  # pairs with both sides: each must be delivered
+    delivered: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass
+class Memory:
+    """Redis bytes per buffered side, measured on ``sides`` spans alone and then as many results alone."""
+
+    sides: int
+    span_event_bytes: int
+    result_event_bytes: int
+    bytes_per_span: float
+    bytes_per_result: float
+
+
+@dataclass
+class Buffered:
+    """The per-event cost with ``sides`` sides already buffered, over ``--runs`` drains."""
+
+    derived: ClassVar[tuple[str, ...]] = ("us_per_record", "cpu_ms_per_1000_evals", "delivered_all")
+
+    sides: int
+    fill_seconds: float
+    drains: list[Drain]
+
+    @property
+    def us_per_record(self) -> float:
+        """Median wall time per record: what a user sees, and what a loaded machine moves most."""
+        return median([1e6 / d.records_per_s if d.records_per_s else float("nan") for d in self.drains])
+
+    @property
+    def cpu_ms_per_1000_evals(self) -> float:
+        """Median CPU per 1,000 evaluations: the cost itself, less moved by what else runs."""
+        return median([d.cpu_ms_per_1000_evals for d in self.drains])
+
+    @property
+    def delivered_all(self) -> bool:
+        return all(d.delivered_all for d in self.drains)
+
+
+@dataclass
+class Scaling:
+    """A drain with ``processes`` consumer processes, one per partition."""
+
+    processes: int
+    drain: Drain
+
+
+@dataclass
+class Soak:
+    """Steady traffic for a long time: does the consumer's RSS stay flat?"""
+
+    derived: ClassVar[tuple[str, ...]] = ("rss_start_mb", "rss_end_mb", "rss_max_mb", "flat")
+
+    seconds: float
+    pairs_per_s: float
+    samples: list[tuple[float, int]]  # (seconds since start, RSS bytes)
+    delivered: int
+    pairs: int
+
+    @property
+    def rss_start_mb(self) -> float:
+        settled = [rss for t, rss in self.samples if t >= self.seconds * SOAK_WARMUP_FRACTION] or [self.samples[0][1]]
+        return settled[0] / 2**20
+
+    @property
+    def rss_end_mb(self) -> float:
+        return self.samples[-1][1] / 2**20
+
+    @property
+    def rss_max_mb(self) -> float:
+        return max(rss for _, rss in self.samples) / 2**20
+
+    @property
+    def flat(self) -> bool:
+        return self.rss_end_mb - self.rss_start_mb <= max(FLAT_RSS_MB, FLAT_RSS_FRACTION * self.rss_start_mb)
+
+
+@dataclass
+class GuideJoin:
+    """The guide's batch join (``python -m bench.guide``) of ``pairs`` pairs in files; inf ``seconds``: gave up."""
+
+    derived: ClassVar[tuple[str, ...]] = ("pairs_per_s",)
+
+    pairs: int
+    seconds: float
+    joined: int
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.joined / self.seconds
+
+
+@dataclass
+class Figures:
+    """Every step's results; a step that did not run stays empty."""
+
+    throughput: list[Throughput] = field(default_factory=list)
+    latency: list[Latency] = field(default_factory=list)
+    memory: Memory | None = None
+    buffered: list[Buffered] = field(default_factory=list)
+    scaling: list[Scaling] = field(default_factory=list)
+    soak: Soak | None = None
+    guide: list[GuideJoin] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """The steps that ran, as :func:`plain` data."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name)}
+
+
+def plain(value: Any) -> Any:
+    """A result as JSON-ready data: its fields and the properties it names in ``derived``, all the way down."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return data | {name: getattr(value, name) for name in getattr(value, "derived", ())}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
