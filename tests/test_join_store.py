@@ -1,60 +1,102 @@
-"""The join store's contract, run against a real redis-server and a real three-node Redis Cluster."""
+"""The join store's contract, run against the in-memory store, a real redis-server and a real three-node Redis Cluster.
+
+The memory store's runs are unit tests (``pytest -m unit``); the same tests against Redis say that
+the fake behaves as the real thing does.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import pytest
 
-from consumer.store import ClaimVerdict, Namespace, ResultOp, ResultPut, Settle, SpanOp, SpanPut
+from consumer import records
+from consumer.store import (
+    ClaimVerdict,
+    DeadlineIndex,
+    DueSide,
+    ExpireOutcome,
+    Inspectable,
+    JoinStore,
+    KeyState,
+    Namespace,
+    ResultOp,
+    ResultPut,
+    Settle,
+    SpanOp,
+    SpanPut,
+)
+from consumer.store_memory import MemoryJoinStore
 from consumer.store_redis import ITEMS_PER_CALL, RedisJoinStore, connect
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisJoinStore]:
+class Store(JoinStore, DeadlineIndex, Inspectable, Protocol):
+    """Everything a store implementation promises."""
+
+
+@pytest.fixture(params=[pytest.param("memory", marks=pytest.mark.unit), "standalone",
+                        pytest.param("cluster", marks=pytest.mark.cluster)])
+async def new_store(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Store]]:
+    """Makes stores of one backend, each with keys of its own, configured with the options given."""
+    if request.param == "memory":
+        yield lambda **options: MemoryJoinStore(shards=4, **options)
+        return
     server = request.getfixturevalue("redis_cluster" if request.param == "cluster" else "redis_server")
     client = await connect(server.url, cluster=request.param == "cluster")
     try:
-        yield RedisJoinStore(client, prefix="t" + uuid.uuid4().hex[:8], shards=4, ledger_retention_ms=600_000)
+        yield lambda **options: RedisJoinStore(client, prefix="t" + uuid.uuid4().hex[:8], shards=4,
+                                               ledger_retention_ms=600_000, **options)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def store(new_store: Callable[..., Store]) -> Store:
+    return new_store()
 
 
 NS = Namespace("app", "q-1")
 
 
-# One side, one claim, one settle at a time: the batch methods with a batch of one.
+# One side, one claim, everything due: the batch methods with a batch of one, the index read whole.
 
-async def put_span(store: RedisJoinStore, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
+async def put_span(store: Store, ns: Namespace, identity: str, record: bytes, deadline_ms: int) -> SpanPut:
     (put,) = await store.put_many([SpanOp(ns, identity, record, deadline_ms)])
     assert isinstance(put, SpanPut)
     return put
 
 
-async def put_result(store: RedisJoinStore, ns: Namespace, event_id: str, record: bytes, eval_ids: list[str],
+async def put_result(store: Store, ns: Namespace, event_id: str, record: bytes, eval_ids: list[str],
                      deadline_ms: int) -> ResultPut:
     (put,) = await store.put_many([ResultOp(ns, event_id, record, eval_ids, deadline_ms)])
     assert isinstance(put, ResultPut)
     return put
 
 
-async def claim(store: RedisJoinStore, ns: Namespace, eval_ids: list[str], *, owner: str, now_ms: int,
+async def claim(store: Store, ns: Namespace, eval_ids: list[str], *, owner: str, now_ms: int,
                 lease_ms: int = 500) -> list[ClaimVerdict]:
     return (await store.claim_many([(ns, eval_ids)], owner=owner, now_ms=now_ms, lease_ms=lease_ms))[0]
 
 
-async def test_span_first_then_result_joins(store: RedisJoinStore) -> None:
+async def all_due(store: Store, now_ms: int) -> list[DueSide]:
+    return [side for shard in range(store.shards) for side in await store.due(shard, now_ms, 100)]
+
+
+# -- join ---------------------------------------------------------------------------------------
+
+async def test_span_first_then_result_joins(store: Store) -> None:
     """A result arriving after its span joins at once and returns the span record."""
     assert (await put_span(store, NS, "t:1", b"SPAN", 10_000)).status == "stored"
     put = await put_result(store, NS, "e1", b"RESULT", ["v1"], 10_000)
     assert (put.status, put.span) == ("joined", b"t:1\nSPAN")
 
 
-async def test_result_first_waits_and_is_released_by_span(store: RedisJoinStore) -> None:
+async def test_result_first_waits_and_is_released_by_span(store: Store) -> None:
     """A result arriving first is buffered, and the span's arrival hands it over."""
     assert (await put_result(store, NS, "e1", b"RESULT", ["v1"], 10_000)).status == "buffered"
     assert (await put_result(store, NS, "e1", b"RESULT", ["v1"], 10_000)).status == "duplicate"
@@ -62,7 +104,7 @@ async def test_result_first_waits_and_is_released_by_span(store: RedisJoinStore)
     assert (put.status, put.pending) == ("stored", {"e1": b"RESULT"})
 
 
-async def test_redelivered_span_returns_pending_until_settled(store: RedisJoinStore) -> None:
+async def test_redelivered_span_returns_pending_until_settled(store: Store) -> None:
     """A redelivered span gets the undelivered results again, and none once they are settled."""
     await put_result(store, NS, "e1", b"RESULT", ["v1"], 10_000)
     await put_span(store, NS, "t:1", b"SPAN", 10_000)
@@ -72,14 +114,14 @@ async def test_redelivered_span_returns_pending_until_settled(store: RedisJoinSt
     assert (await put_span(store, NS, "t:1", b"SPAN", 10_000)).pending == {}
 
 
-async def test_other_span_on_same_key_conflicts(store: RedisJoinStore) -> None:
+async def test_other_span_on_same_key_conflicts(store: Store) -> None:
     """A different span for a key already bound is a conflict that names the bound span."""
     await put_span(store, NS, "t:1", b"SPAN-1", 10_000)
     put = await put_span(store, NS, "t:2", b"SPAN-2", 10_000)
     assert (put.status, put.existing) == ("conflict", b"t:1\nSPAN-1")
 
 
-async def test_namespaces_do_not_collide(store: RedisJoinStore) -> None:
+async def test_namespaces_do_not_collide(store: Store) -> None:
     """The same join key in two ml_apps (and keys with brace and colon characters) stay apart."""
     await put_span(store, Namespace("app-a", "1"), "t:1", b"A", 10_000)
     assert (await put_result(store, Namespace("app-b", "1"), "e", b"R", ["v"], 10_000)).status == "buffered"
@@ -89,19 +131,7 @@ async def test_namespaces_do_not_collide(store: RedisJoinStore) -> None:
     assert (await put_result(store, Namespace("a", "{b}:c}:{d"), "e", b"R", ["v"], 10_000)).status == "buffered"
 
 
-async def test_claims_exclude_other_owners_until_lease_ends(store: RedisJoinStore) -> None:
-    """A live claim makes others wait; an expired one can be taken over; settled ones are done."""
-    assert await claim(store, NS, ["v1", "v2"], owner="a", now_ms=1000) == ["new", "new"]
-    assert await claim(store, NS, ["v1"], owner="b", now_ms=1200) == ["busy"]
-    assert await claim(store, NS, ["v1"], owner="a", now_ms=1200) == ["new"]
-    assert await claim(store, NS, ["v2"], owner="b", now_ms=1600) == ["new"]
-    await store.settle_many([Settle(NS, delivered=["v1"])])
-    await store.settle_many([Settle(NS, dead_lettered=["v2"])])
-    assert await claim(store, NS, ["v1", "v2"], owner="c", now_ms=9000) == ["done", "done"]
-    assert await store.delivery_state(NS, "v2") == "x"
-
-
-async def test_concurrent_sides_always_meet(store: RedisJoinStore) -> None:
+async def test_concurrent_sides_always_meet(store: Store) -> None:
     """Racing span and result puts on many keys: every result is either joined or handed to its span."""
     keys = [Namespace("race", f"k{i}") for i in range(200)]
 
@@ -116,52 +146,26 @@ async def test_concurrent_sides_always_meet(store: RedisJoinStore) -> None:
         assert joined != ("e" in released)  # exactly one of the two sides saw the match
 
 
-async def test_result_already_settled_is_not_buffered_again(store: RedisJoinStore) -> None:
+async def test_result_already_settled_is_not_buffered_again(store: Store) -> None:
     """A result redelivered after its span is gone but whose evaluations were delivered is a duplicate."""
     await store.settle_many([Settle(NS, delivered=["v1", "v2"])])
     assert (await put_result(store, NS, "e1", b"R", ["v1", "v2"], 10_000)).status == "duplicate"
     assert (await put_result(store, NS, "e2", b"R", ["v1", "v3"], 10_000)).status == "buffered"
 
 
-async def test_expiry_reports_unmatched_sides_once(store: RedisJoinStore) -> None:
-    """Due sides come out of the index: an unjoined span and a lone result are reported, then forgotten."""
-    lonely_span, lonely_result = Namespace("app", "s-only"), Namespace("app", "r-only")
-    await put_span(store, lonely_span, "t:1", b"SPAN", 1_000)
-    await put_result(store, lonely_result, "e1", b"RESULT", ["v"], 2_000)
-    due = [side for shard in range(store.shards) for side in await store.due(shard, 5_000, 100)]
-    assert {(s.namespace, s.event_id) for s in due} == {(lonely_span, None), (lonely_result, "e1")}
-    for side in due:
-        outcome = await store.expire(side)
-        assert (outcome.verdict, outcome.body) == ("report", b"t:1\nSPAN" if side.event_id is None else b"RESULT")
-        # A crash before forget: the next sweep reports the same copy again.
-        assert (await store.expire(side)).body == outcome.body
-        await store.forget(side)
-    assert [s for shard in range(store.shards) for s in await store.due(shard, 5_000, 100)] == []
-    assert (await put_result(store, lonely_span, "e9", b"R", ["v9"], 9_000)).status == "buffered"
+async def test_a_key_buffers_at_most_its_limit_of_results(new_store: Callable[..., Store]) -> None:
+    """Past max_pending_results a result is refused ("full", not stored); a waiting one is still a duplicate."""
+    store = new_store(max_pending_results=2)
+    puts = await store.put_many([ResultOp(NS, f"e{i}", b"R", [f"v{i}"], 10_000) for i in range(3)])
+    assert [put.status for put in puts] == ["buffered", "buffered", "full"]
+    assert (await put_result(store, NS, "e0", b"R", ["v0"], 10_000)).status == "duplicate"
+    assert sorted((await put_span(store, NS, "t:1", b"S", 10_000)).pending) == ["e0", "e1"]
+    assert {side.event_id for side in await all_due(store, 10_000)} == {"e0", "e1", None}  # e2 is not indexed
 
 
-async def test_expiry_drops_joined_span_silently(store: RedisJoinStore) -> None:
-    """A span that received results is dropped at its deadline without an unmatched report."""
-    await put_span(store, NS, "t:1", b"SPAN", 1_000)
-    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
-    (side,) = [s for shard in range(store.shards) for s in await store.due(shard, 5_000, 100)]
-    assert (await store.expire(side)).verdict == "dropped"
-
-
-async def test_redelivered_side_moves_deadline_only_later(store: RedisJoinStore) -> None:
-    """A side indexed again with the same deadline keeps it; forget after a later re-index keeps the entry."""
-    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
-    (side,) = [s for shard in range(store.shards) for s in await store.due(shard, 5_000, 100)]
-    await put_result(store, NS, "e1", b"R", ["v1"], 500)  # redelivery with an earlier stamp: no change
-    await put_result(store, NS, "e1", b"R", ["v1"], 8_000)  # re-published later: deadline moves
-    await store.forget(side)  # the sweeper read the old deadline; the new entry must survive
-    (later,) = [s for shard in range(store.shards) for s in await store.due(shard, 9_000, 100)]
-    assert later.deadline_ms == 8_000
-
-
-async def test_a_batch_larger_than_one_call_keeps_each_keys_order(store: RedisJoinStore) -> None:
-    """A batch spans several script calls (pipelined) and many keys: each key's sides still meet in order."""
-    n = ITEMS_PER_CALL + 44  # one key's result and span land in different calls
+async def test_a_batch_larger_than_one_call_keeps_each_keys_order(store: Store) -> None:
+    """A batch larger than one script call, over many keys, still puts each key's sides in the order given."""
+    n = ITEMS_PER_CALL + 44  # on a single Redis, one key's result and span land in different calls
     ops: list[SpanOp | ResultOp] = []
     for i in range(n):
         ns = Namespace("app", f"big-{i}")
@@ -176,3 +180,186 @@ async def test_a_batch_larger_than_one_call_keeps_each_keys_order(store: RedisJo
     await store.settle_many([Settle(ns, ids, (), [f"e{i}"]) for i, (ns, ids) in enumerate(requests)])
     assert await store.claim_many(requests, owner="me", now_ms=2, lease_ms=1_000) == [["done"]] * n
     assert all(state == "d" for state in [await store.delivery_state(ns, ids[0]) for ns, ids in requests])
+
+
+async def test_ping_answers(store: Store) -> None:
+    """A store that is there answers a ping."""
+    assert await store.ping() is True
+
+
+# -- delivery ledger ----------------------------------------------------------------------------
+
+async def test_claims_exclude_other_owners_until_lease_ends(store: Store) -> None:
+    """A live claim makes others wait; an expired one can be taken over; settled ones are done."""
+    assert await claim(store, NS, ["v1", "v2"], owner="a", now_ms=1000) == ["new", "new"]
+    assert await claim(store, NS, ["v1"], owner="b", now_ms=1200) == ["busy"]
+    assert await claim(store, NS, ["v1"], owner="a", now_ms=1200) == ["new"]
+    assert await claim(store, NS, ["v2"], owner="b", now_ms=1600) == ["new"]
+    await store.settle_many([Settle(NS, delivered=["v1"])])
+    await store.settle_many([Settle(NS, dead_lettered=["v2"])])
+    assert await claim(store, NS, ["v1", "v2"], owner="c", now_ms=9000) == ["done", "done"]
+    assert await store.delivery_state(NS, "v2") == "x"
+
+
+# -- deadline index -----------------------------------------------------------------------------
+
+async def test_expiry_reports_unmatched_sides_once(store: Store) -> None:
+    """Due sides come out of the index: an unjoined span and a lone result are reported, then forgotten."""
+    lonely_span, lonely_result = Namespace("app", "s-only"), Namespace("app", "r-only")
+    await put_span(store, lonely_span, "t:1", b"SPAN", 1_000)
+    await put_result(store, lonely_result, "e1", b"RESULT", ["v"], 2_000)
+    due = await all_due(store, 5_000)
+    assert {(s.namespace, s.event_id) for s in due} == {(lonely_span, None), (lonely_result, "e1")}
+    for side in due:
+        outcome = await store.expire(side)
+        assert (outcome.verdict, outcome.body) == ("report", b"t:1\nSPAN" if side.event_id is None else b"RESULT")
+        # A crash before forget: the next sweep reports the same copy again.
+        assert (await store.expire(side)).body == outcome.body
+        await store.forget(side)
+    assert await all_due(store, 5_000) == []
+    assert (await put_result(store, lonely_span, "e9", b"R", ["v9"], 9_000)).status == "buffered"
+
+
+async def test_expiry_drops_joined_span_silently(store: Store) -> None:
+    """A span that received results is dropped at its deadline without an unmatched report."""
+    await put_span(store, NS, "t:1", b"SPAN", 1_000)
+    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
+    (side,) = await all_due(store, 5_000)
+    assert (await store.expire(side)).verdict == "dropped"
+
+
+async def test_a_due_result_whose_span_came_is_busy_and_can_be_postponed(store: Store) -> None:
+    """A due result released to its span is "busy" (its delivery is under way); postponing moves it later."""
+    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
+    await put_span(store, NS, "t:1", b"SPAN", 50_000)
+    (side,) = await all_due(store, 5_000)
+    assert (await store.expire(side)).verdict == "busy"
+    await store.postpone(side, 8_000)
+    await store.postpone(side, 7_000)  # never earlier
+    assert await all_due(store, 5_000) == []
+    (later,) = await all_due(store, 9_000)
+    assert (later.event_id, later.deadline_ms) == ("e1", 8_000)
+
+
+async def test_a_result_settled_before_its_deadline_is_gone(store: Store) -> None:
+    """A due result that its delivery dropped already is "gone", and forgetting it empties the index."""
+    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
+    await store.settle_many([Settle(NS, delivered=["v1"], drop_event_ids=["e1"])])
+    (side,) = await all_due(store, 5_000)
+    assert await store.expire(side) == ExpireOutcome("gone")
+    await store.forget(side)
+    assert await store.index_size() == (0, None)
+
+
+async def test_postpone_never_brings_back_a_forgotten_entry(store: Store) -> None:
+    """Postponing an entry that was forgotten meanwhile leaves the index empty."""
+    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
+    (side,) = await all_due(store, 5_000)
+    await store.expire(side)
+    await store.forget(side)
+    await store.postpone(side, 8_000)
+    assert await store.index_size() == (0, None)
+
+
+async def test_redelivered_side_moves_deadline_only_later(store: Store) -> None:
+    """A side indexed again with the same deadline keeps it; forget after a later re-index keeps the entry."""
+    await put_result(store, NS, "e1", b"R", ["v1"], 1_000)
+    (side,) = await all_due(store, 5_000)
+    await put_result(store, NS, "e1", b"R", ["v1"], 500)  # redelivery with an earlier stamp: no change
+    await put_result(store, NS, "e1", b"R", ["v1"], 8_000)  # re-published later: deadline moves
+    await store.forget(side)  # the sweeper read the old deadline; the new entry must survive
+    (later,) = await all_due(store, 9_000)
+    assert later.deadline_ms == 8_000
+
+
+async def test_span_redelivered_while_its_copy_is_reported_is_a_duplicate(store: Store) -> None:
+    """A span whose expired copy is being reported is recognised on redelivery, not stored again."""
+    await put_span(store, NS, "t:1", b"SPAN", 1_000)
+    (side,) = await all_due(store, 5_000)
+    assert (await store.expire(side)).verdict == "report"
+    assert await put_span(store, NS, "t:1", b"SPAN", 1_000) == SpanPut("duplicate", {})
+    assert (await store.lookup(NS)).span is None
+
+
+async def test_index_size_and_oldest_count_indexed_sides_earliest_first(store: Store) -> None:
+    """index_size counts stored sides and gives the earliest deadline; oldest lists them earliest first."""
+    assert await store.index_size() == (0, None)
+    assert await store.oldest(5) == []
+    for i, deadline in enumerate([3_000, 1_000, 2_000, 4_000]):
+        await put_span(store, Namespace("app", f"k{i}"), "t:1", b"S", deadline)
+    await put_span(store, Namespace("app", "k0"), "t:2", b"S", 500)  # a conflict: not indexed
+    await put_result(store, Namespace("app", "k1"), "e1", b"R", ["v1"], 100)  # joined: not indexed
+    assert await store.index_size() == (4, 1_000)
+    oldest = await store.oldest(3)
+    assert [(side.namespace.join_key, side.deadline_ms) for side in oldest] == [("k1", 1_000), ("k2", 2_000),
+                                                                                 ("k0", 3_000)]
+
+
+async def test_a_lock_excludes_other_tokens_and_only_its_holder_unlocks(store: Store) -> None:
+    """A shard's lock refuses every other token (and a second take), and only its holder's unlock frees it."""
+    assert await store.try_lock(0, "a", 60_000) is True
+    assert await store.try_lock(0, "b", 60_000) is False
+    assert await store.try_lock(0, "a", 60_000) is False
+    assert await store.try_lock(1, "b", 60_000) is True  # shards lock apart
+    await store.unlock(0, "b")
+    assert await store.try_lock(0, "b", 60_000) is False
+    await store.unlock(0, "a")
+    assert await store.try_lock(0, "b", 60_000) is True
+
+
+async def test_a_lock_frees_itself_after_its_ttl(store: Store) -> None:
+    """A lock whose holder never unlocks (a crashed sweeper) can be taken once its ttl passed."""
+    assert await store.try_lock(2, "crashed", 50) is True
+    await asyncio.sleep(0.15)
+    assert await store.try_lock(2, "next", 60_000) is True
+
+
+# -- inspection ---------------------------------------------------------------------------------
+
+SPAN_FIELDS: dict[str, Any] = {"trace_id": "abc", "span_id": "7", "tags": {"env": "prod"}}
+
+
+def result_fields(event_id: str) -> dict[str, Any]:
+    return {"event_id": event_id, "evaluations": [{"label": "faithfulness", "value": 0.9}]}
+
+
+async def test_lookup_decodes_what_one_key_holds(store: Store) -> None:
+    """lookup gives the span and waiting results decoded, the joined flag, and each ledger state by name."""
+    for event_id in ("e1", "e2"):
+        await put_result(store, NS, event_id, records.encode(result_fields(event_id)), [f"{event_id}-0"], 10_000)
+    await put_span(store, NS, records.span_identity("abc", "7"), records.encode_span(SPAN_FIELDS), 10_000)
+    await claim(store, NS, ["e1-0"], owner="a", now_ms=1_000)
+    await store.settle_many([Settle(NS, delivered=["e2-0"], drop_event_ids=["e2"]), Settle(NS, dead_lettered=["v9"])])
+    implied = {"ml_app": "app", "join_key": "q-1"}
+    assert await store.lookup(NS) == KeyState(
+        span={**SPAN_FIELDS, **implied},
+        span_joined=True,
+        pending_results={"e1": {**result_fields("e1"), **implied}},
+        ledger={"e1-0": "in flight", "e2-0": "delivered", "v9": "dead-lettered"},
+        being_reported=[],
+    )
+
+
+async def test_lookup_names_the_sides_being_reported_and_shows_unreadable_records_as_text(store: Store) -> None:
+    """A result taken out by the sweeper is listed as being reported; a record that is not one shows as text."""
+    await put_result(store, NS, "e1", b"not a record", ["v1"], 1_000)
+    await put_result(store, NS, "e2", b"{broken", ["v2"], 9_000)
+    (side,) = await all_due(store, 5_000)
+    await store.expire(side)
+    assert await store.lookup(NS) == KeyState(span=None, span_joined=False, pending_results={"e2": "{broken"},
+                                              ledger={}, being_reported=["r:e1"])
+    assert await store.lookup(Namespace("app", "unknown")) == KeyState(None, False, {}, {}, [])
+
+
+async def test_census_counts_buffered_sides_per_ml_app(store: Store) -> None:
+    """census counts spans and waiting results per ml_app; settled results and expired spans are not counted."""
+    await put_span(store, Namespace("one", "a"), "t:1", b"S", 1_000)
+    await put_span(store, Namespace("one", "b"), "t:1", b"S", 9_000)
+    await put_result(store, Namespace("two", "a"), "e1", b"R", ["v1"], 9_000)
+    await put_result(store, Namespace("two", "a"), "e2", b"R", ["v2"], 9_000)
+    await put_result(store, Namespace("two", "b"), "e1", b"R", ["v1"], 9_000)
+    await put_result(store, Namespace("three", "a"), "e1", b"R", ["v1"], 9_000)
+    await store.settle_many([Settle(Namespace("three", "a"), delivered=["v1"], drop_event_ids=["e1"])])
+    (side,) = await all_due(store, 5_000)
+    await store.expire(side)
+    assert await store.census() == {"one": {"spans": 1, "results": 0}, "two": {"spans": 0, "results": 3}}

@@ -1,0 +1,198 @@
+"""The join store in memory: :class:`MemoryJoinStore`, for unit tests.
+
+It does what the Lua scripts of :mod:`consumer.store_redis` do, step for step, on plain dicts, and
+keeps the same bytes (records as the caller encoded them, spans as identity, "\\n", body), so what
+it returns is what Redis returns. Nothing is durable and nothing is shared between processes; the
+ledger's retention is not modelled (entries stay). tests/test_join_store.py runs the same contract
+tests against it, a redis-server and a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from consumer import store
+from consumer.store import DueSide, ExpireOutcome, KeyState, Namespace, ResultOp, ResultPut, Settle, SpanOp, SpanPut
+
+
+@dataclass
+class _Key:
+    """What one namespace holds (the Redis keys ``s``, ``r``, ``x`` and ``d`` of its tag)."""
+
+    span: bytes | None = None  # identity, "\n", body
+    joined: bool = False  # a result met the span: at its deadline it is dropped, not reported
+    pending: dict[str, bytes] = field(default_factory=dict)  # event_id -> record waiting for the span
+    expiring: dict[str, bytes] = field(default_factory=dict)  # "s" | "r:<event_id>" -> copy being reported
+    ledger: dict[str, str] = field(default_factory=dict)  # eval_id -> "d" | "x" | "c|owner|lease_until_ms"
+
+
+class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
+    """The store's three protocols in this process's memory.
+
+    They are its bases so that mypy holds it to the contract: no type-checked code uses it otherwise.
+    """
+
+    def __init__(self, *, shards: int = 16, max_pending_results: int = 0) -> None:
+        self.shards = shards
+        self._max_pending = max_pending_results  # 0: no limit
+        self._keys: dict[Namespace, _Key] = {}
+        self._index: list[dict[str, DueSide]] = [{} for _ in range(shards)]  # per shard: member -> entry
+        self._locks: dict[int, tuple[str, float]] = {}  # shard -> (token, held until, monotonic seconds)
+
+    def _key(self, ns: Namespace) -> _Key:
+        return self._keys.setdefault(ns, _Key())
+
+    def _enter(self, ns: Namespace, event_id: str | None, deadline_ms: int) -> None:
+        """Index a side (ZADD GT: a new entry, or a later deadline for an existing one)."""
+        shard = zlib.crc32(ns.tag.encode()) % self.shards
+        member = f"s\x1f{ns.tag}" if event_id is None else f"r\x1f{ns.tag}\x1f{event_id}"
+        entry = self._index[shard].get(member)
+        if entry is None or deadline_ms > entry.deadline_ms:
+            self._index[shard][member] = DueSide(shard, member, deadline_ms, ns, event_id)
+
+    # -- JoinStore ------------------------------------------------------------------------------
+
+    async def put_many(self, ops: Sequence[SpanOp | ResultOp]) -> list[SpanPut | ResultPut]:
+        return [self._put_span(op) if isinstance(op, SpanOp) else self._put_result(op) for op in ops]
+
+    def _put_span(self, op: SpanOp) -> SpanPut:
+        k = self._key(op.ns)
+        prefix = op.identity.encode() + b"\n"
+        if k.span is None:
+            if k.expiring.get("s", b"").startswith(prefix):  # the sweeper is reporting this very span
+                self._enter(op.ns, None, op.deadline_ms)
+                return SpanPut("duplicate", {})
+            k.span, k.joined = prefix + op.record, bool(k.pending)
+            self._enter(op.ns, None, op.deadline_ms)
+            return SpanPut("stored", dict(k.pending))
+        if not k.span.startswith(prefix):
+            return SpanPut("conflict", {}, k.span)
+        self._enter(op.ns, None, op.deadline_ms)
+        return SpanPut("duplicate", dict(k.pending))
+
+    def _put_result(self, op: ResultOp) -> ResultPut:
+        k = self._key(op.ns)
+        if k.span is not None:
+            k.joined = True
+            return ResultPut("joined", k.span)
+        seen = op.event_id in k.pending or f"r:{op.event_id}" in k.expiring
+        settled = bool(op.eval_ids) and all(k.ledger.get(eval_id) in ("d", "x") for eval_id in op.eval_ids)
+        if seen or settled:
+            self._enter(op.ns, op.event_id, op.deadline_ms)
+            return ResultPut("duplicate")
+        if self._max_pending and len(k.pending) >= self._max_pending:
+            return ResultPut("full")
+        k.pending[op.event_id] = op.record
+        self._enter(op.ns, op.event_id, op.deadline_ms)
+        return ResultPut("buffered")
+
+    async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
+                         lease_ms: int) -> list[list[store.ClaimVerdict]]:
+        replies = []
+        for ns, eval_ids in requests:
+            ledger = self._key(ns).ledger
+            verdicts: list[store.ClaimVerdict] = []
+            for eval_id in eval_ids:
+                state = ledger.get(eval_id, "")
+                holder, _, until = state[2:].rpartition("|")
+                verdict: store.ClaimVerdict = "new"
+                if state in ("d", "x"):
+                    verdict = "done"
+                elif state and holder != owner and int(until) > now_ms:
+                    verdict = "busy"
+                if verdict == "new":
+                    ledger[eval_id] = f"c|{owner}|{now_ms + lease_ms}"
+                verdicts.append(verdict)
+            replies.append(verdicts)
+        return replies
+
+    async def settle_many(self, requests: Sequence[Settle]) -> None:
+        for request in requests:
+            k = self._key(request.ns)
+            k.ledger.update(dict.fromkeys(request.delivered, "d"))
+            k.ledger.update(dict.fromkeys(request.dead_lettered, "x"))
+            for event_id in request.drop_event_ids:
+                k.pending.pop(event_id, None)
+
+    async def ping(self) -> bool:
+        return True
+
+    # -- DeadlineIndex --------------------------------------------------------------------------
+
+    async def due(self, shard: int, now_ms: int, limit: int) -> list[DueSide]:
+        due = [side for side in self._index[shard].values() if side.deadline_ms <= now_ms]
+        return sorted(due, key=lambda side: (side.deadline_ms, side.member))[:limit]
+
+    async def expire(self, side: DueSide) -> ExpireOutcome:
+        k = self._key(side.namespace)
+        if side.event_id is None:
+            if "s" in k.expiring:
+                return ExpireOutcome("report", k.expiring["s"])
+            if k.span is None:
+                return ExpireOutcome("gone")
+            span, k.span = k.span, None
+            if k.joined:
+                return ExpireOutcome("dropped")
+            k.expiring["s"] = span
+            return ExpireOutcome("report", span)
+        copy = f"r:{side.event_id}"
+        if copy in k.expiring:
+            return ExpireOutcome("report", k.expiring[copy])
+        if side.event_id not in k.pending:
+            return ExpireOutcome("gone")
+        if k.span is not None:
+            return ExpireOutcome("busy")
+        k.expiring[copy] = k.pending.pop(side.event_id)
+        return ExpireOutcome("report", k.expiring[copy])
+
+    async def forget(self, side: DueSide) -> None:
+        self._key(side.namespace).expiring.pop("s" if side.event_id is None else f"r:{side.event_id}", None)
+        entries = self._index[side.shard]
+        if side.member in entries and entries[side.member].deadline_ms == side.deadline_ms:
+            del entries[side.member]
+
+    async def postpone(self, side: DueSide, deadline_ms: int) -> None:
+        entry = self._index[side.shard].get(side.member)
+        if entry is not None and deadline_ms > entry.deadline_ms:
+            self._index[side.shard][side.member] = replace(entry, deadline_ms=deadline_ms)
+
+    async def try_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
+        now = time.monotonic()
+        if shard in self._locks and self._locks[shard][1] > now:
+            return False
+        self._locks[shard] = (token, now + ttl_ms / 1000)
+        return True
+
+    async def unlock(self, shard: int, token: str) -> None:
+        if self._locks.get(shard, ("", 0.0))[0] == token:
+            del self._locks[shard]
+
+    async def index_size(self) -> tuple[int, int | None]:
+        deadlines = [side.deadline_ms for entries in self._index for side in entries.values()]
+        return len(deadlines), min(deadlines, default=None)
+
+    async def oldest(self, count: int) -> list[DueSide]:
+        every = [side for entries in self._index for side in entries.values()]
+        return sorted(every, key=lambda side: (side.deadline_ms, side.shard, side.member))[:count]
+
+    # -- Inspectable ----------------------------------------------------------------------------
+
+    async def lookup(self, ns: Namespace) -> KeyState:
+        k = self._keys.get(ns, _Key())
+        return KeyState.decode(ns, span=k.span, span_joined=k.span is not None and k.joined, pending=k.pending,
+                               ledger=k.ledger, being_reported=k.expiring)
+
+    async def census(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for ns, k in self._keys.items():
+            if k.span is not None or k.pending:
+                entry = counts.setdefault(ns.ml_app, {"spans": 0, "results": 0})
+                entry["spans"] += int(k.span is not None)
+                entry["results"] += len(k.pending)
+        return counts
+
+    async def delivery_state(self, ns: Namespace, eval_id: str) -> str | None:
+        return self._keys.get(ns, _Key()).ledger.get(eval_id)
