@@ -8,7 +8,8 @@
 * :meth:`~Evaluator.create_job` and :meth:`~Evaluator.wait`: the job reached ``completed`` (or
   ``ready``); ``failed`` or ``cancelled`` raise :class:`JobFailed` with the API's message, and a job
   still unfinished after ``timeout_seconds`` raises :class:`JobTimeout`. Polls back off from
-  ``poll_initial_seconds`` to at most ``poll_max_seconds``.
+  ``poll_initial_seconds`` to at most ``poll_max_seconds`` (the service's :class:`~consumer.aio.Backoff`:
+  doubling, capped, each wait jittered into half to all of its step).
 * :meth:`~Evaluator.aggregates` (``GET .../results``): the job's aggregate scores, to log and print;
   they are not attached to spans. :meth:`~Evaluator.download_results`: the zip of the job's output
   directory, which holds the per-item files.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +47,7 @@ from nemo_microservices.types.evaluation_target import EvaluationTarget
 from nemo_microservices.types.group_result import GroupResult
 from nemo_microservices.types.task_result import TaskResult
 
+from consumer.aio import Backoff
 from producer_examples.nemo.errors import EvaluatorError, JobFailed, JobTimeout
 from producer_examples.nemo.targets import (
     EvaluationConfigSpec,
@@ -139,8 +140,8 @@ class Evaluator:
 
     async def _create_or_reuse(self, kind: str, ref: str, create: Callable[[], Awaitable[T]],
                                retrieve: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        """(entity, created). Transient errors are retried with capped, jittered backoff; 409 means reuse."""
-        delay = self._retry_initial
+        """(entity, created). Transient errors are retried with the service's backoff; 409 means reuse."""
+        backoff = Backoff(self._retry_initial, self._retry_max)
         for attempt in range(1, self._create_attempts + 1):
             try:
                 return await create(), True
@@ -158,8 +159,7 @@ class Evaluator:
                     raise self._error(exc, f"creating {kind} {ref}") from None
                 log.warning("nemo_create_retry", kind=kind, ref=ref, attempt=attempt,
                             status=getattr(exc, "status_code", None))
-                await asyncio.sleep(delay * (0.75 + random.random() / 4))
-                delay = min(delay * 2, self._retry_max)
+                await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- targets and configs --------------------------------------------------------------------
@@ -238,7 +238,7 @@ class Evaluator:
         """Poll until the job succeeded; raise :class:`JobFailed` or :class:`JobTimeout` otherwise."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        delay = self._poll_initial
+        polls = Backoff(self._poll_initial, self._poll_max)
         last: str | None = None
         while True:
             job = await self.job(job_id)
@@ -259,8 +259,7 @@ class Evaluator:
                     f"job {job_id} is still {status} after {self._timeout:g} s; it keeps running: resume with "
                     f"--job-id {job_id}", job_id=job_id, status=status,
                 )
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, self._poll_max)
+            await asyncio.sleep(min(polls.next(), remaining))
 
     async def aggregates(self, job_id: str) -> list[Aggregate]:
         """The job's aggregate scores (``GET /v1/evaluation/jobs/{id}/results``)."""
