@@ -22,6 +22,7 @@ _MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default
 FETCH_MAX_BYTES = max(52_428_800, 2 * _MAX_MESSAGE_BYTES)  # one fetch, all partitions
 PARTITION_FETCH_BYTES = _MAX_MESSAGE_BYTES + 65_536  # one partition's share: a record and its overhead
 POLL_TIMEOUT_MS = 500  # how long one getmany waits for records
+MAX_BATCH: int = Settings.model_fields["kafka_max_batch"].default  # records per getmany, as the service's default
 
 
 async def read(bootstrap: str, topics: list[str], count: int, max_batch: int) -> dict[str, float]:
@@ -56,7 +57,7 @@ async def read(bootstrap: str, topics: list[str], count: int, max_batch: int) ->
 
 def main(argv: list[str]) -> int:
     bootstrap, topics, count = argv[0], argv[1].split(","), int(argv[2])
-    max_batch = int(argv[3]) if len(argv) > 3 else 500
+    max_batch = int(argv[3]) if len(argv) > 3 else MAX_BATCH
     sys.stdout.write(orjson.dumps(asyncio.run(read(bootstrap, topics, count, max_batch))).decode() + "\n")
     return 0
 

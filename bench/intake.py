@@ -17,6 +17,8 @@ from types import TracebackType
 
 _SPAN_ID = re.compile(rb'"span_id":"([0-9]+)"')
 _RESPONSE = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+START_TIMEOUT_S = 10.0  # for the server thread to listen
+STOP_TIMEOUT_S = 10.0  # for the server thread to end after its loop is stopped
 
 
 class LineRateIntake:
@@ -40,7 +42,7 @@ class LineRateIntake:
     def __enter__(self) -> LineRateIntake:
         self._thread = threading.Thread(target=self._run, name="bench-intake", daemon=True)
         self._thread.start()
-        if not self._ready.wait(10):
+        if not self._ready.wait(START_TIMEOUT_S):
             raise RuntimeError("the intake stand-in did not start")
         return self
 
@@ -50,7 +52,7 @@ class LineRateIntake:
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(STOP_TIMEOUT_S)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()

@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import Any
 
+PROFILE_INTERVAL_S = 0.001  # pyinstrument's sampling interval
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.launch")
@@ -26,7 +28,8 @@ def main(argv: list[str]) -> int:
 
     if not args.pyinstrument:
         return consumer_main(rest)
-    profiler: Any = importlib.import_module("pyinstrument").Profiler(interval=0.001, async_mode="disabled")
+    profiler: Any = importlib.import_module("pyinstrument").Profiler(interval=PROFILE_INTERVAL_S,
+                                                                             async_mode="disabled")
     profiler.start()
     try:
         return consumer_main(rest)

@@ -42,6 +42,38 @@ ROOT = Path(__file__).resolve().parent.parent
 PRELOAD_RATE = 10_000.0  # pairs per second of virtual time: a preloaded log keeps the schedule's order
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
+# Waiting for the service.
+POLL_S = 0.05  # how often a wait looks at assignments, committed offsets and arrivals
+GROUP_SETTLE_S = 90.0  # for a new consumer group to hold every partition...
+GROUP_QUIET_S = 1.0  # ...and to have kept that assignment this long
+STOP_TIMEOUT_S = 40.0  # for a consumer process to exit after SIGTERM (its own deadline is 30 s) before a kill
+LOG_THREAD_JOIN_S = 5.0  # for the thread copying a stopped consumer's stderr to its log
+DRAIN_TIMEOUT_MIN_S = 180.0  # a drain is given this long at least...
+DRAIN_PAIRS_PER_S_MIN = 100  # ...or one second per this many pairs
+LIVE_COLLECT_S = 0.1  # how often arrivals are collected while live traffic is produced
+LIVE_WARMUP_S = 2.0  # the first seconds of live traffic count for delivery, not latency
+LIVE_SETTLE_S = 30.0  # after live traffic, for its last evaluations to arrive
+SOAK_SEGMENT_S = 20.0  # a soak is produced in segments of this length, the RSS sampled after each
+MEMORY_TIMEOUT_S = 300.0  # for the service to buffer the sides of the memory step
+MEMORY_POLL_S = 0.1  # how often the memory step reads the committed offsets
+
+# Producing.
+PRELOAD_LINGER_MS = 20  # a preload is produced in full batches
+LIVE_LINGER_MS = 1  # live traffic is sent at once: its send time starts the latency
+BATCH_BYTES = 262_144  # per partition batch of the bench's producers
+REQUEST_BYTES = 4_194_304  # per produce request of the bench's producers
+PRELOAD_IN_FLIGHT = 5_000  # records sent before waiting for their acknowledgements, preloading
+LIVE_IN_FLIGHT = 2_000  # the same for live traffic
+LIVE_START_S = 0.05  # live traffic's schedule starts this long after the call
+LIVE_TICK_S = 0.005  # the longest sleep between scheduled sends
+
+# Filling Redis as the service would with its default settings.
+_SETTINGS = Settings.model_fields
+FILL_SHARDS: int = _SETTINGS["redis_deadline_shards"].default
+FILL_TTL_MS: int = _SETTINGS["join_ttl_seconds"].default * 1000
+FILL_LEDGER_RETENTION_MS: int = FILL_TTL_MS + _SETTINGS["ledger_grace_seconds"].default * 1000
+FILL_BATCH = 1_000  # spans per put_many
+
 
 @dataclass
 class Options:
@@ -139,8 +171,8 @@ class Consumers:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    async def wait_stable(self, total_partitions: int, within: float = 90.0) -> float:
-        """Wait until the group holds every partition of both topics (``total_partitions`` each), quiet for 1 s."""
+    async def wait_stable(self, total_partitions: int, within: float = GROUP_SETTLE_S) -> float:
+        """Wait until the group holds every partition of both topics (``total_partitions`` each), then is quiet."""
         deadline = time.time() + within
         while time.time() < deadline:
             for proc in self._procs:
@@ -151,9 +183,9 @@ class Consumers:
             busy = min(len(self._procs), total_partitions)
             holding = [parts for _, parts in snapshot if parts]
             last = max(t for t, _ in snapshot)
-            if len(holding) >= busy and sum(holding) == 2 * total_partitions and time.time() - last > 1.0:
+            if len(holding) >= busy and sum(holding) == 2 * total_partitions and time.time() - last > GROUP_QUIET_S:
                 return last
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL_S)
         raise TimeoutError(f"the consumer group did not settle within {within}s: {self._assigned}")
 
     def check_alive(self) -> None:
@@ -182,12 +214,12 @@ class Consumers:
         codes = []
         for proc in self._procs:
             try:
-                codes.append(proc.wait(timeout=40))
+                codes.append(proc.wait(timeout=STOP_TIMEOUT_S))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append(proc.wait())
         for thread in self._threads:
-            thread.join(5)
+            thread.join(LOG_THREAD_JOIN_S)
         return codes
 
 
@@ -231,11 +263,11 @@ class Run:
 
 def _producer(env: Env, *, linger_ms: int) -> AIOKafkaProducer:
     return AIOKafkaProducer(bootstrap_servers=env.bootstrap, acks="all", linger_ms=linger_ms,
-                            max_batch_size=262_144, max_request_size=4_194_304)
+                            max_batch_size=BATCH_BYTES, max_request_size=REQUEST_BYTES)
 
 
 async def preload(env: Env, run: Run, pairs: list[Pair], sends: list[Send]) -> None:
-    producer = _producer(env, linger_ms=20)
+    producer = _producer(env, linger_ms=PRELOAD_LINGER_MS)
     await producer.start()
     try:
         pending = []
@@ -243,7 +275,7 @@ async def preload(env: Env, run: Run, pairs: list[Pair], sends: list[Send]) -> N
             pair = pairs[send.pair]
             value = pair.span if send.topic_kind == "span" else pair.result
             pending.append(await producer.send(run.topic(send), value, key=pair.key))
-            if len(pending) >= 5_000:
+            if len(pending) >= PRELOAD_IN_FLIGHT:
                 await asyncio.gather(*pending)
                 pending = []
         await asyncio.gather(*pending)
@@ -254,7 +286,7 @@ async def preload(env: Env, run: Run, pairs: list[Pair], sends: list[Send]) -> N
 async def produce_live(producer: AIOKafkaProducer, run: Run, pairs: list[Pair], sends: list[Send],
                        second_at: dict[bytes, float]) -> None:
     """Produce each record at its scheduled time; records when each pair's completing side was sent."""
-    start = time.time() + 0.05
+    start = time.time() + LIVE_START_S
     pending = []
     i = 0
     while i < len(sends):
@@ -267,11 +299,11 @@ async def produce_live(producer: AIOKafkaProducer, run: Run, pairs: list[Pair], 
             if send.second:
                 second_at[pair.span_id.encode()] = time.time()
             i += 1
-        if len(pending) > 2_000:
+        if len(pending) > LIVE_IN_FLIGHT:
             await asyncio.gather(*pending)
             pending = []
         if i < len(sends):
-            await asyncio.sleep(max(0.0, min(0.005, sends[i].at_s - (time.time() - start))))
+            await asyncio.sleep(max(0.0, min(LIVE_TICK_S, sends[i].at_s - (time.time() - start))))
     await asyncio.gather(*pending)
 
 
@@ -319,7 +351,7 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     arrivals: list[tuple[float, int]] = []
     try:
         async with Offsets(env) as offsets:
-            deadline = time.time() + max(180.0, pairs_count / 100)
+            deadline = time.time() + max(DRAIN_TIMEOUT_MIN_S, pairs_count / DRAIN_PAIRS_PER_S_MIN)
             while time.time() < deadline:
                 group.check_alive()
                 committed = await offsets.committed(run.group)
@@ -329,7 +361,7 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
                     arrivals.append((when, len(ids)))
                 if committed >= len(sends) and expected <= seen and group.settled_at(partitions):
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(POLL_S)
     finally:
         codes = group.stop()
     # The window starts once the group settled (its last assignment): what ran before is start-up.
@@ -375,7 +407,7 @@ class Live:
 
 
 async def live(env: Env, opts: Options, run: Run, producer: AIOKafkaProducer, *, rate: float, seconds: float,
-               tag: str, warmup_s: float = 2.0) -> Live:
+               tag: str, warmup_s: float = LIVE_WARMUP_S) -> Live:
     """Produce ``rate`` pairs/s for ``seconds`` and collect what the intake received."""
     pairs = make_pairs(spec_for(opts, f"{run.group}-{tag}", max(1, int(rate * seconds))))
     sends = schedule(pairs, rate=rate, lag_ms=opts.traffic.lag_ms)
@@ -397,12 +429,12 @@ async def live(env: Env, opts: Options, run: Run, producer: AIOKafkaProducer, *,
 
     producing = asyncio.create_task(produce_live(producer, run, pairs, sends, second_at))
     while not producing.done():
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(LIVE_COLLECT_S)
         collect()
     await producing
-    deadline = time.time() + 30
+    deadline = time.time() + LIVE_SETTLE_S
     while not expected <= seen and time.time() < deadline:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(POLL_S)
         collect()
     return Live(latencies, len(pairs), len(expected), len(seen))
 
@@ -413,7 +445,7 @@ async def latency(env: Env, opts: Options, max_pairs_per_s: float) -> list[Laten
     env.intake.take_arrivals()
     group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name="latency", uvloop=opts.uvloop,
                       service_root=opts.service_root)
-    producer = _producer(env, linger_ms=1)
+    producer = _producer(env, linger_ms=LIVE_LINGER_MS)
     await producer.start()
     out = []
     try:
@@ -436,7 +468,7 @@ async def soak(env: Env, opts: Options, max_pairs_per_s: float) -> Soak:
     await run.create(env)
     group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name="soak", uvloop=opts.uvloop,
                       service_root=opts.service_root)
-    producer = _producer(env, linger_ms=1)
+    producer = _producer(env, linger_ms=LIVE_LINGER_MS)
     await producer.start()
     rate = max(1.0, opts.soak_load * max_pairs_per_s)
     samples: list[tuple[float, int]] = []
@@ -446,7 +478,7 @@ async def soak(env: Env, opts: Options, max_pairs_per_s: float) -> Soak:
         start = time.time()
         segment = 0
         while time.time() - start < opts.soak_seconds:
-            length = min(20.0, opts.soak_seconds - (time.time() - start))
+            length = min(SOAK_SEGMENT_S, opts.soak_seconds - (time.time() - start))
             traffic = await live(env, opts, run, producer, rate=rate, seconds=max(1.0, length), tag=f"s{segment}")
             pairs += traffic.pairs
             delivered += traffic.delivered
@@ -486,9 +518,9 @@ async def memory(env: Env, opts: Options) -> Memory:
                 await group.wait_stable(opts.partitions)
                 before = await redis_used_memory(env.redis_url)
                 await preload(env, run, pairs, sends)
-                deadline = time.time() + 300
+                deadline = time.time() + MEMORY_TIMEOUT_S
                 while await offsets.committed(run.group) < len(sends) and time.time() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(MEMORY_POLL_S)
                 after = await redis_used_memory(env.redis_url)
         finally:
             group.stop()
@@ -501,18 +533,17 @@ async def fill(env: Env, prefix: str, count: int, opts: Options) -> float:
     started = time.time()
     client = await connect(env.redis_url, cluster=False)
     try:
-        store = RedisJoinStore(client, prefix=prefix, shards=16, ledger_retention_ms=172_800_000)
+        store = RedisJoinStore(client, prefix=prefix, shards=FILL_SHARDS, ledger_retention_ms=FILL_LEDGER_RETENTION_MS)
         filler = make_pairs(spec_for(opts, f"fill-{prefix}", min(count, 1)))[0]
         event = orjson.loads(filler.span)
         body = records.encode_span({**event, "source": {"topic": "bench.filler", "partition": 0, "offset": 0,
                                                         "timestamp_ms": event["emitted_at_ms"]}})
-        deadline = int(time.time() * 1000) + 86_400_000
-        step = 1_000
-        for start in range(0, count, step):
+        deadline = int(time.time() * 1000) + FILL_TTL_MS
+        for start in range(0, count, FILL_BATCH):
             await store.put_many([
                 SpanOp(Namespace("bench-filler", f"f{i}"), records.span_identity(filler.trace_id, str(i + 1)), body,
                        deadline)
-                for i in range(start, min(count, start + step))])
+                for i in range(start, min(count, start + FILL_BATCH))])
     finally:
         await client.aclose()
     return time.time() - started

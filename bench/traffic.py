@@ -13,7 +13,6 @@ only ever produces one side. The same pairs can be written as the guide's ``outp
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,11 @@ import orjson
 Order = Literal["spans-first", "results-first", "interleaved"]
 ORDERS: tuple[Order, ...] = ("spans-first", "results-first", "interleaved")
 
+EMITTED_AT_MS = 1_763_900_000_000  # pair i's span context was emitted at this time plus i ms
+EVALUATED_AFTER_MS = 60_000  # its evaluations are this much later
+PASS_RATE = 0.8  # evaluations assessed "pass"
+REASONING_WORDS = 14  # words of an evaluation's reasoning
+DUPLICATE_AFTER_S = 0.001  # a duplicated side is produced again this much later
 _WORDS = ("the", "answer", "names", "ingredients", "and", "steps", "in", "order", "cites", "recipe", "it",
           "used", "without", "inventing", "quantities", "that", "source", "does", "not", "give")
 
@@ -84,7 +88,7 @@ def make_pairs(spec: TrafficSpec) -> list[Pair]:
         join_key = f"{spec.run}-q{index}"
         trace_id = f"{rng.getrandbits(128):032x}"
         span_id = str(rng.getrandbits(63) or 1)
-        emitted = 1_763_900_000_000 + index
+        emitted = EMITTED_AT_MS + index
         span = orjson.dumps({
             "schema_version": 1, "ml_app": ml_app, "join_key": join_key, "trace_id": trace_id,
             "span_id": span_id, "tags": {"env": "prod", "version": "1.4.2"}, "emitted_at_ms": emitted})
@@ -94,15 +98,15 @@ def make_pairs(spec: TrafficSpec) -> list[Pair]:
                 "label": ("faithfulness", "answer_relevancy", "quality_assessment", "toxicity")[e % 4] + (
                     f"_{e // 4}" if e >= 4 else ""),
                 "metric_type": "score", "value": round(rng.random(), 4),
-                "assessment": "pass" if rng.random() < 0.8 else "fail",
-                "reasoning": _sentence(rng, 14),
-                "tags": {"evaluator": "nemo"}, "timestamp_ms": emitted + 60_000})
+                "assessment": "pass" if rng.random() < PASS_RATE else "fail",
+                "reasoning": _sentence(rng, REASONING_WORDS),
+                "tags": {"evaluator": "nemo"}, "timestamp_ms": emitted + EVALUATED_AFTER_MS})
         result = orjson.dumps({
             "schema_version": 1, "event_id": f"job-{spec.run}:{join_key}", "ml_app": ml_app, "join_key": join_key,
             "evaluations": evaluations,
             "provenance": {"job_id": f"job-{spec.run}", "config": "bench/faithfulness", "target_type": "model",
                            "target_name": "bench/support-bot", "model": "meta/llama-3.1-8b-instruct",
-                           "judge": "meta/llama-3.1-70b-instruct", "evaluated_at_ms": emitted + 60_000}})
+                           "judge": "meta/llama-3.1-70b-instruct", "evaluated_at_ms": emitted + EVALUATED_AFTER_MS}})
         span_first = {"spans-first": True, "results-first": False}.get(spec.order, rng.random() < 0.5)
         sides = (True, True)
         if rng.random() < spec.unmatched:
@@ -124,13 +128,9 @@ def schedule(pairs: list[Pair], *, rate: float, lag_ms: float) -> list[Send]:
                 continue
             sends.append(Send(at, kind, pair.index, is_second and pair.matched))  # type: ignore[arg-type]
             if pair.duplicated[side]:
-                sends.append(Send(at + 0.001, kind, pair.index, False))  # type: ignore[arg-type]
+                sends.append(Send(at + DUPLICATE_AFTER_S, kind, pair.index, False))  # type: ignore[arg-type]
     sends.sort(key=lambda s: s.at_s)
     return sends
-
-
-def expected_evaluations(pairs: list[Pair], evals: int) -> int:
-    return sum(evals for pair in pairs if pair.matched)
 
 
 def write_guide_files(pairs: list[Pair], directory: Path) -> tuple[Path, Path]:
@@ -154,8 +154,3 @@ def write_guide_files(pairs: list[Pair], directory: Path) -> tuple[Path, Path]:
     out_path.write_bytes(orjson.dumps(outputs))
     scores_path.write_bytes(b"".join(orjson.dumps(s) + b"\n" for s in scores))
     return out_path, scores_path
-
-
-def chunks(items: list[Send], size: int) -> Iterator[list[Send]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -51,6 +51,8 @@ from producer_examples.publisher import DeliveryError, EventPublisher, add_kafka
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful cooking assistant. Please reject any non-food related questions."
 MAX_QUESTION_BYTES = 1 << 20  # a larger question record is refused, so that reading one stays bounded
+CONCURRENCY = 4  # questions answered at once (--concurrency)
+LLM_MAX_RETRIES = 2  # the OpenAI client's retries of a call that failed transiently
 
 
 class SpanContextError(RuntimeError):
@@ -231,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id-field", default="question_id", help="the id field in --questions (default: question_id)")
     parser.add_argument("--tag", type=_tag, action="append", default=[], metavar="NAME:VALUE",
                         help="a tag on every span-context event (repeatable)")
-    parser.add_argument("--concurrency", type=int, default=4, help="questions answered at once (default: 4)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                        help="questions answered at once (default: %(default)s)")
     add_kafka_arguments(parser, topics=("span",))
     return parser
 
@@ -243,7 +246,7 @@ async def run(args: argparse.Namespace, *, out: TextIO, err: TextIO) -> int:
         if args.questions:
             yield from read_questions(args.questions, id_field=args.id_field)
 
-    client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key or "unused", max_retries=2)
+    client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key or "unused", max_retries=LLM_MAX_RETRIES)
     async with client, SpanContextReporter(ml_app=args.ml_app, tags=dict(args.tag),
                                            kafka=kafka_settings_from(args)) as reporter:
         answered, failed = await answer_all(questions(), client=client, model=args.model,

@@ -75,8 +75,10 @@ Role = Literal["outputs", "scores"]
 
 STATE_VERSION = 1
 JOIN_KEY: str = Settings.model_fields["join_key"].default  # the service's default JOIN_KEY
-DEFAULT_CHECKPOINT_EVERY = 1000
-MAX_REPORTED_SKIPS = 100
+DEFAULT_CHECKPOINT_EVERY = 1000  # records between checkpoints (--checkpoint-every)
+MAX_REPORTED_SKIPS = 100  # skipped records named on stderr; the rest are counted
+MAX_SKIP_DETAIL_CHARS = 300  # of the decoder's reason, in a skipped record's report
+YIELD_EVERY = 64  # records between yields to the event loop, so that a signal handler runs
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_DELIVERY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Decoding needs a namespace; without --ml-app the service's DEFAULT_ML_APP applies, unknown here.
 _SERVICE_DEFAULT_APP = "<DEFAULT_ML_APP>"
@@ -370,7 +372,7 @@ async def _publish_input(current: _Input, options: Options, publisher: EventPubl
                 summary.published_this_run += 1
             bar.update(current.reader.consumed - bar.n)
             since_checkpoint += 1
-            if since_checkpoint % 64 == 0:
+            if since_checkpoint % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # let signal handlers run even when nothing else waits
             if budget is not None:
                 budget -= 1
@@ -405,7 +407,8 @@ class _Reporter:
     def skip(self, summary: InputSummary, record: RawRecord, reason: str, detail: str) -> None:
         self.reported += 1
         if self.reported <= MAX_REPORTED_SKIPS:
-            self.note(f"{summary.path}:{record.line}: record {record.index} skipped ({reason}): {detail[:300]}")
+            self.note(f"{summary.path}:{record.line}: record {record.index} skipped ({reason}): "
+                      f"{detail[:MAX_SKIP_DETAIL_CHARS]}")
         elif self.reported == MAX_REPORTED_SKIPS + 1:
             self.note(f"more than {MAX_REPORTED_SKIPS} records skipped; the rest are counted, not listed")
 

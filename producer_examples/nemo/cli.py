@@ -27,7 +27,7 @@ from nemo_microservices import AsyncNeMoMicroservices
 
 from consumer.logs import configure_logging
 from producer_examples.nemo.errors import InputError, NemoPublisherError, PublishError
-from producer_examples.nemo.evaluator import Evaluator
+from producer_examples.nemo.evaluator import JOB_TIMEOUT_S, POLL_INITIAL_S, POLL_MAX_S, Evaluator
 from producer_examples.nemo.mapping import JUDGE_LABEL, MappingResult, RunContext
 from producer_examples.nemo.publish import map_local_run, publish, run_job
 from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, FORMATS, Format
@@ -39,6 +39,9 @@ from producer_examples.publisher import (
     add_kafka_arguments,
     kafka_settings_from,
 )
+
+MAX_RETRIES = 5  # the client's retries of a request that failed transiently
+REQUEST_TIMEOUT_S = 60.0  # for one request to the evaluator
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -71,13 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config-file", type=Path, help="the evaluation config, as JSON")
     run.add_argument("--job-id", help="resume an existing job instead of creating one")
     run.add_argument("--format", choices=FORMATS, help="the per-item format to publish (default: every one found)")
-    run.add_argument("--poll-initial", type=float, default=2.0, help="first poll delay, seconds (default: %(default)s)")
-    run.add_argument("--poll-max", type=float, default=30.0, help="poll delay cap, seconds (default: %(default)s)")
-    run.add_argument("--timeout", type=float, default=6 * 3600.0,
+    run.add_argument("--poll-initial", type=float, default=POLL_INITIAL_S,
+                     help="first poll delay, seconds (default: %(default)s)")
+    run.add_argument("--poll-max", type=float, default=POLL_MAX_S,
+                     help="poll delay cap, seconds (default: %(default)s)")
+    run.add_argument("--timeout", type=float, default=JOB_TIMEOUT_S,
                      help="give up waiting for the job after this many seconds (default: %(default)s)")
-    run.add_argument("--max-retries", type=int, default=5,
+    run.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                      help="retries of a request on 408, 429, 5xx and connection errors (default: %(default)s)")
-    run.add_argument("--request-timeout", type=float, default=60.0, help="per request, seconds (default: %(default)s)")
+    run.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT_S,
+                     help="per request, seconds (default: %(default)s)")
     _common(run)
 
     files = commands.add_parser("from-files", help="publish the per-item results of a local run")

@@ -64,8 +64,15 @@ T = TypeVar("T")
 
 SUCCEEDED = frozenset({"completed", "ready"})
 FAILED = frozenset({"failed", "cancelled"})
-_TRANSIENT = frozenset({408, 429})
-_DETAIL_CHARS = 500
+_TRANSIENT = frozenset({408, 429})  # besides 5xx and connection errors
+_DETAIL_CHARS = 500  # of an error answer's body, in an EvaluatorError
+
+POLL_INITIAL_S = 2.0  # the first wait between polls of a job...
+POLL_MAX_S = 30.0  # ...doubling up to this
+JOB_TIMEOUT_S = 6 * 3600.0  # how long to wait for a job to finish
+CREATE_ATTEMPTS = 5  # tries of a create that fails transiently
+RETRY_INITIAL_S = 0.5  # the first wait before retrying a create...
+RETRY_MAX_S = 8.0  # ...doubling up to this
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,10 @@ def timestamp_ms(value: datetime | None) -> int | None:
 class Evaluator:
     """One NeMo Evaluator, reached through an ``AsyncNeMoMicroservices`` client the caller owns."""
 
-    def __init__(self, client: AsyncNeMoMicroservices, *, poll_initial_seconds: float = 2.0,
-                 poll_max_seconds: float = 30.0, timeout_seconds: float = 6 * 3600.0,
-                 create_attempts: int = 5, retry_initial_seconds: float = 0.5, retry_max_seconds: float = 8.0,
-                 secrets: Iterable[str] = ()) -> None:
+    def __init__(self, client: AsyncNeMoMicroservices, *, poll_initial_seconds: float = POLL_INITIAL_S,
+                 poll_max_seconds: float = POLL_MAX_S, timeout_seconds: float = JOB_TIMEOUT_S,
+                 create_attempts: int = CREATE_ATTEMPTS, retry_initial_seconds: float = RETRY_INITIAL_S,
+                 retry_max_seconds: float = RETRY_MAX_S, secrets: Iterable[str] = ()) -> None:
         self._client = client
         self._once = client.with_options(max_retries=0)
         self._poll_initial = poll_initial_seconds

@@ -77,6 +77,10 @@ _TAG_CHARS = _max_chars(TagValue)
 MAX_CATEGORICAL_CHARS = 1000  # a categorical value's characters
 _MAX_EXACT_INT = 2**53  # a score that a double holds exactly
 _MAX_UNIX_SECONDS = 253402300800  # year 10000: events.TimestampMs ends in year 9999
+_LABEL_DIGEST_CHARS = 8  # hex of the hash that ends a label cut to length
+_EVENT_ID_HEX_CHARS = 40  # hex of the hash that makes an event id
+_MAX_FAILURE_CHARS = 100  # of a failed item's status, kept as the reason
+_MAX_INVALID_CHARS = 80  # of the validation message of a score not sent, kept as the reason
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # what Name, JoinKeyValue and TagValue refuse
 # BEIR lines with scores at the top level: these are the query, not a score.
 _BEIR_TEXT_FIELDS = frozenset({"_id", "text", "title", "query", "question", "answer", "metadata"})
@@ -93,8 +97,8 @@ def label_for(name: str) -> str:
     if not label[0].isalpha():
         label = "m_" + label
     if len(label) > _MAX_NAME_CHARS:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-        label = f"{label[: _MAX_NAME_CHARS - 9]}_{digest}"
+        digest = hashlib.sha256(name.encode()).hexdigest()[:_LABEL_DIGEST_CHARS]
+        label = f"{label[: _MAX_NAME_CHARS - len(digest) - 1]}_{digest}"
     return label
 
 
@@ -324,7 +328,7 @@ def _byob_item(record: Record, ctx: RunContext, id_column: str) -> Item:
     scores = fields.get("scores")
     failed = None
     if status != "scored":
-        failed = str(status)[:100] or "not_scored"
+        failed = str(status)[:_MAX_FAILURE_CHARS] or "not_scored"
     elif not isinstance(scores, dict):
         failed = "no_scores"
     extra = {"sample_id": fields.get("sample_id"), "repeat": repeat}
@@ -393,7 +397,7 @@ def _event_id(ctx: RunContext, item: Item, evaluations: list[Evaluation], chunk:
         # Times are left out: a job's timestamps may be touched later; the result is the same.
         "evaluations": [e.model_dump(mode="json", exclude_none=True, exclude={"timestamp_ms"}) for e in evaluations],
     }
-    return "nemo-" + hashlib.sha256(_canonical(content)).hexdigest()[:40]
+    return "nemo-" + hashlib.sha256(_canonical(content)).hexdigest()[:_EVENT_ID_HEX_CHARS]
 
 
 def _tags(item: Item) -> dict[str, str]:
@@ -440,7 +444,7 @@ def _evaluations(item: Item, ctx: RunContext, report: MappingReport) -> list[Eva
             )
         except ValidationError as exc:
             reason = exc.errors(include_url=False, include_input=False)[0]["msg"].removeprefix("Value error, ")
-            report.dropped[(label, f"invalid: {reason[:80]}")] += 1
+            report.dropped[(label, f"invalid: {reason[:_MAX_INVALID_CHARS]}")] += 1
     return [by_label[label] for label in sorted(by_label)]
 
 

@@ -43,8 +43,8 @@ DEFAULT_ID_COLUMN: dict[Format, str] = {
     "beir": "_id",
 }
 
-MAX_FILE_BYTES = 1 << 30
-MAX_ZIP_BYTES = 4 << 30
+MAX_FILE_BYTES = 1 << 30  # a per-item file is read whole: larger ones are refused
+MAX_ZIP_BYTES = 4 << 30  # what a results zip may unpack to
 
 
 @dataclass(frozen=True)

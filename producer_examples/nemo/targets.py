@@ -48,6 +48,8 @@ REDACTED = "[redacted]"
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|password|passwd|secret|token|authorization)", re.IGNORECASE)
 _MIN_SECRET_CHARS = 4
+_SHOWN_CHARS = 80  # of a bad value quoted in a message
+_SHOWN_ERRORS = 10  # validation errors listed; the rest are counted
 
 # NeMo entity names are path segments (``namespace/name``): no slash, no spaces or control characters.
 EntityName = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")]
@@ -60,7 +62,7 @@ class _Spec(BaseModel):
 
 def _check_url(value: str, *, schemes: tuple[str, ...], what: str) -> str:
     if "<" in value or ">" in value:
-        raise ValueError(f"{what} {value[:80]!r} still contains a <placeholder> from the guide")
+        raise ValueError(f"{what} {value[:_SHOWN_CHARS]!r} still contains a <placeholder> from the guide")
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.path.strip("/")):
         raise ValueError(f"{what} must be a {'/'.join(schemes)} URL")
@@ -268,7 +270,7 @@ class EvaluationConfigSpec(BaseModel):
 
 def _format_errors(exc: ValidationError, what: str) -> str:
     lines = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False)[:10]:
+    for error in exc.errors(include_url=False, include_input=False, include_context=False)[:_SHOWN_ERRORS]:
         location = ".".join(str(p) for p in error["loc"] if p not in (_OBJECT_TAG, _NAME_TAG)) or "(root)"
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{location}: {message}")
