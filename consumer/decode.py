@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -27,6 +27,7 @@ from consumer.errors import InvalidMessage
 from consumer.events import SCHEMA_VERSION, NemoResultEvent, SpanContextEvent
 
 Headers = Sequence[tuple[str, bytes | None]]
+_E = TypeVar("_E", SpanContextEvent, NemoResultEvent)
 
 SEED_LABEL = "quality_assessment"
 _DETAIL_LIMIT = 1000
@@ -166,46 +167,51 @@ def _result_from_judge_line(obj: dict[str, Any], join_key: str) -> dict[str, Any
 def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
                 max_bytes: int, key: bytes | None = None) -> SpanContextEvent:
     """Decode a record of the span topic. Raises :class:`InvalidMessage`; never anything else."""
-    _check_size(key, value, headers, max_bytes)
-    obj = _parse_json(value)
-    if not isinstance(obj, dict):
-        raise InvalidMessage("schema", "a span-context event must be a JSON object")
+    obj = _json_object(key, value, headers, max_bytes, "a span-context event")
     if isinstance(obj.get("input"), dict) and "schema_version" not in obj:
         fields = _span_from_outputs_record(obj, join_key)
     elif "schema_version" in obj:
-        _check_version(obj)
-        if obj.get("kind", "span_context") != "span_context":
-            raise InvalidMessage("wrong_topic", f"a {_brief(obj.get('kind'))!r} event on the span topic")
-        fields = obj
+        fields = _native(obj, "span_context", "span")
     else:
         raise InvalidMessage("schema", "neither a span-context event nor an outputs.json record")
-    try:
-        event = SpanContextEvent.model_validate(fields)
-    except ValidationError as exc:
-        raise _schema_error(exc) from exc
-    return event.model_copy(update={"ml_app": _checked_app(_resolve_ml_app(event.ml_app, headers, default_ml_app))})
+    return _validated(SpanContextEvent, fields, headers, default_ml_app)
 
 
 def decode_result(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
                   max_bytes: int, key: bytes | None = None) -> NemoResultEvent:
     """Decode a record of the result topic. Raises :class:`InvalidMessage`; never anything else."""
-    _check_size(key, value, headers, max_bytes)
-    obj = _parse_json(value)
-    if not isinstance(obj, dict):
-        raise InvalidMessage("schema", "a NeMo result event must be a JSON object")
+    obj = _json_object(key, value, headers, max_bytes, "a NeMo result event")
     if "schema_version" not in obj and "score" in obj and ("judgment" in obj or join_key in obj):
         if join_key not in obj:
             raise InvalidMessage("schema", f"a scores.jsonl judge line without the join key {join_key!r}")
         fields = _result_from_judge_line(obj, join_key)
     elif "schema_version" in obj:
-        _check_version(obj)
-        if obj.get("kind", "nemo_result") != "nemo_result":
-            raise InvalidMessage("wrong_topic", f"a {_brief(obj.get('kind'))!r} event on the result topic")
-        fields = obj
+        fields = _native(obj, "nemo_result", "result")
     else:
         raise InvalidMessage("schema", "neither a NeMo result event nor a scores.jsonl judge line")
+    return _validated(NemoResultEvent, fields, headers, default_ml_app)
+
+
+def _json_object(key: bytes | None, value: bytes | None, headers: Headers, max_bytes: int,
+                 what: str) -> dict[str, Any]:
+    _check_size(key, value, headers, max_bytes)
+    obj = _parse_json(value)
+    if not isinstance(obj, dict):
+        raise InvalidMessage("schema", f"{what} must be a JSON object")
+    return obj
+
+
+def _native(obj: dict[str, Any], kind: str, topic: str) -> dict[str, Any]:
+    """A native event's fields, once its version and kind fit this topic."""
+    _check_version(obj)
+    if obj.get("kind", kind) != kind:
+        raise InvalidMessage("wrong_topic", f"a {_brief(obj.get('kind'))!r} event on the {topic} topic")
+    return obj
+
+
+def _validated(model: type[_E], fields: dict[str, Any], headers: Headers, default_ml_app: str) -> _E:
     try:
-        event = NemoResultEvent.model_validate(fields)
+        event = model.model_validate(fields)
     except ValidationError as exc:
         raise _schema_error(exc) from exc
     return event.model_copy(update={"ml_app": _checked_app(_resolve_ml_app(event.ml_app, headers, default_ml_app))})

@@ -87,6 +87,7 @@ class Service:
                                retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=metrics,
                                join_ttl_ms=settings.join_ttl_seconds * 1000, clock=clock)
         self._stop_deadline = float("inf")
+        self._paused: set[TopicPartition] = set()
         self.batches_done = 0
         self.last_progress = clock.now_s()
         self.in_group = False
@@ -115,6 +116,7 @@ class Service:
                 if not self._join.has_room:
                     carry = _merge(carry, await self._hold())
                     continue
+                self._resume()
                 batch, carry = carry or await self._fetch(fetch_backoff), {}
                 if batch:
                     self._join.submit(batch, records=_count(batch))
@@ -161,8 +163,9 @@ class Service:
     async def _hold(self) -> Batch:
         """While the join stage is full: wait for a stage to finish, polling paused partitions to stay in the group.
 
-        Returns what a partition assigned meanwhile yielded (paused ones yield nothing: aiokafka drops what it
-        prefetched for them and fetches it again after resume), at most a batch of it.
+        The assigned partitions stay paused until the join stage has room again (:meth:`_resume`). Returns what a
+        partition assigned meanwhile yielded (paused ones yield nothing: aiokafka drops what it prefetched for them
+        and fetches it again after resume), at most a batch of it.
         """
         in_flight = {task for task in (self._join.in_flight, self._deliver.in_flight) if task is not None}
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
@@ -172,18 +175,22 @@ class Service:
             stop_waiter.cancel()
         if self._stopping.is_set() or any(task.done() for task in in_flight):
             return {}
-        paused = set(self._consumer.assignment())
-        self._consumer.pause(*paused)
+        assignment = set(self._consumer.assignment())
+        self._consumer.pause(*assignment)
+        self._paused |= assignment
         self.metrics.paused.set(1)
-        try:
-            fetched: Batch = await self._consumer.getmany(timeout_ms=0, max_records=self._max_batch)
-            self._progressed()
-        finally:
-            still_assigned = paused & set(self._consumer.assignment())
+        fetched: Batch = await self._consumer.getmany(timeout_ms=0, max_records=self._max_batch)
+        self._progressed()
+        return fetched
+
+    def _resume(self) -> None:
+        """Fetch again from the partitions :meth:`_hold` paused (those still assigned)."""
+        if self._paused:
+            still_assigned = self._paused & set(self._consumer.assignment())
             if still_assigned:
                 self._consumer.resume(*still_assigned)
+            self._paused = set()
             self.metrics.paused.set(0)
-        return fetched
 
     async def _finish_in_flight(self, deadline: float) -> None:
         """Let the batches in flight finish, passing each on to the commit step; cancel what outlasts ``deadline``.
