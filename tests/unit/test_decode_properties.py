@@ -1,0 +1,162 @@
+"""Decoding, property-based: hostile records fail with a right reason only, valid events decode as modelled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.decode import decode_result, decode_span, record_bytes
+from consumer.errors import InvalidMessage
+from consumer.events import NemoResultEvent, SpanContextEvent
+from tests.hostile import MAX_BYTES, Hostile, hostile, no_controls, odd_headers
+
+pytestmark = pytest.mark.unit
+
+PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much, HealthCheck.large_base_example])
+
+Headers = list[tuple[str, bytes | None]]
+
+names = st.text(no_controls, min_size=1, max_size=40)
+tag_maps = st.dictionaries(names, st.text(no_controls, max_size=40), max_size=3)
+timestamps = st.integers(0, 253402300799999)
+json_leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+json_objects = st.dictionaries(st.text(max_size=10), st.recursive(
+    json_leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6), max_size=3)
+labels = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,30}", fullmatch=True)
+
+
+def _optional(draw: st.DrawFn, event: dict[str, Any], name: str, values: st.SearchStrategy[Any]) -> None:
+    if draw(st.booleans()):
+        event[name] = draw(values)
+
+
+@st.composite
+def valid_span(draw: st.DrawFn) -> dict[str, Any]:
+    """A span-context event the model accepts, with every optional field sometimes present."""
+    event: dict[str, Any] = {
+        "schema_version": 1,
+        "join_key": draw(st.text(no_controls, min_size=1, max_size=80)),
+        "trace_id": draw(st.from_regex(r"[0-9a-fA-F]{1,32}", fullmatch=True)),
+        "span_id": draw(st.from_regex(r"[0-9]{1,20}", fullmatch=True)),
+    }
+    _optional(draw, event, "kind", st.just("span_context"))
+    _optional(draw, event, "ml_app", names)
+    _optional(draw, event, "tags", tag_maps)
+    _optional(draw, event, "emitted_at_ms", timestamps)
+    return event
+
+
+@st.composite
+def valid_evaluation(draw: st.DrawFn) -> dict[str, Any]:
+    """One evaluation of any metric type, with a value of that type."""
+    metric_type, value = draw(st.one_of(
+        st.tuples(st.just("score"), st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)),
+        st.tuples(st.just("categorical"), st.text(min_size=1, max_size=50)),
+        st.tuples(st.just("boolean"), st.booleans()),
+        st.tuples(st.just("json"), json_objects),
+    ))
+    evaluation: dict[str, Any] = {"label": draw(labels),
+                                  "metric_type": metric_type, "value": value}
+    _optional(draw, evaluation, "reasoning", st.text(max_size=80))
+    _optional(draw, evaluation, "assessment", st.sampled_from(["pass", "fail"]))
+    _optional(draw, evaluation, "metadata", json_objects)
+    _optional(draw, evaluation, "tags", tag_maps)
+    _optional(draw, evaluation, "timestamp_ms", timestamps)
+    return evaluation
+
+
+@st.composite
+def valid_result(draw: st.DrawFn) -> dict[str, Any]:
+    """A NeMo result event the model accepts: one to three evaluations, sometimes provenance."""
+    event: dict[str, Any] = {
+        "schema_version": 1,
+        "event_id": draw(st.from_regex(r"[A-Za-z0-9_.:-]{8,40}", fullmatch=True)),
+        "join_key": draw(st.text(no_controls, min_size=1, max_size=80)),
+        "evaluations": draw(st.lists(valid_evaluation(), min_size=1, max_size=3)),
+    }
+    _optional(draw, event, "kind", st.just("nemo_result"))
+    _optional(draw, event, "ml_app", names)
+    _optional(draw, event, "provenance", st.fixed_dictionaries({}, optional={
+        "job_id": names, "model": names, "judge": names | st.lists(names, max_size=3),
+        "evaluated_at_ms": timestamps}))
+    return event
+
+
+@st.composite
+def record_headers(draw: st.DrawFn) -> Headers:
+    """Odd headers, sometimes with an ml_app header."""
+    headers: Headers = list(draw(odd_headers))
+    if draw(st.booleans()):
+        headers.append(("ml_app", draw(names).encode()))
+    return headers
+
+
+def _expected_app(event: dict[str, Any], headers: Headers, default: str) -> str:
+    from_header = next((value.decode() for name, value in headers if name == "ml_app" and value), None)
+    return str(event.get("ml_app") or from_header or default)
+
+
+@PROPERTY
+@given(hostile())
+def test_every_hostile_record_is_invalid_with_an_allowed_reason(record: Hostile) -> None:
+    """A malformed record raises InvalidMessage with one of the reasons right for it, and never another exception."""
+    decode = decode_span if record.span_topic else decode_result
+    allowed = frozenset({"oversize"}) if record_bytes(None, record.value, record.headers) > MAX_BYTES else (
+        record.reasons)
+    with pytest.raises(InvalidMessage) as raised:
+        decode(record.value, record.headers, join_key="question_id", default_ml_app="app", max_bytes=MAX_BYTES)
+    assert raised.value.reason in allowed, (record.category, raised.value.detail)
+    assert raised.value.detail
+
+
+@PROPERTY
+@given(valid_span(), record_headers())
+def test_a_valid_span_event_decodes_to_its_model(event: dict[str, Any], headers: Headers) -> None:
+    """Any span-context event the model accepts decodes to that model, its ml_app from event, header or default."""
+    decoded = decode_span(orjson.dumps(event), headers, join_key="question_id", default_ml_app="fallback",
+                          max_bytes=MAX_BYTES)
+    expected = SpanContextEvent.model_validate(event)
+    assert decoded == expected.model_copy(update={"ml_app": _expected_app(event, headers, "fallback")})
+
+
+@settings(PROPERTY, max_examples=100)
+@given(valid_result(), record_headers())
+def test_a_valid_result_event_decodes_to_its_model(event: dict[str, Any], headers: Headers) -> None:
+    """Any NeMo result event the model accepts decodes to that model, values and types unchanged by the JSON trip."""
+    decoded = decode_result(orjson.dumps(event), headers, join_key="question_id", default_ml_app="fallback",
+                            max_bytes=MAX_BYTES)
+    expected = NemoResultEvent.model_validate(event)
+    assert decoded == expected.model_copy(update={"ml_app": _expected_app(event, headers, "fallback")})
+    assert [type(e.value) for e in decoded.evaluations] == [type(e["value"]) for e in event["evaluations"]]
+
+
+@PROPERTY
+@given(st.fixed_dictionaries({
+    "question_id": st.text(no_controls, min_size=1, max_size=40) | st.integers(0, 2**31),
+    "score": st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False),
+    "judgment": st.text(max_size=80),
+    "model": st.text(max_size=40),
+    "tstamp": st.floats(0, 253402300799, allow_nan=False),
+    "turn": st.integers(1, 5),
+}), st.randoms(use_true_random=False))
+def test_a_judge_line_maps_to_one_score_and_a_stable_event_id(line: dict[str, Any], rng: Any) -> None:
+    """A scores.jsonl line becomes one quality_assessment score; its event id ignores key order and spacing."""
+    decoded = decode_result(orjson.dumps(line), [], join_key="question_id", default_ml_app="app", max_bytes=MAX_BYTES)
+    (evaluation,) = decoded.evaluations
+    assert (decoded.join_key, evaluation.label, evaluation.metric_type, evaluation.value) == (
+        str(line["question_id"]), "quality_assessment", "score", line["score"])
+    assert evaluation.metadata == {"model": line["model"], "judgement": line["judgment"]}
+    assert evaluation.timestamp_ms == int(line["tstamp"] * 1000)
+    shuffled = list(line.items())
+    rng.shuffle(shuffled)
+    again = orjson.dumps(dict(shuffled), option=orjson.OPT_INDENT_2)
+    assert decode_result(again, [], join_key="question_id", default_ml_app="app",
+                         max_bytes=MAX_BYTES).event_id == decoded.event_id
