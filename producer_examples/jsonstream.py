@@ -304,12 +304,11 @@ class _ArrayScanner:
             self.pos += 1
             element.escape = False
             return None
-        match = _STRING_END.search(self.buf, self.pos)
-        if match is None:
-            self.pos = len(self.buf)
+        at = self._find(_STRING_END)
+        if at is None:
             return None
-        self.pos = match.start() + 1
-        if self.buf[match.start()] == ord("\\"):
+        self.pos = at + 1
+        if self.buf[at] == ord("\\"):
             element.escape = True
             return None
         element.in_string = False
@@ -317,21 +316,18 @@ class _ArrayScanner:
 
     def _scan_scalar(self) -> int | None:
         """A number, ``true``, ``false`` or ``null`` ends before ',', ']' or whitespace."""
-        match = _SCALAR_END.search(self.buf, self.pos)
-        if match is None:
-            self.pos = len(self.buf)
-            return None
-        self.pos = match.start()
-        return self.pos
+        at = self._find(_SCALAR_END)
+        if at is not None:
+            self.pos = at
+        return at
 
     def _scan_container(self, element: _Element) -> int | None:
         """An object or array ends at the bracket that closes its first one; strings inside are skipped."""
-        match = _STRUCTURE.search(self.buf, self.pos)
-        if match is None:
-            self.pos = len(self.buf)
+        at = self._find(_STRUCTURE)
+        if at is None:
             return None
-        char = self.buf[match.start()]
-        self.pos = match.start() + 1
+        char = self.buf[at]
+        self.pos = at + 1
         if char == ord('"'):
             element.in_string = True
         elif char in b"[{":
@@ -344,14 +340,21 @@ class _ArrayScanner:
 
     # -- transitions and the window ------------------------------------------------------
 
-    def _next_char(self) -> int | None:
-        """The next byte that is not whitespace, with ``pos`` on it; ``None`` when the window holds no more."""
-        match = _NOT_WHITESPACE.search(self.buf, self.pos)
+    def _find(self, pattern: re.Pattern[bytes]) -> int | None:
+        """Where ``pattern`` next matches in the window from ``pos``; if nowhere, ``None`` with ``pos`` at its end."""
+        match = pattern.search(self.buf, self.pos)
         if match is None:
             self.pos = len(self.buf)
             return None
-        self.pos = match.start()
-        return self.buf[self.pos]
+        return match.start()
+
+    def _next_char(self) -> int | None:
+        """The next byte that is not whitespace, with ``pos`` on it; ``None`` when the window holds no more."""
+        at = self._find(_NOT_WHITESPACE)
+        if at is None:
+            return None
+        self.pos = at
+        return self.buf[at]
 
     def _open(self, char: int) -> None:
         """An element starts at ``pos`` with ``char``."""

@@ -145,16 +145,25 @@ class Evaluator:
         except NeMoMicroservicesError as exc:
             raise self._error(exc, doing) from None
 
-    async def _create_or_reuse(self, kind: str, ref: str, create: Callable[[], Awaitable[T]],
-                               retrieve: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        """(entity, created). Transient errors are retried with the service's backoff; 409 means reuse."""
+    async def _create_or_reuse(
+        self, kind: str, spec: Target | EvaluationConfigSpec, create: Callable[..., Awaitable[T]],
+        retrieve: Callable[..., Awaitable[T]],
+    ) -> tuple[T, bool]:
+        """(entity, created): ``spec`` sent to ``create`` or, on 409, the stored one read with ``retrieve``.
+
+        The keys in ``spec`` are redacted from every message from now on. Transient errors are retried
+        with the service's backoff.
+        """
+        self.add_secrets(collect_secrets(spec))
+        body = request_body(spec)
+        ref = spec.ref
         backoff = Backoff(self._retry_initial, self._retry_max)
         for attempt in range(1, self._create_attempts + 1):
             try:
-                return await create(), True
+                return await create(**body), True
             except ConflictError:
                 try:
-                    return await retrieve(), False
+                    return await retrieve(spec.name, namespace=spec.namespace), False
                 except NotFoundError:
                     raise EvaluatorError(
                         f"{kind} {ref}: creating it answered 409 (exists), but reading it answered 404", status=404
@@ -173,14 +182,8 @@ class Evaluator:
 
     async def ensure_target(self, target: Target) -> EvaluationTarget:
         """The target ``namespace/name``, created or, if it exists, reused."""
-        self.add_secrets(collect_secrets(target))
-        body = request_body(target)
-        targets = self._once.evaluation.targets
-        stored, created = await self._create_or_reuse(
-            "target", target.ref,
-            lambda: targets.create(**body),
-            lambda: self._client.evaluation.targets.retrieve(target.name, namespace=target.namespace),
-        )
+        stored, created = await self._create_or_reuse("target", target, self._once.evaluation.targets.create,
+                                                      self._client.evaluation.targets.retrieve)
         if created:
             log.info("nemo_target_created", target=target.ref, type=target.type, id=stored.id)
         else:
@@ -195,14 +198,8 @@ class Evaluator:
 
     async def ensure_config(self, config: EvaluationConfigSpec) -> EvaluationConfig:
         """The evaluation config ``namespace/name``, created or, if it exists, reused."""
-        self.add_secrets(collect_secrets(config))
-        body = request_body(config)
-        configs = self._once.evaluation.configs
-        stored, created = await self._create_or_reuse(
-            "config", config.ref,
-            lambda: configs.create(**body),
-            lambda: self._client.evaluation.configs.retrieve(config.name, namespace=config.namespace),
-        )
+        stored, created = await self._create_or_reuse("config", config, self._once.evaluation.configs.create,
+                                                      self._client.evaluation.configs.retrieve)
         log.info("nemo_config_created" if created else "nemo_config_reused", config=config.ref, id=stored.id)
         return stored
 
