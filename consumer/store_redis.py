@@ -20,10 +20,11 @@ Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both p
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -75,8 +76,40 @@ async def connect(url: str, *, cluster: bool, max_connections: int = 64, **optio
 ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call
 
 
-def _script(name: str) -> str:
+_INCLUDE = re.compile(r'^--- @include "(\w+)"$', re.MULTILINE)
+
+
+def _lua(name: str) -> str:
     return resources.files("consumer").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+def _script(name: str) -> str:
+    """A script's source, with each line ``--- @include "<name>"`` replaced by the file ``lua/<name>.lua``."""
+    return _INCLUDE.sub(lambda match: _lua(match[1]), _lua(name))
+
+
+# -- script inputs ----------------------------------------------------------------------------------
+# Each script's header lists its KEYS and ARGV by name. A batch script's are written by the method
+# ``_<script>_input`` of RedisJoinStore, another script's where it is called (once each): from named
+# fields, in the order of the header; nothing else knows an offset.
+
+
+class _Item(NamedTuple):
+    """One item of a batch script's call: its namespace (a cluster call holds one only), its KEYS and its ARGV."""
+
+    ns: Namespace
+    keys: list[str]
+    args: list[Any]
+
+
+def _counted(values: Sequence[str]) -> list[Any]:
+    """A list as the batch scripts' ``arg_reader`` reads it back (``next_list``): its length, then its values."""
+    return [len(values), *values]
+
+
+def _member(op: SpanOp | ResultOp) -> str:
+    """A side's name in the deadline index: what :meth:`RedisJoinStore.due` reads back into a :class:`DueSide`."""
+    return f"s{_SEP}{op.ns.tag}" if isinstance(op, SpanOp) else f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
 
 
 class RedisJoinStore:
@@ -152,9 +185,8 @@ class RedisJoinStore:
 
         await self._pipelined(queue)
 
-    async def _run_batched(self, script: AsyncScript, head: list[Any],
-                           items: Sequence[tuple[Namespace, list[str], list[Any]]]) -> list[Any]:
-        """Run a batch script over items (namespace, keys, args): one reply per item, in item order.
+    async def _run_batched(self, script: AsyncScript, head: list[Any], items: Sequence[_Item]) -> list[Any]:
+        """Run a batch script over items: one reply per item, in item order.
 
         A batch script takes the keys of all its items, then ``head`` and the args of all its items,
         handles the items in order and returns one reply per item; so a batch costs one command, not
@@ -166,13 +198,13 @@ class RedisJoinStore:
         if not items:
             return []
 
-        def keys_args(chosen: Sequence[tuple[Namespace, list[str], list[Any]]]) -> tuple[list[str], list[Any]]:
-            return [k for _, keys, _ in chosen for k in keys], [*head, *(a for _, _, args in chosen for a in args)]
+        def keys_args(chosen: Sequence[_Item]) -> tuple[list[str], list[Any]]:
+            return [k for item in chosen for k in item.keys], [*head, *(a for item in chosen for a in item.args)]
 
         if isinstance(self._client, RedisCluster):
             groups: dict[Namespace, list[int]] = {}
-            for i, (ns, _, _) in enumerate(items):
-                groups.setdefault(ns, []).append(i)
+            for i, item in enumerate(items):
+                groups.setdefault(item.ns, []).append(i)
             replies: list[Any] = [None] * len(items)
 
             async def one_namespace(indexes: list[int]) -> None:
@@ -204,24 +236,11 @@ class RedisJoinStore:
         message uncommitted, and its redelivery (status "duplicate") indexes it then.
         """
         in_script = not isinstance(self._client, RedisCluster)
-        items: list[tuple[Namespace, list[str], list[Any]]] = []
-        members: list[str] = []
-        for op in ops:
-            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]
-            if in_script:
-                keys.append(self.index_key(self.shard_of(op.ns)))
-            if isinstance(op, SpanOp):
-                member = f"s{_SEP}{op.ns.tag}"
-                args: list[Any] = ["s", op.identity, op.record, op.deadline_ms, member]
-            else:
-                member = f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
-                args = ["r", op.event_id, op.record, op.deadline_ms, member, len(op.eval_ids), *op.eval_ids]
-            items.append((op.ns, keys, args))
-            members.append(member)
-        replies = await self._run_batched(self._put, [5 if in_script else 4, self._max_pending], items)
+        replies = await self._run_batched(self._put, *self._put_batch_input(ops, with_index=in_script))
         puts: list[SpanPut | ResultPut] = []
         index: list[tuple[Namespace, str, int]] = []
-        for op, member, reply in zip(ops, members, replies, strict=True):
+        for op, reply in zip(ops, replies, strict=True):
+            member = _member(op)
             status = reply[0].decode()
             if isinstance(op, SpanOp):
                 if status == "conflict":
@@ -241,23 +260,45 @@ class RedisJoinStore:
             await self._index_many(index)
         return puts
 
+    def _put_batch_input(self, ops: Sequence[SpanOp | ResultOp], *, with_index: bool) -> tuple[list[Any], list[_Item]]:
+        """put_batch.lua's ARGV keys_per_side and max_pending, and per side its KEYS and ARGV."""
+        items = []
+        for op in ops:
+            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]  # span, pending, expiring, ledger
+            if with_index:
+                keys.append(self.index_key(self.shard_of(op.ns)))
+            if isinstance(op, SpanOp):
+                args: list[Any] = ["s", op.identity, op.record, op.deadline_ms, _member(op)]
+            else:
+                args = ["r", op.event_id, op.record, op.deadline_ms, _member(op), *_counted(op.eval_ids)]
+            items.append(_Item(op.ns, keys, args))
+        return [5 if with_index else 4, self._max_pending], items
+
     # -- delivery ledger -------------------------------------------------------------------------
 
     async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
                          lease_ms: int) -> list[list[ClaimVerdict]]:
         """Claims for many namespaces in one round trip; verdicts per request."""
         replies: list[list[bytes]] = await self._run_batched(
-            self._claim, [owner, now_ms, lease_ms, self._retention_ms],
-            [(ns, [self._key(ns, "d")], [len(eval_ids), *eval_ids]) for ns, eval_ids in requests])
+            self._claim, *self._claim_batch_input(requests, owner=owner, now_ms=now_ms, lease_ms=lease_ms))
         return [[verdict.decode() for verdict in reply] for reply in replies]  # type: ignore[misc]
+
+    def _claim_batch_input(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
+                           lease_ms: int) -> tuple[list[Any], list[_Item]]:
+        """claim_batch.lua's ARGV owner, now_ms, lease_ms and retention_ms, and per request its ledger and eval_ids."""
+        return ([owner, now_ms, lease_ms, self._retention_ms],
+                [_Item(ns, [self._key(ns, "d")], _counted(eval_ids)) for ns, eval_ids in requests])
 
     async def settle_many(self, requests: Sequence[Settle]) -> None:
         """Settles for many namespaces in one round trip."""
-        await self._run_batched(self._settle, [self._retention_ms], [
-            (r.ns, [self._key(r.ns, "d"), self._key(r.ns, "r")],
-             [len(r.delivered), *r.delivered, len(r.dead_lettered), *r.dead_lettered,
-              len(r.drop_event_ids), *r.drop_event_ids])
-            for r in requests])
+        await self._run_batched(self._settle, *self._settle_batch_input(requests))
+
+    def _settle_batch_input(self, requests: Sequence[Settle]) -> tuple[list[Any], list[_Item]]:
+        """settle_batch.lua's ARGV retention_ms, and per request its ledger, pending hash and three lists."""
+        return [self._retention_ms], [
+            _Item(r.ns, [self._key(r.ns, "d"), self._key(r.ns, "r")],
+                  [*_counted(r.delivered), *_counted(r.dead_lettered), *_counted(r.drop_event_ids)])
+            for r in requests]
 
     async def ping(self) -> bool:
         return bool(await self._bounded(self._client.ping()))
@@ -278,6 +319,7 @@ class RedisJoinStore:
         return sides
 
     async def expire(self, side: DueSide) -> ExpireOutcome:
+        # expire_side.lua: KEYS span, pending, expiring; ARGV kind and, for a result, event_id.
         args = ["s"] if side.event_id is None else ["r", side.event_id]
         reply: list[Any] = await self._call(self._expire, keys=self._side_keys(side.namespace), args=args)
         verdict = reply[0].decode()

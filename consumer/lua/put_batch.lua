@@ -1,23 +1,38 @@
--- Store the sides of a batch, or recognise them, in the order given: a span releases the results
--- that wait for it; a result joins its span if the span is here, else waits for it.
--- One call carries many sides (any number of join keys on a single Redis; one join key's sides on
--- a Redis Cluster, where every key of a call must share a slot), so a batch costs one command
--- instead of one per record.
---
--- ARGV[1] keys per side: 4, or 5 when the deadline index is given (a single Redis).
--- ARGV[2] the most results that may wait for one join key's span (0: no limit). Then per side:
---   "s", identity "trace_id:span_id", body, deadline ms, index member
---   "r", event_id, record, deadline ms, index member, n, n evaluation ids
--- KEYS per side: span string "<joined 0|1><identity>\n<body>", pending results hash
---   {event_id -> record}, expiring hash (sides the sweeper is reporting), delivery ledger,
---   [deadline index]. A span is a plain string, not a hash: it waits for the whole join TTL, and a
---   hash costs about 170 bytes more per key.
--- Returns one reply per side:
---   span:   {"stored" | "duplicate", {event_id, record, ...}} or {"conflict", "<identity>\n<body>"}
---   result: {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"duplicate"}
---           | {"full"} (ARGV[2] results already wait for this join key: not stored)
--- A stored side is entered in the deadline index in the same call when the index key is given
--- (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later).
+--[[
+  Store the sides of a batch, or recognise them, in the order given: a span releases the results
+  that wait for it; a result joins its span if the span is here, else waits for it.
+  One call carries many sides (any number of join keys on a single Redis; one join key's sides on
+  a Redis Cluster, where every key of a call must share a slot), so a batch costs one command
+  instead of one per record.
+
+  Input:
+    KEYS, keys_per_side of them per side, in the order of the sides:
+      span        string "<joined 0|1><identity>\n<body>". A plain string, not a hash: it waits
+                  for the whole join TTL, and a hash costs about 170 bytes more per key.
+      pending     hash event_id -> record: results waiting for the span
+      expiring    hash "s" | "r:<event_id>" -> copy: sides the sweeper is reporting (expire_side.lua)
+      ledger      hash eval_id -> delivery state (claim_batch.lua)
+      index       the deadline index shard of the join key; only when keys_per_side is 5
+    ARGV[1] keys_per_side   4, or 5 when the deadline index is given (a single Redis)
+    ARGV[2] max_pending     the most results that may wait for one join key's span (0: no limit)
+    then per side, read by arg_reader:
+      a span:    "s", identity ("trace_id:span_id"), body, deadline_ms, member
+      a result:  "r", event_id, record, deadline_ms, member, eval_ids (a counted list)
+      (member: the side's name in the deadline index)
+
+  Output, one reply per side:
+    a span:    {"stored" | "duplicate", {event_id, record, ...}: the results that join it}
+               | {"conflict", "<identity>\n<body>" of the span already bound to the join key}
+    a result:  {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"duplicate"}
+               | {"full"}: max_pending results already wait for this join key; not stored
+
+  A stored side is entered in the deadline index in the same call when the index key is given
+  (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later).
+]]
+local keys_per_side = tonumber(ARGV[1])
+local max_pending = tonumber(ARGV[2])
+--- @include "arg_reader"
+local next_arg, next_list = arg_reader(3)
 
 local function index(k, deadline, member)
   if k.index then redis.call('ZADD', k.index, 'GT', deadline, member) end
@@ -46,8 +61,6 @@ local function put_span(k, identity, body, deadline, member)
   index(k, deadline, member)
   return {'duplicate', redis.call('HGETALL', k.pending)}
 end
-
-local max_pending = tonumber(ARGV[2])
 
 local function put_result(k, event_id, record, deadline, member, eval_ids)
   local span = redis.call('GET', k.span)
@@ -79,21 +92,24 @@ local function put_result(k, event_id, record, deadline, member, eval_ids)
   return {'buffered'}
 end
 
-local per = tonumber(ARGV[1])
 local out = {}
-local a = 3
-for base = 0, #KEYS - 1, per do
+for base = 0, #KEYS - 1, keys_per_side do
   local k = {span = KEYS[base + 1], pending = KEYS[base + 2], expiring = KEYS[base + 3], ledger = KEYS[base + 4]}
-  if per == 5 then k.index = KEYS[base + 5] end
-  if ARGV[a] == 's' then
-    out[#out + 1] = put_span(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
-    a = a + 5
+  if keys_per_side == 5 then k.index = KEYS[base + 5] end
+  -- One read per line: Lua does not promise the order in which a call's arguments are evaluated.
+  if next_arg() == 's' then
+    local identity = next_arg()
+    local body = next_arg()
+    local deadline = next_arg()
+    local member = next_arg()
+    out[#out + 1] = put_span(k, identity, body, deadline, member)
   else
-    local n = tonumber(ARGV[a + 5])
-    local eval_ids = {}
-    for j = 1, n do eval_ids[j] = ARGV[a + 5 + j] end
-    out[#out + 1] = put_result(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], eval_ids)
-    a = a + 6 + n
+    local event_id = next_arg()
+    local record = next_arg()
+    local deadline = next_arg()
+    local member = next_arg()
+    local eval_ids = next_list()
+    out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids)
   end
 end
 return out

@@ -1,24 +1,32 @@
--- Record evaluations as finished and drop the pending results that are now delivered in full.
--- KEYS per request: delivery ledger, pending results hash
--- ARGV[1] retention_ms, then per request: n, n evaluation ids delivered, x, x evaluation ids
--- dead-lettered, m, m event ids to drop from the pending hash (recorded in that order, so a result
--- is dropped only with, or after, its last evaluation's record)
--- Returns per request the number of evaluations recorded.
+--[[
+  Record evaluations as finished and drop the pending results that are now delivered in full.
+
+  Input:
+    KEYS, two per request: its delivery ledger (claim_batch.lua), its pending results hash
+    ARGV[1] retention_ms   how long a ledger is kept after its last claim or settle
+    then per request, read by arg_reader, three counted lists:
+      delivered        evaluation ids the intake accepted: recorded "d"
+      dead_lettered    evaluation ids the dead-letter topic acknowledged: recorded "x"
+      drop_event_ids   results to drop from the pending hash
+    recorded in that order, so a result is dropped only with, or after, its last evaluation's record
+
+  Output, per request: the number of evaluations recorded.
+]]
+local retention_ms = ARGV[1]
+--- @include "arg_reader"
+local _, next_list = arg_reader(2)
+
 local out = {}
-local a = 2
 for base = 1, #KEYS, 2 do
   local ledger, pending = KEYS[base], KEYS[base + 1]
-  local recorded = 0
-  for _, state in ipairs({'d', 'x'}) do
-    local n = tonumber(ARGV[a])
-    for j = a + 1, a + n do redis.call('HSET', ledger, ARGV[j], state) end
-    recorded = recorded + n
-    a = a + 1 + n
-  end
-  if recorded > 0 then redis.call('PEXPIRE', ledger, ARGV[1]) end
-  local m = tonumber(ARGV[a])
-  for j = a + 1, a + m do redis.call('HDEL', pending, ARGV[j]) end
-  a = a + 1 + m
+  local delivered = next_list()
+  local dead_lettered = next_list()
+  local drop_event_ids = next_list()
+  for _, eval_id in ipairs(delivered) do redis.call('HSET', ledger, eval_id, 'd') end
+  for _, eval_id in ipairs(dead_lettered) do redis.call('HSET', ledger, eval_id, 'x') end
+  local recorded = #delivered + #dead_lettered
+  if recorded > 0 then redis.call('PEXPIRE', ledger, retention_ms) end
+  for _, event_id in ipairs(drop_event_ids) do redis.call('HDEL', pending, event_id) end
   out[#out + 1] = recorded
 end
 return out
