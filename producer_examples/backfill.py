@@ -286,7 +286,10 @@ def _open_input(summary: InputSummary, state: StateFile | None, options: Options
 
 
 async def run(options: Options, *, stop: asyncio.Event | None = None, err: TextIO | None = None) -> Result:
-    """Publish (or, with ``dry_run``, only check) the inputs; returns the counts. Never raises for bad records."""
+    """Publish (or, with ``dry_run``, only check) the inputs; returns the counts. Never raises for bad records.
+
+    Raises :class:`~producer_examples.publisher.KafkaConfigError` (a ``ValueError``) for invalid Kafka variables.
+    """
     err = err or sys.stderr
     stop = stop or asyncio.Event()
     kafka = kafka_settings(bootstrap_servers=options.bootstrap, span_topic=options.span_topic,
