@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +18,7 @@ from consumer.dlq import (
 )
 from consumer.errors import DlqLimitExceeded, InvalidMessage
 from consumer.metrics import Metrics
+from tests.unit.fakes import FakeProducer
 
 pytestmark = pytest.mark.unit
 
@@ -28,17 +26,6 @@ SOURCE = {"topic": "results", "partition": 3, "offset": 41}
 OWN: list[Header] = [("evaljoin.error", b"schema"), ("evaljoin.error.detail", b"evaluations: too short"),
                      ("evaljoin.source.topic", b"results"), ("evaljoin.source.partition", b"3"),
                      ("evaljoin.source.offset", b"41")]
-
-
-class FakeProducer:
-    """Keeps what is sent, as the broker would after acknowledging it."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send_and_wait(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-                            headers: Sequence[tuple[str, bytes]] | None = None) -> None:
-        self.sent.append({"topic": topic, "key": key, "value": value, "headers": list(headers or [])})
 
 
 def feed(limit: DlqLimit, pattern: str) -> int:
