@@ -159,7 +159,7 @@ class NemoEvaluatorStandIn:
     # --- the API ------------------------------------------------------------------------------------
 
     def _store(self, table: dict[tuple[str, str], dict[str, Any]], prefix: str, body: dict[str, Any]) -> dict[str, Any]:
-        entity = _mask(dict(body))
+        entity: dict[str, Any] = _mask(dict(body))
         entity.setdefault("namespace", "default")
         entity["id"] = f"{prefix}-{uuid.uuid4().hex[:16]}"
         entity["created_at"] = entity["updated_at"] = "2025-11-20T08:00:00"

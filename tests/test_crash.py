@@ -57,10 +57,10 @@ async def test_sigkill_mid_batch_and_restart_loses_nothing(make_settings: Callab
     expected: set[tuple[str, str]] = set()
     messages: list[tuple[str, str, dict[str, Any]]] = []
     for i in range(n):
-        key, span_id, label = f"crash-{i:04d}", str(SPAN_BASE + i), LABELS[i % len(LABELS)]
+        join_key, span_id, label = f"crash-{i:04d}", str(SPAN_BASE + i), LABELS[i % len(LABELS)]
         expected.add((span_id, label))
-        pair = [(topics.span, key, span_event(key, span=span_id)),
-                (topics.result, key, result_event(key, f"evt-crash-{i:04d}", label))]
+        pair = [(topics.span, join_key, span_event(join_key, span=span_id)),
+                (topics.result, join_key, result_event(join_key, f"evt-crash-{i:04d}", label))]
         rng.shuffle(pair)
         messages.extend(pair)
     intake.delay(0.05)
@@ -74,8 +74,10 @@ async def test_sigkill_mid_batch_and_restart_loses_nothing(make_settings: Callab
         while len(kills) < min_kills:
             marks.append(len(intake.requests))
             service.start()
-            first = marks[-1]
-            await service.until(lambda first=first: len(intake.requests) > first, within=45,
+            def reached(first: int = marks[-1]) -> bool:
+                return len(intake.requests) > first
+
+            await service.until(reached, within=45,
                                 what=f"incarnation {service.starts} to reach the intake (seed {seed})")
             lived = rng.uniform(0.5, 1.5)
             await asyncio.sleep(lived)

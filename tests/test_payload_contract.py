@@ -166,7 +166,8 @@ def stored_records(index: int, case: Case) -> tuple[dict[str, Any], dict[str, An
 def ours(index: int, case: Case) -> dict[str, Any]:
     """Our eval-metric object for ``case``, parsed back from the bytes we send."""
     span, result, position = stored_records(index, case)
-    return orjson.loads(encode_metric(build_metric(span, result, position)))
+    metric: dict[str, Any] = orjson.loads(encode_metric(build_metric(span, result, position)))
+    return metric
 
 
 @dataclass(frozen=True)

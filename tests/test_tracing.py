@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,5 +68,5 @@ async def test_batches_deliveries_and_kafka_reads_are_traced(make_settings: Call
         log.close()
 
 
-async def _has(names: Any, wanted: set[str]) -> bool:
+async def _has(names: Awaitable[set[str]], wanted: set[str]) -> bool:
     return wanted <= await names
