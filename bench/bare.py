@@ -16,11 +16,13 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer.config import Settings
+from consumer.service import FETCH_MAX_BYTES as SERVICE_FETCH_MAX_BYTES
+from consumer.service import RECORD_OVERHEAD_BYTES
 
 # Fetch sizes as the service sets them for its default MAX_MESSAGE_BYTES, so that both read alike.
 _MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default
-FETCH_MAX_BYTES = max(52_428_800, 2 * _MAX_MESSAGE_BYTES)  # one fetch, all partitions
-PARTITION_FETCH_BYTES = _MAX_MESSAGE_BYTES + 65_536  # one partition's share: a record and its overhead
+FETCH_MAX_BYTES = max(SERVICE_FETCH_MAX_BYTES, 2 * _MAX_MESSAGE_BYTES)  # one fetch, all partitions
+PARTITION_FETCH_BYTES = _MAX_MESSAGE_BYTES + RECORD_OVERHEAD_BYTES  # one partition's share: a record and its overhead
 POLL_TIMEOUT_MS = 500  # how long one getmany waits for records
 MAX_BATCH: int = Settings.model_fields["kafka_max_batch"].default  # records per getmany, as the service's default
 

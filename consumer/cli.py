@@ -21,7 +21,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from consumer.config import Settings, load_settings
+from consumer.config import Settings, config_errors, load_settings
 from consumer.errors import DlqLimitExceeded
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.expiry import Sweeper
@@ -198,18 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": lambda: cmd_sweep(settings, args),
     }
     return logged_failure(args.command, commands[args.command])
-
-
-def config_errors(exc: ValidationError) -> str:
-    """One line per problem, naming the variable but never the value given: a value may be a secret.
-
-    (pydantic's own text quotes the input, for a rule across settings all of them, secrets included.)
-    """
-    lines = []
-    for error in exc.errors(include_url=False, include_context=False, include_input=False):
-        variable = ".".join(str(part) for part in error["loc"]).upper()
-        lines.append(f"  {variable}: {error['msg']}" if variable else f"  {error['msg']}")
-    return "\n".join(lines)
 
 
 def logged_failure(name: str, command: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -12,7 +12,7 @@ import os
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EVAL_METRIC_PATH = "/api/intake/llm-obs/v2/eval-metric"
@@ -224,3 +224,15 @@ def _load(model: type[_S], overrides: dict[str, Any]) -> _S:
     if secrets_dir:
         return model(_secrets_dir=secrets_dir, **overrides)
     return model(**overrides)
+
+
+def config_errors(exc: ValidationError) -> str:
+    """One line per problem, naming the variable but never the value given: a value may be a secret.
+
+    (pydantic's own text quotes the input, for a rule across settings all of them, secrets included.)
+    """
+    lines = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        variable = ".".join(str(part) for part in error["loc"]).upper()
+        lines.append(f"  {variable}: {error['msg']}" if variable else f"  {error['msg']}")
+    return "\n".join(lines)

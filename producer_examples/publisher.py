@@ -29,7 +29,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from consumer.config import KafkaSettings, Settings, load_kafka_settings
+from consumer.config import KafkaSettings, Settings, config_errors, load_kafka_settings
 from consumer.events import NemoResultEvent, SpanContextEvent
 
 LINGER_MS = 20  # how long the producer waits to fill a batch before sending it
@@ -52,7 +52,6 @@ def kafka_settings(*, bootstrap_servers: str | None = None, span_topic: str | No
     except ValidationError as exc:
         # pydantic's own text quotes the input, secrets included: say what is wrong in the service's words.
         # Imported here only: consumer.cli loads the whole service, which a producer otherwise never needs.
-        from consumer.cli import config_errors
 
         raise KafkaConfigError(f"invalid Kafka configuration:\n{config_errors(exc)}") from None
 
