@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -21,6 +21,9 @@ PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=
                                            HealthCheck.filter_too_much, HealthCheck.large_base_example])
 
 Headers = list[tuple[str, bytes | None]]
+Event = TypeVar("Event", SpanContextEvent, NemoResultEvent)
+DEFAULT_APP = "fallback"
+OPTIONS: dict[str, Any] = {"join_key": "question_id", "default_ml_app": DEFAULT_APP, "max_bytes": MAX_BYTES}
 
 names = st.text(no_controls, min_size=1, max_size=40)
 tag_maps = st.dictionaries(names, st.text(no_controls, max_size=40), max_size=3)
@@ -33,61 +36,35 @@ json_objects = st.dictionaries(st.text(max_size=10), st.recursive(
 labels = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,30}", fullmatch=True)
 
 
-def _optional(draw: st.DrawFn, event: dict[str, Any], name: str, values: st.SearchStrategy[Any]) -> None:
-    if draw(st.booleans()):
-        event[name] = draw(values)
+join_keys = st.text(no_controls, min_size=1, max_size=80)
 
+# Events the models accept, each optional field sometimes present.
+valid_span = st.fixed_dictionaries({
+    "schema_version": st.just(1),
+    "join_key": join_keys,
+    "trace_id": st.from_regex(r"[0-9a-fA-F]{1,32}", fullmatch=True),
+    "span_id": st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+}, optional={"kind": st.just("span_context"), "ml_app": names, "tags": tag_maps, "emitted_at_ms": timestamps})
 
-@st.composite
-def valid_span(draw: st.DrawFn) -> dict[str, Any]:
-    """A span-context event the model accepts, with every optional field sometimes present."""
-    event: dict[str, Any] = {
-        "schema_version": 1,
-        "join_key": draw(st.text(no_controls, min_size=1, max_size=80)),
-        "trace_id": draw(st.from_regex(r"[0-9a-fA-F]{1,32}", fullmatch=True)),
-        "span_id": draw(st.from_regex(r"[0-9]{1,20}", fullmatch=True)),
-    }
-    _optional(draw, event, "kind", st.just("span_context"))
-    _optional(draw, event, "ml_app", names)
-    _optional(draw, event, "tags", tag_maps)
-    _optional(draw, event, "emitted_at_ms", timestamps)
-    return event
+typed_values = st.one_of(  # a metric type and a value of that type
+    st.tuples(st.just("score"), st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)),
+    st.tuples(st.just("categorical"), st.text(min_size=1, max_size=50)),
+    st.tuples(st.just("boolean"), st.booleans()),
+    st.tuples(st.just("json"), json_objects),
+)
+valid_evaluation = st.builds(
+    lambda typed, rest: {"metric_type": typed[0], "value": typed[1], **rest}, typed_values,
+    st.fixed_dictionaries({"label": labels}, optional={
+        "reasoning": st.text(max_size=80), "assessment": st.sampled_from(["pass", "fail"]), "metadata": json_objects,
+        "tags": tag_maps, "timestamp_ms": timestamps}))
 
-
-@st.composite
-def valid_evaluation(draw: st.DrawFn) -> dict[str, Any]:
-    """One evaluation of any metric type, with a value of that type."""
-    metric_type, value = draw(st.one_of(
-        st.tuples(st.just("score"), st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)),
-        st.tuples(st.just("categorical"), st.text(min_size=1, max_size=50)),
-        st.tuples(st.just("boolean"), st.booleans()),
-        st.tuples(st.just("json"), json_objects),
-    ))
-    evaluation: dict[str, Any] = {"label": draw(labels),
-                                  "metric_type": metric_type, "value": value}
-    _optional(draw, evaluation, "reasoning", st.text(max_size=80))
-    _optional(draw, evaluation, "assessment", st.sampled_from(["pass", "fail"]))
-    _optional(draw, evaluation, "metadata", json_objects)
-    _optional(draw, evaluation, "tags", tag_maps)
-    _optional(draw, evaluation, "timestamp_ms", timestamps)
-    return evaluation
-
-
-@st.composite
-def valid_result(draw: st.DrawFn) -> dict[str, Any]:
-    """A NeMo result event the model accepts: one to three evaluations, sometimes provenance."""
-    event: dict[str, Any] = {
-        "schema_version": 1,
-        "event_id": draw(st.from_regex(r"[A-Za-z0-9_.:-]{8,40}", fullmatch=True)),
-        "join_key": draw(st.text(no_controls, min_size=1, max_size=80)),
-        "evaluations": draw(st.lists(valid_evaluation(), min_size=1, max_size=3)),
-    }
-    _optional(draw, event, "kind", st.just("nemo_result"))
-    _optional(draw, event, "ml_app", names)
-    _optional(draw, event, "provenance", st.fixed_dictionaries({}, optional={
-        "job_id": names, "model": names, "judge": names | st.lists(names, max_size=3),
-        "evaluated_at_ms": timestamps}))
-    return event
+valid_result = st.fixed_dictionaries({
+    "schema_version": st.just(1),
+    "event_id": st.from_regex(r"[A-Za-z0-9_.:-]{8,40}", fullmatch=True),
+    "join_key": join_keys,
+    "evaluations": st.lists(valid_evaluation, min_size=1, max_size=3),
+}, optional={"kind": st.just("nemo_result"), "ml_app": names, "provenance": st.fixed_dictionaries({}, optional={
+    "job_id": names, "model": names, "judge": names | st.lists(names, max_size=3), "evaluated_at_ms": timestamps})})
 
 
 @st.composite
@@ -99,9 +76,10 @@ def record_headers(draw: st.DrawFn) -> Headers:
     return headers
 
 
-def _expected_app(event: dict[str, Any], headers: Headers, default: str) -> str:
+def modelled(model: type[Event], event: dict[str, Any], headers: Headers) -> Event:
+    """What decoding ``event`` must give: its model, ml_app from the event, else the header, else the default."""
     from_header = next((value.decode() for name, value in headers if name == "ml_app" and value), None)
-    return str(event.get("ml_app") or from_header or default)
+    return model.model_validate(event).model_copy(update={"ml_app": event.get("ml_app") or from_header or DEFAULT_APP})
 
 
 @PROPERTY
@@ -112,29 +90,24 @@ def test_every_hostile_record_is_invalid_with_an_allowed_reason(record: Hostile)
     allowed = frozenset({"oversize"}) if record_bytes(None, record.value, record.headers) > MAX_BYTES else (
         record.reasons)
     with pytest.raises(InvalidMessage) as raised:
-        decode(record.value, record.headers, join_key="question_id", default_ml_app="app", max_bytes=MAX_BYTES)
+        decode(record.value, record.headers, **OPTIONS)
     assert raised.value.reason in allowed, (record.category, raised.value.detail)
     assert raised.value.detail
 
 
 @PROPERTY
-@given(valid_span(), record_headers())
+@given(valid_span, record_headers())
 def test_a_valid_span_event_decodes_to_its_model(event: dict[str, Any], headers: Headers) -> None:
     """Any span-context event the model accepts decodes to that model, its ml_app from event, header or default."""
-    decoded = decode_span(orjson.dumps(event), headers, join_key="question_id", default_ml_app="fallback",
-                          max_bytes=MAX_BYTES)
-    expected = SpanContextEvent.model_validate(event)
-    assert decoded == expected.model_copy(update={"ml_app": _expected_app(event, headers, "fallback")})
+    assert decode_span(orjson.dumps(event), headers, **OPTIONS) == modelled(SpanContextEvent, event, headers)
 
 
 @settings(PROPERTY, max_examples=100)
-@given(valid_result(), record_headers())
+@given(valid_result, record_headers())
 def test_a_valid_result_event_decodes_to_its_model(event: dict[str, Any], headers: Headers) -> None:
     """Any NeMo result event the model accepts decodes to that model, values and types unchanged by the JSON trip."""
-    decoded = decode_result(orjson.dumps(event), headers, join_key="question_id", default_ml_app="fallback",
-                            max_bytes=MAX_BYTES)
-    expected = NemoResultEvent.model_validate(event)
-    assert decoded == expected.model_copy(update={"ml_app": _expected_app(event, headers, "fallback")})
+    decoded = decode_result(orjson.dumps(event), headers, **OPTIONS)
+    assert decoded == modelled(NemoResultEvent, event, headers)
     assert [type(e.value) for e in decoded.evaluations] == [type(e["value"]) for e in event["evaluations"]]
 
 
@@ -149,7 +122,7 @@ def test_a_valid_result_event_decodes_to_its_model(event: dict[str, Any], header
 }), st.randoms(use_true_random=False))
 def test_a_judge_line_maps_to_one_score_and_a_stable_event_id(line: dict[str, Any], rng: Any) -> None:
     """A scores.jsonl line becomes one quality_assessment score; its event id ignores key order and spacing."""
-    decoded = decode_result(orjson.dumps(line), [], join_key="question_id", default_ml_app="app", max_bytes=MAX_BYTES)
+    decoded = decode_result(orjson.dumps(line), [], **OPTIONS)
     (evaluation,) = decoded.evaluations
     assert (decoded.join_key, evaluation.label, evaluation.metric_type, evaluation.value) == (
         str(line["question_id"]), "quality_assessment", "score", line["score"])
@@ -158,5 +131,4 @@ def test_a_judge_line_maps_to_one_score_and_a_stable_event_id(line: dict[str, An
     shuffled = list(line.items())
     rng.shuffle(shuffled)
     again = orjson.dumps(dict(shuffled), option=orjson.OPT_INDENT_2)
-    assert decode_result(again, [], join_key="question_id", default_ml_app="app",
-                         max_bytes=MAX_BYTES).event_id == decoded.event_id
+    assert decode_result(again, [], **OPTIONS).event_id == decoded.event_id
