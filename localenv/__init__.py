@@ -5,7 +5,8 @@ whose ``__exit__`` stops everything its ``__enter__`` started:
 
 * :mod:`localenv.kafka` - ``KafkaBroker``: Apache Kafka 4.1.1 in KRaft mode
   (jars fetched once with Maven), plus ``create_topics``.
-* :mod:`localenv.redis` - ``RedisServer`` and ``RedisCluster`` (``redis-server``).
+* :mod:`localenv.redis` - ``RedisServer``, ``RedisCluster`` and ``RedisSentinelSet``
+  (a primary, a replica and three sentinels; all ``redis-server``).
 * :mod:`localenv.intake` - ``FakeIntake``: Datadog's LLM Observability
   eval-metric intake with fault injection (stdlib HTTP server in a thread).
 * :mod:`localenv.testagent` - ``TestAgent``: Datadog's ``ddapm-test-agent``.

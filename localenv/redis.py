@@ -1,4 +1,4 @@
-"""Real ``redis-server`` processes: a single server and a small cluster."""
+"""Real ``redis-server`` processes: a single server, a small cluster, and a primary with replicas and sentinels."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from localenv._process import LocalService, kill_process, log_tail, require_bina
 from localenv.ports import free_ports
 from localenv.tls import Certificates, make_certificates
 
-__all__ = ["SERVICE_COMMANDS", "RedisCluster", "RedisServer", "RedisUser", "service_acl_rules"]
+__all__ = ["SERVICE_COMMANDS", "RedisCluster", "RedisSentinelSet", "RedisServer", "RedisUser", "service_acl_rules"]
 
 _INSTALL_HINT = "install the Debian package redis-server"
 _APPENDFSYNC = ("always", "everysec", "no")
@@ -510,3 +510,272 @@ class RedisCluster(LocalService):
             f"{info.get('cluster_state', '?')}/{info.get('cluster_known_nodes', '?')}/"
             f"{info.get('cluster_slots_ok', '?')}"
         )
+
+
+@dataclass
+class _Instance:
+    """One process of a :class:`RedisSentinelSet`: a data node or a sentinel, with its own directory and config file."""
+
+    name: str
+    port: int
+    directory: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / ("sentinel.conf" if self.name.startswith("sentinel") else "redis.conf")
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
+
+class RedisSentinelSet(LocalService):
+    """A primary, its replicas and three (or ``sentinels``) Redis Sentinels on 127.0.0.1, as a Redis chart deploys them.
+
+    What callers may assume once :meth:`start` has returned:
+
+    * Every replica is in sync with the primary, and every sentinel monitors the primary as
+      :attr:`master_name`, knows each replica and each other sentinel: a client asking any sentinel
+      for :attr:`master_name` gets the primary's address (:attr:`primary_port`).
+    * Data nodes run with ``appendonly yes`` and ``appendfsync always``, RDB snapshots off, each in its
+      own directory with a config file (sentinels rewrite it when they promote or reconfigure a node).
+    * Sentinels declare the primary down after ``down_after_ms`` and need a quorum of 2, so
+      after :meth:`kill_primary` a replica is promoted within a few seconds (:meth:`wait_for_failover`).
+    * With ``password``, data nodes need it (``requirepass``, ``masterauth`` between them) and the
+      sentinels know it; with ``sentinel_password`` the sentinels need theirs (they use it among
+      themselves too). With ``tls=True`` every port speaks only TLS (replication and sentinel links
+      included), with a certificate for 127.0.0.1 from a throwaway CA whose file is :attr:`ca_file`.
+
+    :meth:`stop` stops every process and removes the directory. Raises ``FileNotFoundError`` from
+    :meth:`start` if ``redis-server`` is missing (sentinels are ``redis-server --sentinel``).
+    """
+
+    def __init__(self, *, master_name: str = "evj-primary", replicas: int = 1, sentinels: int = 3,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000, password: str | None = None,
+                 sentinel_password: str | None = None, tls: bool = False, startup_timeout: float = 30.0) -> None:
+        if replicas < 1 or sentinels < 3:
+            raise ValueError(f"a failover needs a replica and a quorum of sentinels, got replicas={replicas}, "
+                             f"sentinels={sentinels} (at least 1 and 3)")
+        self.master_name = master_name
+        self._replicas = replicas
+        self._sentinel_count = sentinels
+        self._down_after_ms = down_after_ms
+        self._failover_timeout_ms = failover_timeout_ms
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self._tls = tls
+        self._startup_timeout = startup_timeout
+        self._root: Path | None = None
+        self._certificates: Certificates | None = None
+        self._nodes: list[_Instance] = []
+        self._sentinels: list[_Instance] = []
+
+    # -- what clients need ---------------------------------------------------------------------------
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``[("127.0.0.1", port), ...]`` of the sentinels. Only valid after :meth:`start`."""
+        if not self._sentinels:
+            raise RuntimeError("RedisSentinelSet has not been started")
+        return [("127.0.0.1", sentinel.port) for sentinel in self._sentinels]
+
+    @property
+    def sentinels_setting(self) -> str:
+        """The sentinels as ``REDIS_SENTINELS`` names them: ``127.0.0.1:<port>,127.0.0.1:<port>,...``."""
+        return ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
+
+    @property
+    def node_ports(self) -> list[int]:
+        """The data nodes' ports, the first primary at start."""
+        return [node.port for node in self._nodes]
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate that verifies every instance's TLS certificate (``tls=True``, after :meth:`start`)."""
+        if self._certificates is None:
+            raise RuntimeError("RedisSentinelSet has no TLS certificate (tls=False, or not started)")
+        return self._certificates.ca_file
+
+    @property
+    def primary_port(self) -> int:
+        """The primary's port as the first sentinel that answers names it now."""
+        for port in (sentinel.port for sentinel in self._sentinels if _alive(sentinel)):
+            address = self._ask_sentinel(port, lambda client: client.sentinel_get_master_addr_by_name(self.master_name))
+            if address:
+                return int(address[1])
+        raise RuntimeError(f"no sentinel names a primary for {self.master_name!r}")
+
+    @property
+    def running(self) -> bool:
+        """True while every sentinel and at least one data node is alive."""
+        return bool(self._sentinels) and all(_alive(s) for s in self._sentinels) and any(_alive(n) for n in self._nodes)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the primary, its replicas (waiting until they are in sync), then the sentinels (until they agree).
+
+        On any failure every started process is stopped before the error (``RuntimeError`` or ``TimeoutError``
+        with the relevant log tail) is raised.
+        """
+        if self._nodes:
+            raise RuntimeError("RedisSentinelSet is already running")
+        binary = require_binary("redis-server", _INSTALL_HINT)
+        self._root = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
+        try:
+            if self._tls:
+                self._certificates = make_certificates(self._root / "tls")
+            ports = free_ports(1 + self._replicas + self._sentinel_count)
+            self._nodes = [_Instance(f"node-{i}", port, self._root / f"node-{i}")
+                           for i, port in enumerate(ports[:1 + self._replicas])]
+            self._sentinels = [_Instance(f"sentinel-{i}", port, self._root / f"sentinel-{i}")
+                               for i, port in enumerate(ports[1 + self._replicas:])]
+            primary = self._nodes[0]
+            for node in self._nodes:
+                self._write_node_config(node, replica_of=None if node is primary else primary.port)
+                self._launch(binary, node, sentinel=False)
+            for replica in self._nodes[1:]:
+                self._wait(functools.partial(self._in_sync, replica.port), replica, "replica in sync with the primary")
+            for sentinel in self._sentinels:
+                self._write_sentinel_config(sentinel, primary.port)
+                self._launch(binary, sentinel, sentinel=True)
+            for sentinel in self._sentinels:
+                self._wait(functools.partial(self._sentinel_ready, sentinel.port), sentinel,
+                           "sentinel knowing the primary, its replicas and the other sentinels")
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill_primary(self) -> int:
+        """SIGKILL the current primary (a crash; it is not restarted) and return its port."""
+        port = self.primary_port
+        node = next(node for node in self._nodes if node.port == port)
+        if node.proc is not None:
+            kill_process(node.proc)
+        return port
+
+    def wait_for_failover(self, old_port: int, *, timeout: float = 30.0) -> int:
+        """Wait until every live sentinel names a primary other than ``old_port`` and it says it is one; its port."""
+        deadline = time.monotonic() + timeout
+        seen: set[int | None] = set()
+        while True:
+            seen = {self._named_primary(sentinel.port) for sentinel in self._sentinels if _alive(sentinel)}
+            if len(seen) == 1:
+                (port,) = seen
+                if port is not None and port != old_port and self._role(port) == "master":
+                    return port
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no failover from port {old_port} after {timeout:.0f}s (sentinels name {seen})")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop every sentinel and data node (SIGTERM, up to 10 s each, then SIGKILL) and remove their directories.
+
+        Idempotent; also the way to clean up after :meth:`kill_primary`.
+        """
+        for instance in [*self._sentinels, *self._nodes]:
+            if instance.proc is not None and instance.proc.poll() is None:
+                instance.proc.terminate()
+        for instance in [*self._sentinels, *self._nodes]:
+            if instance.proc is not None:
+                terminate_process(instance.proc, timeout=10.0)
+                instance.proc = None
+        self._sentinels, self._nodes = [], []
+        self._certificates = None
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+    # -- configuration ---------------------------------------------------------------------------------
+
+    def _listen(self, port: int) -> list[str]:
+        """The port lines: plain, or TLS only (the port given, replication and sentinel links over TLS too)."""
+        if self._certificates is None:
+            return [f"port {port}"]
+        certs = self._certificates
+        return ["port 0", f"tls-port {port}", f"tls-cert-file {certs.cert_file}", f"tls-key-file {certs.key_file}",
+                f"tls-ca-cert-file {certs.ca_file}", "tls-auth-clients no", "tls-replication yes"]
+
+    def _write_node_config(self, node: _Instance, *, replica_of: int | None) -> None:
+        # A replica's first sync starts at once, not after the default 5 s of waiting for more replicas.
+        lines = ["bind 127.0.0.1", *self._listen(node.port), f"dir {node.directory}", 'save ""', "appendonly yes",
+                 "appendfsync always", "repl-diskless-sync-delay 0", "daemonize no"]
+        if self.password is not None:
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if replica_of is not None:
+            lines.append(f"replicaof 127.0.0.1 {replica_of}")
+        node.directory.mkdir(parents=True)
+        node.config_path.write_text("\n".join(lines) + "\n")
+
+    def _write_sentinel_config(self, sentinel: _Instance, primary_port: int) -> None:
+        name = self.master_name
+        lines = ["bind 127.0.0.1", *self._listen(sentinel.port), f"dir {sentinel.directory}", "daemonize no",
+                 f"sentinel monitor {name} 127.0.0.1 {primary_port} 2",
+                 f"sentinel down-after-milliseconds {name} {self._down_after_ms}",
+                 f"sentinel failover-timeout {name} {self._failover_timeout_ms}",
+                 f"sentinel parallel-syncs {name} 1"]
+        if self.password is not None:
+            lines.append(f"sentinel auth-pass {name} {self.password}")
+        if self.sentinel_password is not None:
+            lines.append(f"requirepass {self.sentinel_password}")
+        sentinel.directory.mkdir(parents=True)
+        sentinel.config_path.write_text("\n".join(lines) + "\n")
+
+    def _launch(self, binary: str, instance: _Instance, *, sentinel: bool) -> None:
+        args = [binary, str(instance.config_path), *(["--sentinel"] if sentinel else [])]
+        instance.proc = spawn(args, log_path=instance.log_path, cwd=instance.directory)
+        password = self.sentinel_password if sentinel else self.password
+        self._wait(lambda: _ping(instance.port, password, self._certificates.ca_file if self._certificates else None),
+                   instance, "PING")
+
+    # -- readiness -------------------------------------------------------------------------------------
+
+    def _wait(self, check: Callable[[], bool], instance: _Instance, what: str) -> None:
+        assert instance.proc is not None
+        _wait_until(check, instance.proc, timeout=self._startup_timeout,
+                    what=f"{instance.name} on port {instance.port} ({what})", log_path=instance.log_path)
+
+    def _client(self, port: int, password: str | None) -> redis.Redis:
+        tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self._certificates else {}
+        return redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1.0,
+                           socket_connect_timeout=1.0, retry=_no_retry(), **tls)
+
+    def _in_sync(self, port: int) -> bool:
+        return self._info(port).get("master_link_status") == "up"
+
+    def _role(self, port: int) -> str | None:
+        role = self._info(port).get("role")
+        return None if role is None else str(role)
+
+    def _info(self, port: int) -> dict[str, Any]:
+        client = self._client(port, self.password)
+        try:
+            info: dict[str, Any] = client.info("replication")
+            return info
+        except redis.RedisError:
+            return {}
+        finally:
+            client.close()
+
+    def _ask_sentinel(self, port: int, ask: Callable[[redis.Redis], Any]) -> Any:
+        client = self._client(port, self.sentinel_password)
+        try:
+            return ask(client)
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def _sentinel_ready(self, port: int) -> bool:
+        state = self._ask_sentinel(port, lambda client: client.sentinel_master(self.master_name))
+        return bool(state) and bool(state.get("is_master")) and state.get("num-slaves") == self._replicas and \
+            state.get("num-other-sentinels") == self._sentinel_count - 1
+
+    def _named_primary(self, port: int) -> int | None:
+        address = self._ask_sentinel(port, lambda client: client.sentinel_get_master_addr_by_name(self.master_name))
+        return int(address[1]) if address else None
+
+
+def _alive(instance: _Instance) -> bool:
+    return instance.proc is not None and instance.proc.poll() is None
