@@ -191,7 +191,7 @@ def test_a_key_that_does_not_fit_is_cut_and_marked() -> None:
 optional_bytes = st.none() | st.binary(max_size=2000)
 
 
-@settings(max_examples=150, derandomize=True, database=None, deadline=None)
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(key=optional_bytes, value=optional_bytes,
        kept=st.lists(st.tuples(st.text(max_size=20).filter(lambda name: not name.startswith("evaljoin.")),
                                st.binary(max_size=800)), max_size=4),

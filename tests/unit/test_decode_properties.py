@@ -95,14 +95,14 @@ def test_every_hostile_record_is_invalid_with_an_allowed_reason(record: Hostile)
     assert raised.value.detail
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=100)
 @given(valid_span, record_headers())
 def test_a_valid_span_event_decodes_to_its_model(event: dict[str, Any], headers: Headers) -> None:
     """Any span-context event the model accepts decodes to that model, its ml_app from event, header or default."""
     assert decode_span(orjson.dumps(event), headers, **OPTIONS) == modelled(SpanContextEvent, event, headers)
 
 
-@settings(PROPERTY, max_examples=100)
+@settings(PROPERTY, max_examples=60)
 @given(valid_result, record_headers())
 def test_a_valid_result_event_decodes_to_its_model(event: dict[str, Any], headers: Headers) -> None:
     """Any NeMo result event the model accepts decodes to that model, values and types unchanged by the JSON trip."""
@@ -111,7 +111,7 @@ def test_a_valid_result_event_decodes_to_its_model(event: dict[str, Any], header
     assert [type(e.value) for e in decoded.evaluations] == [type(e["value"]) for e in event["evaluations"]]
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=80)
 @given(st.fixed_dictionaries({
     "question_id": st.text(no_controls, min_size=1, max_size=40) | st.integers(0, 2**31),
     "score": st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False),

@@ -97,7 +97,7 @@ async def test_nothing_to_send_makes_no_request() -> None:
 
 
 @pytest.mark.parametrize("status", [400, 413, 422])
-@settings(max_examples=40, derandomize=True, database=None, deadline=None)
+@settings(max_examples=25, derandomize=True, database=None, deadline=None)
 @given(data=st.data())
 async def test_a_refused_batch_is_split_until_the_refused_metrics_are_found(status: int, data: st.DataObject) -> None:
     """A batch refused for its content is halved until each refused metric is alone; only those come back."""
