@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -44,13 +45,15 @@ def require_binary(name: str, hint: str) -> str:
     return found
 
 
-def spawn(args: list[str], *, log_path: Path, cwd: Path, append: bool = True) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], *, log_path: Path, cwd: Path, append: bool = True,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``args`` with stdout and stderr going to ``log_path``.
 
     The child gets its own session (process group), so a Ctrl-C in the
     terminal reaches only the Python process, which then stops the child in
     an orderly way. Stdin is /dev/null. The log file is appended to by
-    default, so one log covers a restart.
+    default, so one log covers a restart. ``env`` adds variables to the
+    child's environment (it inherits this process's otherwise).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab" if append else "wb") as log:
@@ -61,6 +64,7 @@ def spawn(args: list[str], *, log_path: Path, cwd: Path, append: bool = True) ->
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
 
 

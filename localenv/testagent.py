@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,7 +40,7 @@ def _find_binary() -> str:
 
 
 class TestAgent(LocalService):
-    """``ddapm-test-agent`` on 127.0.0.1 with LLM Observability forwarding disabled.
+    """``ddapm-test-agent`` on 127.0.0.1 (or ``host``) with LLM Observability forwarding disabled.
 
     What callers may assume once :meth:`start` has returned:
 
@@ -50,17 +50,27 @@ class TestAgent(LocalService):
       202) and the request is kept for inspection; nothing is forwarded to
       Datadog. The agentless path ``/api/intake/llm-obs/v2/eval-metric`` is
       not served (404).
+    * With ``uds_path``, the same agent also listens on that UNIX socket (as
+      the Datadog Agent's ``/var/run/datadog/apm.socket``); :attr:`unix_url`
+      names it. With ``host="::1"``, it listens on the IPv6 loopback and
+      :attr:`url` brackets the address.
+    * ``info`` replaces fields of its ``GET /info`` answer (e.g. ``endpoints``
+      without ``/evp_proxy/v2/``, an Agent without the EVP proxy).
     * ``GET {url}/test/session/requests`` already answered once.
-    * Its OTLP HTTP/gRPC listeners are on other free ports, also on 127.0.0.1.
+    * Its OTLP HTTP/gRPC listeners are on other free ports, on the same host.
     * Output goes to :attr:`log_path` in a temporary directory removed by
       :meth:`stop`.
     """
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, *, startup_timeout: float = 30.0, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, *, startup_timeout: float = 30.0, extra_args: Sequence[str] = (), host: str = "127.0.0.1",
+                 uds_path: str | Path | None = None, info: Mapping[str, Any] | None = None) -> None:
         self._startup_timeout = startup_timeout
         self._extra_args = list(extra_args)
+        self._host = host
+        self._uds_path = str(uds_path) if uds_path is not None else None
+        self._info = dict(info) if info is not None else None
         self._port: int | None = None
         self._work_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -74,8 +84,16 @@ class TestAgent(LocalService):
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>``: what a tracer would use as its agent URL."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:<port>`` (``http://[::1]:<port>`` on IPv6): what a tracer would use as its agent URL."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def unix_url(self) -> str:
+        """``unix://<socket>``: the agent URL over its UNIX socket (only with ``uds_path``)."""
+        if self._uds_path is None:
+            raise RuntimeError("TestAgent was not given a uds_path")
+        return f"unix://{self._uds_path}"
 
     @property
     def log_path(self) -> Path:
@@ -104,7 +122,7 @@ class TestAgent(LocalService):
         cmd = [
             binary,
             "--host",
-            "127.0.0.1",
+            self._host,
             "--port",
             str(self._port),
             "--otlp-http-port",
@@ -112,9 +130,11 @@ class TestAgent(LocalService):
             "--otlp-grpc-port",
             str(otlp_grpc),
             "--disable-llmobs-data-forwarding",
+            *(["--trace-uds-socket", self._uds_path] if self._uds_path is not None else []),
             *self._extra_args,
         ]
-        self._proc = spawn(cmd, log_path=self.log_path, cwd=self._work_dir)
+        env = {"DD_AGENT_EXTRA_INFO": json.dumps(self._info)} if self._info is not None else None
+        self._proc = spawn(cmd, log_path=self.log_path, cwd=self._work_dir, env=env)
         try:
             self._wait_ready()
         except BaseException:
