@@ -46,7 +46,7 @@ async def run_service(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
         log.info("service_started", group=settings.kafka_group_id, span_topic=settings.span_topic,
-                 result_topic=settings.result_topic, intake=settings.intake_url)
+                 result_topic=settings.result_topic)
         try:
             await service.run()
         except DlqLimitExceeded as exc:

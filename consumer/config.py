@@ -103,7 +103,8 @@ class Settings(KafkaSettings):
     # Delivery (the DD_* names are ddtrace's own)
     dd_api_key: SecretStr | None = None
     dd_site: str = "datadoghq.com"
-    dd_llmobs_agentless_enabled: bool = False
+    dd_llmobs_agentless_enabled: bool | None = None
+    dd_agentless_enabled: bool = False
     dd_trace_agent_url: str | None = None
     dd_agent_host: str | None = None
     dd_trace_agent_port: int = 8126
@@ -136,8 +137,16 @@ class Settings(KafkaSettings):
 
     @model_validator(mode="after")
     def _delivery_is_possible(self) -> Settings:
-        if self.dd_llmobs_agentless_enabled and self.dd_api_key is None and not self.dd_llmobs_override_origin:
-            raise ValueError("DD_LLMOBS_AGENTLESS_ENABLED=true needs DD_API_KEY")
+        """ddtrace's own refusals: agentless without a key (``AgentlessConfig.__init__``, ``LLMObs.enable``), and
+        an intake URL it cannot use (``verify_url``); the route itself is chosen at start (consumer.intake_route)."""
+        if self.dd_api_key is None and self.dd_agentless_enabled:
+            raise ValueError("DD_AGENTLESS_ENABLED=true needs DD_API_KEY (agentless delivery posts to Datadog with "
+                             "it): set DD_API_KEY, or unset DD_AGENTLESS_ENABLED to deliver through the Agent")
+        if self.dd_api_key is None and self.dd_llmobs_agentless_enabled:
+            raise ValueError("DD_LLMOBS_AGENTLESS_ENABLED=true needs DD_API_KEY (agentless delivery posts to Datadog "
+                             "with it): set DD_API_KEY, or unset DD_LLMOBS_AGENTLESS_ENABLED")
+        _check_intake_url("DD_TRACE_AGENT_URL", self.dd_trace_agent_url)
+        _check_intake_url("DD_LLMOBS_OVERRIDE_ORIGIN", self.dd_llmobs_override_origin)
         if self.claim_lease_seconds <= self.intake_timeout_seconds:
             raise ValueError("CLAIM_LEASE_SECONDS must exceed INTAKE_TIMEOUT_SECONDS")
         return self
@@ -153,34 +162,6 @@ class Settings(KafkaSettings):
         if self.redis_ssl_cafile is not None and url.scheme != "rediss":
             raise ValueError("REDIS_SSL_CAFILE is set but REDIS_URL does not use TLS: use rediss://")
         return self
-
-    @property
-    def agentless(self) -> bool:
-        """Agentless when asked for, or when an override origin (a local stand-in) is given, as ddtrace does."""
-        return self.dd_llmobs_agentless_enabled or bool(self.dd_llmobs_override_origin)
-
-    @property
-    def intake_url(self) -> str:
-        if self.dd_llmobs_override_origin:
-            return self.dd_llmobs_override_origin.rstrip("/") + EVAL_METRIC_PATH
-        if self.agentless:
-            return f"https://api.{self.dd_site}{EVAL_METRIC_PATH}"
-        return self.agent_url.rstrip("/") + EVP_PROXY_PREFIX + EVAL_METRIC_PATH
-
-    @property
-    def agent_url(self) -> str:
-        if self.dd_trace_agent_url:
-            return self.dd_trace_agent_url
-        return f"http://{self.dd_agent_host or 'localhost'}:{self.dd_trace_agent_port}"
-
-    def intake_headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.agentless:
-            if self.dd_api_key is not None:
-                headers["DD-API-KEY"] = self.dd_api_key.get_secret_value()
-        else:
-            headers["X-Datadog-EVP-Subdomain"] = "api"
-        return headers
 
     def redis_client_options(self) -> dict[str, Any]:
         """What the Redis client takes besides REDIS_URL: user, password and CA file given as settings of their own.
@@ -207,6 +188,19 @@ class Settings(KafkaSettings):
         if url_password:
             found += sorted({url_password, unquote(url_password)})
         return found
+
+
+def _check_intake_url(name: str, url: str | None) -> None:
+    """ddtrace's ``verify_url`` (ddtrace/internal/utils/http.py): http, https or unix, with a host or a socket path."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "unix"):
+        raise ValueError(f"{name}={url!r}: the scheme must be http, https or unix (unix:///var/run/datadog/apm.socket)")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError(f"{name}={url!r} names no socket: write unix:///path/to/apm.socket (three slashes)")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"{name}={url!r} names no host")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -34,6 +34,7 @@ from consumer.dlq import DeadLetters, DlqLimit
 from consumer.errors import DependencyError, ServiceRefused, kafka_errors
 from consumer.expiry import Sweeper
 from consumer.health import HealthServer
+from consumer.intake_route import RoutedSink, RouteSettings
 from consumer.join import Batch, BatchJoin, JoinedBatch, Joiner
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
@@ -289,13 +290,15 @@ class _ServiceContext:
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
                                max_pending_results=s.max_pending_results_per_key)
         metrics = Metrics()
-        sink = HttpIntakeSink(url=s.intake_url, headers=s.intake_headers(), timeout_s=s.intake_timeout_seconds,
-                              metrics=metrics, max_batch=s.intake_batch_max_evals,
-                              max_body_bytes=s.intake_max_body_bytes, retry_initial_s=s.intake_retry_initial_seconds,
-                              retry_max_s=s.intake_retry_max_seconds, max_in_flight=s.intake_max_in_flight)
+        sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
+            url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
+            metrics=metrics, max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
+            retry_initial_s=s.intake_retry_initial_seconds, retry_max_s=s.intake_retry_max_seconds,
+            max_in_flight=s.intake_max_in_flight))
         stack.push_async_callback(sink.aclose)
         service = Service(consumer=consumer, producer=producer, store=store, deadlines=store, sink=sink,
                           settings=s, metrics=metrics)
+        await sink.start(service.refusals)  # agentless or the Agent, as ddtrace decides; no route: not ready
         if s.health_port:
             await stack.enter_async_context(HealthServer(
                 host=s.health_host, port=s.health_port, metrics=metrics,

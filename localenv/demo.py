@@ -64,8 +64,8 @@ async def demo(kafka: KafkaBroker, redis: RedisServer, intake: FakeIntake) -> No
     await acreate_topics(bootstrap, TOPICS)
     settings = Settings(
         kafka_bootstrap_servers=bootstrap, redis_url=redis.url, default_ml_app="nemos-demo",
-        dd_llmobs_override_origin=intake.origin, dd_api_key="demo-api-key", join_ttl_seconds=3,
-        sweep_interval_seconds=0.5, log_format="console", log_level="WARNING",
+        dd_llmobs_agentless_enabled=True, dd_llmobs_override_origin=intake.origin, dd_api_key="demo-api-key",
+        join_ttl_seconds=3, sweep_interval_seconds=0.5, log_format="console", log_level="WARNING",
     )
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     # A fresh broker elects its group coordinator a moment after it starts; aiokafka logs the wait loudly.

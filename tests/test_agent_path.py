@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumer.config import Settings
+from consumer.intake_route import IntakeRoute, RouteSettings, choose_route
 from localenv.intake import EVP_PROXY_PATH, FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.testagent import TestAgent
@@ -43,7 +44,8 @@ async def test_evaluation_is_delivered_through_the_agent_evp_proxy(
     key = f"q-agent-{span_id}"
     settings = make_settings(dd_llmobs_agentless_enabled=False, dd_llmobs_override_origin=None,
                              dd_trace_agent_url=test_agent.url, dd_api_key=None)
-    assert settings.intake_url == test_agent.url + EVP_PROXY_PATH
+    route = await choose_route(RouteSettings.from_settings(settings))
+    assert isinstance(route, IntakeRoute) and route.url == test_agent.url + EVP_PROXY_PATH
 
     async def delivered() -> bool:
         return bool(_carrying(await asyncio.to_thread(test_agent.eval_metric_requests), span_id))

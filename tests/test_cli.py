@@ -44,7 +44,8 @@ async def test_check_runs_from_the_command_line(make_settings: Callable[..., Set
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
            "SPAN_TOPIC": settings.span_topic, "RESULT_TOPIC": settings.result_topic, "DLQ_TOPIC": settings.dlq_topic,
            "UNMATCHED_TOPIC": settings.unmatched_topic, "REDIS_URL": settings.redis_url.get_secret_value(),
-           "DD_LLMOBS_OVERRIDE_ORIGIN": str(settings.dd_llmobs_override_origin)}
+           "DD_LLMOBS_OVERRIDE_ORIGIN": str(settings.dd_llmobs_override_origin),
+           "DD_LLMOBS_AGENTLESS_ENABLED": "true", "DD_API_KEY": "test-api-key-0123456789"}
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "consumer", "check", env=env,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await process.communicate()

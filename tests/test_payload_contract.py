@@ -24,6 +24,7 @@ import pytest
 
 from consumer.config import Settings
 from consumer.events import NemoResultEvent, SpanContextEvent
+from consumer.intake_route import IntakeRoute, RouteSettings, agent_url, decide
 from consumer.payload import build_metric, encode_metric
 from consumer.sink import encode_batch
 from localenv.intake import FakeIntake, IntakeRequest
@@ -229,11 +230,12 @@ def test_batch_envelope_path_and_auth_match_ddtrace(ddtrace_capture: DdtraceCapt
     for body in (theirs, mine):
         body["data"]["attributes"]["metrics"] = []
     assert mine == theirs
-    settings = Settings(dd_llmobs_agentless_enabled=True, dd_api_key=API_KEY,
-                        dd_llmobs_override_origin="http://127.0.0.1:1")
-    assert urlsplit(settings.intake_url).path == request.path
+    settings = RouteSettings.from_settings(Settings(dd_llmobs_agentless_enabled=True, dd_api_key=API_KEY,
+                                                    dd_llmobs_override_origin="http://127.0.0.1:1"))
+    route = decide(settings, agent_url(settings), None)
+    assert isinstance(route, IntakeRoute) and urlsplit(route.url).path == request.path
     sent = {name.lower(): value for name, value in request.headers.items()}
-    expected = {name.lower(): value for name, value in settings.intake_headers().items()}
+    expected = {name.lower(): value for name, value in route.headers.items()}
     assert expected == {"content-type": sent["content-type"], "dd-api-key": sent["dd-api-key"]}
 
 

@@ -17,6 +17,7 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.config import Settings
+from consumer.intake_route import NoRoute, RouteSettings, ask_agent, choose_route, target
 from consumer.store_redis import connect
 
 
@@ -114,25 +115,28 @@ async def _redis(settings: Settings) -> list[Finding]:
 
 
 async def _intake(settings: Settings) -> list[Finding]:
-    async with httpx.AsyncClient(timeout=8.0) as client:
+    """The route the service would take (chosen as it chooses it at start), and whether its far end takes it."""
+    route = await choose_route(RouteSettings.from_settings(settings))
+    if isinstance(route, NoRoute):
+        return [Finding("intake", False, f"no route to the intake ({route.reason}): {route.why}; {route.hint}")]
+    findings = [Finding("intake", True, f"route {route.kind} ({route.reason}): {route.why}; posts to {route.where}")]
+    async with httpx.AsyncClient(timeout=8.0, transport=route.transport()) as client:
         if settings.dd_llmobs_override_origin:
-            response = await client.get(settings.dd_llmobs_override_origin)
-            return [Finding("intake", True, f"{settings.dd_llmobs_override_origin} answers HTTP "
-                            f"{response.status_code} (override origin: key not validated)")]
-        if settings.agentless:
-            key = settings.dd_api_key.get_secret_value() if settings.dd_api_key else ""
+            url, _ = target(settings.dd_llmobs_override_origin, "/")
+            response = await client.get(url)
+            findings.append(Finding("intake", True, f"{settings.dd_llmobs_override_origin} answers HTTP "
+                                    f"{response.status_code} (override origin: key not validated)"))
+        elif route.kind == "agentless":
             response = await client.get(f"https://api.{settings.dd_site}/api/v1/validate",
-                                        headers={"DD-API-KEY": key})
+                                        headers={"DD-API-KEY": route.headers["DD-API-KEY"]})
             if response.status_code == 200:
-                return [Finding("intake", True, f"DD_API_KEY is valid for {settings.dd_site}")]
-            return [Finding("intake", False, f"api.{settings.dd_site} refused DD_API_KEY "
-                            f"(HTTP {response.status_code}); check DD_API_KEY and DD_SITE")]
-        response = await client.get(settings.agent_url.rstrip("/") + "/info")
-        if response.status_code != 200:
-            return [Finding("intake", False, f"the Datadog Agent at {settings.agent_url} answered "
-                            f"HTTP {response.status_code} on /info")]
-        endpoints = response.json().get("endpoints", [])
-        if not any(str(e).startswith("/evp_proxy/v2") for e in endpoints):
-            return [Finding("intake", False, f"the Datadog Agent at {settings.agent_url} has no EVP proxy v2; "
-                            "upgrade the Agent or set DD_LLMOBS_AGENTLESS_ENABLED=true with DD_API_KEY")]
-        return [Finding("intake", True, f"the Datadog Agent at {settings.agent_url} offers the EVP proxy")]
+                findings.append(Finding("intake", True, f"DD_API_KEY is valid for {settings.dd_site}"))
+            else:
+                findings.append(Finding("intake", False, f"api.{settings.dd_site} refused DD_API_KEY "
+                                        f"(HTTP {response.status_code}); check DD_API_KEY and DD_SITE"))
+    if route.kind == "agent" and route.reason != "agent_has_evp_proxy":  # not asked: DD_LLMOBS_AGENTLESS_ENABLED=false
+        answer = await ask_agent(route.agent)
+        findings.append(Finding("intake", answer.evp_proxy, f"the Datadog Agent at {route.agent} {answer.detail}"
+                                + ("" if answer.evp_proxy else "; upgrade or enable the Agent's APM, or set DD_API_KEY "
+                                   "and unset DD_LLMOBS_AGENTLESS_ENABLED (or set it to true)")))
+    return findings
