@@ -39,21 +39,62 @@ EXIT_CONFIG = 2
 EXIT_HALTED = 3
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 async def run_service(settings: Settings) -> int:
+    """Run the service until SIGTERM or SIGINT; the exit code.
+
+    A signal is handled from the first moment: while the service starts (connecting to Kafka can take
+    as long as a broker does not answer), it cancels the start, closes what was opened, and the process
+    exits 0, as a pod being deleted expects; once started, it stops the service as described in
+    :mod:`consumer.service`.
+    """
     log = structlog.get_logger("consumer")
-    async with Service.open(settings) as service:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
-        log.info("service_started", group=settings.kafka_group_id, span_topic=settings.span_topic,
-                 result_topic=settings.result_topic)
-        try:
-            await service.run()
-        except DlqLimitExceeded as exc:
-            log.error("halted_by_dlq_limit", error=str(exc))
-            return EXIT_HALTED
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    assert starting is not None
+    service: Service | None = None
+    stopped_while_starting = False
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal stopped_while_starting
+        if service is not None:
+            service.stop()
+        elif not stopped_while_starting:  # a second signal must not cut the closing short
+            stopped_while_starting = True
+            log.info("stop_requested_while_starting", signal=sig.name)
+            starting.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with Service.open(settings) as service:
+            if stopped_while_starting:  # the cancellation came after the last step of the start
+                service.stop()
+            log.info("service_started", group=settings.kafka_group_id, span_topic=settings.span_topic,
+                     result_topic=settings.result_topic)
+            try:
+                await service.run()
+            except DlqLimitExceeded as exc:
+                log.error("halted_by_dlq_limit", error=str(exc))
+                return EXIT_HALTED
+    except asyncio.CancelledError:
+        if not stopped_while_starting or starting.uncancel() > 0:
+            raise
+        log.info("service_stopped", during="start")
+        return 0
     log.info("service_stopped")
     return 0
+
+
+def exit_before_start(signum: int, frame: object) -> None:
+    """SIGTERM or SIGINT before the event loop runs: nothing is open yet, so the process just exits 0.
+
+    Without a handler, Python as a container's PID 1 ignores SIGTERM, and the pod would wait its whole
+    grace period.
+    """
+    raise SystemExit(0)
 
 
 def export_schemas(directory: Path) -> list[Path]:
@@ -67,8 +108,7 @@ def export_schemas(directory: Path) -> list[Path]:
 
 
 async def with_store(settings: Settings, use: Callable[[RedisJoinStore], Awaitable[Any]]) -> Any:
-    client = await connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster,
-                           **settings.redis_client_options())
+    client = await connect(settings.redis_target(), cluster=settings.redis_cluster, **settings.redis_client_options())
     try:
         return await use(RedisJoinStore(
             client, prefix=settings.redis_key_prefix, shards=settings.redis_deadline_shards,
@@ -176,6 +216,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    serving = args.command in (None, "run")
+    for sig in STOP_SIGNALS:
+        # The service exits 0 on a stop signal from here on (run_service takes over in its loop); an operator
+        # command keeps the usual meaning of one (interrupted, not done).
+        signal.signal(sig, exit_before_start if serving else signal.default_int_handler if sig == signal.SIGINT
+                      else signal.SIG_DFL)
     if args.command == "schemas":
         for path in export_schemas(args.directory):
             print(path)
@@ -185,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{config_errors(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command in (None, "run"):
+    if serving:
         configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
         if settings.dd_trace_enabled:
             enable_tracing()

@@ -9,14 +9,19 @@ Kubernetes mounts a Secret).
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+if TYPE_CHECKING:
+    from consumer.store_redis import SentinelTarget
+
 EVAL_METRIC_PATH = "/api/intake/llm-obs/v2/eval-metric"
 EVP_PROXY_PREFIX = "/evp_proxy/v2"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SENTINEL_PORT = 26379  # Redis Sentinel's own default port, for an address given without one
 
 _S = TypeVar("_S", bound="KafkaSettings")
 
@@ -82,11 +87,16 @@ class Settings(KafkaSettings):
     unmatched_topic: str = "evaljoin.unmatched"
 
     # Redis
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
     redis_username: str | None = None
     redis_password: SecretStr | None = None
     redis_ssl_cafile: str | None = None
     redis_cluster: bool = False
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str | None = Field(None, pattern=r"^[^\s]{1,200}$")
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    redis_sentinel_tls: bool = False
     redis_key_prefix: str = Field("evj", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_deadline_shards: int = Field(16, ge=1, le=4096)
 
@@ -159,20 +169,78 @@ class Settings(KafkaSettings):
             raise ValueError("REDIS_PASSWORD is set and REDIS_URL has a password too: give it in one place")
         if self.redis_username is not None and url.username:
             raise ValueError("REDIS_USERNAME is set and REDIS_URL has a user name too: give it in one place")
-        if self.redis_ssl_cafile is not None and url.scheme != "rediss":
-            raise ValueError("REDIS_SSL_CAFILE is set but REDIS_URL does not use TLS: use rediss://")
+        if self.redis_ssl_cafile is not None and not self.redis_tls:
+            raise ValueError("REDIS_SSL_CAFILE is set but REDIS_SENTINEL_TLS is false: set REDIS_SENTINEL_TLS=true"
+                             if self.redis_sentinels else
+                             "REDIS_SSL_CAFILE is set but REDIS_URL does not use TLS: use rediss://")
         return self
 
+    @model_validator(mode="after")
+    def _redis_sentinel_is_complete(self) -> Settings:
+        """Sentinel settings come together or not at all, and exclude the other ways of naming the Redis."""
+        sentinel_only = {"REDIS_SENTINEL_MASTER": self.redis_sentinel_master is not None,
+                         "REDIS_SENTINEL_USERNAME": self.redis_sentinel_username is not None,
+                         "REDIS_SENTINEL_PASSWORD": self.redis_sentinel_password is not None,
+                         "REDIS_SENTINEL_TLS": self.redis_sentinel_tls}
+        if not self.redis_sentinels:
+            given = [name for name, is_set in sentinel_only.items() if is_set]
+            if given:
+                raise ValueError(f"{', '.join(given)} without REDIS_SENTINELS: name the sentinels too "
+                                 "(host:port,host:port)")
+            return self
+        parse_sentinels(self.redis_sentinels)
+        if self.redis_sentinel_master is None:
+            raise ValueError("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER, the name the sentinels monitor "
+                             "the primary by (their `sentinel monitor <name> ...`)")
+        if self.redis_cluster:
+            raise ValueError("REDIS_SENTINELS and REDIS_CLUSTER=true exclude each other: Sentinel watches one "
+                             "primary and its replicas, a Redis Cluster is reached through REDIS_URL")
+        if self.redis_url.get_secret_value() != DEFAULT_REDIS_URL:
+            raise ValueError("REDIS_SENTINELS and REDIS_URL exclude each other: the sentinels name the primary; "
+                             "unset REDIS_URL (the primary's user and password are REDIS_USERNAME and "
+                             "REDIS_PASSWORD)")
+        if self.redis_sentinel_username is not None and self.redis_sentinel_password is None:
+            raise ValueError("REDIS_SENTINEL_USERNAME needs REDIS_SENTINEL_PASSWORD")
+        return self
+
+    @property
+    def redis_tls(self) -> bool:
+        """Whether the Redis connections use TLS: a ``rediss://`` URL, or REDIS_SENTINEL_TLS with sentinels."""
+        if self.redis_sentinels:
+            return self.redis_sentinel_tls
+        return urlsplit(self.redis_url.get_secret_value()).scheme == "rediss"
+
+    def redis_target(self) -> str | SentinelTarget:
+        """What :func:`consumer.store_redis.connect` connects to: REDIS_URL, or the primary the sentinels name."""
+        if not self.redis_sentinels:
+            return self.redis_url.get_secret_value()
+        from consumer.store_redis import SentinelTarget
+
+        options: dict[str, Any] = {}
+        if self.redis_sentinel_username is not None:
+            options["username"] = self.redis_sentinel_username
+        if self.redis_sentinel_password is not None:
+            options["password"] = self.redis_sentinel_password.get_secret_value()
+        if self.redis_sentinel_tls:
+            options["ssl"] = True
+            if self.redis_ssl_cafile is not None:
+                options["ssl_ca_certs"] = self.redis_ssl_cafile
+        assert self.redis_sentinel_master is not None  # _redis_sentinel_is_complete
+        return SentinelTarget(parse_sentinels(self.redis_sentinels), self.redis_sentinel_master, options)
+
     def redis_client_options(self) -> dict[str, Any]:
-        """What the Redis client takes besides REDIS_URL: user, password and CA file given as settings of their own.
+        """What the client of the data nodes takes besides REDIS_URL: user, password, TLS as settings of their own.
 
         A password kept out of the URL can come from its own secret file, and a URL then never holds a secret.
+        With sentinels, TLS to the primary is REDIS_SENTINEL_TLS (there is no URL to say ``rediss://``).
         """
         options: dict[str, Any] = {}
         if self.redis_username is not None:
             options["username"] = self.redis_username
         if self.redis_password is not None:
             options["password"] = self.redis_password.get_secret_value()
+        if self.redis_sentinels and self.redis_sentinel_tls:
+            options["ssl"] = True
         if self.redis_ssl_cafile is not None:
             options["ssl_ca_certs"] = self.redis_ssl_cafile
         return options
@@ -182,7 +250,7 @@ class Settings(KafkaSettings):
 
         A password in REDIS_URL counts as written (percent-encoded) and as the client sends it (decoded).
         """
-        values = [self.dd_api_key, self.kafka_sasl_password, self.redis_password]
+        values = [self.dd_api_key, self.kafka_sasl_password, self.redis_password, self.redis_sentinel_password]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         url_password = urlsplit(self.redis_url.get_secret_value()).password
         if url_password:
@@ -201,6 +269,39 @@ def _check_intake_url(name: str, url: str | None) -> None:
         raise ValueError(f"{name}={url!r} names no socket: write unix:///path/to/apm.socket (three slashes)")
     if parts.scheme != "unix" and not parts.hostname:
         raise ValueError(f"{name}={url!r} names no host")
+
+
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """REDIS_SENTINELS: ``host:port`` separated by commas; ``[addr]:port`` for IPv6; a missing port is 26379.
+
+    Raises ``ValueError`` naming the entry that is not an address.
+    """
+    addresses = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            raise ValueError(f"REDIS_SENTINELS has an empty entry in {text!r}: host:port,host:port")
+        if entry.startswith("["):  # [IPv6]:port
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"REDIS_SENTINELS entry {entry!r} is not [address]:port")
+            has_port, port_text = bool(rest), rest[1:]
+        elif entry.count(":") > 1:
+            raise ValueError(f"REDIS_SENTINELS entry {entry!r}: write an IPv6 address in brackets, [address]:port")
+        else:
+            host, colon, port_text = entry.partition(":")
+            has_port = bool(colon)
+        if not host or any(c.isspace() for c in host):
+            raise ValueError(f"REDIS_SENTINELS entry {entry!r} is not host:port")
+        if not has_port:
+            port = SENTINEL_PORT
+        elif port_text.isdigit() and 1 <= int(port_text) <= 65535:
+            port = int(port_text)
+        else:
+            raise ValueError(f"REDIS_SENTINELS entry {entry!r}: the port must be a number from 1 to 65535")
+        addresses.append((host, port))
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"REDIS_SENTINELS names a sentinel twice: {text!r}")
+    return tuple(addresses)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -274,17 +274,17 @@ class _ServiceContext:
         kafka_common = s.kafka_client_options()
         producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=PRODUCER_LINGER_MS,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
+        stack.push_async_callback(producer.stop)  # before start: a start cut short (a signal) closes what it opened
         await producer.start()
-        stack.push_async_callback(producer.stop)
         consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, group_instance_id=s.kafka_group_instance_id,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                                     fetch_max_bytes=max(FETCH_MAX_BYTES, s.max_message_bytes * 2),
                                     max_partition_fetch_bytes=s.max_message_bytes + RECORD_OVERHEAD_BYTES,
                                     fetch_max_wait_ms=s.kafka_fetch_max_wait_ms, **kafka_common)
-        await consumer.start()
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
-        client = await connect(s.redis_url.get_secret_value(), cluster=s.redis_cluster, **s.redis_client_options())
+        await consumer.start()
+        client = await connect(s.redis_target(), cluster=s.redis_cluster, **s.redis_client_options())
         stack.push_async_callback(client.aclose)
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,

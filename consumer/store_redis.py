@@ -22,12 +22,16 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from consumer.errors import redis_errors
@@ -54,23 +58,82 @@ _SEP = "\x1f"  # cannot occur in a tag: tags are percent-encoded
 SOCKET_TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 
 
-async def connect(url: str, *, cluster: bool, max_connections: int = 64, **options: Any) -> RedisClient:
-    """A client for ``url``; a cluster client is initialised before use.
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A primary found through Redis Sentinel: where the sentinels are, and the name they monitor it by.
 
-    ``options`` (``username``, ``password``, ``ssl_ca_certs``) go to the client as given; what the
-    URL itself holds takes precedence over them.
+    ``options`` are for the sentinels themselves (``username``, ``password``, ``ssl``, ``ssl_ca_certs``);
+    the primary's own credentials are :func:`connect`'s options, as with a URL.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``'<master>' via sentinels host:port,...``: for logs and ``check`` (no credentials)."""
+        return f"{self.master!r} via sentinels " + ",".join(f"{host}:{port}" for host, port in self.sentinels)
+
+
+class _SentinelPrimary(Redis):
+    """The client of a Sentinel-monitored primary; closing it also closes its clients of the sentinels."""
+
+    sentinel_manager: Sentinel  # (``sentinel`` is the name of Redis's SENTINEL command)
+    master_name: str
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            await self.sentinel_manager.aclose()
+
+
+async def connect(target: str | SentinelTarget, *, cluster: bool = False, max_connections: int = 64,
+                  **options: Any) -> RedisClient:
+    """A client for ``target``, a Redis URL or a :class:`SentinelTarget`; a cluster client is initialised before use.
+
+    ``options`` (``username``, ``password``, ``ssl_ca_certs``, and ``ssl`` with sentinels) go to the client of
+    the data nodes as given; what a URL itself holds takes precedence over them.
 
     Initialising first matters: concurrent scripts on a lazily initialised asyncio cluster client
     fail intermittently (redis-py issue 3935).
+
+    With sentinels, every new connection asks them for the primary's address first, and a connection error
+    or a READONLY reply (the primary turned replica) drops the connection, so a failover is followed on the
+    next attempt (redis-py's ``SentinelConnectionPool``). The store bounds the commands in flight below
+    ``max_connections``, so this pool, which does not wait for a free connection, never runs out.
     """
     options = {**SOCKET_TIMEOUTS, **options}
-    if cluster:
-        client = RedisCluster.from_url(url, max_connections=max_connections, **options)
-        await client.initialize()
+    if isinstance(target, SentinelTarget):
+        if cluster:
+            raise ValueError("a Sentinel-monitored primary is not a Redis Cluster")
+        # One try per sentinel and per discovery: the list of sentinels is the redundancy, and the data
+        # connection's own retries (redis-py's default) ask all of them again.
+        sentinel_options = {**SOCKET_TIMEOUTS, "retry": Retry(NoBackoff(), 0), **target.options}
+        sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_options,  # type: ignore[no-untyped-call]
+                            **options)
+        client: _SentinelPrimary = sentinel.master_for(target.master, redis_class=_SentinelPrimary,
+                                                       max_connections=max_connections)
+        client.sentinel_manager, client.master_name = sentinel, target.master
         return client
+    if cluster:
+        cluster_client = RedisCluster.from_url(target, max_connections=max_connections, **options)
+        await cluster_client.initialize()
+        return cluster_client
     # from_pool: the client owns the pool and closes its connections on aclose().
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30,
+    return Redis.from_pool(BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=30,
                                                            **options))
+
+
+async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
+    """The address the sentinels give for the primary now, for a client made from a :class:`SentinelTarget`; else None.
+
+    Raises redis-py's ``MasterNotFoundError`` (a ``ConnectionError``) when no sentinel names a healthy primary.
+    """
+    if not isinstance(client, _SentinelPrimary):
+        return None
+    host, port = await client.sentinel_manager.discover_master(client.master_name)
+    return str(host), int(port)
 
 
 ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call

@@ -12,6 +12,8 @@ import pytest
 from consumer.decode import decode_result, decode_span
 from consumer.errors import InvalidMessage
 
+pytestmark = pytest.mark.unit  # no server: part of the seconds-long tier
+
 SEED = Path(__file__).parent.parent / "producer_examples" / "seed"
 OUTPUT_RECORD = json.loads((SEED / "outputs.json").read_text())[0]
 JUDGE_LINE = (SEED / "scores.jsonl").read_text().splitlines()[0].encode()

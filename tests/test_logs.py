@@ -12,6 +12,8 @@ import structlog
 from consumer.config import Settings
 from consumer.logs import configure_logging
 
+pytestmark = pytest.mark.unit  # no server: part of the seconds-long tier
+
 SECRET = "dd-api-key-5f1e0c2b9a"
 REDIS_PASSWORD = "redis-pass-77aa"
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from consumer import records
 from consumer.store import Namespace
+
+pytestmark = pytest.mark.unit  # no server: part of the seconds-long tier
 
 NS = Namespace("support-bot", "q-17")
 SPAN: dict[str, Any] = {

@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient
+from redis import exceptions as redis_exceptions
 
 from consumer.config import Settings
 from consumer.intake_route import NoRoute, RouteSettings, ask_agent, choose_route, target
-from consumer.store_redis import connect
+from consumer.store_redis import RedisClient, SentinelTarget, connect, sentinel_primary
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,18 @@ async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 
 async def _redis(settings: Settings) -> list[Finding]:
-    url = settings.redis_url.get_secret_value()
-    where = urlsplit(url).hostname or urlsplit(url).path  # never the whole URL: it may hold the password
-    client = await connect(url, cluster=settings.redis_cluster, **settings.redis_client_options())
+    target = settings.redis_target()
+    client = await connect(target, cluster=settings.redis_cluster, **settings.redis_client_options())
     try:
-        await client.ping()
-        findings = [Finding("redis", True, f"PING answered by {where}"
-                            + (" (cluster)" if settings.redis_cluster else ""))]
+        if isinstance(target, SentinelTarget):
+            findings = await _sentinel_primary(client, target)
+            if not findings[0].ok:
+                return findings
+        else:
+            where = urlsplit(target).hostname or urlsplit(target).path  # never the whole URL: it may hold the password
+            await client.ping()
+            findings = [Finding("redis", True, f"PING answered by {where}"
+                                + (" (cluster)" if settings.redis_cluster else ""))]
         info = await client.info("persistence")
         aof = info.get("aof_enabled") if isinstance(info, dict) else None
         if aof in (0, "0"):
@@ -112,6 +118,23 @@ async def _redis(settings: Settings) -> list[Finding]:
         return findings
     finally:
         await client.aclose()
+
+
+async def _sentinel_primary(client: RedisClient, target: SentinelTarget) -> list[Finding]:
+    """Which primary the sentinels name, and that it answers as one (a replica would refuse every write)."""
+    try:
+        address = await sentinel_primary(client)
+    except redis_exceptions.ConnectionError as exc:  # no sentinel reachable, or none names a healthy primary
+        return [Finding("redis", False, f"no primary found for {target.describe()}: {exc}")]
+    assert address is not None
+    primary = f"{address[0]}:{address[1]}"
+    await client.ping()
+    role = (await client.info("replication")).get("role")
+    if role != "master":
+        return [Finding("redis", False, f"the sentinels name {primary} as primary of {target.describe()}, "
+                        f"but it answers as {role!r}: a failover may be under way")]
+    return [Finding("redis", True, f"PING answered by the primary {primary}, found through Redis Sentinel "
+                    f"({target.describe()})")]
 
 
 async def _intake(settings: Settings) -> list[Finding]:

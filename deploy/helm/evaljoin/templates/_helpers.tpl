@@ -121,18 +121,19 @@ numbers are printed as integers.
 
 {{/*
 The secret settings the pod mounts, as a dict of variable name -> key in the Secret. From the
-chart's own Secret: those given. From an existing Secret: REDIS_URL always, DD_API_KEY when
-agentless, KAFKA_SASL_PASSWORD when SASL is on, REDIS_PASSWORD when its key is named (a key that is
-not needed is not required to exist).
+chart's own Secret: those given. From an existing Secret: REDIS_URL unless Sentinel names the
+primary, DD_API_KEY when agentless, KAFKA_SASL_PASSWORD when SASL is on, REDIS_PASSWORD and
+REDIS_SENTINEL_PASSWORD when their keys are named (a key that is not needed is not required to exist).
 */}}
 {{- define "evaljoin.secretItems" -}}
 {{- $items := dict }}
 {{- if .Values.existingSecret }}
 {{- $keys := .Values.existingSecretKeys }}
-{{- if $keys.REDIS_URL }}{{ $_ := set $items "REDIS_URL" $keys.REDIS_URL }}{{ end }}
+{{- if and $keys.REDIS_URL (not (include "evaljoin.isSet" .Values.config.REDIS_SENTINELS)) }}{{ $_ := set $items "REDIS_URL" $keys.REDIS_URL }}{{ end }}
 {{- if and (include "evaljoin.agentless" .) $keys.DD_API_KEY }}{{ $_ := set $items "DD_API_KEY" $keys.DD_API_KEY }}{{ end }}
 {{- if and (include "evaljoin.saslEnabled" .) $keys.KAFKA_SASL_PASSWORD }}{{ $_ := set $items "KAFKA_SASL_PASSWORD" $keys.KAFKA_SASL_PASSWORD }}{{ end }}
 {{- if $keys.REDIS_PASSWORD }}{{ $_ := set $items "REDIS_PASSWORD" $keys.REDIS_PASSWORD }}{{ end }}
+{{- if and (include "evaljoin.isSet" .Values.config.REDIS_SENTINELS) $keys.REDIS_SENTINEL_PASSWORD }}{{ $_ := set $items "REDIS_SENTINEL_PASSWORD" $keys.REDIS_SENTINEL_PASSWORD }}{{ end }}
 {{- else }}
 {{- range $name, $value := .Values.secrets }}
 {{- if $value }}{{ $_ := set $items $name $name }}{{ end }}
