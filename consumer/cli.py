@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from consumer.config import Settings, config_errors, load_settings
-from consumer.errors import DlqLimitExceeded
+from consumer.errors import DlqLimitExceeded, Misconfigured
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.expiry import Sweeper
 from consumer.logs import Redactor, configure_logging
@@ -165,7 +165,8 @@ async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
                       f"deadline {datetime.fromtimestamp(side.deadline_ms / 1000).astimezone().isoformat()}")
             print(f"{len(due)} side(s) due; run with --publish to report them to {settings.unmatched_topic}")
             return 0
-        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **settings.kafka_client_options())
+        producer = AIOKafkaProducer(acks="all", enable_idempotence=settings.kafka_enable_idempotence,
+                                    **settings.kafka_client_options())
         await producer.start()
         try:
             sweeper = Sweeper(store, producer, topic=settings.unmatched_topic, interval_s=0, batch=settings.sweep_batch,
@@ -247,9 +248,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def logged_failure(name: str, command: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run ``command``; a failure is logged (so through the redactor) instead of printed raw, and exits 1."""
+    """Run ``command``; a failure is logged (so through the redactor) instead of printed raw, and exits 1.
+
+    A setting the dependency cannot work with (:class:`Misconfigured`, found only once connected) exits 2, as an
+    invalid configuration does, with one line naming the setting.
+    """
     try:
         return asyncio.run(command())
+    except Misconfigured as exc:
+        structlog.get_logger("consumer").error("invalid_configuration", command=name, setting=exc.setting,
+                                               component=exc.component, error=exc.detail)
+        return EXIT_CONFIG
     except Exception:  # noqa: BLE001 - any failure: its traceback is logged, redacted
         structlog.get_logger("consumer").exception("command_failed", command=name)
         return EXIT_FAILED

@@ -9,6 +9,8 @@ Kubernetes mounts a Secret).
 from __future__ import annotations
 
 import os
+import re
+import ssl
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -25,6 +27,25 @@ SENTINEL_PORT = 26379  # Redis Sentinel's own default port, for an address given
 
 _S = TypeVar("_S", bound="KafkaSettings")
 
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"]
+# The settings each kind of SASL authentication reads; those of another kind are refused, not ignored.
+_SASL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "password": ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"),
+    "OAUTHBEARER": ("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET", "KAFKA_SASL_OAUTHBEARER_SCOPE",
+                    "KAFKA_SASL_OAUTHBEARER_EXTENSIONS"),
+    "AWS_MSK_IAM": ("KAFKA_SASL_AWS_REGION",),
+}
+_SASL_REQUIRED: dict[str, tuple[str, ...]] = {
+    "password": ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"),
+    "OAUTHBEARER": ("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"),
+    "AWS_MSK_IAM": (),
+}
+# Amazon MSK broker names carry the region: b-1.name.abc123.c2.kafka.us-east-1.amazonaws.com (provisioned),
+# boot-abc123.c1.kafka-serverless.us-east-1.amazonaws.com (serverless).
+_MSK_HOST = re.compile(r"\.kafka(?:-serverless)?\.([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?$")
+
 
 class KafkaSettings(BaseSettings):
     """The broker connection and the two input topics: what the service and every producer example share.
@@ -38,40 +59,151 @@ class KafkaSettings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_client_id: str = "evaljoin"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_oauthbearer_token_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+\S*$")
+    kafka_sasl_oauthbearer_client_id: str | None = None
+    kafka_sasl_oauthbearer_client_secret: SecretStr | None = None
+    kafka_sasl_oauthbearer_scope: str | None = None
+    kafka_sasl_oauthbearer_extensions: str | None = None
+    kafka_sasl_aws_region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
     kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_enable_idempotence: bool = True
     span_topic: str = "llmobs.span-context"
     result_topic: str = "nemo.eval-results"
 
     @model_validator(mode="after")
     def _kafka_auth_is_complete(self) -> Self:
-        """A SASL setup missing a part would connect unauthenticated or fail deep inside the client; say which part."""
-        sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
-        if self.kafka_sasl_mechanism and not sasl_protocol:
-            raise ValueError(f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}: "
+        """A security setup missing a part would connect unauthenticated or fail deep inside the client; one given
+        a part of another mechanism would silently ignore it. Say which part, by its variable."""
+        protocol, mechanism = self.kafka_security_protocol, self.kafka_sasl_mechanism
+        if mechanism and not protocol.startswith("SASL_"):
+            raise ValueError(f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL={protocol}: "
                              "use SASL_SSL (or SASL_PLAINTEXT)")
-        if sasl_protocol and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
-            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs KAFKA_SASL_MECHANISM, "
-                             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        if protocol.startswith("SASL_") and not mechanism:
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_MECHANISM: PLAIN, SCRAM-SHA-256 or "
+                             "SCRAM-SHA-512 (with KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD), OAUTHBEARER or "
+                             "AWS_MSK_IAM")
+        if mechanism:
+            kind = "password" if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") else mechanism
+            missing = [name for name in _SASL_REQUIRED[kind] if getattr(self, name.lower()) is None]
+            if missing:
+                raise ValueError(f"KAFKA_SASL_MECHANISM={mechanism} needs {' and '.join(missing)}")
+            stray = [name for other, names in _SASL_SETTINGS.items() if other != kind for name in names
+                     if getattr(self, name.lower()) is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} not read with "
+                                 f"KAFKA_SASL_MECHANISM={mechanism}: unset {'it' if len(stray) == 1 else 'them'}")
+        if self.kafka_sasl_oauthbearer_extensions is not None:
+            from consumer.kafka_auth import parse_extensions
+
+            parse_extensions(self.kafka_sasl_oauthbearer_extensions)
+        if mechanism == "AWS_MSK_IAM":
+            if protocol != "SASL_SSL":
+                raise ValueError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL "
+                                 "(MSK's IAM listener, port 9098 or 9198, takes TLS only)")
+            if self.kafka_aws_region() is None:
+                raise ValueError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SASL_AWS_REGION (the broker names "
+                                 "are not MSK's *.kafka.<region>.amazonaws.com, which would give it)")
         return self
 
+    @model_validator(mode="after")
+    def _kafka_tls_is_complete(self) -> Self:
+        """TLS files given to a connection without TLS, or a key without its certificate, would be ignored."""
+        given = [name for name in ("KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE",
+                                   "KAFKA_SSL_KEY_PASSWORD") if getattr(self, name.lower()) is not None]
+        if given and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"{', '.join(given)} set but KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}: "
+                             "use SSL (or SASL_SSL)")
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError("KAFKA_SSL_KEYFILE needs KAFKA_SSL_CERTFILE, the client certificate it belongs to")
+        if self.kafka_ssl_key_password is not None and self.kafka_ssl_certfile is None:
+            raise ValueError("KAFKA_SSL_KEY_PASSWORD needs KAFKA_SSL_CERTFILE (and KAFKA_SSL_KEYFILE unless the key "
+                             "is in the certificate file)")
+        return self
+
+    def kafka_aws_region(self) -> str | None:
+        """KAFKA_SASL_AWS_REGION, else the region in MSK's broker names, else None."""
+        if self.kafka_sasl_aws_region:
+            return self.kafka_sasl_aws_region
+        for server in self.kafka_bootstrap_servers.split(","):
+            found = _MSK_HOST.search(server.strip().rsplit(":", 1)[0].lower())
+            if found:
+                return found.group(1)
+        return None
+
     def kafka_client_options(self) -> dict[str, Any]:
-        """aiokafka's connection options (brokers, client id, TLS, SASL), for producers, consumers and admins."""
+        """aiokafka's connection options (brokers, client id, TLS, SASL), for producers, consumers and admins.
+
+        A token provider (OAUTHBEARER, AWS_MSK_IAM) is made anew by each call: give the options of one call to all
+        of a process's clients, so that they share one token. Raises :class:`consumer.errors.Misconfigured` when a
+        TLS file does not load or the MSK signer is not installed.
+        """
         options: dict[str, Any] = {"bootstrap_servers": self.kafka_bootstrap_servers,
                                    "client_id": self.kafka_client_id,
                                    "security_protocol": self.kafka_security_protocol}
-        if self.kafka_sasl_mechanism:
-            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+        mechanism = self.kafka_sasl_mechanism
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            options["sasl_mechanism"] = mechanism
             options["sasl_plain_username"] = self.kafka_sasl_username
             options["sasl_plain_password"] = (self.kafka_sasl_password.get_secret_value()
                                               if self.kafka_sasl_password else None)
+        elif mechanism is not None:
+            options["sasl_mechanism"] = "OAUTHBEARER"  # AWS_MSK_IAM is OAUTHBEARER with an AWS-signed token
+            options["sasl_oauth_token_provider"] = self._kafka_token_provider(mechanism)
         if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+            options["ssl_context"] = self.kafka_ssl_context()
         return options
+
+    def kafka_ssl_context(self) -> ssl.SSLContext:
+        """The TLS context: KAFKA_SSL_CAFILE (else the system's CAs) and the client certificate for mutual TLS."""
+        from aiokafka.helpers import create_ssl_context
+
+        from consumer.errors import Misconfigured
+
+        try:
+            context: ssl.SSLContext = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            raise Misconfigured("kafka", "KAFKA_SSL_CAFILE",
+                                f"KAFKA_SSL_CAFILE {self.kafka_ssl_cafile!r} does not load: {_os_error(exc)}") from None
+        if self.kafka_ssl_certfile is not None:
+            password = self.kafka_ssl_key_password
+            try:
+                # Without a password, an encrypted key fails here instead of prompting on a terminal.
+                context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile,
+                                        password.get_secret_value() if password is not None else (lambda: ""))
+            except OSError as exc:
+                files = " and ".join(repr(f) for f in (self.kafka_ssl_certfile, self.kafka_ssl_keyfile) if f)
+                hint = ("; an encrypted key needs KAFKA_SSL_KEY_PASSWORD, and the right one"
+                        if isinstance(exc, ssl.SSLError) else "")
+                raise Misconfigured("kafka", "KAFKA_SSL_CERTFILE",
+                                    f"the client certificate and key ({files}, KAFKA_SSL_CERTFILE and "
+                                    f"KAFKA_SSL_KEYFILE) do not load: {_os_error(exc)}{hint}") from None
+        return context
+
+    def _kafka_token_provider(self, mechanism: str) -> Any:
+        from consumer.kafka_auth import MskIamTokenProvider, OidcTokenProvider, parse_extensions
+
+        if mechanism == "AWS_MSK_IAM":
+            region = self.kafka_aws_region()
+            assert region is not None  # _kafka_auth_is_complete
+            return MskIamTokenProvider(region=region)
+        secret = self.kafka_sasl_oauthbearer_client_secret
+        assert self.kafka_sasl_oauthbearer_token_endpoint_url and self.kafka_sasl_oauthbearer_client_id and secret
+        extensions = self.kafka_sasl_oauthbearer_extensions
+        return OidcTokenProvider(token_endpoint_url=self.kafka_sasl_oauthbearer_token_endpoint_url,
+                                 client_id=self.kafka_sasl_oauthbearer_client_id,
+                                 client_secret=secret.get_secret_value(), scope=self.kafka_sasl_oauthbearer_scope,
+                                 extensions=parse_extensions(extensions) if extensions else None)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError's reason without the Python noise: ``[Errno 2] No such file or directory``, ``[SSL] PEM lib``."""
+    return str(exc.strerror) if exc.strerror else f"{type(exc).__name__}: {exc}"
 
 
 class Settings(KafkaSettings):
@@ -83,6 +215,9 @@ class Settings(KafkaSettings):
     kafka_max_batch: int = Field(500, ge=1, le=100_000)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
     kafka_fetch_max_wait_ms: int = Field(100, ge=0, le=10_000)
+    kafka_session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100, le=1_200_000)
+    kafka_request_timeout_ms: int = Field(40_000, ge=1_000, le=900_000)
     dlq_topic: str = "evaljoin.dlq"
     unmatched_topic: str = "evaljoin.unmatched"
 
@@ -144,6 +279,17 @@ class Settings(KafkaSettings):
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @model_validator(mode="after")
+    def _kafka_group_timings_fit(self) -> Settings:
+        """Kafka's rule for the heartbeat, checked here instead of as a group that keeps losing its members."""
+        if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
+            raise ValueError(f"KAFKA_HEARTBEAT_INTERVAL_MS ({self.kafka_heartbeat_interval_ms}) must be at most a "
+                             f"third of KAFKA_SESSION_TIMEOUT_MS ({self.kafka_session_timeout_ms}), so that a "
+                             "member misses three heartbeats before the broker drops it; the session timeout itself "
+                             "must lie within the broker's group.min.session.timeout.ms and "
+                             "group.max.session.timeout.ms (6000 and 1800000 unless the broker sets others)")
+        return self
 
     @model_validator(mode="after")
     def _delivery_is_possible(self) -> Settings:
@@ -251,6 +397,7 @@ class Settings(KafkaSettings):
         A password in REDIS_URL counts as written (percent-encoded) and as the client sends it (decoded).
         """
         values = [self.dd_api_key, self.kafka_sasl_password, self.redis_password, self.redis_sentinel_password]
+        values += [self.kafka_ssl_key_password, self.kafka_sasl_oauthbearer_client_secret]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         url_password = urlsplit(self.redis_url.get_secret_value()).password
         if url_password:

@@ -12,6 +12,10 @@
     │   │                         407; Kafka or Redis authentication or authorisation). Only an operator
     │   │                         can fix it: the service logs it as an error, reports not ready with
     │   │                         the reason, and checks again at the slowest backoff
+    │   ├── Misconfigured         not retriable: a setting asks for what the dependency does not do or
+    │   │                         allow (idempotent producing on a broker without InitProducerId, a session
+    │   │                         timeout outside the broker's bounds, a client certificate that does not
+    │   │                         load); the process exits with code 2 and the message names the setting
     │   └── (itself)              not retriable, and nothing the service knows how to wait out: a
     │                             defect or a broken deployment; the process exits (code 1)
     ├── RejectedDelivery        the intake refused a request's content; its evaluations are dead-lettered
@@ -73,6 +77,14 @@ class ServiceRefused(DependencyError):
         self.hint = hint
 
 
+class Misconfigured(DependencyError):
+    """A setting that cannot work with the dependency as it is; ``setting`` names the variable to change."""
+
+    def __init__(self, component: str, setting: str, detail: str) -> None:
+        super().__init__(component, detail)
+        self.setting = setting
+
+
 class RetryableDelivery(Unavailable):
     """The intake did not take a request this time (after ``retry_after`` seconds, if it said, try again)."""
 
@@ -114,9 +126,29 @@ KAFKA_HINT = "check KAFKA_SASL_* credentials and the ACLs of this user on the to
 REDIS_HINT = "check REDIS_USERNAME / REDIS_PASSWORD and the ACL of this user (README: the ACL line)"
 
 
+# What an idempotent producer's start (its InitProducerId request) fails with on a broker that does not give
+# producer ids: Kafka-compatible brokers without idempotence answer UNKNOWN_SERVER_ERROR, CLUSTER_AUTHORIZATION_FAILED
+# or UNSUPPORTED_VERSION; Apache Kafka answers CLUSTER_AUTHORIZATION_FAILED to a user with neither IdempotentWrite on
+# the cluster nor Write on any topic.
+_PRODUCER_ID_REFUSALS: tuple[type[Exception], ...] = (
+    kafka.UnknownError, kafka.ClusterAuthorizationFailedError, kafka.UnsupportedVersionError,
+    kafka.IncompatibleBrokerVersion,
+)
+IDEMPOTENCE_HINT = ("the broker gives no producer id to an idempotent producer: a Kafka-compatible broker without "
+                    "idempotent producers, or (Apache Kafka) a user with neither IdempotentWrite on the cluster nor "
+                    "Write on any topic. Set KAFKA_ENABLE_IDEMPOTENCE=false (dead letters and unmatched reports may "
+                    "then be written twice after a retried produce), or grant the permission")
+SESSION_TIMEOUT_HINT = ("the broker refused KAFKA_SESSION_TIMEOUT_MS: it must lie within the broker's "
+                        "group.min.session.timeout.ms and group.max.session.timeout.ms (Kafka's defaults: "
+                        "6000 and 1800000)")
+
+
 def translate_kafka(exc: BaseException) -> DependencyError:
     """What an aiokafka (or socket) error means to the service."""
     detail = f"{type(exc).__name__}: {exc}"
+    # aiokafka's group coordinator wraps the JoinGroup answer in a KafkaError; the broker's code is its cause.
+    if isinstance(exc, kafka.InvalidSessionTimeoutError) or isinstance(exc.__cause__, kafka.InvalidSessionTimeoutError):
+        return Misconfigured("kafka", "KAFKA_SESSION_TIMEOUT_MS", f"{SESSION_TIMEOUT_HINT} ({detail})")
     if isinstance(exc, _KAFKA_REFUSALS):
         return ServiceRefused("kafka", detail, hint=KAFKA_HINT)
     if isinstance(exc, _KAFKA_TRANSIENT) or getattr(exc, "retriable", False):
@@ -150,6 +182,19 @@ def kafka_errors() -> Iterator[None]:
         yield
     except (kafka.KafkaError, OSError, TimeoutError) as exc:
         raise translate_kafka(exc) from exc
+
+
+@contextmanager
+def producer_start_errors(*, idempotent: bool) -> Iterator[None]:
+    """Around ``AIOKafkaProducer.start()``: an idempotent producer refused its producer id is :class:`Misconfigured`,
+    naming KAFKA_ENABLE_IDEMPOTENCE (aiokafka says only ``UnknownError``); anything else passes unchanged."""
+    try:
+        yield
+    except _PRODUCER_ID_REFUSALS as exc:
+        if not idempotent:
+            raise
+        raise Misconfigured("kafka", "KAFKA_ENABLE_IDEMPOTENCE",
+                            f"{IDEMPOTENCE_HINT} ({type(exc).__name__}: {exc})") from exc
 
 
 @contextmanager

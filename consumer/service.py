@@ -31,7 +31,7 @@ from consumer.config import Settings
 from consumer.decode import RecordDecoder
 from consumer.deliver import Deliverer
 from consumer.dlq import DeadLetters, DlqLimit
-from consumer.errors import DependencyError, ServiceRefused, kafka_errors
+from consumer.errors import DependencyError, ServiceRefused, kafka_errors, producer_start_errors
 from consumer.expiry import Sweeper
 from consumer.health import HealthServer
 from consumer.intake_route import RoutedSink, RouteSettings
@@ -272,16 +272,21 @@ class _ServiceContext:
     @staticmethod
     async def _open(s: Settings, stack: AsyncExitStack) -> Service:
         kafka_common = s.kafka_client_options()
-        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=PRODUCER_LINGER_MS,
+        producer = AIOKafkaProducer(acks="all", enable_idempotence=s.kafka_enable_idempotence,
+                                    linger_ms=PRODUCER_LINGER_MS, request_timeout_ms=s.kafka_request_timeout_ms,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
         stack.push_async_callback(producer.stop)  # before start: a start cut short (a signal) closes what it opened
-        await producer.start()
+        with producer_start_errors(idempotent=s.kafka_enable_idempotence):
+            await producer.start()
         consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, group_instance_id=s.kafka_group_instance_id,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                                     fetch_max_bytes=max(FETCH_MAX_BYTES, s.max_message_bytes * 2),
                                     max_partition_fetch_bytes=s.max_message_bytes + RECORD_OVERHEAD_BYTES,
-                                    fetch_max_wait_ms=s.kafka_fetch_max_wait_ms, **kafka_common)
+                                    fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+                                    session_timeout_ms=s.kafka_session_timeout_ms,
+                                    heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
+                                    request_timeout_ms=s.kafka_request_timeout_ms, **kafka_common)
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
         await consumer.start()
         client = await connect(s.redis_target(), cluster=s.redis_cluster, **s.redis_client_options())

@@ -29,7 +29,7 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,examples]'
+  .venv/bin/python -m pip install -q -e '.[dev,examples,aws-msk-iam]'
   touch .venv/.installed
 fi
 

@@ -69,7 +69,7 @@ async def replay_dlq(settings: Settings, flt: ReplayFilter, *, dry_run: bool = F
     options = settings.kafka_client_options()
     consumer = AIOKafkaConsumer(group_id=f"{settings.kafka_group_id}-dlq-replay", enable_auto_commit=False,
                                 auto_offset_reset="earliest", **options)
-    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **options)
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=settings.kafka_enable_idempotence, **options)
     report = ReplayReport()
     await consumer.start()
     await producer.start()
