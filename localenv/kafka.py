@@ -24,10 +24,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.protocol.admin import CreateAclsRequest
 
 from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
 from localenv.ports import free_ports
@@ -36,8 +37,11 @@ from localenv.tls import Certificates, make_certificates
 __all__ = [
     "KAFKA_VERSION",
     "POM_PATH",
+    "Acl",
     "KafkaBroker",
     "KafkaSecurity",
+    "OAuthBearerValidation",
+    "acreate_acls",
     "acreate_topics",
     "create_topics",
     "default_cache_dir",
@@ -221,6 +225,21 @@ def _new_cluster_id() -> str:
 
 
 SCRAM_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256")
+OAUTHBEARER_VALIDATOR = "org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler"
+OAUTHBEARER_ALLOWED_URLS = "org.apache.kafka.sasl.oauthbearer.allowed.urls"  # a JVM system property since Kafka 4.0
+BROKER_JWT_VALIDATOR = "org.apache.kafka.common.security.oauthbearer.BrokerJwtValidator"
+STANDARD_AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+
+
+@dataclass(frozen=True)
+class OAuthBearerValidation:
+    """How the OAUTH listener validates SASL/OAUTHBEARER tokens: Kafka's own ``OAuthBearerValidatorCallbackHandler``
+    checks each JWT's signature against the keys at ``jwks_url``, its ``iss`` and ``aud``, and that ``sub``,
+    ``iat`` and ``exp`` are there and ``exp`` has not passed. The principal is ``User:<sub>``."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
 
 
 @dataclass(frozen=True)
@@ -229,10 +248,59 @@ class KafkaSecurity:
 
     The user is created with credentials for both SCRAM mechanisms when the storage is formatted,
     so it exists before any client connects (SCRAM users otherwise need an admin request).
+
+    ``mutual_tls`` adds an SSL listener (MTLS) that requires a client certificate signed by the same
+    CA (``ssl.client.auth=required``; principal ``User:CN=<common name>``); ``oauthbearer`` adds a
+    SASL_SSL listener (OAUTH) with OAUTHBEARER validated as :class:`OAuthBearerValidation` says.
+    ``super_users`` (principals such as ``User:CN=x``) turns on Kafka's ``StandardAuthorizer``: the
+    PLAINTEXT listeners' ``User:ANONYMOUS`` and these may do anything, everyone else only what an ACL
+    allows (:func:`acreate_acls`).
     """
 
     username: str = "evaljoin"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+    mutual_tls: bool = False
+    oauthbearer: OAuthBearerValidation | None = None
+    super_users: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Acl:
+    """One ALLOW or DENY rule (Kafka's codes: resource type TOPIC=2, GROUP=3, CLUSTER=4; pattern LITERAL=3,
+    PREFIXED=4; operation READ=3, WRITE=4, DESCRIBE=8, IDEMPOTENT_WRITE=12; permission DENY=2, ALLOW=3)."""
+
+    principal: str
+    resource_type: int
+    resource_name: str
+    operation: int
+    pattern_type: int = 3
+    allow: bool = True
+
+    TOPIC: ClassVar[int] = 2
+    GROUP: ClassVar[int] = 3
+    CLUSTER: ClassVar[int] = 4
+    LITERAL: ClassVar[int] = 3
+    PREFIXED: ClassVar[int] = 4
+    READ: ClassVar[int] = 3
+    WRITE: ClassVar[int] = 4
+    DESCRIBE: ClassVar[int] = 8
+    IDEMPOTENT_WRITE: ClassVar[int] = 12
+
+
+async def acreate_acls(bootstrap: str, acls: list[Acl], *, request_timeout: float = 30.0) -> None:
+    """Create ACLs through ``bootstrap`` (a super user's listener); raises the broker's error for a refused one."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(request_timeout * 1000))
+    await admin.start()
+    try:
+        for acl in acls:
+            request = CreateAclsRequest(acl.resource_type, acl.resource_name, acl.pattern_type, acl.principal, "*",
+                                        acl.operation, 3 if acl.allow else 2)
+            response = await admin._send_request(request)
+            for code, message in response.creation_responses:
+                if code != 0:
+                    raise for_code(code)(f"creating {acl}: {message}")
+    finally:
+        await admin.close()
 
 
 class KafkaBroker(LocalService):
@@ -261,7 +329,10 @@ class KafkaBroker(LocalService):
     With ``security``, the broker also has a SASL_SSL listener at
     :attr:`sasl_ssl_bootstrap_servers`: a certificate for 127.0.0.1 signed by a
     throwaway CA (:attr:`ca_file`, made at the first start in the data
-    directory) and SCRAM-SHA-512/256 authentication of ``security.username``.
+    directory) and SCRAM-SHA-512/256 authentication of ``security.username``; with
+    ``security.mutual_tls`` an SSL listener requiring client certificates at
+    :attr:`mtls_bootstrap_servers`, with ``security.oauthbearer`` a SASL_SSL/OAUTHBEARER listener at
+    :attr:`oauth_bootstrap_servers` (see :class:`KafkaSecurity`).
 
     With ``proxied_port``, the broker also has a PLAINTEXT listener named
     PROXIED, bound on a port of its own (:attr:`proxied_listener_port`) but
@@ -288,6 +359,8 @@ class KafkaBroker(LocalService):
         self._proxied_port = proxied_port
         self._proxied_listener_port: int | None = None
         self._sasl_ssl_port: int | None = None
+        self._mtls_port: int | None = None
+        self._oauth_port: int | None = None
         self._requested_data_dir = data_dir
         self._heap = heap
         self._extra_properties = dict(extra_properties or {})
@@ -327,6 +400,20 @@ class KafkaBroker(LocalService):
         if self._sasl_ssl_port is None:
             raise RuntimeError("KafkaBroker has no SASL_SSL listener (no security given, or not started)")
         return f"127.0.0.1:{self._sasl_ssl_port}"
+
+    @property
+    def mtls_bootstrap_servers(self) -> str:
+        """``"127.0.0.1:<port>"`` of the SSL listener that requires client certificates (``security.mutual_tls``)."""
+        if self._mtls_port is None:
+            raise RuntimeError("KafkaBroker has no MTLS listener (security.mutual_tls not set, or not started)")
+        return f"127.0.0.1:{self._mtls_port}"
+
+    @property
+    def oauth_bootstrap_servers(self) -> str:
+        """``"127.0.0.1:<port>"`` of the SASL_SSL listener with OAUTHBEARER (``security.oauthbearer``)."""
+        if self._oauth_port is None:
+            raise RuntimeError("KafkaBroker has no OAUTH listener (security.oauthbearer not set, or not started)")
+        return f"127.0.0.1:{self._oauth_port}"
 
     @property
     def proxied_listener_port(self) -> int:
@@ -393,7 +480,7 @@ class KafkaBroker(LocalService):
             # Free ports can be taken by another process before the JVM binds
             # them; on a first start it is safe to just pick new ones.
             self._port, self._controller_port = free_ports(2)
-            self._sasl_ssl_port = self._pick_sasl_ssl_port()
+            self._sasl_ssl_port, self._mtls_port, self._oauth_port = self._pick_security_ports()
             self._proxied_listener_port = self._pick_proxied_listener_port()
             try:
                 self._launch()
@@ -433,7 +520,7 @@ class KafkaBroker(LocalService):
             self._data_dir = None
             self._port = None
             self._controller_port = None
-            self._sasl_ssl_port = None
+            self._sasl_ssl_port = self._mtls_port = self._oauth_port = None
             self._proxied_listener_port = None
             self._owns_data_dir = False
 
@@ -478,12 +565,14 @@ class KafkaBroker(LocalService):
         props.update(self._extra_properties)
         return props
 
-    def _pick_sasl_ssl_port(self) -> int | None:
-        """A port for the SASL_SSL listener, distinct from the other two, or None without ``security``."""
+    def _pick_security_ports(self) -> tuple[int | None, int | None, int | None]:
+        """Ports for the SASL_SSL, MTLS and OAUTH listeners, distinct from the other two; None for those not asked."""
         if self.security is None:
-            return None
+            return None, None, None
         taken = {self._port, self._controller_port}
-        return next(port for port in free_ports(3) if port not in taken)
+        sasl_ssl, mtls, oauth = [port for port in free_ports(5) if port not in taken][:3]
+        return (sasl_ssl, mtls if self.security.mutual_tls else None,
+                oauth if self.security.oauthbearer is not None else None)
 
     def _pick_proxied_listener_port(self) -> int | None:
         """A port for the PROXIED listener, distinct from the others, or None without ``proxied_port``."""
@@ -520,7 +609,47 @@ class KafkaBroker(LocalService):
         }
         for mechanism in SCRAM_MECHANISMS:
             added[f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config"] = jaas
+        security = self.security
+        assert security is not None
+        if security.mutual_tls:
+            self._add_listener(added, "MTLS", "SSL", self.mtls_bootstrap_servers)
+            added.update({"listener.name.mtls.ssl.client.auth": "required",
+                          "listener.name.mtls.ssl.truststore.type": "PEM",
+                          "listener.name.mtls.ssl.truststore.location": str(certs.ca_file)})
+        if security.oauthbearer is not None:
+            oauth = security.oauthbearer
+            self._add_listener(added, "OAUTH", "SASL_SSL", self.oauth_bootstrap_servers)
+            added.update({
+                "listener.name.oauth.sasl.enabled.mechanisms": "OAUTHBEARER",
+                # The broker's own login (never used on this listener: it is not the inter-broker one) needs a subject.
+                "listener.name.oauth.oauthbearer.sasl.jaas.config":
+                    'org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required '
+                    'unsecuredLoginStringClaim_sub="broker";',
+                "listener.name.oauth.oauthbearer.sasl.server.callback.handler.class": OAUTHBEARER_VALIDATOR,
+                # Named, not left to the default: Kafka 4.1.1's handler instantiates DefaultJwtValidator without a key
+                # resolver, which then delegates to ClientJwtValidator: claims checked, signature not (a test pins it).
+                "listener.name.oauth.sasl.oauthbearer.jwt.validator.class": BROKER_JWT_VALIDATOR,
+                "listener.name.oauth.sasl.oauthbearer.jwks.endpoint.url": oauth.jwks_url,
+                "listener.name.oauth.sasl.oauthbearer.expected.issuer": oauth.issuer,
+                "listener.name.oauth.sasl.oauthbearer.expected.audience": oauth.audience,
+            })
+        if security.super_users is not None:
+            added.update({"authorizer.class.name": STANDARD_AUTHORIZER,
+                          "super.users": ";".join(["User:ANONYMOUS", *security.super_users]),
+                          "allow.everyone.if.no.acl.found": "false"})
         return added
+
+    @staticmethod
+    def _add_listener(props: dict[str, str], name: str, protocol: str, address: str) -> None:
+        props["listeners"] += f",{name}://{address}"
+        props["advertised.listeners"] += f",{name}://{address}"
+        props["listener.security.protocol.map"] += f",{name}:{protocol}"
+
+    def _jvm_properties(self) -> list[str]:
+        """System properties: Kafka 4 fetches OAUTHBEARER URLs (the JWKS) only when this allow-list names them."""
+        if self.security is None or self.security.oauthbearer is None:
+            return []
+        return [f"-D{OAUTHBEARER_ALLOWED_URLS}={self.security.oauthbearer.jwks_url}"]
 
     def _scram_arguments(self) -> list[str]:
         """``kafka-storage format`` arguments that create the SCRAM user, one per mechanism."""
@@ -576,6 +705,7 @@ class KafkaBroker(LocalService):
             "-cp",
             self._classpath(),
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            *self._jvm_properties(),
             "kafka.Kafka",
             str(properties),
         ]
