@@ -168,12 +168,9 @@ def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default
                 max_bytes: int, key: bytes | None = None) -> SpanContextEvent:
     """Decode a record of the span topic. Raises :class:`InvalidMessage`; never anything else."""
     obj = _json_object(key, value, headers, max_bytes, "a span-context event")
-    if isinstance(obj.get("input"), dict) and "schema_version" not in obj:
-        fields = _span_from_outputs_record(obj, join_key)
-    elif "schema_version" in obj:
-        fields = _native(obj, "span_context", "span")
-    else:
-        raise InvalidMessage("schema", "neither a span-context event nor an outputs.json record")
+    seed = isinstance(obj.get("input"), dict) and "schema_version" not in obj
+    fields = _span_from_outputs_record(obj, join_key) if seed else _native(
+        obj, "span_context", "span", "neither a span-context event nor an outputs.json record")
     return _validated(SpanContextEvent, fields, headers, default_ml_app)
 
 
@@ -181,14 +178,11 @@ def decode_result(value: bytes | None, headers: Headers, *, join_key: str, defau
                   max_bytes: int, key: bytes | None = None) -> NemoResultEvent:
     """Decode a record of the result topic. Raises :class:`InvalidMessage`; never anything else."""
     obj = _json_object(key, value, headers, max_bytes, "a NeMo result event")
-    if "schema_version" not in obj and "score" in obj and ("judgment" in obj or join_key in obj):
-        if join_key not in obj:
-            raise InvalidMessage("schema", f"a scores.jsonl judge line without the join key {join_key!r}")
-        fields = _result_from_judge_line(obj, join_key)
-    elif "schema_version" in obj:
-        fields = _native(obj, "nemo_result", "result")
-    else:
-        raise InvalidMessage("schema", "neither a NeMo result event nor a scores.jsonl judge line")
+    seed = "schema_version" not in obj and "score" in obj and ("judgment" in obj or join_key in obj)
+    if seed and join_key not in obj:
+        raise InvalidMessage("schema", f"a scores.jsonl judge line without the join key {join_key!r}")
+    fields = _result_from_judge_line(obj, join_key) if seed else _native(
+        obj, "nemo_result", "result", "neither a NeMo result event nor a scores.jsonl judge line")
     return _validated(NemoResultEvent, fields, headers, default_ml_app)
 
 
@@ -201,8 +195,10 @@ def _json_object(key: bytes | None, value: bytes | None, headers: Headers, max_b
     return obj
 
 
-def _native(obj: dict[str, Any], kind: str, topic: str) -> dict[str, Any]:
-    """A native event's fields, once its version and kind fit this topic."""
+def _native(obj: dict[str, Any], kind: str, topic: str, neither: str) -> dict[str, Any]:
+    """A native event's fields, once its version and kind fit this topic (``neither``: what to say otherwise)."""
+    if "schema_version" not in obj:
+        raise InvalidMessage("schema", neither)
     _check_version(obj)
     if obj.get("kind", kind) != kind:
         raise InvalidMessage("wrong_topic", f"a {_brief(obj.get('kind'))!r} event on the {topic} topic")
