@@ -77,6 +77,9 @@ UDS_ORIGIN = "http://localhost"  # the origin of a request over a UNIX socket (t
 NO_ROUTE_HINT = ("run a Datadog Agent with APM at DD_TRACE_AGENT_URL or DD_AGENT_HOST (its EVP proxy, Agent 7.x), "
                  "or set DD_API_KEY to deliver agentless")
 
+BAD_URL_HINT = ("fix DD_TRACE_AGENT_URL, DD_AGENT_HOST / DD_TRACE_AGENT_PORT or DD_LLMOBS_OVERRIDE_ORIGIN "
+                "(an IPv6 address in a URL goes in brackets: http://[::1]:8126)")
+
 Reason = Literal["llmobs_agentless_enabled", "agentless_enabled", "llmobs_agentless_disabled",
                  "agent_has_evp_proxy", "agent_without_evp_proxy", "agent_unreachable", "agent_info_unavailable"]
 
@@ -235,6 +238,11 @@ def decide(s: RouteSettings, agent: str, answer: AgentAnswer | None, *,
         if override.scheme != "unix" and override.path not in ("/", ""):
             path = EVAL_METRIC_PATH  # BaseLLMObsWriter.__init__: "ENDPOINT.lstrip('/')" under the origin's path
     url, uds = target(origin, path)
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:  # e.g. an IPv6 address without brackets in DD_TRACE_AGENT_URL
+        return NoRoute(reason=reason, agent=agent, why=f"{why}, but {url} is not a valid URL ({exc})",
+                       hint=BAD_URL_HINT)
     headers = {"Content-Type": "application/json", **(origin_headers or {})}
     if chosen:
         headers["DD-API-KEY"] = s.api_key or ""
@@ -310,6 +318,8 @@ async def ask_agent(agent: str, *, timeout_s: float = AGENT_INFO_TIMEOUT_S,
             response = await client.get(url, headers={"Content-Type": "application/json", **(headers or {})})
     except httpx.HTTPError as exc:
         return AgentAnswer("agent_unreachable", f"is unreachable ({type(exc).__name__}: {exc})")
+    except httpx.InvalidURL as exc:
+        return AgentAnswer("agent_unreachable", f"cannot be reached: {url} is not a valid URL ({exc})")
     if not 200 <= response.status_code < 300:
         return AgentAnswer("agent_info_unavailable", f"answered HTTP {response.status_code} on /info")
     try:

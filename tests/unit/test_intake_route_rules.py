@@ -26,6 +26,7 @@ from consumer.intake_route import (
     RoutedSink,
     RouteSettings,
     agent_url,
+    choose_route,
     container_headers,
     decide,
     has_evp_proxy,
@@ -220,6 +221,15 @@ def test_an_override_origin_may_be_a_socket() -> None:
     assert isinstance(route, IntakeRoute)
     assert (route.url, route.uds) == ("http://localhost/evp_proxy/v2" + PATH, "/tmp/intake.sock")
     assert route.where == "unix:///tmp/intake.sock/evp_proxy/v2" + PATH
+
+
+async def test_an_invalid_agent_url_is_no_route_not_a_crash() -> None:
+    """An Agent URL no request can be made to (IPv6 without brackets) is reported as no route, asked or not."""
+    bad = replace(BASE, trace_agent_url="http://::1:8126")
+    told = decide(replace(bad, llmobs_agentless=False), agent_url(bad), None)
+    assert isinstance(told, NoRoute) and "is not a valid URL" in told.why and "brackets" in told.hint
+    asked = await choose_route(bad, identity={})
+    assert isinstance(asked, NoRoute) and asked.reason == "agent_unreachable" and "not a valid URL" in asked.why
 
 
 def test_the_containers_identity_goes_with_either_route() -> None:
