@@ -39,7 +39,9 @@ class DlqLimit:
     """Raise :class:`DlqLimitExceeded` when invalid messages pass a ratio or a consecutive count.
 
     ``max_invalid_ratio`` is checked over the last ``window`` messages once a tenth of the window has
-    been seen; 0 disables either check.
+    been seen; 0 disables either check. A message given with its ``position`` (topic, partition,
+    offset) counts once: a batch joined again after a transient failure, or fetched again after a
+    rebalance, does not count its records twice.
     """
 
     def __init__(self, *, max_invalid_ratio: float, window: int, max_consecutive: int) -> None:
@@ -48,8 +50,14 @@ class DlqLimit:
         self._invalid_in_window = 0
         self._max_consecutive = max_consecutive
         self._consecutive = 0
+        self._counted_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest offset counted
 
-    def record(self, *, valid: bool) -> None:
+    def record(self, *, valid: bool, position: tuple[str, int, int] | None = None) -> None:
+        if position is not None:
+            topic, partition, offset = position
+            if offset <= self._counted_up_to.get((topic, partition), -1):
+                return
+            self._counted_up_to[(topic, partition)] = offset
         if len(self._window) == self._window.maxlen and not self._window[0]:
             self._invalid_in_window -= 1
         self._window.append(valid)
@@ -80,13 +88,13 @@ class DeadLetters:
         self._limit = limit
         self._max_record_bytes = max_record_bytes
 
-    def record_valid(self) -> None:
-        self._limit.record(valid=True)
+    def record_valid(self, position: tuple[str, int, int] | None = None) -> None:
+        self._limit.record(valid=True, position=position)
 
     async def invalid(self, *, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]],
                       source: dict[str, Any], error: InvalidMessage) -> None:
         """Dead-letter an invalid record as it was, unless the DlqLimit says to halt first."""
-        self._limit.record(valid=False)
+        self._limit.record(valid=False, position=_position(source))
         await self._publish(key, value, headers, source, error.reason, error.detail)
 
     async def rejected(self, *, key: bytes | None, metric: bytes, source: dict[str, Any], status: int,
@@ -110,6 +118,14 @@ class DeadLetters:
         with kafka_errors():
             await self._producer.send_and_wait(self._topic, value=value, key=key, headers=out)
         self._metrics.dead_letters.labels(reason=reason).inc()
+
+
+def _position(source: dict[str, Any]) -> tuple[str, int, int] | None:
+    """A record's (topic, partition, offset), when its source says."""
+    topic, partition, offset = source.get("topic"), source.get("partition"), source.get("offset")
+    if isinstance(topic, str) and isinstance(partition, int) and isinstance(offset, int):
+        return topic, partition, offset
+    return None
 
 
 def kafka_size(key: bytes | None, value: bytes | None, headers: Sequence[Header]) -> int:

@@ -190,7 +190,7 @@ class BatchJoin:
                 with structlog.contextvars.bound_contextvars(**record_context(record, event)):
                     await self._dead_letter(record, kind, outcome)
                 continue
-            self._dead_letters.record_valid()
+            self._dead_letters.record_valid((record.topic, record.partition, record.offset))
             self._metrics.events.labels(kind=kind, outcome=outcome.status).inc()
             if debug:
                 log.debug("message_joined", status=outcome.status, evaluations=len(outcome.joined),

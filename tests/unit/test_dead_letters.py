@@ -130,10 +130,12 @@ async def test_the_limit_halts_before_the_record_that_passes_it_is_published() -
         await letters.invalid(key=None, value=b"x", headers=[], source={**SOURCE, "offset": offset},
                               error=InvalidMessage("invalid_json", "x"))
     letters.record_valid()
-    await letters.invalid(key=None, value=b"x", headers=[], source=SOURCE, error=InvalidMessage("empty", "x"))
-    await letters.invalid(key=None, value=b"x", headers=[], source=SOURCE, error=InvalidMessage("empty", "x"))
+    for offset in (10, 11):  # each record at its own offset: a record seen again counts once
+        await letters.invalid(key=None, value=b"x", headers=[], source={**SOURCE, "offset": offset},
+                              error=InvalidMessage("empty", "x"))
     with pytest.raises(DlqLimitExceeded):
-        await letters.invalid(key=None, value=b"x", headers=[], source=SOURCE, error=InvalidMessage("empty", "x"))
+        await letters.invalid(key=None, value=b"x", headers=[], source={**SOURCE, "offset": 12},
+                              error=InvalidMessage("empty", "x"))
     assert len(producer.sent) == 4
 
 

@@ -163,3 +163,17 @@ async def test_a_stage_cancels_a_unit_past_its_deadline() -> None:
     stage.submit(1)
     await stage.join(deadline=asyncio.get_running_loop().time() + 0.05)
     assert stage.poll() is None and stage.has_room
+
+
+def test_the_dlq_circuit_counts_a_retried_batch_once() -> None:
+    """Records seen again (a batch joined again after a transient failure) do not count twice towards the halt."""
+    from consumer.dlq import DlqLimit
+    from consumer.errors import DlqLimitExceeded
+
+    limit = DlqLimit(max_invalid_ratio=0, window=100, max_consecutive=3)
+    batch = [("t", 0, offset) for offset in range(3)]
+    for _ in range(5):  # the same three invalid records, five attempts
+        for position in batch:
+            limit.record(valid=False, position=position)
+    with pytest.raises(DlqLimitExceeded):
+        limit.record(valid=False, position=("t", 0, 3))  # a fourth one in a row is over the limit
