@@ -15,11 +15,12 @@ version never changes; a better one is a new version byte, and old records keep 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import orjson
 
-from consumer.store import Namespace
+from consumer.store import LEDGER_NAMES, KeyState, Namespace, Readable
 
 _V1: Final = b"\x01"
 _WBITS: Final = -15  # raw deflate: no header or checksum, 6 bytes saved per record
@@ -91,3 +92,26 @@ def decode_span(stored: bytes, ns: Namespace) -> dict[str, Any]:
     fields["trace_id"] = trace_id
     fields["span_id"] = span_id
     return fields
+
+
+def key_state(ns: Namespace, *, span: bytes | None, span_joined: bool, pending: Mapping[str, bytes],
+              ledger: Mapping[str, str], being_reported: Iterable[str]) -> KeyState:
+    """The view of what a store holds for one join key, decoded for people to read.
+
+    ``span`` is identity, "\\n", body; ``ledger`` states are as :meth:`Inspectable.delivery_state` returns them.
+    """
+
+    def readable(data: bytes, decode: Callable[[bytes, Namespace], dict[str, Any]]) -> Readable:
+        try:
+            return decode(data, ns)
+        except (ValueError, zlib.error):  # not a record this version wrote: show it as it is
+            return data.decode("utf-8", "replace")
+
+    return KeyState(
+        span=None if span is None else readable(span, decode_span),
+        span_joined=span_joined,
+        pending_results={event_id: readable(record, decode) for event_id, record in pending.items()},
+        ledger={eval_id: LEDGER_NAMES.get(state, "in flight" if state.startswith("c|") else state)
+                for eval_id, state in ledger.items()},
+        being_reported=sorted(being_reported),
+    )

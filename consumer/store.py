@@ -13,8 +13,7 @@ in memory, with the same semantics, for unit tests. Both keep records as the cal
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal, Protocol
@@ -106,7 +105,7 @@ class ExpireOutcome:
 
 Readable = dict[str, Any] | str  # a decoded record, or, if this version cannot read it, its text as stored
 
-_LEDGER_NAMES = {"d": "delivered", "x": "dead-lettered"}
+LEDGER_NAMES = {"d": "delivered", "x": "dead-lettered"}  # ledger states as stored -> as shown
 
 
 @dataclass(frozen=True)
@@ -118,30 +117,6 @@ class KeyState:
     pending_results: dict[str, Readable]  # event_id -> result waiting for the span
     ledger: dict[str, str]  # eval_id -> "delivered" | "dead-lettered" | "in flight"
     being_reported: list[str]  # sides the sweeper took out and reports: "s" the span, "r:<event_id>" a result
-
-    @classmethod
-    def decode(cls, ns: Namespace, *, span: bytes | None, span_joined: bool, pending: Mapping[str, bytes],
-               ledger: Mapping[str, str], being_reported: Iterable[str]) -> KeyState:
-        """The view of what a store holds, as it holds it.
-
-        ``span`` is identity, "\\n", body; ``ledger`` states are as :meth:`Inspectable.delivery_state` returns them.
-        """
-        from consumer import records  # here, not at the top: records imports Namespace from this module
-
-        def readable(data: bytes, decode: Callable[[bytes, Namespace], dict[str, Any]]) -> Readable:
-            try:
-                return decode(data, ns)
-            except (ValueError, zlib.error):  # not a record this version wrote: show it as it is
-                return data.decode("utf-8", "replace")
-
-        return cls(
-            span=None if span is None else readable(span, records.decode_span),
-            span_joined=span_joined,
-            pending_results={event_id: readable(record, records.decode) for event_id, record in pending.items()},
-            ledger={eval_id: _LEDGER_NAMES.get(state, "in flight" if state.startswith("c|") else state)
-                    for eval_id, state in ledger.items()},
-            being_reported=sorted(being_reported),
-        )
 
 
 class JoinStore(Protocol):

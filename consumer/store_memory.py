@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from consumer import store
+from consumer import records, store
 from consumer.store import DueSide, ExpireOutcome, KeyState, Namespace, ResultOp, ResultPut, Settle, SpanOp, SpanPut
 
 
@@ -182,7 +182,7 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
 
     async def lookup(self, ns: Namespace) -> KeyState:
         k = self._keys.get(ns, _Key())
-        return KeyState.decode(ns, span=k.span, span_joined=k.span is not None and k.joined, pending=k.pending,
+        return records.key_state(ns, span=k.span, span_joined=k.span is not None and k.joined, pending=k.pending,
                                ledger=k.ledger, being_reported=k.expiring)
 
     async def census(self) -> dict[str, dict[str, int]]:

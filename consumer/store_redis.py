@@ -34,6 +34,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from consumer import records
 from consumer.errors import redis_errors
 from consumer.store import (
     ClaimVerdict,
@@ -425,7 +426,7 @@ class RedisJoinStore:
         pending, ledger, expiring = [
             {k.decode(): v for k, v in (await self._bounded(self._client.hgetall(self._key(ns, suffix)))).items()}
             for suffix in ("r", "d", "x")]
-        return KeyState.decode(ns, span=None if stored is None else stored[1:],
+        return records.key_state(ns, span=None if stored is None else stored[1:],
                                span_joined=stored is not None and stored[:1] == b"1", pending=pending,
                                ledger={k: v.decode() for k, v in ledger.items()}, being_reported=expiring)
 
