@@ -19,7 +19,7 @@ import structlog
 from consumer import records
 from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.dlq import Producer
-from consumer.errors import kafka_errors
+from consumer.errors import DependencyError, kafka_errors
 from consumer.metrics import Metrics
 from consumer.store import DeadlineIndex, DueSide
 
@@ -57,6 +57,8 @@ class Sweeper:
                 await self.sweep_once()
             except asyncio.CancelledError:
                 raise
+            except DependencyError as exc:  # Kafka or Redis away: the next sweep tries again
+                log.warning("sweep_failed", error=str(exc), retriable=exc.retriable)
             except Exception:
                 log.exception("sweep_failed")
             await asyncio.sleep(self._interval_s)
