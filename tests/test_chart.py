@@ -42,6 +42,8 @@ SECRET_SETTINGS = {name.upper() for name, field in Settings.model_fields.items()
 POD_SETTINGS = {"KAFKA_GROUP_INSTANCE_ID"}
 # Not settings, but read: where the secret files are, and what ddtrace reads when self-tracing.
 SECRETS_DIR_VARIABLE = "EVALJOIN_SECRETS_DIR"
+# Read from the downward API in StatefulSet mode, only to make KAFKA_GROUP_INSTANCE_ID of.
+DOWNWARD_API_VARIABLES = {"EVALJOIN_POD_NAMESPACE", "EVALJOIN_POD_NAME"}
 DDTRACE_TAG_VARIABLES = {"DD_ENV", "DD_SERVICE", "DD_VERSION"}
 
 
@@ -282,8 +284,35 @@ def test_pod_gets_only_what_the_service_reads(scenario: str) -> None:
     """The consumer container's variables are settings the service reads, plus where its secret files are."""
     docs = render_scenario(scenario)
     names = env_names(consumer_container(docs), docs)
-    assert names <= SETTINGS | {SECRETS_DIR_VARIABLE}, names - SETTINGS
+    assert names <= SETTINGS | {SECRETS_DIR_VARIABLE} | DOWNWARD_API_VARIABLES, names - SETTINGS
     assert names.isdisjoint(SECRET_SETTINGS), "secrets must come as files, not variables"
+
+
+@pytest.mark.parametrize(("namespace", "release"), [("team-a", "evaljoin"), ("team-b", "evaljoin")])
+def test_static_member_id_carries_the_namespace(namespace: str, release: str) -> None:
+    """In StatefulSet mode KAFKA_GROUP_INSTANCE_ID is <namespace>-<pod name> from the downward API, so the same
+    release in two namespaces gives two member ids, and the pods' session timeout is workload.sessionTimeoutMs."""
+    done = run(tool(HELM), "template", release, CHART, "--namespace", namespace, "--set", "workload.kind=StatefulSet",
+               "--set", "workload.sessionTimeoutMs=180000")
+    assert done.returncode == 0, done.stderr
+    docs = yaml_documents(done.stdout)
+    env = {e["name"]: e for e in consumer_container(docs)["env"]}
+    assert env["EVALJOIN_POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["EVALJOIN_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["KAFKA_GROUP_INSTANCE_ID"]["value"] == "$(EVALJOIN_POD_NAMESPACE)-$(EVALJOIN_POD_NAME)"
+    names = [e["name"] for e in consumer_container(docs)["env"]]
+    assert names.index("KAFKA_GROUP_INSTANCE_ID") > max(names.index("EVALJOIN_POD_NAMESPACE"),
+                                                        names.index("EVALJOIN_POD_NAME"))
+    assert env["KAFKA_SESSION_TIMEOUT_MS"]["value"] == "180000"
+    assert workload(docs)["metadata"]["namespace"] == namespace
+    assert "KAFKA_GROUP_INSTANCE_ID" not in env_names({"envFrom": consumer_container(docs)["envFrom"]}, docs)
+
+
+def test_heartbeat_must_fit_three_times_in_the_session_timeout() -> None:
+    """The chart refuses a heartbeat above a third of the session timeout the pods get, naming where it comes from."""
+    error = helm_fails("--set", "workload.kind=StatefulSet", "--set", "workload.sessionTimeoutMs=6000",
+                       "--set", "config.KAFKA_HEARTBEAT_INTERVAL_MS=3000")
+    assert "must be at most a third of the session timeout (6000, workload.sessionTimeoutMs)" in error
 
 
 def test_self_tracing_adds_exactly_the_tags_ddtrace_reads() -> None:
@@ -329,10 +358,13 @@ def test_the_service_reads_every_value_as_given(scenario: str, tmp_path: Path,
     environment: dict[str, str] = {}
     for source in container["envFrom"]:
         environment |= one(docs, "ConfigMap", source["configMapRef"]["name"])["data"]
-    field_values = {"metadata.name": POD_NAME, "status.hostIP": NODE_IP}
+    field_values = {"metadata.name": POD_NAME, "metadata.namespace": NAMESPACE, "status.hostIP": NODE_IP}
     for entry in container.get("env", []):
-        environment[entry["name"]] = entry["value"] if "value" in entry else field_values[
-            entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        if "value" in entry:  # $(NAME) refers to a variable defined before it, as the kubelet expands it
+            value = re.sub(r"\$\(([A-Za-z0-9_]+)\)", lambda m: environment[m.group(1)], entry["value"])
+        else:
+            value = field_values[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        environment[entry["name"]] = value
     secret_files: dict[str, str] = {}
     volume = secrets_volume(docs)
     if volume is not None:
@@ -354,8 +386,9 @@ def test_the_service_reads_every_value_as_given(scenario: str, tmp_path: Path,
 
     settings = load_settings()
 
+    statefulset = workload(docs)["kind"] == "StatefulSet"
     for name, value in values["config"].items():
-        if value is not None:
+        if value is not None and not (statefulset and name == "KAFKA_SESSION_TIMEOUT_MS"):
             assert getattr(settings, name.lower()) == value, name
     for name, value in secret_files.items():
         assert getattr(settings, name.lower()).get_secret_value() == value, name
@@ -367,7 +400,8 @@ def test_the_service_reads_every_value_as_given(scenario: str, tmp_path: Path,
     if any(e["name"] == "DD_AGENT_HOST" for e in container.get("env", [])):
         assert settings.dd_agent_host == NODE_IP
     if workload(docs)["kind"] == "StatefulSet":
-        assert settings.kafka_group_instance_id == POD_NAME
+        assert settings.kafka_group_instance_id == f"{NAMESPACE}-{POD_NAME}"
+        assert settings.kafka_session_timeout_ms == values["workload"]["sessionTimeoutMs"]
     else:
         assert settings.kafka_group_instance_id is None
 
@@ -583,11 +617,12 @@ def test_default_grace_period_is_derived_and_no_prestop() -> None:
 
 
 def test_statefulset_uses_the_pod_name_for_static_membership() -> None:
-    """In a StatefulSet KAFKA_GROUP_INSTANCE_ID is the pod's name; a Deployment never sets it."""
+    """In a StatefulSet KAFKA_GROUP_INSTANCE_ID is made of the pod's namespace and name; a Deployment never sets it."""
     docs = render_scenario("statefulset-values.yaml")
     statefulset = one(docs, "StatefulSet")
     env = {e["name"]: e for e in consumer_container(docs)["env"]}
-    assert env["KAFKA_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["KAFKA_GROUP_INSTANCE_ID"]["value"] == "$(EVALJOIN_POD_NAMESPACE)-$(EVALJOIN_POD_NAME)"
+    assert env["EVALJOIN_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert statefulset["spec"]["serviceName"] == one(docs, "Service")["metadata"]["name"]
     assert one(docs, "Service")["spec"]["clusterIP"] == "None"
     assert "Deployment" not in kinds(docs)

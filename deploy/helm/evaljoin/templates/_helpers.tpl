@@ -115,6 +115,11 @@ numbers are printed as integers.
 {{- if include "evaljoin.isSet" .Values.config.KAFKA_SASL_MECHANISM }}true{{ end }}
 {{- end }}
 
+{{/* A SASL mechanism with a user and a password (the others take tokens). */}}
+{{- define "evaljoin.saslPassword" -}}
+{{- if has .Values.config.KAFKA_SASL_MECHANISM (list "PLAIN" "SCRAM-SHA-256" "SCRAM-SHA-512") }}true{{ end }}
+{{- end }}
+
 {{- define "evaljoin.kafkaTls" -}}
 {{- if has .Values.config.KAFKA_SECURITY_PROTOCOL (list "SSL" "SASL_SSL") }}true{{ end }}
 {{- end }}
@@ -131,7 +136,9 @@ REDIS_SENTINEL_PASSWORD when their keys are named (a key that is not needed is n
 {{- $keys := .Values.existingSecretKeys }}
 {{- if and $keys.REDIS_URL (not (include "evaljoin.isSet" .Values.config.REDIS_SENTINELS)) }}{{ $_ := set $items "REDIS_URL" $keys.REDIS_URL }}{{ end }}
 {{- if and (include "evaljoin.agentless" .) $keys.DD_API_KEY }}{{ $_ := set $items "DD_API_KEY" $keys.DD_API_KEY }}{{ end }}
-{{- if and (include "evaljoin.saslEnabled" .) $keys.KAFKA_SASL_PASSWORD }}{{ $_ := set $items "KAFKA_SASL_PASSWORD" $keys.KAFKA_SASL_PASSWORD }}{{ end }}
+{{- if and (include "evaljoin.saslPassword" .) $keys.KAFKA_SASL_PASSWORD }}{{ $_ := set $items "KAFKA_SASL_PASSWORD" $keys.KAFKA_SASL_PASSWORD }}{{ end }}
+{{- if and (eq (toString .Values.config.KAFKA_SASL_MECHANISM) "OAUTHBEARER") $keys.KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET }}{{ $_ := set $items "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET" $keys.KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET }}{{ end }}
+{{- if $keys.KAFKA_SSL_KEY_PASSWORD }}{{ $_ := set $items "KAFKA_SSL_KEY_PASSWORD" $keys.KAFKA_SSL_KEY_PASSWORD }}{{ end }}
 {{- if $keys.REDIS_PASSWORD }}{{ $_ := set $items "REDIS_PASSWORD" $keys.REDIS_PASSWORD }}{{ end }}
 {{- if and (include "evaljoin.isSet" .Values.config.REDIS_SENTINELS) $keys.REDIS_SENTINEL_PASSWORD }}{{ $_ := set $items "REDIS_SENTINEL_PASSWORD" $keys.REDIS_SENTINEL_PASSWORD }}{{ end }}
 {{- else }}
@@ -197,6 +204,10 @@ would refuse to start with exit code 2) and what the chart needs to render its o
 {{- if has (toString $c.HEALTH_HOST) (list "127.0.0.1" "localhost" "::1") }}
 {{- fail (printf "config.HEALTH_HOST=%s: the kubelet probes the pod's IP, so the health server must listen on it (0.0.0.0)" $c.HEALTH_HOST) }}
 {{- end }}
+{{- $session := ternary .Values.workload.sessionTimeoutMs $c.KAFKA_SESSION_TIMEOUT_MS (eq .Values.workload.kind "StatefulSet") }}
+{{- if gt (mul 3 (int $c.KAFKA_HEARTBEAT_INTERVAL_MS)) (int $session) }}
+{{- fail (printf "config.KAFKA_HEARTBEAT_INTERVAL_MS (%v) must be at most a third of the session timeout (%v, %s)" $c.KAFKA_HEARTBEAT_INTERVAL_MS $session (ternary "workload.sessionTimeoutMs" "config.KAFKA_SESSION_TIMEOUT_MS" (eq .Values.workload.kind "StatefulSet"))) }}
+{{- end }}
 {{- if le (float64 $c.CLAIM_LEASE_SECONDS) (float64 $c.INTAKE_TIMEOUT_SECONDS) }}
 {{- fail (printf "config.CLAIM_LEASE_SECONDS (%v) must exceed config.INTAKE_TIMEOUT_SECONDS (%v)" $c.CLAIM_LEASE_SECONDS $c.INTAKE_TIMEOUT_SECONDS) }}
 {{- end }}
@@ -204,17 +215,20 @@ would refuse to start with exit code 2) and what the chart needs to render its o
 {{- if and $c.DD_LLMOBS_AGENTLESS_ENABLED (not .Values.secrets.DD_API_KEY) (not (include "evaljoin.isSet" $c.DD_LLMOBS_OVERRIDE_ORIGIN)) }}
 {{- fail "config.DD_LLMOBS_AGENTLESS_ENABLED=true needs the Datadog API key: set secrets.DD_API_KEY, or existingSecret" }}
 {{- end }}
-{{- if and (include "evaljoin.saslEnabled" .) (not .Values.secrets.KAFKA_SASL_PASSWORD) }}
+{{- if and (eq (toString $c.KAFKA_SASL_MECHANISM) "OAUTHBEARER") (not .Values.secrets.KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET) }}
+{{- fail "config.KAFKA_SASL_MECHANISM=OAUTHBEARER needs the client secret: set secrets.KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, or existingSecret" }}
+{{- end }}
+{{- if and (include "evaljoin.saslPassword" .) (not .Values.secrets.KAFKA_SASL_PASSWORD) }}
 {{- fail (printf "config.KAFKA_SASL_MECHANISM=%s needs a password: set secrets.KAFKA_SASL_PASSWORD, or existingSecret" $c.KAFKA_SASL_MECHANISM) }}
 {{- end }}
 {{- end }}
-{{- if and (include "evaljoin.saslEnabled" .) (not (include "evaljoin.isSet" $c.KAFKA_SASL_USERNAME)) }}
+{{- if and (include "evaljoin.saslPassword" .) (not (include "evaljoin.isSet" $c.KAFKA_SASL_USERNAME)) }}
 {{- fail (printf "config.KAFKA_SASL_MECHANISM=%s needs config.KAFKA_SASL_USERNAME" $c.KAFKA_SASL_MECHANISM) }}
 {{- end }}
 {{- if and (include "evaljoin.saslEnabled" .) (not (hasPrefix "SASL_" $c.KAFKA_SECURITY_PROTOCOL)) }}
 {{- fail (printf "config.KAFKA_SASL_MECHANISM is set but config.KAFKA_SECURITY_PROTOCOL=%s: use SASL_SSL (or SASL_PLAINTEXT)" $c.KAFKA_SECURITY_PROTOCOL) }}
 {{- end }}
-{{- $reserved := concat (keys .Values.config) (keys .Values.secrets) (list "KAFKA_GROUP_INSTANCE_ID" "EVALJOIN_SECRETS_DIR") }}
+{{- $reserved := concat (keys .Values.config) (keys .Values.secrets) (list "KAFKA_GROUP_INSTANCE_ID" "EVALJOIN_SECRETS_DIR" "EVALJOIN_POD_NAMESPACE" "EVALJOIN_POD_NAME") }}
 {{- range .Values.extraEnv }}
 {{- if has (upper .name) $reserved }}
 {{- fail (printf "extraEnv sets %s, a setting of the service: set it in config (or secrets) instead" .name) }}

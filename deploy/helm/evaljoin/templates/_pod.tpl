@@ -3,7 +3,7 @@ What the consumer container reads, shared by the workload's pods and the `helm t
 
 Every non-secret setting comes from the ConfigMap (envFrom); secrets are files in
 EVALJOIN_SECRETS_DIR; the only variables set here are those whose value is the pod's own
-(KAFKA_GROUP_INSTANCE_ID from the pod name, DD_AGENT_HOST from the node's IP) and, with
+(KAFKA_GROUP_INSTANCE_ID from the namespace and pod name, and the session timeout, DD_AGENT_HOST from the node's IP) and, with
 self-tracing on, the unified service tags ddtrace reads (from the pod's labels).
 */}}
 {{- define "evaljoin.containerEnv" -}}
@@ -19,11 +19,20 @@ env:
     value: {{ .Values.secretsMountPath | quote }}
   {{- end }}
   {{- if eq .Values.workload.kind "StatefulSet" }}
-  # Static membership: the pod's stable name is its member id in the group.
-  - name: KAFKA_GROUP_INSTANCE_ID
+  # Static membership: <namespace>-<pod name> is the member id, unique across releases sharing a group.
+  - name: EVALJOIN_POD_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
+  - name: EVALJOIN_POD_NAME
     valueFrom:
       fieldRef:
         fieldPath: metadata.name
+  - name: KAFKA_GROUP_INSTANCE_ID
+    value: "$(EVALJOIN_POD_NAMESPACE)-$(EVALJOIN_POD_NAME)"
+  # How long the broker keeps a restarting member's partitions (over the ConfigMap's value).
+  - name: KAFKA_SESSION_TIMEOUT_MS
+    value: {{ .Values.workload.sessionTimeoutMs | int | quote }}
   {{- end }}
   {{- if include "evaljoin.agentHostFromNode" . }}
   # The Datadog Agent on this pod's node.
