@@ -10,6 +10,8 @@ whose ``__exit__`` stops everything its ``__enter__`` started:
 * :mod:`localenv.intake` - ``FakeIntake``: Datadog's LLM Observability
   eval-metric intake with fault injection (stdlib HTTP server in a thread).
 * :mod:`localenv.testagent` - ``TestAgent``: Datadog's ``ddapm-test-agent``.
+* :mod:`localenv.oidc` - ``OidcProvider``: an OIDC provider issuing RS256 JWTs with the
+  client credentials grant, and their JWKS (for SASL/OAUTHBEARER).
 * :mod:`localenv.netfault` - ``NetFault``: a TCP proxy in front of any of them
   that cuts, delays, refuses, blackholes or half-opens connections on demand.
 * :mod:`localenv.ports` - ``free_port``.
