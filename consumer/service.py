@@ -49,6 +49,7 @@ HOLD_CHECK_S = 1.0  # while a stage is full, how often the loop polls (keeping i
 CONSUMER_STOP_TIMEOUT_S = 10.0  # leaving the group may wait on a rebalance; offsets are committed by then
 RECORD_OVERHEAD_BYTES = 65_536  # a record's batch framing and headers beyond MAX_MESSAGE_BYTES
 FETCH_MAX_BYTES = 52_428_800  # one fetch across partitions (Kafka's default), at least two records' worth
+REVOKE_MARGIN_MS = 5_000  # a revoke's commit after its batches finish
 PRODUCER_LINGER_MS = 5  # dead letters and reports of one batch go out together
 
 
@@ -285,6 +286,11 @@ class _ServiceContext:
                                     max_partition_fetch_bytes=s.max_message_bytes + RECORD_OVERHEAD_BYTES,
                                     fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
                                     session_timeout_ms=s.kafka_session_timeout_ms,
+                                    # A revoke waits for the batches in flight for up to SHUTDOWN_TIMEOUT_SECONDS: the
+                                    # group must wait as long before it drops this member (aiokafka's default is the
+                                    # session timeout, 10 s, which would evict a member finishing a slow delivery).
+                                    rebalance_timeout_ms=max(s.kafka_session_timeout_ms,
+                                                             int(s.shutdown_timeout_seconds * 1000) + REVOKE_MARGIN_MS),
                                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                                     request_timeout_ms=s.kafka_request_timeout_ms, **kafka_common)
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
