@@ -4,8 +4,9 @@ Every scenario (the default values and each ``ci/*-values.yaml``) is linted with
 --strict``, validated against the Kubernetes schemas of a current release (kubernetes-validate) and
 scanned by checkov. The behaviour tests read the rendered objects: what the pod is given must be
 exactly what the service's settings read, secrets stay out of the ConfigMap, selectors never move.
-The tools come from scripts/setup.sh (helm in .cache/bin, the rest in .cache/venv-chart); YAML is
-parsed there too, so the service's .venv needs nothing for these tests.
+The objects of KEDA and the Prometheus Operator are validated against those projects' own CRDs
+(tests/crds, vendored), as the API server would validate them. The tools come from
+scripts/setup.sh (helm in .cache/bin, the rest in .cache/venv-chart); YAML is parsed there too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import inspect
 import json
 import re
 import shlex
@@ -21,6 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from pydantic import SecretStr
 
@@ -33,7 +36,7 @@ TOOLS = ROOT / ".cache" / "venv-chart" / "bin"
 KUBERNETES_VERSION = "1.37.0"
 RELEASE, NAMESPACE = "evaljoin", "llmobs"
 SCENARIOS = ["default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CRDS = ROOT / "tests" / "crds"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 SETTINGS = {name.upper() for name in Settings.model_fields}
 SECRET_SETTINGS = {name.upper() for name, field in Settings.model_fields.items()
@@ -181,7 +184,80 @@ def test_manifests_are_valid_kubernetes_objects(scenario: str, tmp_path: Path) -
                rendered)
     assert done.returncode == 0, done.stdout + done.stderr
     unvalidated = set(re.findall(r"Couldn't find schema for kind (\w+)", done.stdout + done.stderr))
-    assert unvalidated == kinds(render_scenario(scenario)) & CRD_KINDS
+    assert unvalidated == kinds(render_scenario(scenario)) & {kind for _, kind in crd_schemas()}
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], tuple[bool, dict[str, Any]]]:
+    """(apiVersion, kind) -> (namespaced, openAPIV3Schema) of each served version of the vendored CRDs."""
+    found: dict[tuple[str, str], tuple[bool, dict[str, Any]]] = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        for crd in yaml_documents(path.read_text()):
+            spec = crd["spec"]
+            for version in spec["versions"]:
+                if version["served"]:
+                    schema = _as_the_api_server_validates(version["schema"]["openAPIV3Schema"])
+                    found[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = (
+                        spec["scope"] == "Namespaced", schema)
+    return found
+
+
+def _as_the_api_server_validates(schema: Any) -> Any:
+    """An OpenAPI v3 structural schema as JSON Schema, refusing unknown fields as `kubectl apply` does.
+
+    The API server's strict field validation (kubectl's default) refuses a field a CRD does not declare,
+    unless the object preserves unknown fields; `nullable` allows null; int-or-string takes either.
+    """
+    if isinstance(schema, list):
+        return [_as_the_api_server_validates(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _as_the_api_server_validates(value) for key, value in schema.items()}
+    if out.get("x-kubernetes-int-or-string"):
+        out.setdefault("type", ["integer", "string"])
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_errors(doc: dict[str, Any]) -> list[str]:
+    """What the API server would refuse in an object of a vendored CRD's kind: its schema, name and scope."""
+    namespaced, schema = crd_schemas()[(doc["apiVersion"], doc["kind"])]
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft4Validator(schema).iter_errors(doc)]
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", doc["metadata"].get("name", "")):
+        errors.append(f"metadata.name {doc['metadata'].get('name')!r} is not a DNS subdomain")
+    if namespaced != ("namespace" in doc["metadata"]):
+        errors.append("a namespaced kind needs metadata.namespace; a cluster-scoped one has none")
+    return errors
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_custom_resources_are_valid_against_their_crds(scenario: str) -> None:
+    """Every KEDA and Prometheus Operator object validates against its project's CRD, unknown fields refused."""
+    for doc in render_scenario(scenario):
+        group = doc["apiVersion"].rpartition("/")[0]
+        if "." not in group or group.endswith(".k8s.io"):
+            continue  # built in: kubernetes-validate checks it
+        assert (doc["apiVersion"], doc["kind"]) in crd_schemas(), f"no CRD vendored for {doc['kind']}"
+        assert crd_errors(doc) == [], (doc["kind"], doc["metadata"]["name"])
+
+
+def test_crd_validation_catches_what_the_api_server_refuses() -> None:
+    """The CRD check refuses a null spec, an unknown field and a wrong type, so a pass means something."""
+    auth: dict[str, Any] = {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
+                            "metadata": {"name": "evaljoin", "namespace": NAMESPACE}, "spec": None}
+    assert any("None is not of type 'object'" in e for e in crd_errors(auth))
+    auth["spec"] = {"secretTargetRef": [{"parameter": "ca", "name": "ca", "key": "ca.crt", "namespace": "x"}]}
+    assert any("'namespace' was unexpected" in e for e in crd_errors(auth))
+    scaled = one(render_scenario("keda-values.yaml"), "ScaledObject")
+    scaled["spec"]["maxReplicaCount"] = "12"
+    assert any("'12' is not of type 'integer'" in e for e in crd_errors(scaled))
+    del scaled["metadata"]["namespace"]
+    assert any("metadata.namespace" in e for e in crd_errors(scaled))
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +419,7 @@ def _materialize_secret(directory: Path, files: dict[str, str]) -> None:
 FAKE_EXISTING_SECRET = {"api-key": "fedcba9876543210fedcba9876543210", "kafka-password": "msk-password",
                         "redis-url": "rediss://default:from-vault@redis.example.internal:6380/0"}
 POD_NAME, NODE_IP = f"{RELEASE}-0", "10.1.2.3"
+PARTITIONS_3_3 = ["--set", "kafkaPartitions.spanTopic=3", "--set", "kafkaPartitions.resultTopic=3"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -395,7 +472,7 @@ def test_the_service_reads_every_value_as_given(scenario: str, tmp_path: Path,
     for name, value in values["secrets"].items():
         if value and not values["existingSecret"]:
             assert getattr(settings, name.lower()).get_secret_value() == value, name
-    if one(docs, "ConfigMap")["data"].get("DD_LLMOBS_AGENTLESS_ENABLED") == "true":
+    if one(docs, "ConfigMap", RELEASE)["data"].get("DD_LLMOBS_AGENTLESS_ENABLED") == "true":
         assert settings.dd_api_key is not None
     if any(e["name"] == "DD_AGENT_HOST" for e in container.get("env", [])):
         assert settings.dd_agent_host == NODE_IP
@@ -509,12 +586,15 @@ def test_schema_rejects_missing_unknown_and_invalid_values(args: list[str], expe
       "--set", "config.KAFKA_SASL_USERNAME=u"], "set secrets.KAFKA_SASL_PASSWORD"),
     (["--set", "config.KAFKA_SASL_MECHANISM=PLAIN", "--set", "config.KAFKA_SASL_USERNAME=u",
       "--set", "secrets.KAFKA_SASL_PASSWORD=p"], "use SASL_SSL"),
-    (["--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.hpa.enabled=true",
-      "--set", "kafkaPartitions=3"], "choose one autoscaler"),
-    (["--set", "autoscaling.keda.enabled=true"], "kafkaPartitions is required"),
-    (["--set", "autoscaling.keda.enabled=true", "--set", "kafkaPartitions=6", "--set", "autoscaling.maxReplicas=8"],
-     "is above kafkaPartitions=6"),
-    (["--set", "autoscaling.hpa.enabled=true", "--set", "kafkaPartitions=6"], "set resources.requests.cpu"),
+    (["--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.hpa.enabled=true", *PARTITIONS_3_3],
+     "choose one autoscaler"),
+    (["--set", "autoscaling.keda.enabled=true"],
+     "kafkaPartitions.spanTopic and kafkaPartitions.resultTopic are required"),
+    (["--set", "autoscaling.keda.enabled=true", "--set", "kafkaPartitions.spanTopic=3"], "are required"),
+    (["--set", "autoscaling.keda.enabled=true", *PARTITIONS_3_3, "--set", "autoscaling.maxReplicas=7"],
+     "autoscaling.maxReplicas=7 is above the 6 partitions of both topics"),
+    (["--set", "autoscaling.hpa.enabled=true", *PARTITIONS_3_3, "--set", "resources.requests.cpu=null"],
+     "set resources.requests.cpu"),
     (["--set", "terminationGracePeriodSeconds=40"], "shorter than the shutdown needs"),
     (["--set", "config.HEALTH_HOST=127.0.0.1"], "the kubelet probes the pod's IP"),
     (["--set", "extraEnv[0].name=REDIS_URL", "--set", "extraEnv[0].value=x"], "a setting of the service"),
@@ -597,7 +677,7 @@ def test_grace_period_covers_prestop_and_the_drain(scenario: str) -> None:
     docs = render_scenario(scenario)
     spec = workload(docs)["spec"]["template"]["spec"]
     container = consumer_container(docs)
-    shutdown = float(one(docs, "ConfigMap")["data"]["SHUTDOWN_TIMEOUT_SECONDS"])
+    shutdown = float(one(docs, "ConfigMap", RELEASE)["data"]["SHUTDOWN_TIMEOUT_SECONDS"])
     pre_stop = container.get("lifecycle", {}).get("preStop", {})
     assert set(pre_stop) <= {"sleep"}, "a preStop hook may only wait"
     sleep = pre_stop.get("sleep", {}).get("seconds", 0)
@@ -640,7 +720,8 @@ def test_keda_scales_on_lag_within_the_partition_count() -> None:
     assert "replicas" not in target["spec"], "the autoscaler owns the replica count"
     assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": target["kind"],
                                         "name": target["metadata"]["name"]}
-    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= values["kafkaPartitions"]
+    partitions = values["kafkaPartitions"]["spanTopic"] + values["kafkaPartitions"]["resultTopic"]
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= partitions
     assert [t["metadata"]["topic"] for t in scaled["triggers"]] == [config["SPAN_TOPIC"], config["RESULT_TOPIC"]]
     for trigger in scaled["triggers"]:
         meta = trigger["metadata"]
@@ -648,6 +729,7 @@ def test_keda_scales_on_lag_within_the_partition_count() -> None:
         assert meta["consumerGroup"] == config["KAFKA_GROUP_ID"]
         assert meta["bootstrapServers"] == config["KAFKA_BOOTSTRAP_SERVERS"]
         assert (meta["allowIdleConsumers"], meta["sasl"], meta["tls"]) == ("false", "scram_sha512", "enable")
+        assert meta["lagThreshold"] == str(values["autoscaling"]["keda"]["lagThreshold"])
     scale_down = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert scale_down["stabilizationWindowSeconds"] >= 300
     assert all(p["type"] == "Pods" and p["value"] == 1 for p in scale_down["policies"])
@@ -671,12 +753,96 @@ def test_keda_authenticates_as_the_consumer() -> None:
     assert refs["ca"] == {"parameter": "ca", "name": "kafka-cluster-ca", "key": "ca.crt"}
 
 
+def test_keda_asks_for_at_most_the_partitions_of_both_topics() -> None:
+    """One composite metric, the sum of both triggers' lag, per lagThreshold: each trigger capped at its partitions."""
+    scaled = one(render_scenario("kafka-tls-values.yaml"), "ScaledObject")["spec"]
+    modifiers = scaled["advanced"]["scalingModifiers"]
+    names = [trigger["name"] for trigger in scaled["triggers"]]
+    assert modifiers["formula"].replace(" ", "") == "+".join(names)
+    assert modifiers["metricType"] == "AverageValue"
+    assert {t["metadata"]["lagThreshold"] for t in scaled["triggers"]} == {modifiers["target"]}
+    assert all(t["metadata"]["allowIdleConsumers"] == "false" for t in scaled["triggers"])
+    assert scaled["maxReplicaCount"] == 6 + 3
+    assert "cooldownPeriod" not in scaled and "idleReplicaCount" not in scaled, "KEDA uses them only at zero"
+    assert scaled["minReplicaCount"] >= 1
+
+
+def test_round_robin_gives_work_to_as_many_replicas_as_both_topics_have_partitions() -> None:
+    """The consumer's assignor (aiokafka's default, round robin) deals both topics out together: 6+3 replicas work."""
+    from aiokafka.consumer.consumer import AIOKafkaConsumer
+    from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+
+    default = inspect.signature(AIOKafkaConsumer.__init__).parameters["partition_assignment_strategy"].default
+    assert default == (RoundRobinPartitionAssignor,)
+    assert "partition_assignment_strategy" not in (ROOT / "consumer" / "service.py").read_text()
+
+    class Cluster:
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return set(range({"spans": 6, "results": 3}[topic]))
+
+    for replicas in (4, 9, 12):
+        members = {f"m{i:02}": ConsumerProtocolMemberMetadata(0, ["spans", "results"], b"") for i in range(replicas)}
+        assignment = RoundRobinPartitionAssignor.assign(Cluster(), members)
+        busy = [m for m, a in assignment.items() if any(partitions for _, partitions in a.assignment)]
+        assert len(busy) == min(replicas, 6 + 3)
+
+
+def test_tls_with_the_systems_cas_needs_no_trigger_authentication() -> None:
+    """TLS without a CA Secret or credentials: `tls: enable` on the triggers, and no (empty) TriggerAuthentication."""
+    docs = render_scenario("kafka-tls-values.yaml")
+    assert not kinds(docs) & {"TriggerAuthentication", "ClusterTriggerAuthentication"}
+    for trigger in one(docs, "ScaledObject")["spec"]["triggers"]:
+        assert trigger["metadata"]["tls"] == "enable" and "sasl" not in trigger["metadata"]
+        assert "authenticationRef" not in trigger
+    with_ca = render_scenario("kafka-tls-values.yaml", "--set", "autoscaling.keda.caSecret.name=kafka-ca")
+    auth = one(with_ca, "TriggerAuthentication")
+    assert auth["spec"] == {"secretTargetRef": [{"parameter": "ca", "name": "kafka-ca", "key": "ca.crt"}]}
+
+
+def test_cluster_trigger_authentication_reads_secrets_in_kedas_namespace() -> None:
+    """A ClusterTriggerAuthentication is cluster-scoped, named after the namespace, and reads the named Secret."""
+    docs = render_scenario("kafka-sasl-plain-values.yaml")
+    auth = one(docs, "ClusterTriggerAuthentication")
+    assert "TriggerAuthentication" not in kinds(docs)
+    assert auth["metadata"]["name"] == f"{NAMESPACE}-{RELEASE}" and "namespace" not in auth["metadata"]
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "evaljoin-kafka-password",
+                                                "key": "password"}]
+    (username,) = auth["spec"]["env"]
+    assert username["name"] == "KAFKA_SASL_USERNAME"
+    for trigger in one(docs, "ScaledObject")["spec"]["triggers"]:
+        assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"],
+                                                "kind": "ClusterTriggerAuthentication"}
+        assert trigger["metadata"]["sasl"] == "plaintext" and "tls" not in trigger["metadata"]
+    message = helm_fails(*values_file("kafka-sasl-plain-values.yaml"), "--set", "autoscaling.keda.passwordSecret.name=")
+    assert "name that Secret in autoscaling.keda.passwordSecret" in message
+
+
+def test_keda_uses_an_existing_authentication_of_either_kind() -> None:
+    """With authentication.name the triggers refer to that object, of the kind given, and the chart makes none."""
+    docs = render_scenario("keda-values.yaml", "--set", "autoscaling.keda.authentication.name=kafka-auth",
+                           "--set", "autoscaling.keda.authentication.kind=ClusterTriggerAuthentication")
+    assert not kinds(docs) & {"TriggerAuthentication", "ClusterTriggerAuthentication"}
+    refs = [t["authenticationRef"] for t in one(docs, "ScaledObject")["spec"]["triggers"]]
+    assert refs == [{"name": "kafka-auth", "kind": "ClusterTriggerAuthentication"}] * 2
+
+
+def test_keda_fallback_holds_replicas_while_the_lag_is_unreadable() -> None:
+    """fallback.replicas set: KEDA runs that many after failureThreshold failed checks; unset: no fallback."""
+    scaled = one(render_scenario("kafka-tls-values.yaml"), "ScaledObject")["spec"]
+    assert scaled["fallback"] == {"failureThreshold": 3, "replicas": 2, "behavior": "static"}
+    assert "fallback" not in one(render_scenario("keda-values.yaml"), "ScaledObject")["spec"]
+    message = helm_fails(*values_file("kafka-tls-values.yaml"), "--set", "autoscaling.keda.fallback.replicas=10")
+    assert "autoscaling.keda.fallback.replicas=10 is outside" in message
+
+
 def test_hpa_stays_within_the_partition_count() -> None:
-    """The HPA targets the workload, stops at kafkaPartitions and scales down slowly."""
+    """The HPA targets the workload, stops at the partitions of both topics together and scales down slowly."""
     docs = render_scenario("hpa-values.yaml")
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == workload(docs)["metadata"]["name"]
-    assert hpa["minReplicas"] <= hpa["maxReplicas"] == scenario_values("hpa-values.yaml")["kafkaPartitions"]
+    partitions = scenario_values("hpa-values.yaml")["kafkaPartitions"]
+    assert hpa["minReplicas"] <= hpa["maxReplicas"] == partitions["spanTopic"] + partitions["resultTopic"]
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     assert "replicas" not in workload(docs)["spec"]
 
@@ -703,6 +869,66 @@ def test_service_monitor_scrapes_the_metrics_port() -> None:
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_pod_monitor_scrapes_the_metrics_port_as_the_service_monitors_job() -> None:
+    """The PodMonitor scrapes the consumer pods' `http` port at /metrics, naming the job as the ServiceMonitor does."""
+    docs = render_scenario("monitoring-values.yaml")
+    monitor = one(docs, "PodMonitor")["spec"]
+    pod_labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert endpoint["relabelings"][0] == {"action": "replace", "targetLabel": "job",
+                                          "replacement": one(docs, "Service")["metadata"]["name"]}
+    assert "choose one" in helm_fails(*values_file("monitoring-values.yaml"), "--set", "serviceMonitor.enabled=true")
+
+
+ALERT_SERIES_FROM_KUBE_STATE_METRICS = {"kube_pod_container_status_last_terminated_exitcode",
+                                        "kube_pod_container_status_restarts_total"}
+
+
+def test_prometheus_rule_alerts_are_the_monitors_on_emitted_series() -> None:
+    """The rule's alerts are the Datadog monitors', on series /metrics shows (kube-state-metrics' for the halt)."""
+    from tests.test_dashboards import ALERTS, monitors, prometheus_series
+
+    docs = render_scenario("monitoring-values.yaml")
+    (group,) = one(docs, "PrometheusRule")["spec"]["groups"]
+    rules = {rule["alert"]: rule for rule in group["rules"]}
+    assert set(rules) == ALERTS
+    tagged = {tag.removeprefix("alert:") for m in monitors().values() for tag in m["tags"] if tag.startswith("alert:")}
+    assert tagged == ALERTS
+    for name, rule in rules.items():
+        series = set(re.findall(r"\b([a-z_]+)\{", rule["expr"]))
+        assert series <= prometheus_series() | ALERT_SERIES_FROM_KUBE_STATE_METRICS, (name, series)
+        assert rule["expr"].count("(") == rule["expr"].count(")"), name
+        assert rule["labels"]["team"] == "llm-platform" and rule["labels"]["severity"], name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+    selector = f'namespace="{NAMESPACE}",job="{one(docs, "Service")["metadata"]["name"]}"'
+    assert selector in rules["EvaljoinDependencyRefused"]["expr"]
+    assert "> 50000" in rules["EvaljoinLagGrowing"]["expr"] and "offset 15m" in rules["EvaljoinLagGrowing"]["expr"]
+    halted = rules["EvaljoinHaltedByDlqLimit"]["expr"]
+    assert "== 3" in halted and 'container="evaljoin"' in halted
+    pods = re.search(r'pod=~"([^"]+)"', halted)
+    assert pods
+    for pod, ours in [("evaljoin-7d9f8c6b5-x2x9z", True), ("evaljoin-0", True), ("evaljoin-b-0", False),
+                      ("evaljoin-b-7d9f8c6b5-x2x9z", False)]:
+        assert bool(re.fullmatch(pods.group(1), pod)) == ours, pod
+    fewer = render_scenario("monitoring-values.yaml", "--set", "prometheusRule.alerts.haltedByDlqLimit.enabled=false")
+    assert "EvaljoinHaltedByDlqLimit" not in json.dumps(one(fewer, "PrometheusRule"))
+
+
+def test_grafana_dashboard_configmap_is_the_repositorys_dashboard() -> None:
+    """The sidecar ConfigMap carries grafana_dashboard: "1" and exactly deploy/dashboards/grafana.json."""
+    dashboard = (ROOT / "deploy" / "dashboards" / "grafana.json").read_text()
+    assert (CHART / "dashboards" / "grafana.json").read_text() == dashboard, "the chart's copy differs"
+    docs = render_scenario("monitoring-values.yaml")
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "LLM Observability"}
+    (content,) = configmap["data"].values()
+    assert json.loads(content) == json.loads(dashboard)
 
 
 def test_datadog_agent_scrapes_the_same_endpoint() -> None:
@@ -759,6 +985,19 @@ def test_every_pod_is_locked_down(scenario: str) -> None:
             assert context["runAsUser"] >= 10000
 
 
+def test_default_requests_are_the_measured_figures() -> None:
+    """Requests are set by default, limits are not, and values.yaml names the measured figures they come from."""
+    resources = consumer_container(render_scenario("default"))["resources"]
+    assert set(resources) == {"requests"} and set(resources["requests"]) == {"cpu", "memory"}
+    values = (CHART / "values.yaml").read_text()
+    comment = values[values.index("# -- Container resources."):values.index("\nresources:")]
+    performance = (ROOT / "docs" / "performance.md").read_text()
+    for figure in ("87", "82.8", "2,268"):
+        assert figure in comment and figure in performance, figure
+    assert re.search(r"service CPU ms per 1,000 evaluations\s+87\b", performance)
+    assert "max 82.8" in performance
+
+
 def test_network_policy_allows_only_dns_kafka_redis_and_datadog() -> None:
     """Egress goes only to DNS and the ports of Kafka, Redis and the Agent; ingress only to the health port."""
     docs = render_scenario("networkpolicy-values.yaml")
@@ -775,6 +1014,49 @@ def test_network_policy_allows_only_dns_kafka_redis_and_datadog() -> None:
                         "app.kubernetes.io/name": ["evaljoin", "evaljoin-check"]}
     agentless = one(render_scenario("agentless-values.yaml"), "NetworkPolicy")["spec"]["egress"]
     assert agentless[-1]["ports"] == [{"port": 443, "protocol": "TCP"}]
+
+
+def _egress_ports(docs: list[dict[str, Any]]) -> list[list[tuple[Any, str]]]:
+    policy = one(docs, "NetworkPolicy")["spec"]
+    return [sorted((p["port"], p["protocol"]) for p in rule["ports"]) for rule in policy["egress"]]
+
+
+def test_network_policy_allows_what_the_chart_turns_on() -> None:
+    """Agentless with self-tracing reaches the intake and the Agent; over the Agent's socket, no Agent port."""
+    traced = render_scenario("agentless-values.yaml", "--set", "config.DD_TRACE_ENABLED=true")
+    assert _egress_ports(traced)[-2:] == [[(443, "TCP")], [(8126, "TCP")]]
+    url = render_scenario("agentless-values.yaml", "--set", "config.DD_TRACE_ENABLED=true",
+                          "--set", "config.DD_TRACE_AGENT_URL=http://datadog-agent.datadog:8127")
+    assert _egress_ports(url)[-1] == [(8127, "TCP")]
+    socket = render_scenario("kafka-tls-values.yaml", "--set", "config.DD_TRACE_ENABLED=true")
+    assert one(socket, "ConfigMap")["data"]["DD_TRACE_AGENT_URL"].startswith("unix://")
+    assert _egress_ports(socket) == [[(53, "TCP"), (53, "UDP")], [(9093, "TCP")], [(6380, "TCP")]]
+
+
+def test_network_policy_lets_the_datadog_agent_scrape_when_autodiscovery_is_on() -> None:
+    """With metricsFrom narrowed and autodiscovery on, the Datadog Agent's pods may reach the metrics port too."""
+    docs = render_scenario("monitoring-values.yaml")
+    (ingress,) = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    values = scenario_values("monitoring-values.yaml")["networkPolicy"]
+    assert ingress["from"] == values["metricsFrom"] + values["datadogAgentFrom"]
+    assert ingress["from"][-1]["podSelector"]["matchLabels"] == {"agent.datadoghq.com/component": "agent"}
+    off = render_scenario("monitoring-values.yaml", "--set", "datadog.autodiscovery.enabled=false")
+    assert one(off, "NetworkPolicy")["spec"]["ingress"][0]["from"] == values["metricsFrom"]
+
+
+def test_agent_socket_is_mounted_read_only_from_the_node() -> None:
+    """datadog.agentSocket mounts the Agent's socket directory (hostPath) read-only and points the service at it."""
+    docs = render_scenario("kafka-tls-values.yaml")
+    spec = workload(docs)["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if "hostPath" in v]
+    assert volume["hostPath"] == {"path": "/var/run/datadog", "type": "DirectoryOrCreate"}
+    mount = next(m for m in consumer_container(docs)["volumeMounts"] if m["name"] == volume["name"])
+    assert (mount["mountPath"], mount["readOnly"]) == ("/var/run/datadog", True)
+    assert one(docs, "ConfigMap")["data"]["DD_TRACE_AGENT_URL"] == "unix:///var/run/datadog/apm.socket"
+    assert "DD_AGENT_HOST" not in {e["name"] for e in consumer_container(docs).get("env", [])}
+    named = render_scenario("kafka-tls-values.yaml", "--set", "config.DD_TRACE_AGENT_URL=unix:///run/dd/apm.sock")
+    assert one(named, "ConfigMap")["data"]["DD_TRACE_AGENT_URL"] == "unix:///run/dd/apm.sock"
+    assert not any("hostPath" in v for v in workload(render_scenario("default"))["spec"]["template"]["spec"]["volumes"])
 
 
 # -- the README's install line and the notes ----------------------------------------------------------
@@ -839,9 +1121,12 @@ def test_notes_warn_about_loopback_endpoints_and_say_what_to_check(tmp_path: Pat
 
 
 def test_notes_warn_when_replicas_exceed_partitions(tmp_path: Path) -> None:
-    """The notes say how many replicas would sit idle when replicaCount is above kafkaPartitions."""
-    notes = _notes(tmp_path, "--set", "replicaCount=5", "--set", "kafkaPartitions=3")
+    """The notes say how many replicas would sit idle: those beyond the partitions of both topics together."""
+    partitions = ["--set", "kafkaPartitions.spanTopic=3", "--set", "kafkaPartitions.resultTopic=2"]
+    notes = _notes(tmp_path / "over", "--set", "replicaCount=7", *partitions)
+    assert "replicaCount=7 is above the 5 partitions of both topics" in notes
     assert "2 replicas will hold no partition" in notes
+    assert "WARNING: replicaCount" not in _notes(tmp_path / "within", "--set", "replicaCount=5", *partitions)
 
 
 # -- the chart's own documentation ------------------------------------------------------------------

@@ -104,11 +104,27 @@ numbers are printed as integers.
 {{- if or .Values.config.DD_LLMOBS_AGENTLESS_ENABLED (include "evaljoin.isSet" .Values.config.DD_LLMOBS_OVERRIDE_ORIGIN) }}true{{ end }}
 {{- end }}
 
+{{/* The Agent's socket, when `datadog.agentSocket` mounts its directory. */}}
+{{- define "evaljoin.agentSocketUrl" -}}
+{{- if .Values.datadog.agentSocket.enabled }}
+{{- printf "unix://%s/%s" (.Values.datadog.agentSocket.hostPath | trimSuffix "/") .Values.datadog.agentSocket.socket }}
+{{- end }}
+{{- end }}
+
+{{/* The Agent's URL as the service sees it: DD_TRACE_AGENT_URL, else the mounted socket, else nothing. */}}
+{{- define "evaljoin.agentUrl" -}}
+{{- if include "evaljoin.isSet" .Values.config.DD_TRACE_AGENT_URL }}
+{{- .Values.config.DD_TRACE_AGENT_URL }}
+{{- else }}
+{{- include "evaljoin.agentSocketUrl" . }}
+{{- end }}
+{{- end }}
+
 {{/* An Agent is needed for delivery unless agentless, and for self-tracing always. */}}
 {{- define "evaljoin.agentHostFromNode" -}}
 {{- $c := .Values.config }}
 {{- $needsAgent := or (not (include "evaljoin.agentless" .)) $c.DD_TRACE_ENABLED }}
-{{- if and .Values.datadog.agentHostFromNode $needsAgent (not (include "evaljoin.isSet" $c.DD_AGENT_HOST)) (not (include "evaljoin.isSet" $c.DD_TRACE_AGENT_URL)) }}true{{ end }}
+{{- if and .Values.datadog.agentHostFromNode $needsAgent (not (include "evaljoin.isSet" $c.DD_AGENT_HOST)) (not (include "evaljoin.agentUrl" .)) }}true{{ end }}
 {{- end }}
 
 {{- define "evaljoin.saslEnabled" -}}
@@ -122,6 +138,55 @@ numbers are printed as integers.
 
 {{- define "evaljoin.kafkaTls" -}}
 {{- if has .Values.config.KAFKA_SECURITY_PROTOCOL (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{/* KEDA's name for the consumer's SASL mechanism, if it uses one. */}}
+{{- define "evaljoin.kedaSasl" -}}
+{{- if include "evaljoin.saslEnabled" . }}
+{{- get (dict "PLAIN" "plaintext" "SCRAM-SHA-256" "scram_sha256" "SCRAM-SHA-512" "scram_sha512") .Values.config.KAFKA_SASL_MECHANISM }}
+{{- end }}
+{{- end }}
+
+{{/*
+What KEDA's lag scaler needs besides the trigger's metadata, as a dict with `env` (read from the
+consumer container) and `secretTargetRef`, each present only when not empty: nothing for
+PLAINTEXT, or for TLS with the system's CAs. A TriggerAuthentication reads its Secrets in the
+release's namespace (the password from the pod's own Secret unless `passwordSecret` names one); a
+ClusterTriggerAuthentication reads them in KEDA's namespace, so each must be named.
+*/}}
+{{- define "evaljoin.kedaAuthParams" -}}
+{{- $k := .Values.autoscaling.keda }}
+{{- $cluster := eq $k.authentication.kind "ClusterTriggerAuthentication" }}
+{{- $env := list }}
+{{- $secrets := list }}
+{{- if include "evaljoin.saslEnabled" . }}
+{{- $env = append $env (dict "parameter" "username" "name" "KAFKA_SASL_USERNAME" "containerName" (include "evaljoin.name" .)) }}
+{{- $password := $k.passwordSecret }}
+{{- if $password.name }}
+{{- $secrets = append $secrets (dict "parameter" "password" "name" $password.name "key" $password.key) }}
+{{- else if and $cluster (not $k.authentication.name) }}
+{{- fail "autoscaling.keda.authentication.kind=ClusterTriggerAuthentication reads the SASL password from KEDA's own namespace: name that Secret in autoscaling.keda.passwordSecret" }}
+{{- else }}
+{{- $key := ternary .Values.existingSecretKeys.KAFKA_SASL_PASSWORD "KAFKA_SASL_PASSWORD" (not (empty .Values.existingSecret)) }}
+{{- $secrets = append $secrets (dict "parameter" "password" "name" (include "evaljoin.secretName" .) "key" $key) }}
+{{- end }}
+{{- end }}
+{{- if and (include "evaljoin.kafkaTls" .) $k.caSecret.name }}
+{{- $secrets = append $secrets (dict "parameter" "ca" "name" $k.caSecret.name "key" $k.caSecret.key) }}
+{{- end }}
+{{- $params := dict }}
+{{- with $env }}{{ $_ := set $params "env" . }}{{ end }}
+{{- with $secrets }}{{ $_ := set $params "secretTargetRef" . }}{{ end }}
+{{- toJson $params }}
+{{- end }}
+
+{{/* The name of the chart-made (Cluster)TriggerAuthentication: a cluster-wide one carries the namespace. */}}
+{{- define "evaljoin.kedaAuthName" -}}
+{{- if eq .Values.autoscaling.keda.authentication.kind "ClusterTriggerAuthentication" }}
+{{- printf "%s-%s" .Release.Namespace (include "evaljoin.fullname" .) | trunc 253 | trimSuffix "-" }}
+{{- else }}
+{{- include "evaljoin.fullname" . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -172,15 +237,29 @@ REDIS_SENTINEL_PASSWORD when their keys are named (a key that is not needed is n
 {{- end }}
 {{- end }}
 
+{{/*
+The partitions of both input topics together, or nothing when either count is unknown. The
+consumer's assignor (round robin) deals out the partitions of both topics as one list, so this
+many replicas can each hold one.
+*/}}
+{{- define "evaljoin.partitions" -}}
+{{- $p := .Values.kafkaPartitions }}
+{{- if and (not (kindIs "invalid" $p.spanTopic)) (not (kindIs "invalid" $p.resultTopic)) }}
+{{- add (int $p.spanTopic) (int $p.resultTopic) }}
+{{- end }}
+{{- end }}
+
 {{/* Autoscaling bounds, checked against the partition count. */}}
 {{- define "evaljoin.maxReplicas" -}}
 {{- $a := .Values.autoscaling }}
-{{- if kindIs "invalid" .Values.kafkaPartitions }}
-{{- fail "kafkaPartitions is required with autoscaling.keda or autoscaling.hpa: autoscalers must not add replicas beyond the partition count (set it to the partition count of the larger of SPAN_TOPIC and RESULT_TOPIC)" }}
+{{- $partitions := include "evaljoin.partitions" . }}
+{{- if not $partitions }}
+{{- fail "kafkaPartitions.spanTopic and kafkaPartitions.resultTopic are required with autoscaling.keda or autoscaling.hpa: autoscalers must not add replicas beyond the partitions of both topics together" }}
 {{- end }}
-{{- $max := int (default .Values.kafkaPartitions $a.maxReplicas) }}
-{{- if gt $max (int .Values.kafkaPartitions) }}
-{{- fail (printf "autoscaling.maxReplicas=%d is above kafkaPartitions=%d: a replica past the partition count holds no partition, and every replica added or removed rebalances the group" $max (int .Values.kafkaPartitions)) }}
+{{- $partitions = int $partitions }}
+{{- $max := int (default $partitions $a.maxReplicas) }}
+{{- if gt $max $partitions }}
+{{- fail (printf "autoscaling.maxReplicas=%d is above the %d partitions of both topics (kafkaPartitions): a replica past them holds no partition, and every replica added or removed rebalances the group" $max $partitions) }}
 {{- end }}
 {{- if lt $max (int $a.minReplicas) }}
 {{- fail (printf "autoscaling.maxReplicas=%d is below autoscaling.minReplicas=%d" $max (int $a.minReplicas)) }}
@@ -200,6 +279,9 @@ would refuse to start with exit code 2) and what the chart needs to render its o
 {{- $c := .Values.config }}
 {{- if and .Values.autoscaling.keda.enabled .Values.autoscaling.hpa.enabled }}
 {{- fail "autoscaling.keda.enabled and autoscaling.hpa.enabled are both true: choose one autoscaler" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled .Values.podMonitor.enabled }}
+{{- fail "serviceMonitor.enabled and podMonitor.enabled are both true: Prometheus would scrape each pod twice; choose one" }}
 {{- end }}
 {{- if has (toString $c.HEALTH_HOST) (list "127.0.0.1" "localhost" "::1") }}
 {{- fail (printf "config.HEALTH_HOST=%s: the kubelet probes the pod's IP, so the health server must listen on it (0.0.0.0)" $c.HEALTH_HOST) }}

@@ -67,6 +67,12 @@ volumeMounts:
     mountPath: {{ .Values.secretsMountPath }}
     readOnly: true
   {{- end }}
+  {{- if .Values.datadog.agentSocket.enabled }}
+  # The Datadog Agent's sockets (APM and DogStatsD), as its admission controller's socket mode mounts them.
+  - name: datadog-agent-socket
+    mountPath: {{ .Values.datadog.agentSocket.hostPath }}
+    readOnly: true
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -88,6 +94,12 @@ volumes:
         - key: {{ $key }}
           path: {{ $name }}
         {{- end }}
+  {{- end }}
+  {{- if .Values.datadog.agentSocket.enabled }}
+  - name: datadog-agent-socket
+    hostPath:
+      path: {{ .Values.datadog.agentSocket.hostPath }}
+      type: DirectoryOrCreate
   {{- end }}
   {{- with .Values.extraVolumes }}
   {{- toYaml . | nindent 2 }}
