@@ -71,4 +71,15 @@ if [ ! -f .cache/venv-chart/.installed ] || [ pyproject.toml -nt .cache/venv-cha
   .cache/venv-chart/bin/python -m pip install -q --disable-pip-version-check -r .cache/venv-chart/requirements.txt
   touch .cache/venv-chart/.installed
 fi
+# The image's dependencies, installed as the Dockerfile installs them (requirements.lock, every file
+# checked against its hash, into a venv without pip), so that tests/test_dockerfile.py can check that
+# the lock is consistent and matches pyproject.toml, and run the service on exactly those versions.
+if [ ! -f .cache/venv-image/.installed ] || [ requirements.lock -nt .cache/venv-image/.installed ]; then
+  echo "setup: installing requirements.lock into .cache/venv-image"
+  rm -rf .cache/venv-image
+  "$python" -m venv --without-pip .cache/venv-image
+  "$python" -m pip --python .cache/venv-image/bin/python install -q --disable-pip-version-check \
+    --require-hashes -r requirements.lock
+  touch .cache/venv-image/.installed
+fi
 echo "setup: ready"
