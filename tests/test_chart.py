@@ -11,6 +11,7 @@ scripts/setup.sh (helm in .cache/bin, the rest in .cache/venv-chart); YAML is pa
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
 import functools
@@ -20,13 +21,15 @@ import re
 import shlex
 import shutil
 import subprocess
+import traceback
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
+import consumer.config
 from consumer.config import Settings, load_settings
 
 ROOT = Path(__file__).parent.parent
@@ -37,6 +40,7 @@ KUBERNETES_VERSION = "1.37.0"
 RELEASE, NAMESPACE = "evaljoin", "llmobs"
 SCENARIOS = ["default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
 CRDS = ROOT / "tests" / "crds"
+RULES = sorted((ROOT / "tests" / "chart-rules").glob("*.yaml"))
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 SETTINGS = {name.upper() for name in Settings.model_fields}
 SECRET_SETTINGS = {name.upper() for name, field in Settings.model_fields.items()
@@ -388,7 +392,8 @@ def test_heartbeat_must_fit_three_times_in_the_session_timeout() -> None:
     """The chart refuses a heartbeat above a third of the session timeout the pods get, naming where it comes from."""
     error = helm_fails("--set", "workload.kind=StatefulSet", "--set", "workload.sessionTimeoutMs=6000",
                        "--set", "config.KAFKA_HEARTBEAT_INTERVAL_MS=3000")
-    assert "must be at most a third of the session timeout (6000, workload.sessionTimeoutMs)" in error
+    assert "KAFKA_HEARTBEAT_INTERVAL_MS (3000) must be at most a third of KAFKA_SESSION_TIMEOUT_MS (6000)" in error
+    assert "workload.sessionTimeoutMs, for a StatefulSet" in error
 
 
 def test_self_tracing_adds_exactly_the_tags_ddtrace_reads() -> None:
@@ -580,12 +585,6 @@ def test_schema_rejects_missing_unknown_and_invalid_values(args: list[str], expe
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--set", "config.CLAIM_LEASE_SECONDS=5"], "CLAIM_LEASE_SECONDS (5) must exceed"),
-    (["--set", "config.DD_LLMOBS_AGENTLESS_ENABLED=true"], "needs the Datadog API key"),
-    (["--set", "config.KAFKA_SECURITY_PROTOCOL=SASL_SSL", "--set", "config.KAFKA_SASL_MECHANISM=PLAIN",
-      "--set", "config.KAFKA_SASL_USERNAME=u"], "set secrets.KAFKA_SASL_PASSWORD"),
-    (["--set", "config.KAFKA_SASL_MECHANISM=PLAIN", "--set", "config.KAFKA_SASL_USERNAME=u",
-      "--set", "secrets.KAFKA_SASL_PASSWORD=p"], "use SASL_SSL"),
     (["--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.hpa.enabled=true", *PARTITIONS_3_3],
      "choose one autoscaler"),
     (["--set", "autoscaling.keda.enabled=true"],
@@ -602,6 +601,89 @@ def test_schema_rejects_missing_unknown_and_invalid_values(args: list[str], expe
 def test_rules_across_values_fail_with_a_readable_message(args: list[str], expected: str) -> None:
     """What the service would refuse at start (exit code 2), or the chart cannot honour, fails the render."""
     assert expected in helm_fails(*args)
+
+
+def _rule_environment(values: dict[str, Any]) -> dict[str, str]:
+    """What a pod of these values would be given (its ConfigMap and own secrets), as the chart renders them."""
+    environment: dict[str, str] = {}
+    for name, value in [*values["config"].items(), *values["secrets"].items()]:
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool):
+            environment[name] = "true" if value else "false"
+        elif isinstance(value, float) and value.is_integer():
+            environment[name] = str(int(value))
+        else:
+            environment[name] = str(value)
+    if values["workload"]["kind"] == "StatefulSet":
+        environment["KAFKA_SESSION_TIMEOUT_MS"] = str(values["workload"]["sessionTimeoutMs"])
+    return environment
+
+
+def _service_refusal(rule: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, tuple[str, int]]:
+    """The service's message for a rule file's settings, and where (file, line) it raised it."""
+    values = merge(scenario_values("default"), yaml_documents(rule.read_text())[0])
+    with monkeypatch.context() as patch:
+        for name in [*SETTINGS, SECRETS_DIR_VARIABLE]:
+            patch.delenv(name, raising=False)
+            patch.delenv(name.lower(), raising=False)
+        for name, value in _rule_environment(values).items():
+            patch.setenv(name, value)
+        with pytest.raises(ValidationError) as refused:
+            load_settings()
+    (error,) = refused.value.errors()
+    cause = error.get("ctx", {}).get("error")
+    assert isinstance(cause, ValueError), error
+    frame = traceback.extract_tb(cause.__traceback__)[-1]
+    return str(cause), (Path(frame.filename).name, frame.lineno or 0)
+
+
+def _rule_sites() -> set[tuple[str, int]]:
+    """Every `raise ValueError` of the settings' model validators and of the functions of ours they call."""
+    sites: set[tuple[str, int]] = set()
+    modules = {Path(consumer.config.__file__).name: Path(consumer.config.__file__)}
+    called: set[str] = set()
+    trees = {}
+    for path in (ROOT / "consumer").glob("*.py"):
+        trees[path.name] = ast.parse(path.read_text())
+    functions = {(name, node.name): node for name, tree in trees.items() for node in tree.body
+                 if isinstance(node, ast.FunctionDef)}
+    validators = [node for node in ast.walk(trees[next(iter(modules))]) if isinstance(node, ast.FunctionDef)
+                  and any(isinstance(d, ast.Call) and getattr(d.func, "id", "") == "model_validator"
+                          for d in node.decorator_list)]
+    queue: list[tuple[str, ast.FunctionDef]] = [(next(iter(modules)), node) for node in validators]
+    while queue:
+        module, function = queue.pop()
+        imported = {alias.asname or alias.name: f"{node.module.rpartition('.')[2]}.py"
+                    for node in ast.walk(function) if isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("consumer.") for alias in node.names}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and getattr(
+                    node.exc.func, "id", "") == "ValueError":
+                sites.add((module, node.lineno))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in called:
+                target = (imported.get(node.func.id, module), node.func.id)
+                if target in functions:
+                    called.add(node.func.id)
+                    queue.append((target[0], functions[target]))
+    return sites
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda path: path.stem)
+def test_each_rule_of_the_settings_fails_the_render_with_the_services_message(
+        rule: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A values file that breaks one of the service's rules fails `helm template` with the service's own message."""
+    message, _ = _service_refusal(rule, monkeypatch)
+    assert message in helm_fails("-f", str(rule))
+
+
+def test_the_rule_files_reach_every_rule_of_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Together the rule files make the service raise at every `raise ValueError` its settings' validators have."""
+    reached = {_service_refusal(rule, monkeypatch)[1] for rule in RULES}
+    sites = _rule_sites()
+    assert len(sites) > 25
+    assert sites - reached == set(), "rules of the settings without a file in tests/chart-rules"
+    assert reached <= sites
 
 
 # -- labels and selectors -------------------------------------------------------------------------

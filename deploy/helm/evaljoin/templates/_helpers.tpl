@@ -100,8 +100,22 @@ numbers are printed as integers.
 {{- if and (not (kindIs "invalid" .)) (ne (toString .) "") }}true{{ end }}
 {{- end }}
 
+{{/*
+How evaluations reach Datadog, as ddtrace decides it: "agentless" (DD_LLMOBS_AGENTLESS_ENABLED, else
+DD_AGENTLESS_ENABLED), "agent" (DD_LLMOBS_AGENTLESS_ENABLED=false), or "ask": the service asks the
+Agent's /info and posts through its EVP proxy, else directly when it has an API key.
+*/}}
+{{- define "evaljoin.deliveryRoute" -}}
+{{- $llmobs := .Values.config.DD_LLMOBS_AGENTLESS_ENABLED }}
+{{- if not (kindIs "invalid" $llmobs) }}
+{{- ternary "agentless" "agent" $llmobs }}
+{{- else if .Values.config.DD_AGENTLESS_ENABLED }}agentless
+{{- else }}ask
+{{- end }}
+{{- end }}
+
 {{- define "evaljoin.agentless" -}}
-{{- if or .Values.config.DD_LLMOBS_AGENTLESS_ENABLED (include "evaljoin.isSet" .Values.config.DD_LLMOBS_OVERRIDE_ORIGIN) }}true{{ end }}
+{{- if eq (include "evaljoin.deliveryRoute" .) "agentless" }}true{{ end }}
 {{- end }}
 
 {{/* The Agent's socket, when `datadog.agentSocket` mounts its directory. */}}
@@ -286,30 +300,7 @@ would refuse to start with exit code 2) and what the chart needs to render its o
 {{- if has (toString $c.HEALTH_HOST) (list "127.0.0.1" "localhost" "::1") }}
 {{- fail (printf "config.HEALTH_HOST=%s: the kubelet probes the pod's IP, so the health server must listen on it (0.0.0.0)" $c.HEALTH_HOST) }}
 {{- end }}
-{{- $session := ternary .Values.workload.sessionTimeoutMs $c.KAFKA_SESSION_TIMEOUT_MS (eq .Values.workload.kind "StatefulSet") }}
-{{- if gt (mul 3 (int $c.KAFKA_HEARTBEAT_INTERVAL_MS)) (int $session) }}
-{{- fail (printf "config.KAFKA_HEARTBEAT_INTERVAL_MS (%v) must be at most a third of the session timeout (%v, %s)" $c.KAFKA_HEARTBEAT_INTERVAL_MS $session (ternary "workload.sessionTimeoutMs" "config.KAFKA_SESSION_TIMEOUT_MS" (eq .Values.workload.kind "StatefulSet"))) }}
-{{- end }}
-{{- if le (float64 $c.CLAIM_LEASE_SECONDS) (float64 $c.INTAKE_TIMEOUT_SECONDS) }}
-{{- fail (printf "config.CLAIM_LEASE_SECONDS (%v) must exceed config.INTAKE_TIMEOUT_SECONDS (%v)" $c.CLAIM_LEASE_SECONDS $c.INTAKE_TIMEOUT_SECONDS) }}
-{{- end }}
-{{- if not .Values.existingSecret }}
-{{- if and $c.DD_LLMOBS_AGENTLESS_ENABLED (not .Values.secrets.DD_API_KEY) (not (include "evaljoin.isSet" $c.DD_LLMOBS_OVERRIDE_ORIGIN)) }}
-{{- fail "config.DD_LLMOBS_AGENTLESS_ENABLED=true needs the Datadog API key: set secrets.DD_API_KEY, or existingSecret" }}
-{{- end }}
-{{- if and (eq (toString $c.KAFKA_SASL_MECHANISM) "OAUTHBEARER") (not .Values.secrets.KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET) }}
-{{- fail "config.KAFKA_SASL_MECHANISM=OAUTHBEARER needs the client secret: set secrets.KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, or existingSecret" }}
-{{- end }}
-{{- if and (include "evaljoin.saslPassword" .) (not .Values.secrets.KAFKA_SASL_PASSWORD) }}
-{{- fail (printf "config.KAFKA_SASL_MECHANISM=%s needs a password: set secrets.KAFKA_SASL_PASSWORD, or existingSecret" $c.KAFKA_SASL_MECHANISM) }}
-{{- end }}
-{{- end }}
-{{- if and (include "evaljoin.saslPassword" .) (not (include "evaljoin.isSet" $c.KAFKA_SASL_USERNAME)) }}
-{{- fail (printf "config.KAFKA_SASL_MECHANISM=%s needs config.KAFKA_SASL_USERNAME" $c.KAFKA_SASL_MECHANISM) }}
-{{- end }}
-{{- if and (include "evaljoin.saslEnabled" .) (not (hasPrefix "SASL_" $c.KAFKA_SECURITY_PROTOCOL)) }}
-{{- fail (printf "config.KAFKA_SASL_MECHANISM is set but config.KAFKA_SECURITY_PROTOCOL=%s: use SASL_SSL (or SASL_PLAINTEXT)" $c.KAFKA_SECURITY_PROTOCOL) }}
-{{- end }}
+{{- include "evaljoin.settingsRules" . }}
 {{- $reserved := concat (keys .Values.config) (keys .Values.secrets) (list "KAFKA_GROUP_INSTANCE_ID" "EVALJOIN_SECRETS_DIR" "EVALJOIN_POD_NAMESPACE" "EVALJOIN_POD_NAME") }}
 {{- range .Values.extraEnv }}
 {{- if has (upper .name) $reserved }}
