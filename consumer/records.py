@@ -2,7 +2,7 @@
 
 A span waits in Redis for the whole join TTL (a day by default), joined or not, so its stored size
 sets the Redis bill: at 1,000 spans/s and a day's TTL, 86 million records. The stored record
-therefore leaves out what the key already says (``ml_app`` and the join key), null fields and empty
+therefore leaves out what the key already says (``ml_app``, the join key and the run), null fields and empty
 objects, and is deflated with a preset dictionary of the field names and values every record
 repeats, which is what makes deflate pay off on records of a few hundred bytes.
 
@@ -50,12 +50,12 @@ _ZDICT_V1: Final = b"".join([
     b'"source":{"topic":"llmobs.span-context","partition":',
 ])
 
-_IMPLIED: Final = ("ml_app", "join_key")
+_IMPLIED: Final = ("ml_app", "join_key", "run_id")
 _IN_SPAN_IDENTITY: Final = ("trace_id", "span_id")
 
 
 def encode(fields: dict[str, Any], *, leave_out: tuple[str, ...] = ()) -> bytes:
-    """The stored form of a side's record (its ``ml_app`` and join key are restored by :func:`decode`)."""
+    """The stored form of a side's record (its ``ml_app``, join key and run are restored by :func:`decode`)."""
     skip = _IMPLIED + leave_out
     compact = {key: value for key, value in fields.items() if key not in skip and value is not None and value != {}}
     deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 8, zlib.Z_DEFAULT_STRATEGY, _ZDICT_V1)
@@ -63,7 +63,7 @@ def encode(fields: dict[str, Any], *, leave_out: tuple[str, ...] = ()) -> bytes:
 
 
 def decode(data: bytes, ns: Namespace) -> dict[str, Any]:
-    """A stored record as the dict it was made from, with ``ml_app`` and ``join_key`` from ``ns``."""
+    """A stored record as the dict it was made from, with ``ml_app``, ``join_key`` and ``run_id`` from ``ns``."""
     if data[:1] == _V1:
         inflate = zlib.decompressobj(_WBITS, _ZDICT_V1)
         fields: dict[str, Any] = orjson.loads(inflate.decompress(data[1:]) + inflate.flush())
@@ -71,6 +71,8 @@ def decode(data: bytes, ns: Namespace) -> dict[str, Any]:
         fields = orjson.loads(data)
     fields["ml_app"] = ns.ml_app
     fields["join_key"] = ns.join_key
+    if ns.run:
+        fields["run_id"] = ns.run
     return fields
 
 
@@ -95,7 +97,8 @@ def decode_span(stored: bytes, ns: Namespace) -> dict[str, Any]:
 
 
 def key_state(ns: Namespace, *, span: bytes | None, span_joined: bool, pending: Mapping[str, bytes],
-              ledger: Mapping[str, str], being_reported: Iterable[str]) -> KeyState:
+              ledger: Mapping[str, str], being_reported: Iterable[str], replaced_span: bytes | None = None,
+              waiting: Iterable[str] = ()) -> KeyState:
     """The view of what a store holds for one join key, decoded for people to read.
 
     ``span`` is identity, "\\n", body; ``ledger`` states are as :meth:`Inspectable.delivery_state` returns them.
@@ -114,4 +117,6 @@ def key_state(ns: Namespace, *, span: bytes | None, span_joined: bool, pending: 
         ledger={eval_id: LEDGER_NAMES.get(state, "in flight" if state.startswith("c|") else state)
                 for eval_id, state in ledger.items()},
         being_reported=sorted(being_reported),
+        replaced_span=None if replaced_span is None else readable(replaced_span, decode_span),
+        waiting=sorted(waiting),
     )

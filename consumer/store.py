@@ -13,33 +13,64 @@ in memory, with the same semantics, for unit tests. Both keep records as the cal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote
 
-SpanStatus = Literal["stored", "duplicate", "conflict"]
-ResultStatus = Literal["joined", "buffered", "duplicate", "full"]  # full: too many results wait for the span
+SpanStatus = Literal["stored", "duplicate", "conflict", "replaced"]  # replaced: the key's next answer (no run)
+# waiting: buffered although a span is here, since it repeats one of that span's evaluations (no run);
+# full: too many results wait for the span
+ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full"]
 ClaimVerdict = Literal["new", "done", "busy"]
 ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
 
 
+SLOT_CHARS = 8  # an evaluation slot, and a result's digest in a span's book: hex characters of a SHA-1
+
+
 @dataclass(frozen=True)
 class Namespace:
-    """One join key inside one ml_app. Keys of different apps never collide."""
+    """One join key inside one ml_app and, when the events name one, inside one run.
+
+    Keys of different apps, or of different runs, never collide. A namespace without a run has the
+    tag (and so the Redis keys) it had before runs existed.
+    """
 
     ml_app: str
     join_key: str
+    run: str = ""
 
     @cached_property
     def tag(self) -> str:  # cached: every key of a namespace starts with it, several per record
-        return f"{quote(self.ml_app, safe='')}:{quote(self.join_key, safe='')}"
+        tag = f"{quote(self.ml_app, safe='')}:{quote(self.join_key, safe='')}"
+        return f"{tag}:{quote(self.run, safe='')}" if self.run else tag
 
     @classmethod
     def from_tag(cls, tag: str) -> Namespace:
-        app, _, key = tag.partition(":")
-        return cls(unquote(app), unquote(key))
+        app, _, rest = tag.partition(":")
+        key, _, run = rest.partition(":")
+        return cls(unquote(app), unquote(key), unquote(run))
+
+
+def evaluation_slot(label: str, tags: Mapping[str, str]) -> str:
+    """What an evaluation is of an answer: its label and tags, as :data:`SLOT_CHARS` hex characters.
+
+    Without a run, an answer (span) takes each slot once: a second result with an evaluation in a
+    slot the span already has is the evaluation of the key's next answer (see :meth:`JoinStore.put_many`).
+    """
+    canonical = "\x00".join([label, *(f"{name}\x01{value}" for name, value in sorted(tags.items()))])
+    return hashlib.sha1(canonical.encode(), usedforsecurity=False).hexdigest()[:SLOT_CHARS]
+
+
+def result_digest(event_id: str) -> str:
+    """A result's name in a span's book: the first :data:`SLOT_CHARS` hex characters of SHA-1(event_id).
+
+    The Lua scripts compute the same with ``redis.sha1hex``.
+    """
+    return hashlib.sha1(event_id.encode(), usedforsecurity=False).hexdigest()[:SLOT_CHARS]
 
 
 @dataclass(frozen=True)
@@ -61,6 +92,8 @@ class ResultOp:
     record: bytes  # records.encode(...)
     eval_ids: Sequence[str]  # a result whose every evaluation is finished is not buffered again
     deadline_ms: int
+    # evaluation_slot() of each evaluation, each once; empty in a namespace with a run, where no answer repeats
+    slots: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -114,9 +147,11 @@ class KeyState:
 
     span: Readable | None
     span_joined: bool  # a result joined the span, so its deadline passes without a report
-    pending_results: dict[str, Readable]  # event_id -> result waiting for the span
+    pending_results: dict[str, Readable]  # event_id -> result waiting for a span, or taken and not delivered
     ledger: dict[str, str]  # eval_id -> "delivered" | "dead-lettered" | "in flight"
     being_reported: list[str]  # sides the sweeper took out and reports: "s" the span, "r:<event_id>" a result
+    replaced_span: Readable | None = None  # the key's earlier answer, which the span replaced (without a run)
+    waiting: list[str] = field(default_factory=list)  # pending results no span took: they wait for the next one
 
 
 class JoinStore(Protocol):
@@ -135,13 +170,30 @@ class JoinStore(Protocol):
         """Store each span or result, or recognise it again; one reply per op, in order.
 
         Ops of one namespace take effect in the order given, as if put one by one; ops of different
-        namespaces are independent. A span that is ``stored`` or ``duplicate`` returns the results
-        waiting for it (again on a duplicate: they may not have been delivered before a crash); a
-        ``conflict`` (another span is bound to the key) is not stored. A result is ``joined`` (not
-        stored: the span came back with it), ``buffered`` until its deadline, ``duplicate`` (waiting
+        namespaces are independent. A span that is ``stored``, ``replaced`` or ``duplicate`` returns
+        the results it takes (again on a duplicate: they may not have been delivered before a
+        crash); a ``conflict`` (another span is bound to the key) is not stored. A result is
+        ``joined`` (not stored: the span came back with it), ``buffered`` until its deadline (no span
+        is here), ``waiting`` (buffered while a span is here: see below), ``duplicate`` (waiting
         already, or all its evaluations are finished), or ``full``: the key already has as many
-        results waiting as the store allows, and it is not stored. Stored and duplicate sides are in
-        the deadline index no earlier than their ``deadline_ms``.
+        results waiting as the store allows, and it is not stored. Stored, replaced and duplicate
+        sides are in the deadline index no earlier than their ``deadline_ms``.
+
+        A result op with ``slots`` (a namespace without a run, where one join key may name one answer
+        after another) follows the repeated-key rule; one without (a run names the answer) joins
+        whatever span is bound to its key:
+
+        - A span takes each slot once. A result joins the span if none of its slots is taken on it
+          and no result that waits for a span holds one of them; else it is the evaluation of the
+          key's next answer and is ``waiting``. A result the span (or the span it replaced) took
+          before joins that span again, whatever came since.
+        - A span arriving takes the waiting results whose slots no other waiting result shares
+          (two that share one cannot be told apart: they keep waiting, until their deadline).
+        - A different span for a key whose span took at least one result is the key's next answer:
+          it ``replaced`` that span, which is kept (with what it took) until the new one's deadline
+          so that its results, redelivered, still join it. A different span for a key whose span
+          took none is a ``conflict``: which of the two a later result is for cannot be told. So
+          is one whose replaced span still has taken results waiting to be delivered.
         """
         ...
 

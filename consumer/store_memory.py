@@ -11,22 +11,80 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from consumer import records, store
-from consumer.store import DueSide, ExpireOutcome, KeyState, Namespace, ResultOp, ResultPut, Settle, SpanOp, SpanPut
+from consumer.store import (
+    DueSide,
+    ExpireOutcome,
+    KeyState,
+    Namespace,
+    ResultOp,
+    ResultPut,
+    Settle,
+    SpanOp,
+    SpanPut,
+    result_digest,
+)
+
+
+@dataclass
+class _Span:
+    """A stored span (the Redis key ``s``, or ``o`` for the span it replaced)."""
+
+    stored: bytes  # identity, "\n", body
+    # "0": no result joined it (at its deadline it is reported); "1": results joined it, no book (a run);
+    # "b": results joined it, and the book says which
+    flag: str
+    book: list[tuple[str, str]] = field(default_factory=list)  # (slot, result digest) per slot of each taken
+
+    def took(self, digest: str) -> bool:
+        return any(ev == digest for _, ev in self.book)
+
+    def holds(self, slot: str) -> bool:
+        return any(taken == slot for taken, _ in self.book)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    slots: tuple[str, ...] | None  # None: stored without (a namespace with a run)
+    record: bytes
 
 
 @dataclass
 class _Key:
-    """What one namespace holds (the Redis keys ``s``, ``r``, ``x`` and ``d`` of its tag)."""
+    """What one namespace holds (the Redis keys ``s``, ``o``, ``r``, ``x`` and ``d`` of its tag)."""
 
-    span: bytes | None = None  # identity, "\n", body
-    joined: bool = False  # a result met the span: at its deadline it is dropped, not reported
-    pending: dict[str, bytes] = field(default_factory=dict)  # event_id -> record waiting for the span
+    span: _Span | None = None
+    replaced: _Span | None = None  # the span the current one replaced, with its book
+    pending: dict[str, _Pending] = field(default_factory=dict)  # results waiting for a span, or taken by one
     expiring: dict[str, bytes] = field(default_factory=dict)  # "s" | "r:<event_id>" -> copy being reported
     ledger: dict[str, str] = field(default_factory=dict)  # eval_id -> "d" | "x" | "c|owner|lease_until_ms"
+
+    def taken_by(self, span: _Span | None, *, plain: bool) -> dict[str, bytes]:
+        """Pending results ``span`` took (by its book); with ``plain``, also every one stored without slots."""
+        return {event_id: p.record for event_id, p in self.pending.items()
+                if (p.slots is None and plain) or (p.slots is not None and span is not None
+                                                   and span.took(result_digest(event_id)))}
+
+    def waiting(self) -> list[tuple[str, _Pending]]:
+        """Pending results with slots that neither the span nor the one it replaced took."""
+        return [(event_id, p) for event_id, p in self.pending.items() if p.slots is not None
+                and not any(s is not None and s.took(result_digest(event_id)) for s in (self.span, self.replaced))]
+
+
+def _take(candidates: list[tuple[str, _Pending]]) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+    """What a span arriving takes of the waiting results (those whose slots no other one shares), and its book."""
+    count = Counter(slot for _, p in candidates for slot in p.slots or ())
+    taken: dict[str, bytes] = {}
+    book: list[tuple[str, str]] = []
+    for event_id, p in candidates:
+        if all(count[slot] == 1 for slot in p.slots or ()):
+            taken[event_id] = p.record
+            book += [(slot, result_digest(event_id)) for slot in p.slots or ()]
+    return taken, book
 
 
 class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
@@ -61,33 +119,71 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
     def _put_span(self, op: SpanOp) -> SpanPut:
         k = self._key(op.ns)
         prefix = op.identity.encode() + b"\n"
+        stored = prefix + op.record
         if k.span is None:
             if k.expiring.get("s", b"").startswith(prefix):  # the sweeper is reporting this very span
                 self._enter(op.ns, None, op.deadline_ms)
                 return SpanPut("duplicate", {})
-            k.span, k.joined = prefix + op.record, bool(k.pending)
+            out = k.taken_by(None, plain=True)  # results without slots: all of them
+            taken, book = _take(k.waiting())
+            out.update(taken)
+            k.span, k.replaced = _Span(stored, "b" if book else "1" if out else "0", book), None
             self._enter(op.ns, None, op.deadline_ms)
-            return SpanPut("stored", dict(k.pending))
-        if not k.span.startswith(prefix):
-            return SpanPut("conflict", {}, k.span)
+            return SpanPut("stored", out)
+        span, old = k.span, k.replaced
+        if span.stored.startswith(prefix):
+            self._enter(op.ns, None, op.deadline_ms)
+            return SpanPut("duplicate", k.taken_by(span, plain=True))
+        if old is not None and old.stored.startswith(prefix):
+            self._enter(op.ns, None, op.deadline_ms)
+            return SpanPut("duplicate", k.taken_by(old, plain=False))
+        if span.flag != "b" or (old is not None and k.taken_by(old, plain=False)):
+            return SpanPut("conflict", {}, span.stored)
+        taken, book = _take(k.waiting())  # what the one it replaced took is not waiting (and never is again)
+        k.span, k.replaced = _Span(stored, "b" if book else "0", book), span
         self._enter(op.ns, None, op.deadline_ms)
-        return SpanPut("duplicate", dict(k.pending))
+        return SpanPut("replaced", taken)
+
+    def _known(self, k: _Key, op: ResultOp) -> bool:
+        """Waiting already (or being reported), or delivered (or dead-lettered) in full."""
+        settled = bool(op.eval_ids) and all(k.ledger.get(eval_id) in ("d", "x") for eval_id in op.eval_ids)
+        return op.event_id in k.pending or f"r:{op.event_id}" in k.expiring or settled
 
     def _put_result(self, op: ResultOp) -> ResultPut:
         k = self._key(op.ns)
-        if k.span is not None:
-            k.joined = True
-            return ResultPut("joined", k.span)
-        seen = op.event_id in k.pending or f"r:{op.event_id}" in k.expiring
-        settled = bool(op.eval_ids) and all(k.ledger.get(eval_id) in ("d", "x") for eval_id in op.eval_ids)
-        if seen or settled:
+        slots = tuple(op.slots)
+        span = k.span
+        if span is not None:
+            if not slots or span.flag == "1":  # a run names the answer, or the span predates books
+                if span.flag == "0":
+                    span.flag = "1"
+                return ResultPut("joined", span.stored)
+            digest = result_digest(op.event_id)
+            if span.took(digest):
+                return ResultPut("joined", span.stored)
+            if k.replaced is not None and k.replaced.took(digest):
+                return ResultPut("joined", k.replaced.stored)
+            if self._known(k, op):
+                self._enter(op.ns, op.event_id, op.deadline_ms)
+                return ResultPut("duplicate")
+            if not any(span.holds(slot) for slot in slots) and not any(
+                    set(p.slots or ()) & set(slots) for _, p in k.waiting()):
+                span.flag = "b"
+                span.book += [(slot, digest) for slot in slots]
+                return ResultPut("joined", span.stored)
+            return self._buffer(k, op, slots, "waiting")  # for the key's next answer
+        if self._known(k, op):
             self._enter(op.ns, op.event_id, op.deadline_ms)
             return ResultPut("duplicate")
+        return self._buffer(k, op, slots or None, "buffered")
+
+    def _buffer(self, k: _Key, op: ResultOp, slots: tuple[str, ...] | None,
+                status: store.ResultStatus) -> ResultPut:
         if self._max_pending and len(k.pending) >= self._max_pending:
             return ResultPut("full")
-        k.pending[op.event_id] = op.record
+        k.pending[op.event_id] = _Pending(slots, op.record)
         self._enter(op.ns, op.event_id, op.deadline_ms)
-        return ResultPut("buffered")
+        return ResultPut(status)
 
     async def claim_many(self, requests: Sequence[tuple[Namespace, Sequence[str]]], *, owner: str, now_ms: int,
                          lease_ms: int) -> list[list[store.ClaimVerdict]]:
@@ -133,19 +229,23 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
                 return ExpireOutcome("report", k.expiring["s"])
             if k.span is None:
                 return ExpireOutcome("gone")
-            span, k.span = k.span, None
-            if k.joined:
+            span, k.span, k.replaced = k.span, None, None
+            if span.flag != "0":
                 return ExpireOutcome("dropped")
-            k.expiring["s"] = span
-            return ExpireOutcome("report", span)
+            k.expiring["s"] = span.stored
+            return ExpireOutcome("report", span.stored)
         copy = f"r:{side.event_id}"
         if copy in k.expiring:
             return ExpireOutcome("report", k.expiring[copy])
-        if side.event_id not in k.pending:
+        pending = k.pending.get(side.event_id)
+        if pending is None:
             return ExpireOutcome("gone")
         if k.span is not None:
-            return ExpireOutcome("busy")
-        k.expiring[copy] = k.pending.pop(side.event_id)
+            # Without slots (a run names the answer), the span here took it; with slots, only if a book says so.
+            digest = result_digest(side.event_id)
+            if pending.slots is None or any(s is not None and s.took(digest) for s in (k.span, k.replaced)):
+                return ExpireOutcome("busy")
+        k.expiring[copy] = k.pending.pop(side.event_id).record
         return ExpireOutcome("report", k.expiring[copy])
 
     async def forget(self, side: DueSide) -> None:
@@ -182,8 +282,12 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
 
     async def lookup(self, ns: Namespace) -> KeyState:
         k = self._keys.get(ns, _Key())
-        return records.key_state(ns, span=k.span, span_joined=k.span is not None and k.joined, pending=k.pending,
-                               ledger=k.ledger, being_reported=k.expiring)
+        return records.key_state(ns, span=None if k.span is None else k.span.stored,
+                                 span_joined=k.span is not None and k.span.flag != "0",
+                                 pending={event_id: p.record for event_id, p in k.pending.items()}, ledger=k.ledger,
+                                 being_reported=k.expiring,
+                                 replaced_span=None if k.replaced is None else k.replaced.stored,
+                                 waiting=[event_id for event_id, _ in k.waiting()])
 
     async def census(self) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}

@@ -5,11 +5,15 @@ safely. Every key of one join key shares a hash tag, so each script touches a si
 same code runs on a Redis Cluster. Deadlines live in sharded sorted sets (the deadline index), swept
 in batches by :mod:`consumer.expiry`; keyspace notifications are never used.
 
-Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}`` (both percent-encoded):
+Keys, for ``prefix`` (default ``evj``) and tag ``{<ml_app>:<join key>}``, or ``{<ml_app>:<join key>:<run>}``
+when the events name a run (each part percent-encoded):
 
 ========================  =====================================================================
-``prefix:{tag}:s``        the span: string ``<joined 0|1><trace_id:span_id>\\n<body>``
-``prefix:{tag}:r``        results waiting for the span: hash event_id -> record
+``prefix:{tag}:s``        the span: string ``<joined 0|1><trace_id:span_id>\\n<body>``, or, once results
+                          joined it without a run, ``b<book>\\x1e<trace_id:span_id>\\n<body>`` (lua/book.lua)
+``prefix:{tag}:r``        results waiting for a span, or taken and not delivered: hash event_id -> record
+                          (``\\x02<slots>\\x1e<record>`` without a run)
+``prefix:{tag}:o``        the span the current one replaced (the key's earlier answer, without a run), as ``s``
 ``prefix:{tag}:d``        delivery ledger: hash eval_id -> ``d`` | ``x`` | ``c|owner|lease_until``
 ``prefix:{tag}:x``        sides whose deadline passed, kept until their report is published
 ``prefix:{dlN}:idx``      deadline index shard N: sorted set member -> deadline (ms)
@@ -37,6 +41,7 @@ from redis.commands.core import AsyncScript
 from consumer import records
 from consumer.errors import redis_errors
 from consumer.store import (
+    SLOT_CHARS,
     ClaimVerdict,
     DueSide,
     ExpireOutcome,
@@ -47,6 +52,7 @@ from consumer.store import (
     Settle,
     SpanOp,
     SpanPut,
+    result_digest,
 )
 
 RedisClient = Redis | RedisCluster
@@ -171,6 +177,29 @@ def _counted(values: Sequence[str]) -> list[Any]:
     return [len(values), *values]
 
 
+def _parse_span(stored: bytes | None) -> tuple[bytes, bytes, bytes | None]:
+    """A stored span (lua/book.lua's parse_span): its flag, its book, and identity, "\\n", body."""
+    if stored is None:
+        return b"", b"", None
+    if stored[:1] != b"b":
+        return stored[:1], b"", stored[1:]
+    book, _, rest = stored[1:].partition(b"\x1e")
+    return b"b", book, rest
+
+
+def _parse_pending(value: bytes) -> tuple[bytes | None, bytes]:
+    """A pending value (lua/book.lua's parse_pending): its slots (None if stored without) and the record."""
+    if value[:1] != b"\x02":
+        return None, value
+    slots, _, record = value[1:].partition(b"\x1e")
+    return slots, record
+
+
+def _book_results(book: bytes) -> set[bytes]:
+    """The digests of the results a book names."""
+    return {book[i + SLOT_CHARS:i + 2 * SLOT_CHARS] for i in range(0, len(book), 2 * SLOT_CHARS)}
+
+
 def _member(op: SpanOp | ResultOp) -> str:
     """A side's name in the deadline index: what :meth:`RedisJoinStore.due` reads back into a :class:`DueSide`."""
     return f"s{_SEP}{op.ns.tag}" if isinstance(op, SpanOp) else f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
@@ -235,7 +264,7 @@ class RedisJoinStore:
         return f"{self._prefix}:{{dl{shard}}}:lock"
 
     def _side_keys(self, ns: Namespace) -> list[str]:
-        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x")]
+        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x"), self._key(ns, "o")]
 
     async def _index_many(self, entries: Sequence[tuple[Namespace, str, int]]) -> None:
         """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
@@ -328,15 +357,16 @@ class RedisJoinStore:
         """put_batch.lua's ARGV keys_per_side and max_pending, and per side its KEYS and ARGV."""
         items = []
         for op in ops:
-            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]  # span, pending, expiring, ledger
+            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]  # span, pending, expiring, replaced, ledger
             if with_index:
                 keys.append(self.index_key(self.shard_of(op.ns)))
             if isinstance(op, SpanOp):
                 args: list[Any] = ["s", op.identity, op.record, op.deadline_ms, _member(op)]
             else:
-                args = ["r", op.event_id, op.record, op.deadline_ms, _member(op), *_counted(op.eval_ids)]
+                args = ["r", op.event_id, op.record, op.deadline_ms, _member(op), *_counted(op.eval_ids),
+                        "".join(op.slots)]
             items.append(_Item(op.ns, keys, args))
-        return [5 if with_index else 4, self._max_pending], items
+        return [6 if with_index else 5, self._max_pending], items
 
     # -- delivery ledger -------------------------------------------------------------------------
 
@@ -423,12 +453,21 @@ class RedisJoinStore:
 
     async def lookup(self, ns: Namespace) -> KeyState:
         stored: bytes | None = await self._bounded(self._client.get(self._key(ns, "s")))
+        replaced: bytes | None = await self._bounded(self._client.get(self._key(ns, "o")))
         pending, ledger, expiring = [
             {k.decode(): v for k, v in (await self._bounded(self._client.hgetall(self._key(ns, suffix)))).items()}
             for suffix in ("r", "d", "x")]
-        return records.key_state(ns, span=None if stored is None else stored[1:],
-                               span_joined=stored is not None and stored[:1] == b"1", pending=pending,
-                               ledger={k: v.decode() for k, v in ledger.items()}, being_reported=expiring)
+        flag, book, span = _parse_span(stored)
+        _, replaced_book, replaced_span = _parse_span(replaced)
+        taken = _book_results(book + replaced_book)
+        waiting = []
+        for event_id, value in list(pending.items()):
+            slots, pending[event_id] = _parse_pending(value)
+            if slots is not None and result_digest(event_id).encode() not in taken:
+                waiting.append(event_id)
+        return records.key_state(ns, span=span, span_joined=flag in (b"1", b"b"), pending=pending,
+                                 ledger={k: v.decode() for k, v in ledger.items()}, being_reported=expiring,
+                                 replaced_span=replaced_span, waiting=waiting)
 
     async def census(self) -> dict[str, dict[str, int]]:
         """Scans every key of the prefix."""

@@ -7,6 +7,7 @@ the fake behaves as the real thing does.
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from consumer.store import (
     Settle,
     SpanOp,
     SpanPut,
+    evaluation_slot,
 )
 from consumer.store_memory import MemoryJoinStore
 from consumer.store_redis import ITEMS_PER_CALL, RedisJoinStore, connect
@@ -72,8 +74,8 @@ async def put_span(store: Store, ns: Namespace, identity: str, record: bytes, de
 
 
 async def put_result(store: Store, ns: Namespace, event_id: str, record: bytes, eval_ids: list[str],
-                     deadline_ms: int) -> ResultPut:
-    (put,) = await store.put_many([ResultOp(ns, event_id, record, eval_ids, deadline_ms)])
+                     deadline_ms: int, *, slots: list[str] | None = None) -> ResultPut:
+    (put,) = await store.put_many([ResultOp(ns, event_id, record, eval_ids, deadline_ms, slots or ())])
     assert isinstance(put, ResultPut)
     return put
 
@@ -363,3 +365,195 @@ async def test_census_counts_buffered_sides_per_ml_app(store: Store) -> None:
     (side,) = await all_due(store, 5_000)
     await store.expire(side)
     assert await store.census() == {"one": {"spans": 1, "results": 0}, "two": {"spans": 0, "results": 3}}
+
+
+# -- a join key answered again, without a run ---------------------------------------------------------
+
+QA = evaluation_slot("quality_assessment", {})
+OTHER_LABEL = evaluation_slot("toxicity", {})
+
+# The two runs of an evaluation over the same dataset question: spans s1, s2 (the app's answers), results
+# r1, r2 (the judge's scores of them, each in the same slot). Each topic keeps its own order; these are
+# all the ways the two topics can interleave.
+ORDERS = {
+    "s1 s2 r1 r2": ({"r1": "t:1"}, {"s2": "conflict", "r2": "waiting"}),
+    "s1 r1 s2 r2": ({"r1": "t:1", "r2": "t:2"}, {"s2": "replaced"}),
+    "s1 r1 r2 s2": ({"r1": "t:1", "r2": "t:2"}, {"r2": "waiting", "s2": "replaced"}),
+    "r1 s1 s2 r2": ({"r1": "t:1", "r2": "t:2"}, {"s2": "replaced"}),
+    "r1 s1 r2 s2": ({"r1": "t:1", "r2": "t:2"}, {"r2": "waiting", "s2": "replaced"}),
+    "r1 r2 s1 s2": ({}, {"s2": "conflict"}),
+}
+
+
+async def play(store: Store, order: str, *, run: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """Put the sides of ``order``, one call each: (result -> identity of the span it was attached to, statuses)."""
+    attached: dict[str, str] = {}
+    statuses: dict[str, str] = {}
+    for side in order.split():
+        ns = Namespace("app", "q-1", f"run-{side[1]}" if run else "")
+        if side.startswith("s"):
+            put = await put_span(store, ns, f"t:{side[1]}", b"SPAN", 10_000)
+            statuses[side] = put.status
+            attached.update(dict.fromkeys(put.pending, f"t:{side[1]}"))
+        else:
+            result = await put_result(store, ns, side, b"R", [f"v-{side}"], 10_000, slots=[] if run else [QA])
+            statuses[side] = result.status
+            if result.span is not None:
+                attached[side] = result.span.split(b"\n")[0].decode()
+    return attached, statuses
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+async def test_two_answers_of_one_key_never_swap_evaluations(store: Store, order: str) -> None:
+    """However the two runs interleave, a result is attached to its own answer's span or to none (it waits)."""
+    attached, statuses = await play(store, order)
+    expected_attached, expected_statuses = ORDERS[order]
+    assert attached == expected_attached
+    assert {side: statuses[side] for side in expected_statuses} == expected_statuses
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+async def test_with_a_run_every_order_attaches_each_result_to_its_answer(store: Store, order: str) -> None:
+    """With the run in the namespace, each run's key is its own: every order gives r1 on s1 and r2 on s2."""
+    attached, _ = await play(store, order, run=True)
+    assert attached == {"r1": "t:1", "r2": "t:2"}
+
+
+async def test_a_batch_puts_a_repeated_key_as_one_by_one(store: Store) -> None:
+    """The sides of both runs in one put_many give the statuses they give one call at a time."""
+    ops: list[SpanOp | ResultOp] = [SpanOp(NS, "t:1", b"S1", 10_000), ResultOp(NS, "r1", b"R1", ["v1"], 10_000, [QA]),
+                                    ResultOp(NS, "r2", b"R2", ["v2"], 10_000, [QA]), SpanOp(NS, "t:2", b"S2", 10_000)]
+    puts = await store.put_many(ops)
+    assert [put.status for put in puts] == ["stored", "joined", "waiting", "replaced"]
+    assert puts[3].pending == {"r2": b"R2"}  # type: ignore[union-attr]
+
+
+async def test_an_evaluation_of_another_label_still_joins_the_current_answer(store: Store) -> None:
+    """A late result whose slots the span does not have yet joins it, as late results always have."""
+    await put_span(store, NS, "t:1", b"S", 10_000)
+    assert (await put_result(store, NS, "r1", b"R", ["v1"], 10_000, slots=[QA])).status == "joined"
+    assert (await put_result(store, NS, "r1b", b"R", ["v1b"], 10_000, slots=[OTHER_LABEL])).status == "joined"
+    assert (await put_result(store, NS, "r2", b"R", ["v2"], 10_000, slots=[QA, OTHER_LABEL])).status == "waiting"
+
+
+async def test_redelivered_sides_join_the_span_that_took_them(store: Store) -> None:
+    """After a replacement, each side of either answer put again joins (or is) its own span, nothing else."""
+    await put_span(store, NS, "t:1", b"S1", 10_000)
+    await put_result(store, NS, "r1", b"R1", ["v1"], 10_000, slots=[QA])
+    assert (await put_span(store, NS, "t:2", b"S2", 10_000)).status == "replaced"
+    await put_result(store, NS, "r2", b"R2", ["v2"], 10_000, slots=[QA])
+    assert (await put_result(store, NS, "r1", b"R1", ["v1"], 10_000, slots=[QA])).span == b"t:1\nS1"
+    assert (await put_result(store, NS, "r2", b"R2", ["v2"], 10_000, slots=[QA])).span == b"t:2\nS2"
+    assert (await put_span(store, NS, "t:1", b"S1", 10_000)).status == "duplicate"
+    assert (await put_span(store, NS, "t:2", b"S2", 10_000)).status == "duplicate"
+    state = await store.lookup(NS)
+    assert (state.span, state.replaced_span) == ("t:2\nS2", "t:1\nS1")  # not records: shown as text
+
+
+async def test_a_span_returns_again_only_the_results_it_took(store: Store) -> None:
+    """A redelivered span gets back what it took and is not delivered yet, never a result that waits for the next."""
+    await put_result(store, NS, "r1", b"R1", ["v1"], 10_000, slots=[QA])
+    assert (await put_span(store, NS, "t:1", b"S1", 10_000)).pending == {"r1": b"R1"}
+    assert (await put_result(store, NS, "r2", b"R2", ["v2"], 10_000, slots=[QA])).status == "waiting"
+    assert (await put_span(store, NS, "t:1", b"S1", 10_000)).pending == {"r1": b"R1"}
+    await store.settle_many([Settle(NS, delivered=["v1"], drop_event_ids=["r1"])])
+    assert (await put_span(store, NS, "t:1", b"S1", 10_000)).pending == {}
+    assert (await put_span(store, NS, "t:2", b"S2", 10_000)) == SpanPut("replaced", {"r2": b"R2"})
+
+
+async def test_a_third_answer_waits_until_the_first_ones_results_are_delivered(store: Store) -> None:
+    """A span replacing one that itself replaced a span with undelivered results is a conflict until they are."""
+    await put_result(store, NS, "r1", b"R1", ["v1"], 10_000, slots=[QA])
+    await put_span(store, NS, "t:1", b"S1", 10_000)  # takes r1, which stays pending until delivered
+    await put_result(store, NS, "r2", b"R2", ["v2"], 10_000, slots=[QA])
+    assert (await put_span(store, NS, "t:2", b"S2", 10_000)).status == "replaced"
+    assert (await put_span(store, NS, "t:3", b"S3", 10_000)) == SpanPut("conflict", {}, b"t:2\nS2")
+    await store.settle_many([Settle(NS, delivered=["v1"], drop_event_ids=["r1"])])
+    assert (await put_span(store, NS, "t:3", b"S3", 10_000)).status == "replaced"
+
+
+async def test_a_result_waiting_for_the_next_answer_is_reported_at_its_deadline(store: Store) -> None:
+    """A waiting result whose answer never came is reported although a span is here; one a span took is busy."""
+    await put_result(store, NS, "r1", b"R1", ["v1"], 1_000, slots=[QA])
+    await put_span(store, NS, "t:1", b"S1", 50_000)
+    await put_result(store, NS, "r2", b"R2", ["v2"], 2_000, slots=[QA])
+    outcomes = {side.event_id: await store.expire(side) for side in await all_due(store, 5_000)}
+    assert outcomes == {"r1": ExpireOutcome("busy"), "r2": ExpireOutcome("report", b"R2")}
+
+
+async def test_results_that_cannot_be_told_apart_are_taken_by_no_span(store: Store) -> None:
+    """Two results of one slot waiting when a span comes: neither is attached; both are reported at their deadline."""
+    await put_result(store, NS, "r1", b"R1", ["v1"], 1_000, slots=[QA])
+    await put_result(store, NS, "r2", b"R2", ["v2"], 1_000, slots=[QA])
+    await put_result(store, NS, "r3", b"R3", ["v3"], 1_000, slots=[OTHER_LABEL])
+    assert (await put_span(store, NS, "t:1", b"S1", 50_000)).pending == {"r3": b"R3"}
+    assert (await put_result(store, NS, "r4", b"R4", ["v4"], 1_000, slots=[QA])).status == "waiting"
+    verdicts = {side.event_id: (await store.expire(side)).verdict for side in await all_due(store, 5_000)}
+    assert verdicts == {"r1": "report", "r2": "report", "r3": "busy", "r4": "report"}
+
+
+async def test_lookup_names_the_replaced_span_and_the_waiting_results(store: Store) -> None:
+    """inspect shows the answer the span replaced and the results that wait for the key's next answer."""
+    await put_span(store, NS, records.span_identity("abc", "1"), records.encode_span({}), 10_000)
+    await put_result(store, NS, "r1", records.encode(result_fields("r1")), ["v1"], 10_000, slots=[QA])
+    await put_span(store, NS, records.span_identity("abc", "2"), records.encode_span({}), 10_000)
+    await put_result(store, NS, "r2", records.encode(result_fields("r2")), ["v2"], 10_000, slots=[QA])
+    await put_result(store, NS, "r3", records.encode(result_fields("r3")), ["v3"], 10_000, slots=[QA])
+    state = await store.lookup(NS)
+    implied = {"ml_app": "app", "join_key": "q-1"}
+    assert state.span == {"trace_id": "abc", "span_id": "2", **implied} and state.span_joined
+    assert state.replaced_span == {"trace_id": "abc", "span_id": "1", **implied}
+    assert (state.waiting, list(state.pending_results)) == (["r3"], ["r3"])
+
+
+async def test_a_run_is_part_of_the_namespace_and_of_its_records(store: Store) -> None:
+    """A namespace with a run keeps its own keys, and records read back carry the run."""
+    scoped = Namespace("app", "q-1", "nightly-2")
+    assert Namespace.from_tag(scoped.tag) == scoped and Namespace.from_tag(NS.tag) == NS
+    await put_span(store, NS, "t:1", b"S", 10_000)
+    await put_result(store, scoped, "e1", records.encode(result_fields("e1")), ["v1"], 10_000)
+    assert (await store.lookup(scoped)).pending_results == {"e1": {**result_fields("e1"), "ml_app": "app",
+                                                                   "join_key": "q-1", "run_id": "nightly-2"}}
+    assert (await store.lookup(NS)).pending_results == {}
+
+
+async def test_the_memory_store_answers_random_sequences_as_redis_does(redis_server: Any) -> None:
+    """Random sequences of spans, results, deliveries and expiries on one key get the same replies from both."""
+    client = await connect(redis_server.url)
+    rng = random.Random(20260105)
+    try:
+        for sequence in range(60):
+            redis_store = RedisJoinStore(client, prefix=f"diff{sequence}{uuid.uuid4().hex[:6]}", shards=1,
+                                         ledger_retention_ms=600_000, max_pending_results=4)
+            memory_store = MemoryJoinStore(shards=1, max_pending_results=4)
+            ns = Namespace("app", "q", "run" if sequence % 5 == 0 else "")
+            for step in range(25):
+                action = rng.choice(["span", "result", "result", "settle", "expire"])
+                if action == "span":
+                    n = rng.randint(1, 3)
+                    ops: list[SpanOp | ResultOp] = [SpanOp(ns, f"t:{n}", f"S{n}".encode(), rng.randint(1, 9) * 1000)]
+                elif action == "result":
+                    n = rng.randint(1, 6)
+                    slots = [] if ns.run else sorted(rng.sample([QA, OTHER_LABEL], rng.randint(1, 2)))
+                    ops = [ResultOp(ns, f"e{n}", f"R{n}".encode(), [f"v{n}"], rng.randint(1, 9) * 1000, slots)]
+                else:
+                    ops = []
+                what = f"sequence {sequence}, step {step}: {action} {ops}"
+                if ops:
+                    assert await memory_store.put_many(ops) == await redis_store.put_many(ops), what
+                elif action == "settle":
+                    n = rng.randint(1, 6)
+                    settle = [Settle(ns, delivered=[f"v{n}"], drop_event_ids=[f"e{n}"])]
+                    await memory_store.settle_many(settle)
+                    await redis_store.settle_many(settle)
+                else:
+                    now = rng.randint(1, 9) * 1000
+                    due_memory, due_redis = await memory_store.due(0, now, 50), await redis_store.due(0, now, 50)
+                    assert due_memory == due_redis, what
+                    for side in due_memory:
+                        assert await memory_store.expire(side) == await redis_store.expire(side), what
+                        await memory_store.forget(side)
+                        await redis_store.forget(side)
+                assert await memory_store.lookup(ns) == await redis_store.lookup(ns), what
+    finally:
+        await client.aclose()

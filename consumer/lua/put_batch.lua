@@ -1,29 +1,37 @@
 --[[
-  Store the sides of a batch, or recognise them, in the order given: a span releases the results
-  that wait for it; a result joins its span if the span is here, else waits for it.
+  Store the sides of a batch, or recognise them, in the order given: a span takes the results that
+  wait for it; a result joins its span if the span is here (and, without a run, does not have this
+  evaluation yet), else waits for it. The rules are JoinStore.put_many's (consumer/store.py).
   One call carries many sides (any number of join keys on a single Redis; one join key's sides on
   a Redis Cluster, where every key of a call must share a slot), so a batch costs one command
   instead of one per record.
 
   Input:
     KEYS, keys_per_side of them per side, in the order of the sides:
-      span        string "<joined 0|1><identity>\n<body>". A plain string, not a hash: it waits
-                  for the whole join TTL, and a hash costs about 170 bytes more per key.
-      pending     hash event_id -> record: results waiting for the span
+      span        string: "0<identity>\n<body>" (no result joined it), "1<identity>\n<body>" (results
+                  joined it: a namespace with a run, or stored before books), or
+                  "b<book>\30<identity>\n<body>": results joined it, and the book says which, one
+                  16-character entry each of its slots: <slot><result digest> (8 + 8 hex characters).
+                  A plain string, not a hash: it waits for the whole join TTL, and a hash costs
+                  about 170 bytes more per key.
+      pending     hash event_id -> record: results waiting for a span, and results a span took that
+                  are not delivered yet. Without a run: "\2<slots>\30<record>", slots 8 characters each.
       expiring    hash "s" | "r:<event_id>" -> copy: sides the sweeper is reporting (expire_side.lua)
+      replaced    string, as span: the span the current one replaced, kept with its book
       ledger      hash eval_id -> delivery state (claim_batch.lua)
-      index       the deadline index shard of the join key; only when keys_per_side is 5
-    ARGV[1] keys_per_side   4, or 5 when the deadline index is given (a single Redis)
+      index       the deadline index shard of the join key; only when keys_per_side is 6
+    ARGV[1] keys_per_side   5, or 6 when the deadline index is given (a single Redis)
     ARGV[2] max_pending     the most results that may wait for one join key's span (0: no limit)
     then per side, read by arg_reader:
       a span:    "s", identity ("trace_id:span_id"), body, deadline_ms, member
-      a result:  "r", event_id, record, deadline_ms, member, eval_ids (a counted list)
+      a result:  "r", event_id, record, deadline_ms, member, eval_ids (a counted list),
+                 slots ("" in a namespace with a run: then no repeated-key rule applies)
       (member: the side's name in the deadline index)
 
   Output, one reply per side:
-    a span:    {"stored" | "duplicate", {event_id, record, ...}: the results that join it}
+    a span:    {"stored" | "replaced" | "duplicate", {event_id, record, ...}: the results it takes}
                | {"conflict", "<identity>\n<body>" of the span already bound to the join key}
-    a result:  {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"duplicate"}
+    a result:  {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"waiting"} | {"duplicate"}
                | {"full"}: max_pending results already wait for this join key; not stored
 
   A stored side is entered in the deadline index in the same call when the index key is given
@@ -33,69 +41,207 @@ local keys_per_side = tonumber(ARGV[1])
 local max_pending = tonumber(ARGV[2])
 --- @include "arg_reader"
 local next_arg, next_list = arg_reader(3)
+--- @include "book"
 
 local function index(k, deadline, member)
   if k.index then redis.call('ZADD', k.index, 'GT', deadline, member) end
+end
+
+local function names(rest, identity)
+  return string.sub(rest, 1, #identity + 1) == identity .. '\n'
+end
+
+-- The span the current one replaced: its book and "<identity>\n<body>", or nil.
+local function replaced_span(k)
+  local stored = redis.call('GET', k.replaced)
+  if not stored then return nil, nil end
+  local _, book, rest = parse_span(stored)
+  return book, rest
+end
+
+-- Pending results a span with this book took: with a book, the results in it; without one (a span
+-- with a run, or stored before books), every result without slots, as before books.
+local function taken_by(k, book, with_plain)
+  local out = {}
+  local flat = redis.call('HGETALL', k.pending)
+  for i = 1, #flat, 2 do
+    local slots, record = parse_pending(flat[i + 1])
+    if (slots and took(book, digest(flat[i]))) or (not slots and with_plain) then
+      out[#out + 1] = flat[i]
+      out[#out + 1] = record
+    end
+  end
+  return out
+end
+
+-- Results with slots that wait for a span: in the pending hash, and in neither book.
+local function waiting(k, book, old_book)
+  local out = {}
+  local flat = redis.call('HGETALL', k.pending)
+  for i = 1, #flat, 2 do
+    local slots, record = parse_pending(flat[i + 1])
+    if slots then
+      local ev = digest(flat[i])
+      if not took(book, ev) and not took(old_book, ev) then out[#out + 1] = {flat[i], slots, record} end
+    end
+  end
+  return out
+end
+
+-- What a span arriving takes of the waiting results: those whose slots no other waiting result
+-- shares. Returns the flat list event_id, record, ... and the book entries.
+local function take(candidates)
+  local count = {}
+  for _, c in ipairs(candidates) do
+    for i = 1, #c[2], SLOT do
+      local slot = string.sub(c[2], i, i + SLOT - 1)
+      count[slot] = (count[slot] or 0) + 1
+    end
+  end
+  local taken, book = {}, ''
+  for _, c in ipairs(candidates) do
+    local alone = true
+    for i = 1, #c[2], SLOT do
+      if count[string.sub(c[2], i, i + SLOT - 1)] > 1 then alone = false break end
+    end
+    if alone then
+      book = book .. entries(c[2], digest(c[1]))
+      taken[#taken + 1] = c[1]
+      taken[#taken + 1] = c[3]
+    end
+  end
+  return taken, book
+end
+
+local function stored_span(book, joined, identity, body)
+  if book ~= '' then return 'b' .. book .. BOOK_END .. identity .. '\n' .. body end
+  if joined then return '1' .. identity .. '\n' .. body end
+  return '0' .. identity .. '\n' .. body
 end
 
 local function put_span(k, identity, body, deadline, member)
   local stored = redis.call('GET', k.span)
   if not stored then
     local expiring = redis.call('HGET', k.expiring, 's')
-    if expiring and string.sub(expiring, 1, #identity + 1) == identity .. '\n' then
+    if expiring and names(expiring, identity) then
       index(k, deadline, member)
       return {'duplicate', {}}
     end
-    local pending = redis.call('HGETALL', k.pending)
-    local joined = '0'
-    if #pending > 0 then joined = '1' end
-    redis.call('SET', k.span, joined .. identity .. '\n' .. body)
+    -- Results without slots are all taken, as before books; those with slots by the rule of take().
+    local out, candidates = {}, {}
+    local flat = redis.call('HGETALL', k.pending)
+    for i = 1, #flat, 2 do
+      local slots, record = parse_pending(flat[i + 1])
+      if slots then
+        candidates[#candidates + 1] = {flat[i], slots, record}
+      else
+        out[#out + 1] = flat[i]
+        out[#out + 1] = record
+      end
+    end
+    local taken, book = take(candidates)
+    for _, v in ipairs(taken) do out[#out + 1] = v end
+    redis.call('SET', k.span, stored_span(book, #out > 0, identity, body))
+    redis.call('DEL', k.replaced)
     index(k, deadline, member)
-    return {'stored', pending}
+    return {'stored', out}
   end
-  if string.sub(stored, 2, #identity + 2) ~= identity .. '\n' then
-    return {'conflict', string.sub(stored, 2)}
+  local flag, book, rest = parse_span(stored)
+  if names(rest, identity) then
+    -- A redelivered span: the results it took may not have been delivered yet (a crash before the
+    -- commit), so they are returned again; the delivery ledger keeps them from being sent twice.
+    index(k, deadline, member)
+    return {'duplicate', taken_by(k, book, true)}
   end
-  -- A redelivered span: the results it joined may not have been delivered yet (a crash before the
-  -- commit), so they are returned again; the delivery ledger keeps them from being sent twice.
+  local old_book, old_rest = replaced_span(k)
+  if old_rest and names(old_rest, identity) then
+    index(k, deadline, member)
+    return {'duplicate', taken_by(k, old_book, false)}
+  end
+  if flag ~= 'b' or (old_book and #taken_by(k, old_book, false) > 0) then
+    return {'conflict', rest}
+  end
+  local taken, new_book = take(waiting(k, book, ''))
+  redis.call('SET', k.replaced, stored)
+  redis.call('SET', k.span, stored_span(new_book, false, identity, body))
   index(k, deadline, member)
-  return {'duplicate', redis.call('HGETALL', k.pending)}
+  return {'replaced', taken}
 end
 
-local function put_result(k, event_id, record, deadline, member, eval_ids)
-  local span = redis.call('GET', k.span)
-  if span then
-    if string.sub(span, 1, 1) ~= '1' then redis.call('SETRANGE', k.span, 0, '1') end
-    return {'joined', string.sub(span, 2)}
+local function settled(k, eval_ids)
+  if #eval_ids == 0 then return false end
+  for _, eval_id in ipairs(eval_ids) do
+    local state = redis.call('HGET', k.ledger, eval_id)
+    if not state or (state ~= 'd' and state ~= 'x') then return false end
   end
-  if redis.call('HEXISTS', k.pending, event_id) == 1 or redis.call('HEXISTS', k.expiring, 'r:' .. event_id) == 1 then
-    index(k, deadline, member)
-    return {'duplicate'}
-  end
-  -- Already delivered (or dead-lettered) in full, e.g. redelivered after its span expired: nothing to do.
-  if #eval_ids > 0 then
-    local settled = true
-    for _, eval_id in ipairs(eval_ids) do
-      local state = redis.call('HGET', k.ledger, eval_id)
-      if not state or (state ~= 'd' and state ~= 'x') then settled = false break end
-    end
-    if settled then
-      index(k, deadline, member)
-      return {'duplicate'}
-    end
-  end
+  return true
+end
+
+-- Buffer a result; "full" when max_pending results already wait for this join key.
+local function buffer(k, event_id, value, deadline, member, status)
   -- A span releases all of its waiting results in one reply: their number is bounded, or one join key
   -- flooded with distinct results would grow without limit and then exhaust the consumer's memory.
   if max_pending > 0 and redis.call('HLEN', k.pending) >= max_pending then return {'full'} end
-  redis.call('HSET', k.pending, event_id, record)
+  redis.call('HSET', k.pending, event_id, value)
   index(k, deadline, member)
-  return {'buffered'}
+  return {status}
+end
+
+-- Waiting already (or being reported), or delivered (or dead-lettered) in full: nothing to do.
+local function known(k, event_id, eval_ids)
+  return redis.call('HEXISTS', k.pending, event_id) == 1
+      or redis.call('HEXISTS', k.expiring, 'r:' .. event_id) == 1 or settled(k, eval_ids)
+end
+
+local function put_result(k, event_id, record, deadline, member, eval_ids, slots)
+  local stored = redis.call('GET', k.span)
+  if stored then
+    local flag, book, rest = parse_span(stored)
+    if slots == '' or flag == '1' then  -- a run names the answer, or the span predates books
+      if flag == '0' then redis.call('SETRANGE', k.span, 0, '1') end
+      return {'joined', rest}
+    end
+    local ev = digest(event_id)
+    if took(book, ev) then return {'joined', rest} end
+    local old_book, old_rest = replaced_span(k)
+    if old_book and took(old_book, ev) then return {'joined', old_rest} end
+    if known(k, event_id, eval_ids) then
+      index(k, deadline, member)
+      return {'duplicate'}
+    end
+    local free = true
+    for i = 1, #slots, SLOT do
+      if holder(book, string.sub(slots, i, i + SLOT - 1)) then free = false break end
+    end
+    if free then
+      for _, c in ipairs(waiting(k, book, old_book or '')) do
+        for i = 1, #slots, SLOT do
+          if shares(c[2], string.sub(slots, i, i + SLOT - 1)) then free = false break end
+        end
+        if not free then break end
+      end
+    end
+    if free then
+      redis.call('SET', k.span, 'b' .. book .. entries(slots, ev) .. BOOK_END .. rest)
+      return {'joined', rest}
+    end
+    -- It repeats an evaluation of this answer (or of a result that waits): it is for the key's next answer.
+    return buffer(k, event_id, '\2' .. slots .. BOOK_END .. record, deadline, member, 'waiting')
+  end
+  -- E.g. redelivered after its span expired.
+  if known(k, event_id, eval_ids) then
+    index(k, deadline, member)
+    return {'duplicate'}
+  end
+  if slots ~= '' then record = '\2' .. slots .. BOOK_END .. record end
+  return buffer(k, event_id, record, deadline, member, 'buffered')
 end
 
 local out = {}
 for base = 0, #KEYS - 1, keys_per_side do
-  local k = {span = KEYS[base + 1], pending = KEYS[base + 2], expiring = KEYS[base + 3], ledger = KEYS[base + 4]}
-  if keys_per_side == 5 then k.index = KEYS[base + 5] end
+  local k = {span = KEYS[base + 1], pending = KEYS[base + 2], expiring = KEYS[base + 3],
+             replaced = KEYS[base + 4], ledger = KEYS[base + 5]}
+  if keys_per_side == 6 then k.index = KEYS[base + 6] end
   -- One read per line: Lua does not promise the order in which a call's arguments are evaluated.
   if next_arg() == 's' then
     local identity = next_arg()
@@ -109,7 +255,8 @@ for base = 0, #KEYS - 1, keys_per_side do
     local deadline = next_arg()
     local member = next_arg()
     local eval_ids = next_list()
-    out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids)
+    local slots = next_arg()
+    out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids, slots)
   end
 end
 return out
