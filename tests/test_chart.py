@@ -909,6 +909,54 @@ def test_keda_uses_an_existing_authentication_of_either_kind() -> None:
     assert refs == [{"name": "kafka-auth", "kind": "ClusterTriggerAuthentication"}] * 2
 
 
+def _auth_spec(scenario: str, *more: str) -> dict[str, Any]:
+    docs = render_scenario(scenario, *more)
+    auth = one(docs, "TriggerAuthentication")
+    refs = {t["authenticationRef"]["name"] for t in one(docs, "ScaledObject")["spec"]["triggers"]}
+    assert refs == {auth["metadata"]["name"]}
+    return dict(auth["spec"])
+
+
+def test_keda_presents_the_consumers_client_certificate_for_mutual_tls() -> None:
+    """mTLS: the lag scaler gets the CA, certificate and key from their Secrets, the key's password from the pod's."""
+    spec = _auth_spec("kafka-mtls-values.yaml")
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in spec["secretTargetRef"]}
+    assert refs == {"ca": ("kafka-cluster-ca", "ca.crt"), "cert": ("evaljoin-kafka-client", "tls.crt"),
+                    "key": ("evaljoin-kafka-client", "tls.key"), "keyPassword": (RELEASE, "KAFKA_SSL_KEY_PASSWORD")}
+    assert "env" not in spec
+    message = helm_fails(*values_file("kafka-mtls-values.yaml"), "--set", "autoscaling.keda.clientCertSecret.name=")
+    assert "name that Secret in autoscaling.keda.clientCertSecret" in message
+
+
+def test_keda_fetches_oauthbearer_tokens_as_the_consumer_does() -> None:
+    """OAUTHBEARER: client id, endpoint, scope and extensions from the container, the client secret from its Secret."""
+    docs = render_scenario("kafka-oauthbearer-values.yaml")
+    assert {t["metadata"]["sasl"] for t in one(docs, "ScaledObject")["spec"]["triggers"]} == {"oauthbearer"}
+    spec = _auth_spec("kafka-oauthbearer-values.yaml")
+    env = {e["parameter"]: e["name"] for e in spec["env"]}
+    assert env == {"username": "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                   "oauthTokenEndpointUri": "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                   "scopes": "KAFKA_SASL_OAUTHBEARER_SCOPE", "oauthExtensions": "KAFKA_SASL_OAUTHBEARER_EXTENSIONS"}
+    assert set(env.values()) <= set(one(docs, "ConfigMap", RELEASE)["data"])
+    (password,) = spec["secretTargetRef"]
+    secret = one(docs, "Secret")
+    assert (password["parameter"], password["name"]) == ("password", secret["metadata"]["name"])
+    assert base64.b64decode(secret["data"][password["key"]]).decode() == "oidc-client-secret"
+
+
+def test_keda_uses_msk_iam_through_an_identity_it_is_given() -> None:
+    """AWS_MSK_IAM: the triggers ask for MSK IAM tokens in the brokers' region, signed with the named authentication."""
+    docs = render_scenario("kafka-msk-iam-values.yaml")
+    assert not kinds(docs) & {"TriggerAuthentication", "ClusterTriggerAuthentication"}
+    for trigger in one(docs, "ScaledObject")["spec"]["triggers"]:
+        meta = trigger["metadata"]
+        assert (meta["sasl"], meta["saslTokenProvider"], meta["awsRegion"]) == ("oauthbearer", "aws_msk_iam",
+                                                                                "us-east-1")
+        assert trigger["authenticationRef"]["name"] == "keda-aws-msk"
+    message = helm_fails(*values_file("kafka-msk-iam-values.yaml"), "--set", "autoscaling.keda.authentication.name=")
+    assert "autoscaling.keda.authentication.name" in message
+
+
 def test_keda_fallback_holds_replicas_while_the_lag_is_unreadable() -> None:
     """fallback.replicas set: KEDA runs that many after failureThreshold failed checks; unset: no fallback."""
     scaled = one(render_scenario("kafka-tls-values.yaml"), "ScaledObject")["spec"]

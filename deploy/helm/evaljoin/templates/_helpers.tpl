@@ -154,39 +154,95 @@ Agent's /info and posts through its EVP proxy, else directly when it has an API 
 {{- if has .Values.config.KAFKA_SECURITY_PROTOCOL (list "SSL" "SASL_SSL") }}true{{ end }}
 {{- end }}
 
-{{/* KEDA's name for the consumer's SASL mechanism, if it uses one. */}}
+{{/* KEDA's name for the consumer's SASL mechanism, if it uses one (MSK IAM is OAUTHBEARER with AWS's tokens). */}}
 {{- define "evaljoin.kedaSasl" -}}
 {{- if include "evaljoin.saslEnabled" . }}
-{{- get (dict "PLAIN" "plaintext" "SCRAM-SHA-256" "scram_sha256" "SCRAM-SHA-512" "scram_sha512") .Values.config.KAFKA_SASL_MECHANISM }}
+{{- get (dict "PLAIN" "plaintext" "SCRAM-SHA-256" "scram_sha256" "SCRAM-SHA-512" "scram_sha512" "OAUTHBEARER" "oauthbearer" "AWS_MSK_IAM" "oauthbearer") .Values.config.KAFKA_SASL_MECHANISM }}
+{{- end }}
+{{- end }}
+
+{{/* AWS_MSK_IAM's region: KAFKA_SASL_AWS_REGION, else the one in MSK's broker names (as the service finds it). */}}
+{{- define "evaljoin.awsRegion" -}}
+{{- if include "evaljoin.isSet" .Values.config.KAFKA_SASL_AWS_REGION }}
+{{- .Values.config.KAFKA_SASL_AWS_REGION }}
+{{- else }}
+{{- $found := list }}
+{{- range splitList "," (toString .Values.config.KAFKA_BOOTSTRAP_SERVERS) }}
+{{- $host := regexReplaceAll ":[^:]*$" (trim . | lower) "" }}
+{{- $region := regexReplaceAll "^.*\\.kafka(-serverless)?\\.([a-z]{2}(-[a-z]+)+-[0-9]+)\\.amazonaws\\.com(\\.cn)?$" $host "${2}" }}
+{{- if ne $region $host }}{{ $found = append $found $region }}{{ end }}
+{{- end }}
+{{- first $found }}
 {{- end }}
 {{- end }}
 
 {{/*
-What KEDA's lag scaler needs besides the trigger's metadata, as a dict with `env` (read from the
-consumer container) and `secretTargetRef`, each present only when not empty: nothing for
-PLAINTEXT, or for TLS with the system's CAs. A TriggerAuthentication reads its Secrets in the
-release's namespace (the password from the pod's own Secret unless `passwordSecret` names one); a
-ClusterTriggerAuthentication reads them in KEDA's namespace, so each must be named.
+What KEDA's lag scaler needs besides the trigger's metadata to authenticate as the consumer does,
+as a dict with `env` (read from the consumer container's environment) and `secretTargetRef`, each
+present only when not empty: nothing for PLAINTEXT, or for TLS with the system's CAs.
+- PLAIN/SCRAM: username (KAFKA_SASL_USERNAME) and password; OAUTHBEARER: username and password are
+  the client id and secret, with the token endpoint, scope and extensions.
+- TLS: the CA (caSecret) and, for mutual TLS, the client certificate and key (clientCertSecret).
+A TriggerAuthentication reads its Secrets in the release's namespace, the secret ones from the pod's
+own Secret unless named; a ClusterTriggerAuthentication reads them in KEDA's namespace, so each must
+be named.
 */}}
 {{- define "evaljoin.kedaAuthParams" -}}
+{{- $c := .Values.config }}
 {{- $k := .Values.autoscaling.keda }}
 {{- $cluster := eq $k.authentication.kind "ClusterTriggerAuthentication" }}
+{{- $existing := $k.authentication.name }}
+{{- $podSecrets := include "evaljoin.secretItems" . | fromJson }}
+{{- $container := include "evaljoin.name" . }}
 {{- $env := list }}
 {{- $secrets := list }}
-{{- if include "evaljoin.saslEnabled" . }}
-{{- $env = append $env (dict "parameter" "username" "name" "KAFKA_SASL_USERNAME" "containerName" (include "evaljoin.name" .)) }}
-{{- $password := $k.passwordSecret }}
-{{- if $password.name }}
-{{- $secrets = append $secrets (dict "parameter" "password" "name" $password.name "key" $password.key) }}
-{{- else if and $cluster (not $k.authentication.name) }}
-{{- fail "autoscaling.keda.authentication.kind=ClusterTriggerAuthentication reads the SASL password from KEDA's own namespace: name that Secret in autoscaling.keda.passwordSecret" }}
+{{- $mechanism := ternary (toString $c.KAFKA_SASL_MECHANISM) "" (include "evaljoin.isSet" $c.KAFKA_SASL_MECHANISM | eq "true") }}
+{{- $secretSetting := "" }}
+{{- if has $mechanism (list "PLAIN" "SCRAM-SHA-256" "SCRAM-SHA-512") }}
+{{- $env = append $env (dict "parameter" "username" "name" "KAFKA_SASL_USERNAME" "containerName" $container) }}
+{{- $secretSetting = "KAFKA_SASL_PASSWORD" }}
+{{- else if eq $mechanism "OAUTHBEARER" }}
+{{- $env = append $env (dict "parameter" "username" "name" "KAFKA_SASL_OAUTHBEARER_CLIENT_ID" "containerName" $container) }}
+{{- $env = append $env (dict "parameter" "oauthTokenEndpointUri" "name" "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL" "containerName" $container) }}
+{{- if include "evaljoin.isSet" $c.KAFKA_SASL_OAUTHBEARER_SCOPE }}
+{{- $env = append $env (dict "parameter" "scopes" "name" "KAFKA_SASL_OAUTHBEARER_SCOPE" "containerName" $container) }}
+{{- end }}
+{{- if include "evaljoin.isSet" $c.KAFKA_SASL_OAUTHBEARER_EXTENSIONS }}
+{{- $env = append $env (dict "parameter" "oauthExtensions" "name" "KAFKA_SASL_OAUTHBEARER_EXTENSIONS" "containerName" $container) }}
+{{- end }}
+{{- $secretSetting = "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET" }}
+{{- end }}
+{{- if $secretSetting }}
+{{- if $k.passwordSecret.name }}
+{{- $secrets = append $secrets (dict "parameter" "password" "name" $k.passwordSecret.name "key" $k.passwordSecret.key) }}
+{{- else if and $cluster (not $existing) }}
+{{- fail (printf "autoscaling.keda.authentication.kind=ClusterTriggerAuthentication reads %s from KEDA's own namespace: name that Secret in autoscaling.keda.passwordSecret" $secretSetting) }}
 {{- else }}
-{{- $key := ternary .Values.existingSecretKeys.KAFKA_SASL_PASSWORD "KAFKA_SASL_PASSWORD" (not (empty .Values.existingSecret)) }}
-{{- $secrets = append $secrets (dict "parameter" "password" "name" (include "evaljoin.secretName" .) "key" $key) }}
+{{- $secrets = append $secrets (dict "parameter" "password" "name" (include "evaljoin.secretName" .) "key" (get $podSecrets $secretSetting)) }}
 {{- end }}
 {{- end }}
-{{- if and (include "evaljoin.kafkaTls" .) $k.caSecret.name }}
+{{- if include "evaljoin.kafkaTls" . }}
+{{- if $k.caSecret.name }}
 {{- $secrets = append $secrets (dict "parameter" "ca" "name" $k.caSecret.name "key" $k.caSecret.key) }}
+{{- end }}
+{{- $cert := $k.clientCertSecret }}
+{{- if $cert.name }}
+{{- $secrets = append $secrets (dict "parameter" "cert" "name" $cert.name "key" $cert.certKey) }}
+{{- $secrets = append $secrets (dict "parameter" "key" "name" $cert.name "key" $cert.keyKey) }}
+{{- if $cert.keyPasswordKey }}
+{{- $secrets = append $secrets (dict "parameter" "keyPassword" "name" $cert.name "key" $cert.keyPasswordKey) }}
+{{- else if hasKey $podSecrets "KAFKA_SSL_KEY_PASSWORD" }}
+{{- if $cluster }}
+{{- fail "the client key has a password (KAFKA_SSL_KEY_PASSWORD): a ClusterTriggerAuthentication reads it from KEDA's namespace, so name its key in autoscaling.keda.clientCertSecret.keyPasswordKey" }}
+{{- end }}
+{{- $secrets = append $secrets (dict "parameter" "keyPassword" "name" (include "evaljoin.secretName" .) "key" (get $podSecrets "KAFKA_SSL_KEY_PASSWORD")) }}
+{{- end }}
+{{- else if and (include "evaljoin.isSet" $c.KAFKA_SSL_CERTFILE) (not $existing) }}
+{{- fail "config.KAFKA_SSL_CERTFILE: Kafka asks for a client certificate, and KEDA reads it from a Secret, not the pod's file: name that Secret in autoscaling.keda.clientCertSecret" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $mechanism "AWS_MSK_IAM") (not $existing) }}
+{{- fail "KAFKA_SASL_MECHANISM=AWS_MSK_IAM: KEDA signs MSK IAM tokens with its own AWS identity; name a TriggerAuthentication that gives it one (podIdentity provider aws, or awsRoleArn) in autoscaling.keda.authentication.name" }}
 {{- end }}
 {{- $params := dict }}
 {{- with $env }}{{ $_ := set $params "env" . }}{{ end }}
