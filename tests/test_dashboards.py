@@ -63,11 +63,11 @@ def test_datadog_queries_use_emitted_metrics() -> None:
 
 
 def test_dashboards_cover_the_catalog_headlines() -> None:
-    """Both dashboards show delivery, latency, dead letters, unmatched sides, the buffer and lag."""
+    """Both dashboards show delivery, latency, dead letters, unmatched sides, the buffer, lag and refusals."""
     for board in ("grafana.json", "datadog.json"):
         text = (DASHBOARDS / board).read_text()
         for headline in ("evaluations", "join_latency_seconds", "dead_letters", "unmatched_reported",
-                         "buffered_sides", "consumer_lag_records"):
+                         "buffered_sides", "consumer_lag_records", "refused"):
             assert headline in text, (board, headline)
 
 
@@ -115,3 +115,13 @@ def test_monitors_cover_every_alert_once() -> None:
     tagged = [tag.removeprefix("alert:") for monitor in monitors().values() for tag in monitor["tags"]
               if tag.startswith("alert:")]
     assert sorted(tagged) == sorted(ALERTS)
+
+
+def test_grafana_queries_keep_to_the_chosen_release() -> None:
+    """Every Grafana query selects the namespace and job variables, so two releases' series never mix."""
+    board = json.loads((DASHBOARDS / "grafana.json").read_text())
+    assert {v["name"] for v in board["templating"]["list"]} >= {"datasource", "namespace", "job"}
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            for selector in re.findall(r"\bevaljoin_[a-z_]+(\{[^}]*\})?", target["expr"]):
+                assert 'namespace=~"$namespace"' in selector and 'job=~"$job"' in selector, target["expr"]
