@@ -1163,6 +1163,19 @@ def test_network_policy_allows_what_the_chart_turns_on() -> None:
     assert _egress_ports(socket) == [[(53, "TCP"), (53, "UDP")], [(9093, "TCP")], [(6380, "TCP")]]
 
 
+def test_network_policy_lets_the_consumer_fetch_its_kafka_tokens() -> None:
+    """OAUTHBEARER reaches its token endpoint's port, AWS_MSK_IAM reaches STS over HTTPS; other mechanisms neither."""
+    oauth = render_scenario("kafka-oauthbearer-values.yaml", "--set", "networkPolicy.enabled=true",
+                            "--set", "config.KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL=https://login.example.com:8443/t")
+    assert [(8443, "TCP")] in _egress_ports(oauth)
+    msk = render_scenario("kafka-msk-iam-values.yaml", "--set", "networkPolicy.enabled=true",
+                          "--set", "networkPolicy.kafkaAuth.to[0].ipBlock.cidr=0.0.0.0/0")
+    policy = one(msk, "NetworkPolicy")["spec"]["egress"]
+    assert {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]} in policy
+    plain = render_scenario("keda-values.yaml", "--set", "networkPolicy.enabled=true")
+    assert len(_egress_ports(plain)) == 4, "DNS, Kafka, Redis, the Agent"
+
+
 def test_network_policy_lets_the_datadog_agent_scrape_when_autodiscovery_is_on() -> None:
     """With metricsFrom narrowed and autodiscovery on, the Datadog Agent's pods may reach the metrics port too."""
     docs = render_scenario("monitoring-values.yaml")
