@@ -66,12 +66,7 @@ What the chart cannot see is not checked: the contents of an existing Secret (RE
 {{- if ne $protocol "SASL_SSL" }}
 {{- fail "KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL (MSK's IAM listener, port 9098 or 9198, takes TLS only)" }}
 {{- end }}
-{{- $region := hasKey $set "KAFKA_SASL_AWS_REGION" }}
-{{- range splitList "," (toString $c.KAFKA_BOOTSTRAP_SERVERS) }}
-{{- $host := regexReplaceAll ":[^:]*$" (trim . | lower) "" }}
-{{- if regexMatch "\\.kafka(-serverless)?\\.[a-z]{2}(-[a-z]+)+-[0-9]+\\.amazonaws\\.com(\\.cn)?$" $host }}{{ $region = true }}{{ end }}
-{{- end }}
-{{- if not $region }}
+{{- if not (include "evaljoin.awsRegion" .) }}
 {{- fail "KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SASL_AWS_REGION (the broker names are not MSK's *.kafka.<region>.amazonaws.com, which would give it)" }}
 {{- end }}
 {{- end }}
