@@ -172,7 +172,7 @@ Agent's /info and posts through its EVP proxy, else directly when it has an API 
 {{- $region := regexReplaceAll "^.*\\.kafka(-serverless)?\\.([a-z]{2}(-[a-z]+)+-[0-9]+)\\.amazonaws\\.com(\\.cn)?$" $host "${2}" }}
 {{- if ne $region $host }}{{ $found = append $found $region }}{{ end }}
 {{- end }}
-{{- first $found }}
+{{- with $found }}{{ first . }}{{ end }}
 {{- end }}
 {{- end }}
 
