@@ -50,8 +50,13 @@ class OffsetCommitter:
                     max(0, highwater - records[-1].offset - 1))
 
     def forget(self, partitions: set[TopicPartition]) -> None:
+        """Partitions revoked: their offsets are committed; their lag is the new owner's to report."""
         for tp in partitions:
             self._finished.pop(tp, None)
+            try:
+                self._metrics.lag.remove(tp.topic, str(tp.partition))
+            except KeyError:  # never reported by this member
+                pass
 
     async def commit(self) -> bool:
         """Commit what is finished; returns False (and keeps it) if the broker refused."""
