@@ -9,6 +9,7 @@ A failed commit is not an error of the message: it is redelivered and recognised
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import structlog
@@ -53,10 +54,8 @@ class OffsetCommitter:
         """Partitions revoked: their offsets are committed; their lag is the new owner's to report."""
         for tp in partitions:
             self._finished.pop(tp, None)
-            try:
+            with contextlib.suppress(KeyError):  # KeyError: never reported by this member
                 self._metrics.lag.remove(tp.topic, str(tp.partition))
-            except KeyError:  # never reported by this member
-                pass
 
     async def commit(self) -> bool:
         """Commit what is finished; returns False (and keeps it) if the broker refused."""
