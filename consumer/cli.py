@@ -132,7 +132,7 @@ async def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
         if not ml_app:
             print("inspect --key needs --ml-app (or DEFAULT_ML_APP)", file=sys.stderr)
             return EXIT_CONFIG
-        result = await with_store(settings, lambda store: lookup(store, ml_app, args.key))
+        result = await with_store(settings, lambda store: lookup(store, ml_app, args.key, args.run_id or ""))
     else:
         result = await with_store(settings, lambda store: overview(
             store, oldest=args.oldest, join_ttl_ms=settings.join_ttl_seconds * 1000))
@@ -199,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show what waits in the join buffer, or one join key")
     inspect.add_argument("--key", help="show everything stored for this join key")
     inspect.add_argument("--ml-app", help="the join key's ml_app (default: DEFAULT_ML_APP)")
+    inspect.add_argument("--run-id", help="the join key's run, when its events name one")
     inspect.add_argument("--oldest", type=int, default=10, help="how many of the oldest sides to list (10)")
     replay = commands.add_parser("replay-dlq", help="re-publish dead-lettered records to their source topic")
     replay.add_argument("--reason", action="append", help="only this reason (repeatable), e.g. schema")

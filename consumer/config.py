@@ -240,6 +240,7 @@ class Settings(KafkaSettings):
     join_ttl_seconds: int = Field(86_400, ge=1)
     ledger_grace_seconds: int = Field(86_400, ge=0)
     default_ml_app: str | None = None
+    judged_model: str | None = Field(None, min_length=1, max_length=200)
     max_message_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
     max_pending_results_per_key: int = Field(100, ge=1, le=100_000)
     sweep_interval_seconds: float = Field(5.0, gt=0)

@@ -1,21 +1,28 @@
-"""Kafka record -> validated event, or :class:`InvalidMessage` with a reason.
+"""Kafka record -> validated event, or :class:`InvalidMessage` with a reason (:class:`NotSent`: nothing to send).
 
 Each topic accepts two shapes:
 
 * the span topic: a :class:`SpanContextEvent`, or a record of the Datadog guide's ``outputs.json``
-  whose ``input.source`` is ``trace_id=..;span_id=..;question_id=..``;
+  whose ``input.source`` is ``trace_id=..;span_id=..;question_id=..`` (and, optionally, ``;run_id=..``);
 * the result topic: a :class:`NemoResultEvent`, or a line of NeMo's LLM-as-a-judge ``scores.jsonl``
-  (``question_id, model, judge, user_prompt, judgment, score, turn, tstamp``), mapped exactly as the
-  guide maps it: label ``quality_assessment``, metric_type ``score``, value ``score``, metadata
-  ``model`` and ``judgement``, ``timestamp_ms`` from ``tstamp``.
+  (``question_id, model, judge, user_prompt, judgment, score, turn, tstamp``), mapped by
+  :func:`consumer.judge.judge_evaluation`, the rule the NeMo publisher maps the same lines by: for turn 1
+  what the guide gives (label ``quality_assessment``, metric_type ``score``, value ``score``, metadata
+  ``model`` and ``judgement``, ``timestamp_ms`` from ``tstamp``), with the judge and the judged model
+  as tags. A line without a rating (``-1``, ``null``, ``NaN``) is :class:`NotSent` (``unrated``), and
+  so is a line about another model than the judged model (``other_model``) when one is given (the
+  record's ``judged_model`` header, else ``JUDGED_MODEL``).
 
 The namespace of an event is its ``ml_app`` field, else the record's ``ml_app`` header, else the
-configured default. Decoding is pure: no I/O, so it is safe to call on anything.
+configured default; and its run, if any: its ``run_id`` field (a ``run_id`` key of an ``outputs.json``
+source, a ``run_id`` field of a judge line), else the record's ``run_id`` header. Decoding is pure:
+no I/O, so it is safe to call on anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -23,13 +30,16 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from consumer.errors import InvalidMessage
+from consumer.errors import InvalidMessage, NotSent
 from consumer.events import SCHEMA_VERSION, NemoResultEvent, SpanContextEvent
+from consumer.judge import JUDGE_LABEL, JudgeLineError, OtherModel, Unrated, judge_evaluation
 
 Headers = Sequence[tuple[str, bytes | None]]
 _E = TypeVar("_E", SpanContextEvent, NemoResultEvent)
 
-SEED_LABEL = "quality_assessment"
+SEED_LABEL = JUDGE_LABEL
+RUN_ID = "run_id"  # the run's name everywhere: the event field, the source key, the judge line field, the header
+JUDGED_MODEL_HEADER = "judged_model"
 _DETAIL_LIMIT = 1000
 
 
@@ -87,24 +97,67 @@ def _check_version(obj: dict[str, Any]) -> None:
         )
 
 
+def _judge_line_with_nan_score(value: bytes, join_key: str) -> dict[str, Any] | None:
+    """A judge line whose score is ``NaN`` (Python's ``json.dumps`` writes an unrated score so), else None.
+
+    Only there is NaN read: anywhere else, and any other number JSON has no room for, stays ``invalid_json``.
+    """
+    if b"NaN" not in value:
+        return None
+    constants: list[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return math.nan
+
+    try:
+        obj = json.loads(value.decode("utf-8"), parse_constant=constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(obj, dict) or "schema_version" in obj or constants != ["NaN"] or (
+            "judgment" not in obj and join_key not in obj):
+        return None
+    score = obj.get("score")
+    if not isinstance(score, float) or not math.isnan(score):
+        return None
+    # The reader turns 1e400 into infinity, where orjson refuses it.
+    return obj if all(math.isfinite(n) for n in _floats(obj, skip="score")) else None
+
+
+def _floats(obj: dict[str, Any], *, skip: str) -> list[float]:
+    """Every float in ``obj`` but its member ``skip``; iterative, so that no nesting exhausts the stack."""
+    found: list[float] = []
+    stack: list[Any] = [item for name, item in obj.items() if name != skip]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
 def _join_key_value(raw: Any, name: str) -> str:
     if isinstance(raw, bool) or not isinstance(raw, str | int):
         raise InvalidMessage("schema", f"{name} must be a string or an integer")
     return str(raw)
 
 
-def _ml_app_header(headers: Headers) -> str | None:
+def _header(headers: Headers, name: str) -> str | None:
+    """The first non-empty header ``name``, decoded; ``invalid_header`` if it is not UTF-8."""
     for key, value in headers:
-        if key == "ml_app" and value:
+        if key == name and value:
             try:
                 return value.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InvalidMessage("invalid_header", "the ml_app header is not UTF-8") from exc
+                raise InvalidMessage("invalid_header", f"the {name} header is not UTF-8") from exc
     return None
 
 
 def _resolve_ml_app(event_app: str | None, headers: Headers, default: str) -> str:
-    return event_app or _ml_app_header(headers) or default
+    return event_app or _header(headers, "ml_app") or default
 
 
 def parse_source(source: str) -> dict[str, str]:
@@ -127,46 +180,52 @@ def _span_from_outputs_record(obj: dict[str, Any], join_key: str) -> dict[str, A
     missing = [name for name in ("trace_id", "span_id", join_key) if not meta.get(name)]
     if missing:
         raise InvalidMessage("schema", f"input.source lacks {', '.join(missing)}")
-    return {
+    fields = {
         "schema_version": SCHEMA_VERSION,
         "join_key": meta[join_key],
         "trace_id": meta["trace_id"],
         "span_id": meta["span_id"],
     }
+    if meta.get(RUN_ID):
+        fields[RUN_ID] = meta[RUN_ID]
+    return fields
 
 
-def _result_from_judge_line(obj: dict[str, Any], join_key: str) -> dict[str, Any]:
-    score = obj.get("score")
-    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-        raise InvalidMessage("schema", "score must be a finite number")
-    tstamp = obj.get("tstamp")
-    if tstamp is not None and (
-        isinstance(tstamp, bool) or not isinstance(tstamp, int | float) or not 0 <= tstamp < 253402300800
-    ):
-        raise InvalidMessage("schema", "tstamp must be a Unix time in seconds")
+def _result_from_judge_line(obj: dict[str, Any], join_key: str, judged_model: str | None) -> dict[str, Any]:
+    key = _join_key_value(obj.get(join_key), join_key)
+    run = obj.get(RUN_ID)
+    if run is not None and (isinstance(run, bool) or not isinstance(run, str | int)):
+        raise InvalidMessage("schema", f"{RUN_ID} must be a string or an integer")
+    try:
+        mapped = judge_evaluation(obj, label=SEED_LABEL, judged_model=judged_model)
+    except JudgeLineError as exc:
+        raise InvalidMessage("schema", str(exc)) from exc
+    if isinstance(mapped, OtherModel):
+        raise NotSent("other_model", f"{join_key} {key[:80]!r}: a judgement of model {mapped.model[:100]!r}, "
+                                     f"not of the judged model {mapped.judged_model[:100]!r}")
+    if isinstance(mapped, Unrated):
+        raise NotSent("unrated", f"{join_key} {key[:80]!r}, {mapped.label}: {mapped.describe()}", cause=mapped.cause)
     try:
         canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError as exc:  # nested deeper than orjson encodes (it decodes deeper than it encodes)
         raise InvalidMessage("schema", f"the judge line cannot be encoded again: {exc}") from exc
-    evaluation: dict[str, Any] = {
-        "label": SEED_LABEL,
-        "metric_type": "score",
-        "value": score,
-        "metadata": {"model": obj.get("model"), "judgement": obj.get("judgment")},
-    }
-    if tstamp is not None:
-        evaluation["timestamp_ms"] = int(tstamp * 1000)
-    return {
+    fields = {
         "schema_version": SCHEMA_VERSION,
         "event_id": "judge-" + hashlib.sha256(canonical).hexdigest()[:40],
-        "join_key": _join_key_value(obj.get(join_key), join_key),
-        "evaluations": [evaluation],
+        "join_key": key,
+        "evaluations": [mapped],
     }
+    if run is not None and run != "":
+        fields[RUN_ID] = str(run)
+    return fields
 
 
 def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
-                max_bytes: int, key: bytes | None = None) -> SpanContextEvent:
-    """Decode a record of the span topic. Raises :class:`InvalidMessage`; never anything else."""
+                max_bytes: int, key: bytes | None = None, judged_model: str | None = None) -> SpanContextEvent:
+    """Decode a record of the span topic. Raises :class:`InvalidMessage`; never anything else.
+
+    ``judged_model`` is the result topic's; it is taken here only so that both decoders are called alike.
+    """
     obj = _json_object(key, value, headers, max_bytes, "a span-context event")
     seed = isinstance(obj.get("input"), dict) and "schema_version" not in obj
     fields = _span_from_outputs_record(obj, join_key) if seed else _native(
@@ -175,14 +234,26 @@ def decode_span(value: bytes | None, headers: Headers, *, join_key: str, default
 
 
 def decode_result(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
-                  max_bytes: int, key: bytes | None = None) -> NemoResultEvent:
-    """Decode a record of the result topic. Raises :class:`InvalidMessage`; never anything else."""
-    obj = _json_object(key, value, headers, max_bytes, "a NeMo result event")
+                  max_bytes: int, key: bytes | None = None, judged_model: str | None = None) -> NemoResultEvent:
+    """Decode a record of the result topic. Raises :class:`InvalidMessage` or :class:`NotSent`; never anything else.
+
+    ``judged_model`` (``JUDGED_MODEL``; the record's ``judged_model`` header wins) keeps only the judge
+    lines about that model.
+    """
+    try:
+        obj = _json_object(key, value, headers, max_bytes, "a NeMo result event")
+    except InvalidMessage as error:
+        found = _judge_line_with_nan_score(value, join_key) if error.reason == "invalid_json" and value else None
+        if found is None:
+            raise
+        obj = found
     seed = "schema_version" not in obj and "score" in obj and ("judgment" in obj or join_key in obj)
     if seed and join_key not in obj:
         raise InvalidMessage("schema", f"a scores.jsonl judge line without the join key {join_key!r}")
-    fields = _result_from_judge_line(obj, join_key) if seed else _native(
-        obj, "nemo_result", "result", "neither a NeMo result event nor a scores.jsonl judge line")
+    if seed:
+        fields = _result_from_judge_line(obj, join_key, _header(headers, JUDGED_MODEL_HEADER) or judged_model)
+    else:
+        fields = _native(obj, "nemo_result", "result", "neither a NeMo result event nor a scores.jsonl judge line")
     return _validated(NemoResultEvent, fields, headers, default_ml_app)
 
 
@@ -206,6 +277,10 @@ def _native(obj: dict[str, Any], kind: str, topic: str, neither: str) -> dict[st
 
 
 def _validated(model: type[_E], fields: dict[str, Any], headers: Headers, default_ml_app: str) -> _E:
+    if fields.get(RUN_ID) is None:
+        run = _header(headers, RUN_ID)
+        if run is not None:
+            fields = {**fields, RUN_ID: run}
     try:
         event = model.model_validate(fields)
     except ValidationError as exc:
@@ -226,24 +301,28 @@ Event = SpanContextEvent | NemoResultEvent
 
 
 class RecordDecoder:
-    """The decode step: a record of either input topic -> its event, or the :class:`InvalidMessage` saying why not.
+    """The decode step: a record of either input topic -> its event, or the :class:`InvalidMessage` saying why not
+    (or the :class:`NotSent` saying why it gives nothing to send).
 
     Pure, like the functions it applies: the record's topic chooses :func:`decode_span` or :func:`decode_result`.
     """
 
-    def __init__(self, *, span_topic: str, join_key: str, default_ml_app: str, max_bytes: int) -> None:
+    def __init__(self, *, span_topic: str, join_key: str, default_ml_app: str, max_bytes: int,
+                 judged_model: str | None = None) -> None:
         self._span_topic = span_topic
         self._join_key = join_key
         self._default_ml_app = default_ml_app
         self._max_bytes = max_bytes
+        self._judged_model = judged_model
 
     def is_span(self, record: Any) -> bool:
         return bool(record.topic == self._span_topic)
 
-    def __call__(self, record: Any) -> Event | InvalidMessage:
+    def __call__(self, record: Any) -> Event | InvalidMessage | NotSent:
         decode = decode_span if self.is_span(record) else decode_result
         try:
             return decode(record.value, list(record.headers or ()), join_key=self._join_key,
-                          default_ml_app=self._default_ml_app, max_bytes=self._max_bytes, key=record.key)
-        except InvalidMessage as error:
+                          default_ml_app=self._default_ml_app, max_bytes=self._max_bytes, key=record.key,
+                          judged_model=self._judged_model)
+        except (InvalidMessage, NotSent) as error:
             return error

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -150,10 +150,11 @@ def _key(item: Joined) -> bytes:
 
 
 def _unique(joined: Sequence[Joined]) -> list[Joined]:
-    seen: set[str] = set()
-    out = []
+    """Each evaluation once, buffered if any copy is: a result joined directly and released by its span in one
+    batch (a redelivery) is still dropped from the buffer once delivered, instead of waiting there for its deadline."""
+    out: dict[str, Joined] = {}
     for item in joined:
-        if item.eval_id not in seen:
-            seen.add(item.eval_id)
-            out.append(item)
-    return out
+        first = out.setdefault(item.eval_id, item)
+        if item.buffered and not first.buffered:
+            out[item.eval_id] = replace(first, buffered=True)
+    return list(out.values())

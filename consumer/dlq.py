@@ -1,9 +1,9 @@
 """The dead-letter path: what cannot be processed is published with its reason, never dropped.
 
-Invalid input and evaluations the intake refused go to the dead-letter topic with headers that say
-why and where they came from; the partition keeps flowing. :class:`DlqLimit` (after arroyo's) halts
-the consumer when so much is invalid that a deploy is probably broken: better to stop than to
-dead-letter a whole topic.
+Invalid input, evaluations the intake refused and judge lines without a rating go to the dead-letter
+topic with headers that say why and where they came from; the partition keeps flowing.
+:class:`DlqLimit` (after arroyo's) halts the consumer when so much is invalid that a deploy is
+probably broken: better to stop than to dead-letter a whole topic.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from consumer.errors import DlqLimitExceeded, InvalidMessage, kafka_errors
+from consumer.errors import DlqLimitExceeded, InvalidMessage, NotSent, kafka_errors
 from consumer.metrics import Metrics
 
 _DETAIL_LIMIT = 1000
@@ -96,6 +96,15 @@ class DeadLetters:
         """Dead-letter an invalid record as it was, unless the DlqLimit says to halt first."""
         self._limit.record(valid=False, position=_position(source))
         await self._publish(key, value, headers, source, error.reason, error.detail)
+
+    async def not_sent(self, *, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]],
+                       source: dict[str, Any], reason: NotSent) -> None:
+        """Report a valid record that gives nothing to send (an unrated judge line) as it was.
+
+        It is not bad input: it counts as valid towards the DlqLimit.
+        """
+        self._limit.record(valid=True, position=_position(source))
+        await self._publish(key, value, headers, source, reason.reason, reason.detail)
 
     async def rejected(self, *, key: bytes | None, metric: bytes, source: dict[str, Any], status: int,
                        body: str) -> None:

@@ -2,6 +2,9 @@
 
     EvalJoinError
     ├── InvalidMessage          bad input; dead-lettered with ``reason``, never retried
+    ├── NotSent                 valid input that gives nothing to send: a judge line without a rating
+    │                           (``unrated``: reported on the dead-letter topic, but not bad input), or
+    │                           about another model than the app's (``other_model``: counted only)
     ├── DependencyError         Kafka, Redis or the intake failed; ``component`` says which
     │   ├── Unavailable           retriable: it may pass by itself (connection lost, timeout, a leader
     │   │   │                     or primary moving, Redis out of memory); the stage is done again
@@ -52,6 +55,25 @@ class InvalidMessage(EvalJoinError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class NotSent(EvalJoinError):
+    """A valid message that gives no evaluation: ``unrated`` (reported) or ``other_model`` (counted only).
+
+    Not bad input: it does not count towards the dead-letter limits. ``cause`` says why an unrated
+    judge line is unrated (``unparsed_rating``, ``missing``, ``nan``).
+    """
+
+    def __init__(self, reason: str, detail: str, *, cause: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.cause = cause
+
+    @property
+    def reported(self) -> bool:
+        """Whether the record goes to the dead-letter topic (an unrated line: someone may judge it again)."""
+        return self.reason == "unrated"
 
 
 class DependencyError(EvalJoinError):

@@ -128,11 +128,16 @@ class Provenance(_Strict):
 
 
 class SpanContextEvent(_Strict):
-    """An application's statement: span ``span_id`` of trace ``trace_id`` answered ``join_key``."""
+    """An application's statement: span ``span_id`` of trace ``trace_id`` answered ``join_key``.
+
+    ``run_id`` names the run (say, one nightly evaluation over a dataset) the answer belongs to: the
+    same join key in another run is another answer, and only results of the same run join it.
+    """
 
     schema_version: Literal[1]
     kind: Literal["span_context"] = "span_context"
     ml_app: Name | None = None
+    run_id: Name | None = None
     join_key: JoinKeyValue
     trace_id: TraceId
     span_id: SpanId
@@ -144,13 +149,15 @@ class NemoResultEvent(_Strict):
     """NeMo Evaluator's evaluations of the answer to ``join_key``.
 
     ``event_id`` is stable: the same result published twice carries the same id, so the second
-    copy is recognised and nothing is delivered twice.
+    copy is recognised and nothing is delivered twice. ``run_id``, when given, is the run of the
+    answer it evaluates (see :class:`SpanContextEvent`).
     """
 
     schema_version: Literal[1]
     kind: Literal["nemo_result"] = "nemo_result"
     event_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{8,128}$")]
     ml_app: Name | None = None
+    run_id: Name | None = None
     join_key: JoinKeyValue
     evaluations: Annotated[list[Evaluation], Field(min_length=1, max_length=MAX_EVALUATIONS_PER_EVENT)]
     provenance: Provenance | None = None

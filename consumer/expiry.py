@@ -100,6 +100,7 @@ class Sweeper:
                 "reason": reason,
                 "ml_app": side.namespace.ml_app,
                 "join_key": side.namespace.join_key,
+                **({"run_id": side.namespace.run} if side.namespace.run else {}),
                 "deadline_ms": side.deadline_ms,
                 "reported_at_ms": now_ms,
                 "side": decode(outcome.body, side.namespace),

@@ -2,7 +2,10 @@
 
 A span-context event is buffered (it stays for ``join_ttl`` so that later results still join) and
 releases every result that waited for it; a result event joins its span at once if the span is
-buffered, else waits. The output is a list of :class:`Joined` evaluations for the delivery step.
+buffered, else waits. A namespace is the event's ml_app, join key and run; without a run, the
+store's repeated-key rule (:meth:`consumer.store.JoinStore.put_many`) keeps a key answered again
+from getting another answer's evaluations, by the slots (label and tags) of each result's
+evaluations. The output is a list of :class:`Joined` evaluations for the delivery step.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from consumer import records
 from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.decode import Event, RecordDecoder
 from consumer.dlq import DeadLetters
-from consumer.errors import InvalidMessage
+from consumer.errors import InvalidMessage, NotSent
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.metrics import Metrics
 from consumer.payload import build_metric, encode_metric, evaluation_id
-from consumer.store import JoinStore, Namespace, ResultOp, ResultPut, SpanOp, SpanPut
+from consumer.store import JoinStore, Namespace, ResultOp, ResultPut, SpanOp, SpanPut, evaluation_slot
 from consumer.tracing import span
 
 log = structlog.get_logger(__name__)
@@ -96,7 +99,7 @@ class Joiner:
         fields_of: list[dict[str, Any]] = []
         for event, source in items:
             assert event.ml_app is not None  # resolved by decode
-            ns = Namespace(event.ml_app, event.join_key)
+            ns = Namespace(event.ml_app, event.join_key, event.run_id or "")
             fields = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}, exclude_none=True),
                       "source": source.as_dict()}
             if isinstance(event, SpanContextEvent):
@@ -104,9 +107,14 @@ class Joiner:
                                   self._deadline(source)))
             else:
                 fields["received_ts_ms"] = self._produced_ms(source)
-                eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i)
+                eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i, ns.run)
                             for i in range(len(event.evaluations))]
-                ops.append(ResultOp(ns, event.event_id, records.encode(fields), eval_ids, self._deadline(source)))
+                # A run names the answer; without one, the slots say which evaluations an answer has.
+                origin = None if event.provenance is None else event.provenance.model_dump(
+                    exclude={"job_id", "evaluated_at_ms"}, exclude_none=True)
+                slots = () if ns.run else sorted({evaluation_slot(e.label, e.tags, origin) for e in event.evaluations})
+                ops.append(ResultOp(ns, event.event_id, records.encode(fields), eval_ids, self._deadline(source),
+                                    slots))
             fields_of.append(fields)
         puts = await self._store.put_many(ops) if ops else []
         return [_outcome(op, put, record) for op, put, record in zip(ops, puts, fields_of, strict=True)]
@@ -117,10 +125,15 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
     if isinstance(put, SpanPut):
         if put.status == "conflict":
             existing = records.decode_span(put.existing, ns) if put.existing else {}
+            bound = (f"{_name(ns)} is already bound to span {existing.get('span_id')} of trace "
+                     f"{existing.get('trace_id')}")
+            if ns.run:
+                return InvalidMessage("join_key_conflict", f"{bound}; a join key names one span in a run")
             return InvalidMessage(
                 "join_key_conflict",
-                f"{ns.ml_app}/{ns.join_key} is already bound to span {existing.get('span_id')} of "
-                f"trace {existing.get('trace_id')}; a join key names one span until its deadline",
+                f"{bound}, which has no evaluation yet (or the answer it replaced has evaluations still being "
+                "delivered): which answer a later result is for cannot be told. Give the events a run_id, or "
+                "replay this record once that span has its evaluations",
             )
         # On "duplicate" the stored span has the same identity, so this record joins the same way.
         joined: list[Joined] = []
@@ -130,7 +143,7 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
     if put.status == "full":
         return InvalidMessage(
             "too_many_pending_results",
-            f"{ns.ml_app}/{ns.join_key} already has MAX_PENDING_RESULTS_PER_KEY results waiting for its span; "
+            f"{_name(ns)} already has MAX_PENDING_RESULTS_PER_KEY results waiting for its span; "
             "replay this record once the span has arrived",
         )
     if put.status != "joined":
@@ -139,11 +152,16 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
     return JoinResult("joined", _joined(ns, records.decode_span(put.span, ns), record, buffered=False))
 
 
+def _name(ns: Namespace) -> str:
+    """A namespace for a message: ``ml_app/join_key``, and ``(run <run>)`` with a run."""
+    return f"{ns.ml_app}/{ns.join_key}" + (f" (run {ns.run})" if ns.run else "")
+
+
 def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buffered: bool) -> list[Joined]:
     return [
         Joined(
             namespace=ns,
-            eval_id=evaluation_id(ns.ml_app, ns.join_key, result["event_id"], index),
+            eval_id=evaluation_id(ns.ml_app, ns.join_key, result["event_id"], index, ns.run),
             event_id=result["event_id"],
             label=evaluation["label"],
             metric=encode_metric(build_metric(span, result, index)),
@@ -174,16 +192,19 @@ class BatchJoin:
             return JoinedBatch(batch, await self._join(records_))
 
     async def _join(self, records_: Sequence[Any]) -> list[Joined]:
-        decoded: list[Event | InvalidMessage] = []
+        decoded: list[Event | InvalidMessage | NotSent] = []
         for record in records_:
             self._metrics.messages_consumed.labels(topic=record.topic).inc()
             decoded.append(self._decode(record))
         valid = [(event, source_of(record)) for record, event in zip(records_, decoded, strict=True)
-                 if not isinstance(event, InvalidMessage)]
+                 if not isinstance(event, InvalidMessage | NotSent)]
         outcomes = iter(await self._joiner.join_many(valid) if valid else [])
         joined: list[Joined] = []
         debug = log.is_enabled_for(logging.DEBUG)  # the per-record context costs more than the join itself
         for record, event in zip(records_, decoded, strict=True):
+            if isinstance(event, NotSent):
+                await self._not_sent(record, event)
+                continue
             outcome = event if isinstance(event, InvalidMessage) else next(outcomes)
             kind = "span" if self._decode.is_span(record) else "result"
             if isinstance(outcome, InvalidMessage):
@@ -198,6 +219,21 @@ class BatchJoin:
             joined.extend(outcome.joined)
         return joined
 
+    async def _not_sent(self, record: Any, reason: NotSent) -> None:
+        """A judge line that gives no evaluation: an unrated one is counted and reported on the DLQ (someone may
+        judge it again), one about another model is counted only."""
+        self._metrics.events.labels(kind="result", outcome=reason.reason).inc()
+        context = record_context(record, reason)
+        if not reason.reported:
+            self._dead_letters.record_valid((record.topic, record.partition, record.offset))
+            log.debug("judgement_not_sent", reason=reason.reason, detail=reason.detail, **context)
+            return
+        self._metrics.unrated.labels(cause=reason.cause).inc()
+        with structlog.contextvars.bound_contextvars(**context):
+            log.info("judgement_unrated", cause=reason.cause, detail=reason.detail)
+            await self._dead_letters.not_sent(key=record.key, value=record.value, headers=list(record.headers or ()),
+                                              source=source_of(record).as_dict(), reason=reason)
+
     async def _dead_letter(self, record: Any, kind: str, error: InvalidMessage) -> None:
         log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
         self._metrics.events.labels(kind=kind, outcome="invalid").inc()
@@ -207,11 +243,13 @@ class BatchJoin:
                                          source=source_of(record).as_dict(), error=error)
 
 
-def record_context(record: Any, event: Event | InvalidMessage) -> dict[str, Any]:
-    """What a log line about one record says about it: where it came from and, once decoded, its join key."""
+def record_context(record: Any, event: Event | InvalidMessage | NotSent) -> dict[str, Any]:
+    """What a log line about one record says about it: where it came from and, once decoded, its join key and run."""
     context: dict[str, Any] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-    if not isinstance(event, InvalidMessage):
+    if not isinstance(event, InvalidMessage | NotSent):
         context.update(ml_app=event.ml_app, join_key=event.join_key)
+        if event.run_id:
+            context["run_id"] = event.run_id
     return context
 
 

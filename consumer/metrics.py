@@ -20,8 +20,12 @@ class Metrics:
         self.messages_consumed = Counter(
             f"{_PREFIX}_messages_consumed", "Kafka records read, by topic.", ["topic"], registry=r)
         self.events = Counter(
-            f"{_PREFIX}_events", "Decoded events by kind (span, result) and join outcome "
-            "(stored, duplicate, joined, buffered) or invalid.", ["kind", "outcome"], registry=r)
+            f"{_PREFIX}_events", "Decoded events by kind (span, result) and join outcome (stored, replaced, "
+            "duplicate, joined, buffered, waiting), invalid, or not sent (unrated, other_model).", ["kind", "outcome"],
+            registry=r)
+        self.unrated = Counter(
+            f"{_PREFIX}_unrated_judgements", "Judge lines without a rating, by cause (unparsed_rating: score -1, "
+            "missing: null, nan: NaN): reported on the DLQ as unrated, never sent as a score.", ["cause"], registry=r)
         self.dead_letters = Counter(
             f"{_PREFIX}_dead_letters", "Records and evaluations published to the DLQ, by reason.", ["reason"],
             registry=r)

@@ -18,10 +18,10 @@ except ImportError:  # pragma: no cover - ddtrace is a dependency
     _DDTRACE_VERSION = "unknown"
 
 
-def evaluation_id(ml_app: str, join_key: str, event_id: str, index: int) -> str:
-    """Deterministic id of one evaluation: the delivery ledger's key."""
-    raw = f"{ml_app}\x00{join_key}\x00{event_id}\x00{index}".encode()
-    return hashlib.sha256(raw).hexdigest()[:32]
+def evaluation_id(ml_app: str, join_key: str, event_id: str, index: int, run: str = "") -> str:
+    """Deterministic id of one evaluation: the delivery ledger's key (without a run, the id it always had)."""
+    raw = f"{ml_app}\x00{join_key}\x00{event_id}\x00{index}" + (f"\x00{run}" if run else "")
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from functools import cached_property
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote
 
+import orjson
+
 SpanStatus = Literal["stored", "duplicate", "conflict", "replaced"]  # replaced: the key's next answer (no run)
 # waiting: buffered although a span is here, since it repeats one of that span's evaluations (no run);
 # full: too many results wait for the span
@@ -55,14 +57,16 @@ class Namespace:
         return cls(unquote(app), unquote(key), unquote(run))
 
 
-def evaluation_slot(label: str, tags: Mapping[str, str]) -> str:
-    """What an evaluation is of an answer: its label and tags, as :data:`SLOT_CHARS` hex characters.
+def evaluation_slot(label: str, tags: Mapping[str, str], origin: Mapping[str, Any] | None = None) -> str:
+    """What an evaluation is of an answer, as :data:`SLOT_CHARS` hex characters: its label, its tags, and its
+    ``origin``, what made it that stays the same from run to run (a result's provenance but its job id and time).
 
     Without a run, an answer (span) takes each slot once: a second result with an evaluation in a
-    slot the span already has is the evaluation of the key's next answer (see :meth:`JoinStore.put_many`).
+    slot the span already has is the evaluation of the key's next answer (see :meth:`JoinStore.put_many`);
+    two judges of one answer under one label, told apart by a tag or their provenance, are not.
     """
-    canonical = "\x00".join([label, *(f"{name}\x01{value}" for name, value in sorted(tags.items()))])
-    return hashlib.sha1(canonical.encode(), usedforsecurity=False).hexdigest()[:SLOT_CHARS]
+    canonical = orjson.dumps([label, tags, origin or {}], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha1(canonical, usedforsecurity=False).hexdigest()[:SLOT_CHARS]
 
 
 def result_digest(event_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import orjson
 import pytest
 
 from consumer.decode import decode_result, decode_span
-from consumer.errors import InvalidMessage
+from consumer.errors import InvalidMessage, NotSent
 
 pytestmark = pytest.mark.unit  # no server: part of the seconds-long tier
 
@@ -171,3 +172,88 @@ def test_a_version_equal_to_one_but_not_the_integer_is_unsupported(version: Any)
     assert reason_of(span, {"schema_version": version, "join_key": "q", "trace_id": "ab", "span_id": "1"}) == (
         "unsupported_schema_version")
     assert reason_of(result, orjson.dumps(native_result(schema_version=version))) == "unsupported_schema_version"
+
+
+# -- judge lines: one rule (consumer.judge), shared with the NeMo publisher ------------------------------
+
+LINE = json.loads(JUDGE_LINE)
+
+
+def not_sent(value: Any, headers: list[tuple[str, bytes | None]] | None = None, judged_model: str | None = None) -> Any:
+    raw = value if isinstance(value, bytes) else orjson.dumps(value)
+    with pytest.raises(NotSent) as info:
+        decode_result(raw, headers or [], join_key="question_id", default_ml_app="app", max_bytes=10_000,
+                      judged_model=judged_model)
+    return info.value
+
+
+@pytest.mark.parametrize(("score", "cause"), [(-1, "unparsed_rating"), (-1.0, "unparsed_rating"), (None, "missing")])
+def test_a_judge_line_without_a_rating_is_not_sent(score: Any, cause: str) -> None:
+    """Score -1 (the judge's rating could not be parsed) and null are "unrated", with their cause, never a score."""
+    error = not_sent(LINE | {"score": score})
+    assert (error.reason, error.cause, error.reported) == ("unrated", cause, True)
+    assert "question_id '1', quality_assessment:" in error.detail
+
+
+def test_a_nan_score_is_unrated_but_nan_elsewhere_stays_invalid_json() -> None:
+    """NaN, as Python's json writes an unrated score, is read in a judge line's score only."""
+    with_nan = json.dumps(LINE | {"score": math.nan}).encode()
+    assert b'"score": NaN' in with_nan
+    assert not_sent(with_nan).cause == "nan"
+    for bad in (json.dumps(LINE | {"score": math.inf}), json.dumps(LINE | {"score": math.nan, "tstamp": math.nan}),
+                json.dumps(LINE | {"score": math.nan}).replace('"turn": 1', '"turn": 1e400'),
+                json.dumps(native_result(evaluations=[{"label": "x", "metric_type": "score", "value": math.nan}]))):
+        assert reason_of(result, bad.encode()) == "invalid_json", bad[-80:]
+
+
+def test_turns_judges_and_judged_models_stay_apart() -> None:
+    """Turn 2 has its own label; the judge, its prompt and the judged model are tags; metadata stays the guide's."""
+    (first,) = result(JUDGE_LINE).evaluations
+    assert (first.label, first.tags) == ("quality_assessment", {
+        "judge": "meta/llama-3.1-8b-instruct", "judge_prompt": "single-v1", "model": "meta/llama-3.1-8b-instruct"})
+    (second,) = result(LINE | {"turn": 2, "judge": "gpt-4", "model": "vicuna-13b"}).evaluations
+    assert (second.label, second.tags) == ("quality_assessment_turn2", {"judge": "gpt-4", "model": "vicuna-13b"})
+    assert second.metadata == {"model": "vicuna-13b", "judgement": LINE["judgment"]}
+    assert reason_of(result, LINE | {"turn": "2"}) == "schema"
+
+
+def test_only_the_judged_model_is_kept_and_the_header_wins() -> None:
+    """With a judged model (the setting, or the record's judged_model header) other models' lines are not sent."""
+    other = LINE | {"model": "vicuna-13b"}
+    error = not_sent(other, judged_model="meta/llama-3.1-8b-instruct")
+    assert (error.reason, error.reported) == ("other_model", False) and "vicuna-13b" in error.detail
+    assert decode_result(orjson.dumps(other), [("judged_model", b"vicuna-13b")], join_key="question_id",
+                         default_ml_app="a", max_bytes=10_000, judged_model="meta/llama-3.1-8b-instruct").evaluations
+    assert not_sent(LINE, [("judged_model", b"vicuna-13b")]).reason == "other_model"
+    unknown = {key: value for key, value in LINE.items() if key != "model"}
+    assert result(unknown).evaluations  # a line that names no model cannot be told apart: it is kept
+    assert reason_of(result, LINE, [("judged_model", b"\xff")]) == "invalid_header"
+
+
+# -- runs ----------------------------------------------------------------------------------------------
+
+def test_the_run_comes_from_the_event_else_the_header() -> None:
+    """run_id: the native field, the source's run_id key, the judge line's field; else the run_id header."""
+    header: list[tuple[str, bytes | None]] = [("run_id", b"from-header")]
+    assert result(native_result(run_id="nightly-1"), header).run_id == "nightly-1"
+    assert result(native_result(), header).run_id == "from-header"
+    assert result(native_result()).run_id is None
+    outputs = OUTPUT_RECORD | {"input": OUTPUT_RECORD["input"] | {"source": "trace_id=0;span_id=1;question_id=1;"
+                                                                             "run_id=2026-01-05"}}
+    assert span(outputs, header).run_id == "2026-01-05"
+    assert span(OUTPUT_RECORD, header).run_id == "from-header"
+    assert result(LINE | {"run_id": 20260105}).run_id == "20260105"
+    assert result(JUDGE_LINE, header).run_id == "from-header"
+
+
+@pytest.mark.parametrize(("event", "headers", "reason"), [
+    (native_result(run_id=""), [], "schema"),
+    (native_result(run_id="x" * 201), [], "schema"),
+    (native_result(run_id="a\nb"), [], "schema"),
+    (native_result(), [("run_id", b"\xff")], "invalid_header"),
+    (native_result(), [("run_id", b"x" * 201)], "schema"),
+    (LINE | {"run_id": ["a"]}, [], "schema"),
+])
+def test_a_run_is_a_bounded_name(event: dict[str, Any], headers: list[tuple[str, bytes | None]], reason: str) -> None:
+    """A run is 1 to 200 characters without control characters, like ml_app; a header that is not UTF-8 is named."""
+    assert reason_of(result, event, headers) == reason

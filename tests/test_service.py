@@ -273,3 +273,110 @@ async def test_a_member_joining_while_batches_are_in_flight_leaves_nothing_behin
                          what=f"all {n} evaluations")
         await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
                                            [topics.span, topics.result]), expect=0, what="everything committed")
+
+
+# -- the same dataset evaluated again: repeated join keys -------------------------------------------------
+
+
+def outputs_record(question: str, span: int, *, run: str | None = None) -> dict[str, Any]:
+    """An outputs.json record of the guide for ``question``, answered by span ``span``."""
+    source = f"trace_id={span:032x};span_id={span};question_id={question}" + (f";run_id={run}" if run else "")
+    return {"input": {"prompt": f"question {question}", "source": source}, "response": "an answer"}
+
+
+def judge_line(question: str, score: int, tstamp: float) -> dict[str, Any]:
+    """A scores.jsonl line of the guide: the judge's score of the answer to ``question``."""
+    return {"question_id": question, "model": "meta/llama-3.1-8b-instruct",
+            "judge": ["meta/llama-3.1-70b-instruct", "single-v1"], "user_prompt": "...",
+            "judgment": f"Rating: [[{score}]]", "score": score, "turn": 1, "tstamp": tstamp}
+
+
+def scores_by_span(intake: FakeIntake) -> dict[str, list[Any]]:
+    """span_id -> the score values delivered onto that span."""
+    out: dict[str, list[Any]] = defaultdict(list)
+    for metric in intake.accepted_metrics():
+        out[metric["join_on"]["span"]["span_id"]].append(metric["score_value"])
+    return dict(out)
+
+
+@pytest.mark.parametrize("scope", ["no_run", "run_header"])
+async def test_a_dataset_evaluated_again_scores_each_answer_on_its_own_span(
+        scope: str, make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer,
+        intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """The nightly case: after a first run was delivered, 20 questions answered again (new spans) and judged again;
+    every new score lands on its new span, none on the old one, and nothing is dead-lettered.
+
+    Without a run the repeated-key rule tells the answers apart; with a run_id header each run is its own key.
+    """
+    questions = [f"q-{i}" for i in range(20)]
+    settings = make_settings()
+
+    def headers(night: int) -> list[tuple[str, bytes]] | None:
+        return [("run_id", f"nightly-{night}".encode())] if scope == "run_header" else None
+
+    async with running_service(settings):
+        for night, (first_span, score) in enumerate([(1000, 4), (2000, 7)], start=1):
+            for i, question in enumerate(questions):
+                await send_json(producer, topics.span, outputs_record(question, first_span + i), key=question,
+                                headers=headers(night))
+            for question in questions:
+                await send_json(producer, topics.result, judge_line(question, score, 1_767_000_000.0 + night),
+                                key=question, headers=headers(night))
+            await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
+                                               [topics.span, topics.result]), expect=0, within=60,
+                             what=f"night {night} consumed")
+            await eventually(lambda: len(intake.accepted_metrics()), expect=20 * night, what=f"night {night}")
+    assert scores_by_span(intake) == {**{str(1000 + i): [4] for i in range(20)},
+                                      **{str(2000 + i): [7] for i in range(20)}}
+    assert await topic_size(kafka.bootstrap_servers, topics.dlq) == 0
+
+
+# Every way the two runs' sides of one key can interleave (each topic keeps its own order): which scores reach
+# which span, and what is dead-lettered. r1 (score 3) is the judgement of span s1, r2 (score 9) of s2.
+INTERLEAVINGS = {
+    "s1 s2 r1 r2": ({"s1": [3]}, ["s2"]),
+    "s1 r1 s2 r2": ({"s1": [3], "s2": [9]}, []),
+    "s1 r1 r2 s2": ({"s1": [3], "s2": [9]}, []),
+    "r1 s1 s2 r2": ({"s1": [3], "s2": [9]}, []),
+    "r1 s1 r2 s2": ({"s1": [3], "s2": [9]}, []),
+    "r1 r2 s1 s2": ({}, ["s2"]),
+}
+
+
+@pytest.mark.parametrize("scope", ["no_run", "run_in_events"])
+async def test_every_interleaving_of_two_runs_gives_what_the_readme_says(
+        scope: str, make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer,
+        intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """Sides sent one step at a time (each consumed before the next): no score ever lands on the other answer's span;
+    without a run the two orders that cannot be told apart dead-letter the second span, with a run none does."""
+    settings = make_settings()
+    spans = {order: {"s1": 10_000 + 10 * n, "s2": 10_000 + 10 * n + 1} for n, order in enumerate(INTERLEAVINGS)}
+    async with running_service(settings):
+        for step in range(4):
+            for n, order in enumerate(INTERLEAVINGS):
+                side = order.split()[step]
+                question, run = f"order-{n}", (f"run-{side[1]}" if scope == "run_in_events" else None)
+                if side[0] == "s":
+                    await send_json(producer, topics.span, outputs_record(question, spans[order][side], run=run),
+                                    key=question)
+                else:
+                    line = judge_line(question, 3 if side == "r1" else 9, 1_767_000_000.0 + int(side[1]))
+                    await send_json(producer, topics.result, line | ({"run_id": run} if run else {}), key=question)
+            await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
+                                               [topics.span, topics.result]), expect=0, within=60,
+                             what=f"step {step + 1} consumed")
+        dead = await read_topic(kafka.bootstrap_servers, topics.dlq, 0 if scope == "run_in_events" else 2)
+    delivered = scores_by_span(intake)
+    conflicts = sorted(orjson.loads(record.value)["input"]["source"] for record in dead)
+    expected_conflicts = []
+    for order, (scores, dead_sides) in INTERLEAVINGS.items():
+        got = {side: delivered.get(str(span_id), []) for side, span_id in spans[order].items()}
+        if scope == "run_in_events":
+            assert got == {"s1": [3], "s2": [9]}, order
+            continue
+        assert got == {"s1": scores.get("s1", []), "s2": scores.get("s2", [])}, order
+        expected_conflicts += [outputs_record(f"order-{list(INTERLEAVINGS).index(order)}",
+                                              spans[order][side])["input"]["source"] for side in dead_sides]
+    assert conflicts == sorted(expected_conflicts)
+    assert all(dict(record.headers)["evaljoin.error"] == b"join_key_conflict" for record in dead)
+    assert await topic_size(kafka.bootstrap_servers, topics.dlq) == len(expected_conflicts)

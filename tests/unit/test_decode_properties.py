@@ -114,18 +114,21 @@ def test_a_valid_result_event_decodes_to_its_model(event: dict[str, Any], header
 @settings(PROPERTY, max_examples=80)
 @given(st.fixed_dictionaries({
     "question_id": st.text(no_controls, min_size=1, max_size=40) | st.integers(0, 2**31),
-    "score": st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False),
+    "score": (st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)).filter(
+        lambda score: score != -1),  # -1 is the judge's "no rating": not a score (test_decode.py)
     "judgment": st.text(max_size=80),
     "model": st.text(max_size=40),
     "tstamp": st.floats(0, 253402300799, allow_nan=False),
     "turn": st.integers(1, 5),
 }), st.randoms(use_true_random=False))
 def test_a_judge_line_maps_to_one_score_and_a_stable_event_id(line: dict[str, Any], rng: Any) -> None:
-    """A scores.jsonl line becomes one quality_assessment score; its event id ignores key order and spacing."""
+    """A scores.jsonl line becomes one quality_assessment score (of its turn); its event id ignores key order and
+    spacing."""
     decoded = decode_result(orjson.dumps(line), [], **OPTIONS)
     (evaluation,) = decoded.evaluations
+    label = "quality_assessment" if line["turn"] == 1 else f"quality_assessment_turn{line['turn']}"
     assert (decoded.join_key, evaluation.label, evaluation.metric_type, evaluation.value) == (
-        str(line["question_id"]), "quality_assessment", "score", line["score"])
+        str(line["question_id"]), label, "score", line["score"])
     assert evaluation.metadata == {"model": line["model"], "judgement": line["judgment"]}
     assert evaluation.timestamp_ms == int(line["tstamp"] * 1000)
     shuffled = list(line.items())
