@@ -60,10 +60,11 @@ class SpanContextError(RuntimeError):
 
 
 def span_context_event(exported: Mapping[str, Any], *, join_key: str | int, ml_app: str,
-                       tags: Mapping[str, str] | None = None, emitted_at_ms: int | None = None) -> SpanContextEvent:
+                       tags: Mapping[str, str] | None = None, emitted_at_ms: int | None = None,
+                       run_id: str | None = None) -> SpanContextEvent:
     """The span-context event for what ``LLMObs.export_span()`` returned; validated, so a bad value raises here."""
     return SpanContextEvent(
-        schema_version=1, ml_app=ml_app, join_key=str(join_key),
+        schema_version=1, ml_app=ml_app, run_id=run_id, join_key=str(join_key),
         trace_id=str(exported["trace_id"]), span_id=str(exported["span_id"]), tags=dict(tags or {}),
         emitted_at_ms=int(time.time() * 1000) if emitted_at_ms is None else emitted_at_ms,
     )
@@ -75,14 +76,16 @@ class SpanContextReporter:
     Use it as an async context manager: entering starts its :class:`EventPublisher` (unless one
     that the caller manages is passed), leaving flushes and stops it, raising
     :class:`~producer_examples.publisher.DeliveryError` if the broker did not acknowledge an event.
-    ``tags`` are added to every event (per-call tags win). Extra keyword arguments go to the
+    ``tags`` are added to every event (per-call tags win); ``run_id`` names the run the answers belong
+    to (an evaluation run over a dataset: its results must carry the same). Extra keyword arguments go to the
     :class:`EventPublisher` (``kafka``, or ``bootstrap_servers`` and ``span_topic``; aiokafka options).
     """
 
-    def __init__(self, *, ml_app: str, tags: Mapping[str, str] | None = None,
+    def __init__(self, *, ml_app: str, tags: Mapping[str, str] | None = None, run_id: str | None = None,
                  publisher: EventPublisher | None = None, **publisher_options: Any) -> None:
         self.ml_app = ml_app
         self.tags = dict(tags or {})
+        self.run_id = run_id
         self._owns_publisher = publisher is None
         self.publisher = publisher or EventPublisher(**publisher_options)
         self.reported = 0
@@ -114,7 +117,8 @@ class SpanContextReporter:
             raise SpanContextError(str(exc)) from exc
         if exported is None:
             raise SpanContextError("LLM Observability is not enabled: call LLMObs.enable(...) first")
-        event = span_context_event(exported, join_key=join_key, ml_app=self.ml_app, tags={**self.tags, **(tags or {})})
+        event = span_context_event(exported, join_key=join_key, ml_app=self.ml_app, tags={**self.tags, **(tags or {})},
+                                   run_id=self.run_id)
         await self.publisher.publish_span(event)
         self.reported += 1
         return event
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id-field", default="question_id", help="the id field in --questions (default: question_id)")
     parser.add_argument("--tag", type=_tag, action="append", default=[], metavar="NAME:VALUE",
                         help="a tag on every span-context event (repeatable)")
+    parser.add_argument("--run-id", help="the run these answers belong to, e.g. tonight's evaluation over the "
+                                         "dataset; its judgements must be published with the same run id")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
                         help="questions answered at once (default: %(default)s)")
     add_kafka_arguments(parser, topics=("span",))
@@ -247,7 +253,7 @@ async def run(args: argparse.Namespace, *, out: TextIO, err: TextIO) -> int:
             yield from read_questions(args.questions, id_field=args.id_field)
 
     client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key or "unused", max_retries=LLM_MAX_RETRIES)
-    async with client, SpanContextReporter(ml_app=args.ml_app, tags=dict(args.tag),
+    async with client, SpanContextReporter(ml_app=args.ml_app, tags=dict(args.tag), run_id=args.run_id or None,
                                            kafka=kafka_settings_from(args)) as reporter:
         answered, failed = await answer_all(questions(), client=client, model=args.model,
                                             system_prompt=args.system_prompt, reporter=reporter,

@@ -15,6 +15,17 @@ dead-letter is skipped and reported with a reason instead of being published.
   both are read one record at a time (:mod:`producer_examples.jsonstream`), and every
   ``--checkpoint-every`` records the run waits for the broker's acknowledgements (with or without
   ``--state``), so memory does not grow with the file.
+* **One run.** The records of a backfill are one run of the evaluation (the ``run_id`` header, which
+  the service reads when a record does not name its own run): ``--run-id`` names it; by default,
+  when both files are given, it is ``backfill-`` and the first 16 hex digits of the SHA-256 of the
+  outputs file, so the answers and judgements of one backfill join each other and never those of
+  another backfill of the same questions. With one file only there is no default (the other file's
+  run is not known here; give the ``--run-id`` the summary of the first backfill printed), nor with
+  ``--no-run-id``. A ``--state`` file keeps the run it started with.
+* **Judge lines that give no score** are not published, and counted and named like skipped
+  records: a line without a rating (``-1``, ``null``, ``NaN``: ``unrated``), and, with
+  ``--judged-model``, a line about another model (``other_model``). They are not errors: the exit
+  code stays 0.
 * **Idempotent.** Publishing the same files again publishes the same records again, which the
   service recognises (a scores line's event id is a hash of the line's content; an outputs record
   names the same span for the same key), so nothing reaches Datadog twice.
@@ -38,22 +49,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TextIO
 
 import orjson
 from aiokafka.errors import KafkaError
+from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from consumer.config import Settings
 from consumer.decode import decode_result, decode_span, parse_source, record_bytes
-from consumer.errors import InvalidMessage
+from consumer.errors import InvalidMessage, NotSent
+from consumer.events import Name
 from producer_examples.jsonstream import (
     Format,
     MalformedFile,
@@ -69,6 +83,7 @@ from producer_examples.publisher import (
     EventPublisher,
     add_kafka_arguments,
     kafka_settings,
+    raw_headers,
 )
 
 Role = Literal["outputs", "scores"]
@@ -78,8 +93,12 @@ JOIN_KEY: str = Settings.model_fields["join_key"].default  # the service's defau
 DEFAULT_CHECKPOINT_EVERY = 1000  # records between checkpoints (--checkpoint-every)
 MAX_REPORTED_SKIPS = 100  # skipped records named on stderr; the rest are counted
 MAX_SKIP_DETAIL_CHARS = 300  # of the decoder's reason, in a skipped record's report
+DEFAULT_RUN_PREFIX = "backfill-"  # the default run: this and the start of the SHA-256 of the outputs file
+DEFAULT_RUN_HEX_CHARS = 16
+_HASH_CHUNK = 1 << 16  # bytes read at a time to hash the outputs file: memory stays bounded
 YIELD_EVERY = 64  # records between yields to the event loop, so that a signal handler runs
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_DELIVERY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_NAME: TypeAdapter[str] = TypeAdapter(Name)  # what the service takes as a run, checked before the first record
 # Decoding needs a namespace; without --ml-app the service's DEFAULT_ML_APP applies, unknown here.
 _SERVICE_DEFAULT_APP = "<DEFAULT_ML_APP>"
 
@@ -96,6 +115,10 @@ class Options:
     result_topic: str | None = None
     join_key: str = JOIN_KEY
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    run_id: str | None = None
+    """The run of the records; None: the default run (see :func:`default_run_id`) unless ``no_run_id``."""
+    no_run_id: bool = False
+    judged_model: str | None = None
     state: Path | None = None
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     dry_run: bool = False
@@ -115,13 +138,15 @@ class InputSummary:
     read: int = 0
     published: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    not_sent: Counter[str] = field(default_factory=Counter)  # valid judge lines that give no score, by reason
     published_this_run: int = 0
     resumed_at: int | None = None
     complete: bool = False
     error: str | None = None
 
     def counts(self) -> dict[str, Any]:
-        return {"read": self.read, "published": self.published, "skipped": dict(self.skipped)}
+        return {"read": self.read, "published": self.published, "skipped": dict(self.skipped),
+                "not_sent": dict(self.not_sent)}
 
 
 @dataclass
@@ -130,6 +155,8 @@ class Result:
 
     inputs: list[InputSummary]
     dry_run: bool
+    run_id: str | None = None
+    run_id_default: bool = False  # the run is the default one, made of the outputs file
     interrupted: bool = False
     delivery_error: str | None = None
 
@@ -150,16 +177,18 @@ class Result:
 
 
 class Verdict:
-    """A record's fate: published under ``key``, or skipped for ``reason``."""
+    """A record's fate: published under ``key``, skipped for ``reason``, or not sent (``not_sent``: a valid
+    judge line that gives no score)."""
 
-    __slots__ = ("detail", "key", "reason")
+    __slots__ = ("detail", "key", "not_sent", "reason")
 
-    def __init__(self, *, key: str | None = None, reason: str | None = None, detail: str = "") -> None:
-        self.key, self.reason, self.detail = key, reason, detail
+    def __init__(self, *, key: str | None = None, reason: str | None = None, detail: str = "",
+                 not_sent: bool = False) -> None:
+        self.key, self.reason, self.detail, self.not_sent = key, reason, detail, not_sent
 
 
-def check_record(role: Role, value: bytes | None, *, join_key: str, ml_app: str | None,
-                 max_bytes: int) -> Verdict:
+def check_record(role: Role, value: bytes | None, *, join_key: str, ml_app: str | None, max_bytes: int,
+                 run_id: str | None = None, judged_model: str | None = None) -> Verdict:
     """Decode a record as the service will and say whether to publish it, under which Kafka key.
 
     The key is ``ml_app:join_key``, as :class:`EventPublisher` keys events, so both sides of a
@@ -167,12 +196,15 @@ def check_record(role: Role, value: bytes | None, *, join_key: str, ml_app: str 
     """
     if value is None:
         return Verdict(reason="oversize", detail=f"the record is larger than {max_bytes} bytes")
-    headers = [("ml_app", ml_app.encode())] if ml_app else []
+    headers = list(raw_headers(ml_app=ml_app, run_id=run_id))
     decode = decode_span if role == "outputs" else decode_result
     try:
-        event = decode(value, headers, join_key=join_key, default_ml_app=_SERVICE_DEFAULT_APP, max_bytes=max_bytes)
+        event = decode(value, headers, join_key=join_key, default_ml_app=_SERVICE_DEFAULT_APP, max_bytes=max_bytes,
+                       judged_model=judged_model)
     except InvalidMessage as exc:
         return Verdict(reason=_refined_reason(role, value, join_key, exc.reason), detail=exc.detail)
+    except NotSent as exc:
+        return Verdict(reason=exc.reason, detail=exc.detail, not_sent=True)
     app = "" if event.ml_app == _SERVICE_DEFAULT_APP else event.ml_app
     key = f"{app}:{event.join_key}"
     size = record_bytes(key.encode(), value, headers)  # the service counts the key too, known only now
@@ -212,11 +244,13 @@ def _refined_reason(role: Role, value: bytes, join_key: str, reason: str) -> str
 # -- state file -------------------------------------------------------------------
 
 class StateFile:
-    """Per-input progress, saved atomically (write a temporary file, fsync, rename)."""
+    """Per-input progress, and the run the backfill publishes under, saved atomically (write a temporary file,
+    fsync, rename)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
+        self.run: dict[str, Any] = {}  # {"run_id": str | None, "default": bool} once chosen
         if not path.parent.is_dir():
             raise ValueError(f"the state file's directory {path.parent} does not exist")
         if path.exists():
@@ -224,10 +258,14 @@ class StateFile:
             if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
                 raise ValueError(f"{path} is not a backfill state file of version {STATE_VERSION}")
             self.entries = dict(doc.get("inputs") or {})
+            run = doc.get("run")
+            if isinstance(run, dict) and (run.get("run_id") is None or isinstance(run.get("run_id"), str)):
+                self.run = run
 
     def save(self, role: Role, entry: dict[str, Any]) -> None:
         self.entries[role] = entry
-        body = orjson.dumps({"version": STATE_VERSION, "inputs": self.entries}, option=orjson.OPT_INDENT_2)
+        body = orjson.dumps({"version": STATE_VERSION, "run": self.run, "inputs": self.entries},
+                            option=orjson.OPT_INDENT_2)
         temporary = self.path.with_name(self.path.name + ".tmp")
         with open(temporary, "wb") as out:
             out.write(body)
@@ -266,14 +304,15 @@ def _open_input(summary: InputSummary, state: StateFile | None, options: Options
             position = Position(int(entry["offset"]), int(entry["records"]), int(entry["line"]),
                                 entry["array_state"])
             counts = (int(entry["read"]), int(entry["published"]),
-                      Counter({str(k): int(v) for k, v in dict(entry["skipped"]).items()}))
+                      Counter({str(k): int(v) for k, v in dict(entry["skipped"]).items()}),
+                      Counter({str(k): int(v) for k, v in dict(entry.get("not_sent") or {}).items()}))
             digest = str(entry["prefix_sha256"])
         except (KeyError, TypeError, ValueError):
             note(f"{summary.path}: the state file's checkpoint is incomplete; reading the file from the start")
         else:
             reader = open_at(stream, fmt, position, digest, max_record_bytes=options.max_message_bytes)
             if reader is not None:
-                summary.read, summary.published, summary.skipped = counts
+                summary.read, summary.published, summary.skipped, summary.not_sent = counts
                 summary.resumed_at = position.index
                 return _Input(summary, stream, reader, bootstrap)
             note(f"{summary.path}: changed since the state file's checkpoint; reading it from the start")
@@ -303,6 +342,8 @@ async def run(options: Options, *, stop: asyncio.Event | None = None, err: TextI
     result = Result(plan, dry_run=options.dry_run)
     reporter = _Reporter(err)
     state = StateFile(options.state) if options.state and not options.dry_run else None
+    result.run_id, result.run_id_default = _run_of(options, state)
+    options = replace(options, run_id=result.run_id)
 
     budget = options.stop_after
     try:
@@ -316,6 +357,31 @@ async def run(options: Options, *, stop: asyncio.Event | None = None, err: TextI
     if budget == 0 or stop.is_set():
         result.interrupted = not all(item.complete or item.error for item in plan)
     return result
+
+
+def default_run_id(outputs: Path) -> str:
+    """The default run of a backfill: ``backfill-`` and the start of the SHA-256 of its outputs file."""
+    digest = hashlib.sha256()
+    with open(outputs, "rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return DEFAULT_RUN_PREFIX + digest.hexdigest()[:DEFAULT_RUN_HEX_CHARS]
+
+
+def _run_of(options: Options, state: StateFile | None) -> tuple[str | None, bool]:
+    """(the run of this backfill, whether it is the default one): the one given; else the one the state file
+    started with; else, with both files, the default. The state file keeps it for the runs that resume."""
+    chosen: tuple[str | None, bool] = (None, False)
+    if options.run_id or options.no_run_id:
+        chosen = (options.run_id or None, False)
+    elif state is not None and "run_id" in state.run:
+        chosen = (state.run["run_id"], bool(state.run.get("default")))
+    elif options.outputs is not None and options.scores is not None:
+        with contextlib.suppress(OSError):  # an outputs file that cannot be read is reported when it is opened
+            chosen = (default_run_id(options.outputs), True)
+    if state is not None:
+        state.run = {"run_id": chosen[0], "default": chosen[1]}
+    return chosen
 
 
 async def _publish_all(plan: list[InputSummary], options: Options, publisher: EventPublisher | None,
@@ -361,16 +427,21 @@ async def _publish_input(current: _Input, options: Options, publisher: EventPubl
         records: Iterator[RawRecord] = iter(current.reader)
         for record in records:
             verdict = check_record(summary.role, record.value, join_key=options.join_key, ml_app=options.ml_app,
-                                   max_bytes=options.max_message_bytes)
+                                   max_bytes=options.max_message_bytes, run_id=options.run_id,
+                                   judged_model=options.judged_model)
             summary.read += 1
-            if verdict.key is None:
+            if verdict.not_sent:
+                summary.not_sent[verdict.reason or "not_sent"] += 1
+                reporter.skip(summary, record, verdict.reason or "not_sent", verdict.detail, not_sent=True)
+            elif verdict.key is None:
                 reason = verdict.reason or "invalid"
                 summary.skipped[reason] += 1
                 reporter.skip(summary, record, reason, verdict.detail)
             else:
                 if publisher is not None:
                     assert record.value is not None
-                    await publisher.publish_raw(topic, record.value, key=verdict.key, ml_app=options.ml_app)
+                    await publisher.publish_raw(topic, record.value, key=verdict.key, ml_app=options.ml_app,
+                                                run_id=options.run_id)
                 summary.published += 1
                 summary.published_this_run += 1
             bar.update(current.reader.consumed - bar.n)
@@ -407,10 +478,12 @@ class _Reporter:
     def note(self, message: str) -> None:
         tqdm.write(message, file=self.err)
 
-    def skip(self, summary: InputSummary, record: RawRecord, reason: str, detail: str) -> None:
+    def skip(self, summary: InputSummary, record: RawRecord, reason: str, detail: str, *,
+             not_sent: bool = False) -> None:
         self.reported += 1
         if self.reported <= MAX_REPORTED_SKIPS:
-            self.note(f"{summary.path}:{record.line}: record {record.index} skipped ({reason}): "
+            what = "not sent" if not_sent else "skipped"
+            self.note(f"{summary.path}:{record.line}: record {record.index} {what} ({reason}): "
                       f"{detail[:MAX_SKIP_DETAIL_CHARS]}")
         elif self.reported == MAX_REPORTED_SKIPS + 1:
             self.note(f"more than {MAX_REPORTED_SKIPS} records skipped; the rest are counted, not listed")
@@ -425,10 +498,16 @@ def format_summary(result: Result, *, allow_skips: bool = False) -> str:
     """The closing report: per input and in total, read / published / skipped with reasons."""
     verb = "valid" if result.dry_run else "published"
     lines = []
+    if result.run_id:
+        how = "the default, made of the outputs file" if result.run_id_default else "given"
+        lines.append(f"run_id: {result.run_id} ({how}; publish more of this run with --run-id {result.run_id})")
     for item in result.inputs:
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(item.skipped.items()))
         line = (f"{item.role} {item.path} ({item.format or '?'} -> {item.topic}): {item.read} read, "
                 f"{item.published} {verb}, {sum(item.skipped.values())} skipped" + (f" ({reasons})" if reasons else ""))
+        if item.not_sent:
+            line += f", {sum(item.not_sent.values())} not sent (" + ", ".join(
+                f"{reason} {count}" for reason, count in sorted(item.not_sent.items())) + ")"
         if item.resumed_at is not None:
             line += f"; resumed at record {item.resumed_at}, {item.published_this_run} {verb} in this run"
         if item.error:
@@ -462,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outputs", type=Path, help="outputs.json: records whose input.source names the span")
     parser.add_argument("--scores", type=Path, help="scores.jsonl: NeMo LLM-as-a-judge lines")
     parser.add_argument("--ml-app", help="ml_app header for the records (else the service's DEFAULT_ML_APP applies)")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--run-id", help="run_id header for the records: the run of these answers and judgements "
+                                       f"(default, with both files: {DEFAULT_RUN_PREFIX}<start of the outputs file's "
+                                       "SHA-256>; with one: none)")
+    runs.add_argument("--no-run-id", action="store_true", help="publish without a run_id, even with both files")
+    parser.add_argument("--judged-model", default=os.environ.get("JUDGED_MODEL"),
+                        help="publish only the judge lines about this model, the app's (default: $JUDGED_MODEL)")
     add_kafka_arguments(parser, topics=("span", "result"))
     parser.add_argument("--join-key", default=os.environ.get("JOIN_KEY", JOIN_KEY),
                         help=f"the service's JOIN_KEY (default: $JOIN_KEY or {JOIN_KEY})")
@@ -487,7 +573,13 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, bool]:
         parser.error("give --outputs, --scores or both")
     if args.checkpoint_every < 1:
         parser.error("--checkpoint-every must be at least 1")
-    options = Options(outputs=args.outputs, scores=args.scores, ml_app=args.ml_app, bootstrap=args.bootstrap,
+    try:
+        if args.run_id is not None:
+            _NAME.validate_python(args.run_id)
+    except ValidationError:
+        parser.error("--run-id must be 1 to 200 characters without control characters")
+    options = Options(outputs=args.outputs, scores=args.scores, ml_app=args.ml_app, run_id=args.run_id or None,
+                      no_run_id=args.no_run_id, judged_model=args.judged_model or None, bootstrap=args.bootstrap,
                       span_topic=args.span_topic, result_topic=args.result_topic, join_key=args.join_key,
                       max_message_bytes=args.max_message_bytes, state=args.state,
                       checkpoint_every=args.checkpoint_every, dry_run=args.dry_run,

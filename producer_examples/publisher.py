@@ -73,6 +73,12 @@ def kafka_settings_from(args: argparse.Namespace) -> KafkaSettings:
                           result_topic=getattr(args, "result_topic", None))
 
 
+def raw_headers(*, ml_app: str | None = None, run_id: str | None = None) -> list[tuple[str, bytes]]:
+    """The headers of a record published as it is: what the service reads when the record does not say."""
+    given = {"ml_app": ml_app, "run_id": run_id}
+    return [(name, value.encode()) for name, value in given.items() if value]
+
+
 class DeliveryError(Exception):
     """Records sent since the last :meth:`EventPublisher.flush` were not acknowledged by the broker."""
 
@@ -131,10 +137,11 @@ class EventPublisher:
         await self._send(self.result_topic, model.ml_app, model.join_key,
                          model.model_dump(mode="json", exclude_none=True))
 
-    async def publish_raw(self, topic: str, value: bytes, *, key: str | None = None,
-                          ml_app: str | None = None) -> None:
-        """Send a record as it is (e.g. a line of the guide's files), with an optional ml_app header."""
-        headers = [("ml_app", ml_app.encode())] if ml_app else None
+    async def publish_raw(self, topic: str, value: bytes, *, key: str | None = None, ml_app: str | None = None,
+                          run_id: str | None = None) -> None:
+        """Send a record as it is (e.g. a line of the guide's files), with optional ``ml_app`` and ``run_id``
+        headers (the service reads them for a record that does not name its own)."""
+        headers = raw_headers(ml_app=ml_app, run_id=run_id) or None
         delivery = await self._producer.send(topic, value, key=key.encode() if key else None, headers=headers)
         delivery.add_done_callback(self._note_delivery)
         self.published += 1

@@ -8,6 +8,7 @@ never pass a record the broker did not acknowledge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import itertools
@@ -134,7 +135,10 @@ async def test_guide_seed_files_arrive_as_the_guides_evaluation(kafka: KafkaBrok
     assert result_record.value == (SEED / "scores.jsonl").read_bytes().strip()
     assert orjson.loads(span_record.value) == json.loads((SEED / "outputs.json").read_text())[0]
     assert span_record.key == result_record.key == b"nemos-demo:1"
-    assert dict(span_record.headers) == {"ml_app": b"nemos-demo"}
+    run = "backfill-" + hashlib.sha256((SEED / "outputs.json").read_bytes()).hexdigest()[:16]
+    assert dict(span_record.headers) == dict(result_record.headers) == {"ml_app": b"nemos-demo",
+                                                                        "run_id": run.encode()}
+    assert out.getvalue().splitlines()[0].startswith(f"run_id: {run} (the default, made of the outputs file;")
     assert out.getvalue().splitlines()[-1] == "total: 2 read, 2 published, 0 skipped"
 
 
@@ -215,6 +219,11 @@ async def test_interrupted_run_resumes_where_it_stopped(kafka: KafkaBroker, topi
     outputs.write_bytes(outputs.read_bytes().replace(b"Question 0?", b"Question zero?"))
     fifth = await backfill()
     assert [(i.resumed_at, i.published_this_run) for i in fifth.inputs] == [(None, 200), (201, 0)]
+    # Every record went out in the run the state file started with, though the outputs file changed since.
+    assert fifth.run_id == first.run_id and first.run_id is not None and first.run_id.startswith("backfill-")
+    runs = {dict(r.headers)["run_id"] for topic in (topics.span, topics.result) for r in await read_topic(
+        kafka.bootstrap_servers, topic, await topic_size(kafka.bootstrap_servers, topic))}
+    assert runs == {first.run_id.encode()}
 
 
 async def test_killed_run_resumes_from_its_last_checkpoint(kafka: KafkaBroker, topics: Topics, tmp_path: Path) -> None:
@@ -273,10 +282,11 @@ async def test_dry_run_reports_bad_records_and_publishes_nothing(kafka: KafkaBro
         f"{scores}:3: record 2 skipped (missing_question_id): neither a NeMo result event nor a scores.jsonl "
         "judge line",
         f"{scores}:4: record 3 skipped (missing_score): neither a NeMo result event nor a scores.jsonl judge line",
-        f"{scores}:5: record 4 skipped (schema): score must be a finite number",
+        f"{scores}:5: record 4 skipped (schema): score must be a finite number (or null or NaN: not rated)",
         f"{scores}:7: record 5 skipped (not_an_object): a NeMo result event must be a JSON object",
     ]
-    summary = out.getvalue().splitlines()
+    run, *summary = out.getvalue().splitlines()
+    assert run.startswith("run_id: backfill-")
     assert summary[0].endswith(": 3 read, 1 valid, 2 skipped (missing_question_id 1, missing_source 1)")
     assert summary[1].endswith(": 6 read, 1 valid, 5 skipped (invalid_json 1, missing_question_id 1, "
                                "missing_score 1, not_an_object 1, schema 1)")
@@ -360,3 +370,49 @@ def test_readme_names_only_real_options() -> None:
     assert set(flags.findall(intro)) <= app | backfill
     assert set(flags.findall(app_section)) <= app
     assert set(flags.findall(backfill_section)) <= backfill
+
+
+async def test_the_run_is_given_the_default_or_none(kafka: KafkaBroker, topics: Topics, tmp_path: Path) -> None:
+    """--run-id names the run; with both files the default is made of the outputs file; one file, --no-run-id: none."""
+    outputs, scores = write_pairs(tmp_path, 3)
+
+    async def headers() -> Counter[bytes | None]:
+        found: Counter[bytes | None] = Counter()
+        for topic in (topics.span, topics.result):
+            records = await read_topic(kafka.bootstrap_servers, topic, await topic_size(kafka.bootstrap_servers, topic))
+            found.update(dict(record.headers).get("run_id") for record in records)
+        return found
+
+    async def runs_of(*args: str) -> set[bytes | None]:
+        before = await headers()
+        assert await run_cli(cli(kafka, topics, *args), out=io.StringIO(), err=io.StringIO()) == 0
+        return set(await headers() - before)
+
+    default = ("backfill-" + hashlib.sha256(outputs.read_bytes()).hexdigest()[:16]).encode()
+    assert await runs_of("--outputs", str(outputs), "--scores", str(scores)) == {default}
+    assert await runs_of("--outputs", str(outputs), "--scores", str(scores), "--run-id", "nightly-7") == {b"nightly-7"}
+    assert await runs_of("--outputs", str(outputs), "--scores", str(scores), "--no-run-id") == {None}
+    assert await runs_of("--scores", str(scores)) == {None}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--scores", str(scores), "--run-id", "x", "--no-run-id"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        await run_cli(cli(kafka, topics, "--scores", str(scores), "--run-id", "a\nb"))
+    assert "--run-id must be 1 to 200 characters" in err.getvalue()
+
+
+async def test_judge_lines_that_give_no_score_are_counted_not_published(kafka: KafkaBroker, topics: Topics,
+                                                                       tmp_path: Path) -> None:
+    """Unrated lines (-1, null, NaN) and, with --judged-model, other models' lines are named and counted, not
+    published, and the backfill still exits 0."""
+    seed = json.loads((SEED / "scores.jsonl").read_text())
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps(line) + "\n" for line in [
+        seed, seed | {"turn": 2, "score": -1}, seed | {"question_id": 2, "score": None},
+        seed | {"question_id": 3, "score": float("nan")}, seed | {"question_id": 4, "model": "vicuna-13b"}]))
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_cli(cli(kafka, topics, "--scores", str(scores), "--judged-model", seed["model"]), out=out, err=err)
+    assert code == 0, err.getvalue()
+    assert "5 read, 1 published, 0 skipped, 4 not sent (other_model 1, unrated 3)" in out.getvalue()
+    assert "record 1 not sent (unrated): question_id '1', quality_assessment_turn2: score -1" in err.getvalue()
+    assert await topic_size(kafka.bootstrap_servers, topics.result) == 1

@@ -8,6 +8,7 @@ span-context events through a real Kafka broker and the running service to the i
 from __future__ import annotations
 
 import copy
+import gzip
 import io
 import json
 import logging
@@ -46,11 +47,12 @@ from producer_examples.nemo.targets import (
 )
 from producer_examples.publisher import EventPublisher
 from tests.nemo_standin import MASK, NemoEvaluatorStandIn
-from tests.support import Topics, eventually, group_lag, running_service, send_json
+from tests.support import Topics, eventually, group_lag, read_topic, running_service, send_json, topic_size
 
 pytestmark = pytest.mark.timeout(120)
 
 SEED = Path(__file__).parent.parent / "producer_examples" / "seed"
+OUTPUT_RECORD = json.loads((SEED / "outputs.json").read_text())[0]
 API_KEY = "nvapi-test-0123456789abcdef"
 NIM = "http://nim.internal:8000/v1"
 LLM = {"api_endpoint": {"url": f"{NIM}/chat/completions", "model_id": "meta/llama-3.1-8b-instruct"}}
@@ -233,10 +235,13 @@ def test_nan_infinity_and_failed_scores_are_not_sent_but_reported(tmp_path: Path
     assert result.report.failed_items == {"skipped_model_error": 1}
 
     judge_line = json.loads((SEED / "scores.jsonl").read_text())
-    judge = write_jsonl(tmp_path / "judge" / "scores.jsonl", [{**judge_line, "score": -1}])
+    judge = write_jsonl(tmp_path / "judge" / "scores.jsonl", [
+        {**judge_line, "score": -1}, {**judge_line, "turn": 2, "score": None},
+        {**judge_line, "turn": 3, "score": math.nan}])
     result = map_files(read_path(judge, "judge"), ctx())
     assert not result.events
-    assert result.report.as_dict()["dropped_by_label"] == {"quality_assessment:judge_rating_not_parsed": 1}
+    assert result.report.as_dict()["dropped_by_label"] == {
+        "quality_assessment:unrated": 1, "quality_assessment_turn2:unrated": 1, "quality_assessment_turn3:unrated": 1}
 
 
 def test_duplicate_ids_in_a_run_are_an_error(tmp_path: Path) -> None:
@@ -292,7 +297,8 @@ def test_event_ids_are_deterministic_and_follow_the_content(tmp_path: Path) -> N
 
 
 def test_judge_lines_map_with_provenance_and_turns(tmp_path: Path) -> None:
-    """The seed's judge line gives quality_assessment=8 with the judgment, judge and time; turn 2 its own label."""
+    """The seed's judge line gives quality_assessment=8 as the service maps it (judgement, judge, model, time) plus
+    the run's task and provenance; turn 2 its own label."""
     line = json.loads((SEED / "scores.jsonl").read_text())
     path = write_jsonl(tmp_path / "scores.jsonl", [line, {**line, "turn": 2, "score": 6.5}])
     result = map_files(read_path(path, "judge"), ctx(ml_app="nemos-demo"))
@@ -300,10 +306,40 @@ def test_judge_lines_map_with_provenance_and_turns(tmp_path: Path) -> None:
                                    ("1", "quality_assessment_turn2"): ("score", 6.5)}
     first = result.events[0]
     (evaluation,) = first.evaluations
-    assert evaluation.reasoning == line["judgment"] and evaluation.timestamp_ms == 1740429821107
-    assert evaluation.tags == {"evaluator": "nemo", "task": "qa"}
-    assert first.provenance is not None and first.provenance.judge == "meta/llama-3.1-8b-instruct"
-    assert first.provenance.job_id == "eval-job-1" and first.provenance.target_name == "my-org/bot"
+    assert evaluation.metadata == {"model": line["model"], "judgement": line["judgment"]}
+    assert evaluation.reasoning is None and evaluation.timestamp_ms == 1740429821107
+    assert evaluation.tags == {"judge": "meta/llama-3.1-8b-instruct", "judge_prompt": "single-v1",
+                               "model": "meta/llama-3.1-8b-instruct", "task": "qa"}
+    assert first.provenance is not None and first.provenance.job_id == "eval-job-1"
+    assert first.provenance.target_name == "my-org/bot" and first.run_id is None
+
+
+def test_several_judges_and_models_of_one_question_and_the_judged_model(tmp_path: Path) -> None:
+    """Lines of several judges and judged models for one question map apart (tags); a judged model keeps its own."""
+    line = json.loads((SEED / "scores.jsonl").read_text())
+    rows = [line, {**line, "judge": ["gpt-4", "single-v1"]}, {**line, "model": "vicuna-13b"},
+            {**line, "model": "vicuna-13b", "turn": 2, "score": -1}]
+    path = write_jsonl(tmp_path / "scores.jsonl", rows)
+    every = map_files(read_path(path, "judge"), ctx())
+    assert sorted((e.tags["judge"], e.tags["model"]) for event in every.events for e in event.evaluations) == [
+        ("gpt-4", "meta/llama-3.1-8b-instruct"), ("meta/llama-3.1-8b-instruct", "meta/llama-3.1-8b-instruct"),
+        ("meta/llama-3.1-8b-instruct", "vicuna-13b")]
+    mine = map_files(read_path(path, "judge"), ctx(judged_model="meta/llama-3.1-8b-instruct"))
+    assert {e.tags["model"] for event in mine.events for e in event.evaluations} == {"meta/llama-3.1-8b-instruct"}
+    assert mine.report.as_dict()["dropped_by_reason"] == {"other_model": 2}
+    with pytest.raises(MappingError, match="already appeared"):  # the same judge and model twice
+        map_files(read_path(write_jsonl(tmp_path / "twice.jsonl", [line, line]), "judge"), ctx())
+
+
+def test_the_run_is_the_one_given_else_the_judge_lines_own(tmp_path: Path) -> None:
+    """--run-id gives every event its run; without it a judge line's run_id field does; runs keep ids apart."""
+    line = json.loads((SEED / "scores.jsonl").read_text())
+    path = write_jsonl(tmp_path / "scores.jsonl", [{**line, "run_id": "night-1"}, {**line, "run_id": "night-2"}])
+    own = map_files(read_path(path, "judge"), ctx())
+    assert [event.run_id for event in own.events] == ["night-1", "night-2"]
+    assert own.events[0].event_id != own.events[1].event_id
+    with pytest.raises(MappingError, match="in run 'nightly'"):  # one run given: the same question twice
+        map_files(read_path(path, "judge"), ctx(run_id="nightly"))
 
 
 def test_beir_per_query_scores_in_both_shapes(tmp_path: Path) -> None:
@@ -590,3 +626,103 @@ async def test_an_unreachable_broker_is_a_publish_error(tmp_path: Path, capsys: 
                                       "--bootstrap-servers", f"127.0.0.1:{free_port()}"])
     assert await execute(args, out=io.StringIO()) == 1
     assert "error: publishing failed" in capsys.readouterr().err
+
+
+# --- one judge line, two paths ------------------------------------------------------------------
+
+def metric_bytes(intake: FakeIntake) -> list[bytes]:
+    """Each eval-metric object the intake accepted, as the bytes of the request body it came in."""
+    out = []
+    decoder = json.JSONDecoder()
+    for request in intake.requests:
+        if not 200 <= request.status < 300:
+            continue
+        body = gzip.decompress(request.body) if request.headers.get("Content-Encoding") == "gzip" else request.body
+        text = body.decode()
+        at = text.index("[", text.index('"metrics"')) + 1
+        while text[at] != "]":
+            _, end = decoder.raw_decode(text, at)
+            out.append(text[at:end].encode())
+            at = end + (text[end] == ",")
+    return out
+
+
+@pytest.mark.timeout(120)
+async def test_a_judge_line_gives_the_same_datadog_data_on_both_paths(
+        make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake,
+        kafka: KafkaBroker, tmp_path: Path) -> None:
+    """The same judge lines (turns, judges, judged models, unrated ones) published as they are to the result topic,
+    and mapped by the NeMo publisher, reach the intake as byte-identical eval-metric objects; the unrated lines
+    reach it on neither: the service reports them on the DLQ as unrated and counts them, the publisher counts them."""
+    seed = json.loads((SEED / "scores.jsonl").read_text())
+    lines = [seed, {**seed, "turn": 2, "score": 6.5}, {**seed, "judge": ["gpt-4", "single-v1"], "score": 7},
+             {**seed, "model": "vicuna-13b", "score": 5},
+             {**seed, "question_id": 2, "score": -1}, {**seed, "question_id": 2, "turn": 2, "score": None},
+             {**seed, "question_id": 2, "judge": ["gpt-4", "single-v1"], "score": math.nan},
+             {**seed, "question_id": 2, "model": "vicuna-13b", "score": 2}]
+    scores = write_jsonl(tmp_path / "judge" / "scores.jsonl", lines)
+    settings = make_settings(default_ml_app=None)
+
+    async def spans(run: str) -> None:  # the app's answers to questions 1 and 2, in the run of one path
+        for question in ("1", "2"):
+            await send_json(producer, topics.span, {"schema_version": 1, "ml_app": "support-bot", "run_id": run,
+                                                    "join_key": question, "trace_id": f"{int(question):032x}",
+                                                    "span_id": str(7000 + int(question))})
+
+    async with running_service(settings) as service:
+        # The guide's path: each line published as it is.
+        await spans("guide")
+        for raw in scores.read_bytes().splitlines():
+            await producer.send_and_wait(topics.result, raw, headers=[("ml_app", b"support-bot"), ("run_id", b"guide")])
+        await eventually(lambda: len(intake.accepted_metrics()), expect=5, what="the guide path's evaluations")
+        dead = await read_topic(kafka.bootstrap_servers, topics.dlq, 3)
+        guide = metric_bytes(intake)
+        intake.clear()
+        # The NeMo publisher's path: the same file, mapped and published as NeMo result events.
+        await spans("nemo")
+        out = io.StringIO()
+        args = build_parser().parse_args([
+            "from-files", str(scores), "--format", "judge", "--ml-app", "support-bot", "--run-id", "nemo",
+            "--bootstrap-servers", kafka.bootstrap_servers, "--result-topic", topics.result])
+        assert await execute(args, out=out) == 0
+        await eventually(lambda: len(intake.accepted_metrics()), expect=5, what="the NeMo path's evaluations")
+        await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
+                                           [topics.span, topics.result]), expect=0, what="everything consumed")
+        nemo = metric_bytes(intake)
+        unrated = {cause: service.metrics.unrated.labels(cause=cause)._value.get()
+                   for cause in ("unparsed_rating", "missing", "nan")}
+    assert sorted(guide) == sorted(nemo) and len(set(guide)) == 5
+    got = {(m["label"], m["score_value"], tuple(t for t in m["tags"] if t.split(":")[0] in ("judge", "model")))
+           for m in map(json.loads, guide)}
+    llama, gpt4, vicuna = "meta/llama-3.1-8b-instruct", "gpt-4", "vicuna-13b"
+    assert got == {("quality_assessment", 8, (f"judge:{llama}", f"model:{llama}")),
+                   ("quality_assessment_turn2", 6.5, (f"judge:{llama}", f"model:{llama}")),
+                   ("quality_assessment", 7, (f"judge:{gpt4}", f"model:{llama}")),
+                   ("quality_assessment", 5, (f"judge:{llama}", f"model:{vicuna}")),
+                   ("quality_assessment", 2, (f"judge:{llama}", f"model:{vicuna}"))}
+    assert [dict(record.headers)["evaljoin.error"] for record in dead] == [b"unrated"] * 3
+    assert await topic_size(kafka.bootstrap_servers, topics.dlq) == 3
+    assert unrated == {"unparsed_rating": 1, "missing": 1, "nan": 1}
+    assert "not sent: quality_assessment (unrated) x2\n  not sent: quality_assessment_turn2 (unrated) x1" in (
+        out.getvalue())
+
+
+async def test_only_the_judged_model_reaches_the_intake(make_settings: Callable[..., Settings], topics: Topics,
+                                                       producer: AIOKafkaProducer, intake: FakeIntake,
+                                                       kafka: KafkaBroker) -> None:
+    """With JUDGED_MODEL (or a record's judged_model header, which wins) other models' lines are counted, not sent
+    and not dead-lettered."""
+    seed = json.loads((SEED / "scores.jsonl").read_text())
+    settings = make_settings(judged_model="meta/llama-3.1-8b-instruct")
+    async with running_service(settings) as service:
+        await send_json(producer, topics.span, OUTPUT_RECORD)
+        await send_json(producer, topics.result, {**seed, "model": "vicuna-13b", "score": 3})
+        await send_json(producer, topics.result, {**seed, "judge": "gpt-4", "model": "vicuna-13b", "score": 4},
+                        headers=[("judged_model", b"vicuna-13b")])
+        await send_json(producer, topics.result, seed)
+        await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
+                                           [topics.span, topics.result]), expect=0, what="everything consumed")
+        other = service.metrics.events.labels(kind="result", outcome="other_model")._value.get()
+    assert sorted((m["score_value"], m["tags"][-1]) for m in intake.accepted_metrics()) == [
+        (4, "model:vicuna-13b"), (8, "model:meta/llama-3.1-8b-instruct")]
+    assert other == 1 and await topic_size(kafka.bootstrap_servers, topics.dlq) == 0

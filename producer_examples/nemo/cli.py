@@ -25,10 +25,11 @@ from typing import TextIO
 from aiokafka.errors import KafkaError
 from nemo_microservices import AsyncNeMoMicroservices
 
+from consumer.judge import JUDGE_LABEL
 from consumer.logs import configure_logging
 from producer_examples.nemo.errors import InputError, NemoPublisherError, PublishError
 from producer_examples.nemo.evaluator import JOB_TIMEOUT_S, POLL_INITIAL_S, POLL_MAX_S, Evaluator
-from producer_examples.nemo.mapping import JUDGE_LABEL, MappingResult, RunContext
+from producer_examples.nemo.mapping import MappingResult, RunContext
 from producer_examples.nemo.publish import map_local_run, publish, run_job
 from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, FORMATS, Format
 from producer_examples.nemo.targets import EvaluationConfigSpec, Target, collect_secrets, load_config, load_target
@@ -54,6 +55,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", help="the task name for the task:<task> tag (default: from the config)")
     group.add_argument("--label-prefix", default="", help="put in front of every label, e.g. nemo_")
     group.add_argument("--judge-label", default=JUDGE_LABEL, help="label of a judge's score (default: %(default)s)")
+    group.add_argument("--run-id", help="the run the evaluated answers belong to: the run_id the app gave their "
+                                        "span-context events (default: none, or a judge line's own run_id)")
+    group.add_argument("--judged-model", default=os.environ.get("JUDGED_MODEL"),
+                       help="publish only the judge lines about this model, the app's (default: $JUDGED_MODEL; "
+                            "unset: every model's)")
     kafka = parser.add_argument_group("publishing")
     add_kafka_arguments(kafka, topics=("result",), bootstrap_flag="--bootstrap-servers")
     kafka.add_argument("--dry-run", action="store_true", help="map and report, publish nothing")
@@ -89,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     files = commands.add_parser("from-files", help="publish the per-item results of a local run")
     files.add_argument("path", type=Path, help="the run's output directory, a per-item file, or a results zip")
     files.add_argument("--format", required=True, choices=FORMATS, help="the per-item format")
-    files.add_argument("--run-id", help="names the run in event ids (default: the path's last component)")
     provenance = files.add_argument_group("provenance (goes into metadata.nemo)")
     provenance.add_argument("--job-id")
     provenance.add_argument("--config", help="namespace/name of the evaluation config")
@@ -128,7 +133,8 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
 def _context(args: argparse.Namespace, source_id: str) -> RunContext:
     return RunContext(
         ml_app=args.ml_app or None, source_id=source_id, id_column=args.id_column, task=args.task,
-        label_prefix=args.label_prefix, judge_label=args.judge_label,
+        label_prefix=args.label_prefix, judge_label=args.judge_label, run_id=args.run_id or None,
+        judged_model=args.judged_model or None,
         job_id=getattr(args, "job_id", None) if args.command == "from-files" else None,
         config=getattr(args, "config", None), target_type=getattr(args, "target_type", None),
         target_name=getattr(args, "target_name", None), model=getattr(args, "model", None),

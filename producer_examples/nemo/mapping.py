@@ -6,21 +6,30 @@ For every record of a per-item file (see ``readers.py``):
   ``metadata.question_id``, ``_id``; a dotted name walks into objects). Never from row position:
   ``problem_idx`` and ``sample_id`` are refused as id columns. A record without the column is an
   error, and so is a second record with the same id (and the same turn or repeat) in one run.
-* **Each score becomes one evaluation** whose type follows its value, bool checked before int:
-  ``bool`` -> ``boolean``; ``int``/``float`` -> ``score``; ``str`` -> ``categorical``. NaN,
-  infinities, ``None``, error objects, a judge's unparsed rating (``-1``) and values of other types
-  are not sent: they are counted, with their reason, in the :class:`MappingReport`. So is an item
-  that failed as a whole (a BYOB sample that was not ``scored``).
+* **A judge line** (LLM-as-a-judge / MT-bench) maps by :func:`consumer.judge.judge_evaluation`,
+  the rule the service maps the same line by when it is published as it is: the same line gives
+  the same evaluation on both paths (label ``quality_assessment``, ``_turn<N>`` from turn 2; the
+  judge, its prompt and the judged model as tags; metadata ``model`` and ``judgement``). A line
+  without a rating (``-1``, ``null``, ``NaN``) is not sent, and counted as ``unrated``; with a
+  judged model, a line about another model is not sent, and counted as ``other_model``. The
+  publisher adds only its context: the ``task:<task>`` tag and the job's provenance.
+* **Each other score becomes one evaluation** whose type follows its value, bool checked before
+  int: ``bool`` -> ``boolean``; ``int``/``float`` -> ``score``; ``str`` -> ``categorical``. NaN,
+  infinities, ``None``, error objects and values of other types are not sent: they are counted,
+  with their reason, in the :class:`MappingReport`. So is an item that failed as a whole (a BYOB
+  sample that was not ``scored``).
 * **Labels are stable names** derived from the metric and score names only (``reward``,
   ``exact_match``, ``ndcg_cut_10``, the judge's ``quality_assessment``), sanitised to the intake's
   rule ``^[A-Za-z][A-Za-z0-9_]{0,199}$``; a second turn or repeat adds ``_turn2`` / ``_repeat1``.
   No job id ever goes into a label.
 * **Provenance** (job id, config, target type and name, model, judge, time) goes into the event's
   ``provenance``, which the service puts into each evaluation's ``metadata.nemo``; tags are
-  low-cardinality only: ``evaluator:nemo`` and ``task:<task>``.
-* **Event ids are deterministic**: a hash of the source (job id or run name), the item's key and
-  the evaluations' content, so a re-published result is recognised by the service and delivered
-  once.
+  low-cardinality only: ``evaluator:nemo`` and ``task:<task>`` (a judge line's: its judge and model).
+* **The run** of an event is the one given (``RunContext.run_id``), else a judge line's own
+  ``run_id`` field; without either the event has none.
+* **Event ids are deterministic**: a hash of the source (job id or run name), the item's key, its
+  run and the evaluations' content, so a re-published result is recognised by the service and
+  delivered once.
 
 Nothing is published unless the whole run maps: errors are raised before any event is returned.
 """
@@ -39,7 +48,6 @@ from typing import Any, get_args
 import orjson
 from pydantic import StringConstraints, ValidationError
 
-from consumer.decode import SEED_LABEL
 from consumer.events import (
     MAX_EVALUATIONS_PER_EVENT,
     MAX_TEXT_CHARS,
@@ -51,6 +59,16 @@ from consumer.events import (
     NemoResultEvent,
     Provenance,
     TagValue,
+)
+from consumer.judge import (
+    JUDGE_LABEL,
+    JudgeLineError,
+    OtherModel,
+    Unrated,
+    judge_evaluation,
+    judge_names,
+    label_for_turn,
+    turn_of,
 )
 from producer_examples.nemo.errors import MappingError
 from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, Record, ResultFile
@@ -68,7 +86,6 @@ def _max_chars(text_type: Any) -> int:
 
 
 LABEL_RULE = re.compile(str(_constraints(Label).pattern))
-JUDGE_LABEL = SEED_LABEL  # the label the service gives a judge line of the guide's scores.jsonl
 POSITION_COLUMNS = frozenset({"problem_idx", "sample_id"})
 MAX_JOIN_KEY_CHARS = _max_chars(JoinKeyValue)
 _MAX_NAME_CHARS = _max_chars(Name)  # provenance names, and labels (LABEL_RULE allows as many)
@@ -149,6 +166,9 @@ class Item:
     model: str | None = None
     judge: str | None = None
     task: str | None = None
+    run: str | None = None  # the item's own run (a judge line's run_id field)
+    prepared: tuple[dict[str, Any], ...] = ()  # evaluations a shared rule mapped already (judge lines)
+    not_sent: tuple[tuple[str, str], ...] = ()  # (label, reason) the shared rule gave no evaluation for
 
 
 @dataclass
@@ -203,6 +223,8 @@ class RunContext:
     tasks: tuple[str, ...] = ()  # the task names of the run's config
     label_prefix: str = ""
     judge_label: str = JUDGE_LABEL
+    run_id: str | None = None  # the run of the answers: every event's run_id (else a judge line's own)
+    judged_model: str | None = None  # keep only the judge lines about this model
     job_id: str | None = None
     config: str | None = None
     target_type: str | None = None
@@ -272,30 +294,32 @@ def _name(value: Any) -> str | None:
 
 
 def _judge_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    """A judge line, mapped by the rule the service maps it by (consumer.judge); the publisher adds its context."""
     fields = record.fields
-    score = fields.get("score")
-    # MT-bench / FastChat judges write -1 when the "[[rating]]" could not be parsed.
-    unparsed = isinstance(score, int | float) and not isinstance(score, bool) and score == -1
-    judge = fields.get("judge")
-    judge_name = judge[0] if isinstance(judge, list) and judge else judge
-    metadata = {"model": fields.get("model"), "turn": _int(fields.get("turn"))}
-    if isinstance(judge, list) and len(judge) > 1:
-        metadata["judge_prompt"] = judge[1]
-    tstamp = fields.get("tstamp")
-    timestamp_ms = None
-    if isinstance(tstamp, int | float) and not isinstance(tstamp, bool) and 0 <= tstamp < _MAX_UNIX_SECONDS:
-        timestamp_ms = int(tstamp * 1000)
-    return Item(
-        where=record.where,
-        item_id=item_id(record, id_column),
-        variant=_variant("turn", _int(fields.get("turn")), 1),
-        scores=[(ctx.judge_label, Dropped("judge_rating_not_parsed") if unparsed else score)],
-        reasoning=_text(fields.get("judgment")),
-        metadata={k: v for k, v in metadata.items() if v is not None},
-        timestamp_ms=timestamp_ms,
-        model=_name(fields.get("model")),
-        judge=_name(judge_name),
-    )
+    key = item_id(record, id_column)
+    base = f"{ctx.label_prefix}{ctx.judge_label}"
+    judge, _ = judge_names(fields)
+    model = fields.get("model")
+    turn = fields.get("turn")
+    variant = ";".join(part for part in (
+        f"turn{turn}" if isinstance(turn, int) and not isinstance(turn, bool) and turn != 1 else "",
+        f"judge={judge}" if judge else "", f"model={model}" if isinstance(model, str) and model else "") if part)
+    run = fields.get("run_id")
+    item = Item(where=record.where, item_id=key, variant=variant, scores=[],
+                run=str(run) if isinstance(run, str | int) and not isinstance(run, bool) and run != "" else None)
+    try:
+        mapped = judge_evaluation(fields, label=base, judged_model=ctx.judged_model)
+    except JudgeLineError as exc:
+        return replace(item, not_sent=((label_for(base), f"invalid: {exc}"[:_MAX_INVALID_CHARS]),))
+    if isinstance(mapped, OtherModel):
+        try:
+            label = label_for_turn(base, turn_of(fields))
+        except JudgeLineError:
+            label = base
+        return replace(item, not_sent=((label_for(label), "other_model"),))
+    if isinstance(mapped, Unrated):
+        return replace(item, not_sent=((label_for(mapped.label), "unrated"),))
+    return replace(item, prepared=(mapped,))
 
 
 def _launcher_item(record: Record, ctx: RunContext, id_column: str) -> Item:
@@ -387,7 +411,7 @@ def _canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def _event_id(ctx: RunContext, item: Item, evaluations: list[Evaluation], chunk: int) -> str:
+def _event_id(ctx: RunContext, item: Item, evaluations: list[Evaluation], chunk: int, run: str | None) -> str:
     content = {
         "source": ctx.source_id,
         "ml_app": ctx.ml_app,
@@ -397,6 +421,8 @@ def _event_id(ctx: RunContext, item: Item, evaluations: list[Evaluation], chunk:
         # Times are left out: a job's timestamps may be touched later; the result is the same.
         "evaluations": [e.model_dump(mode="json", exclude_none=True, exclude={"timestamp_ms"}) for e in evaluations],
     }
+    if run:
+        content["run"] = run
     return "nemo-" + hashlib.sha256(_canonical(content)).hexdigest()[:_EVENT_ID_HEX_CHARS]
 
 
@@ -419,7 +445,26 @@ def _provenance(ctx: RunContext, item: Item) -> Provenance:
     )
 
 
+def _prepared(item: Item, ctx: RunContext, report: MappingReport) -> list[Evaluation]:
+    """The evaluations a shared rule mapped (a judge line's), with the publisher's context: the task tag."""
+    for label, reason in item.not_sent:
+        report.dropped[(label, reason)] += 1
+    out = []
+    for prepared in item.prepared:
+        label = label_for(prepared["label"])
+        tags = {**prepared.get("tags", {}), **{k: v for k, v in _tags(item).items() if k == "task"}}
+        try:
+            out.append(Evaluation(**{**prepared, "label": label, "tags": tags,
+                                     "timestamp_ms": prepared.get("timestamp_ms") or ctx.evaluated_at_ms}))
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False, include_input=False)[0]["msg"].removeprefix("Value error, ")
+            report.dropped[(label, f"invalid: {reason[:_MAX_INVALID_CHARS]}")] += 1
+    return out
+
+
 def _evaluations(item: Item, ctx: RunContext, report: MappingReport) -> list[Evaluation]:
+    if item.prepared or item.not_sent:
+        return _prepared(item, ctx, report)
     tags = _tags(item)
     suffix = f"_{item.variant}" if item.variant else ""
     by_label: dict[str, Evaluation] = {}
@@ -452,12 +497,14 @@ def map_items(items: Iterable[Item], ctx: RunContext) -> MappingResult:
     """Apply the rules to every item; raise :class:`MappingError` before returning anything if one breaks them."""
     report = MappingReport()
     events: list[NemoResultEvent] = []
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str, str], str] = {}
     for item in items:
         report.items += 1
-        key = (item.item_id, item.variant)
+        run = ctx.run_id or item.run
+        key = (run or "", item.item_id, item.variant)
         if key in seen:
-            what = f"id {item.item_id!r}" + (f" ({item.variant})" if item.variant else "")
+            what = f"id {item.item_id!r}" + (f" ({item.variant})" if item.variant else "") + (
+                f" in run {run!r}" if run else "")
             raise MappingError(f"{item.where}: {what} already appeared at {seen[key]}; ids must be unique in a run")
         seen[key] = item.where
         if item.failed is not None:
@@ -471,7 +518,7 @@ def map_items(items: Iterable[Item], ctx: RunContext) -> MappingResult:
         for chunk, start in enumerate(range(0, len(evaluations), MAX_EVALUATIONS_PER_EVENT)):
             part = evaluations[start:start + MAX_EVALUATIONS_PER_EVENT]
             events.append(NemoResultEvent(
-                schema_version=1, event_id=_event_id(ctx, item, part, chunk), ml_app=ctx.ml_app,
+                schema_version=1, event_id=_event_id(ctx, item, part, chunk, run), ml_app=ctx.ml_app, run_id=run,
                 join_key=item.item_id, evaluations=part, provenance=provenance,
             ))
             report.evaluations += len(part)
