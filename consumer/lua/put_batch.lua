@@ -59,15 +59,25 @@ local function replaced_span(k)
   return book, rest
 end
 
--- Pending results a span with this book took: with a book, the results in it; without one (a span
--- with a run, or stored before books), every result without slots, as before books.
-local function taken_by(k, book, with_plain)
+-- The results waiting in the pending hash, each {event_id, slots (nil without), record}.
+local function pending_results(k)
   local out = {}
   local flat = redis.call('HGETALL', k.pending)
   for i = 1, #flat, 2 do
     local slots, record = parse_pending(flat[i + 1])
-    if (slots and took(book, digest(flat[i]))) or (not slots and with_plain) then
-      out[#out + 1] = flat[i]
+    out[#out + 1] = {flat[i], slots, record}
+  end
+  return out
+end
+
+-- Pending results a span with this book took: with a book, the results in it; without one (a span
+-- with a run, or stored before books), every result without slots, as before books.
+local function taken_by(k, book, with_plain)
+  local out = {}
+  for _, p in ipairs(pending_results(k)) do
+    local event_id, slots, record = p[1], p[2], p[3]
+    if (slots and took(book, digest(event_id))) or (not slots and with_plain) then
+      out[#out + 1] = event_id
       out[#out + 1] = record
     end
   end
@@ -77,12 +87,10 @@ end
 -- Results with slots that wait for a span: in the pending hash, and in neither book.
 local function waiting(k, book, old_book)
   local out = {}
-  local flat = redis.call('HGETALL', k.pending)
-  for i = 1, #flat, 2 do
-    local slots, record = parse_pending(flat[i + 1])
-    if slots then
-      local ev = digest(flat[i])
-      if not took(book, ev) and not took(old_book, ev) then out[#out + 1] = {flat[i], slots, record} end
+  for _, p in ipairs(pending_results(k)) do
+    if p[2] then
+      local ev = digest(p[1])
+      if not took(book, ev) and not took(old_book, ev) then out[#out + 1] = p end
     end
   end
   return out
@@ -129,14 +137,12 @@ local function put_span(k, identity, body, deadline, member)
     end
     -- Results without slots are all taken, as before books; those with slots by the rule of take().
     local out, candidates = {}, {}
-    local flat = redis.call('HGETALL', k.pending)
-    for i = 1, #flat, 2 do
-      local slots, record = parse_pending(flat[i + 1])
-      if slots then
-        candidates[#candidates + 1] = {flat[i], slots, record}
+    for _, p in ipairs(pending_results(k)) do
+      if p[2] then
+        candidates[#candidates + 1] = p
       else
-        out[#out + 1] = flat[i]
-        out[#out + 1] = record
+        out[#out + 1] = p[1]
+        out[#out + 1] = p[3]
       end
     end
     local taken, book = take(candidates)
