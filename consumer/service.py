@@ -19,6 +19,7 @@ import asyncio
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import structlog
@@ -31,7 +32,14 @@ from consumer.config import Settings
 from consumer.decode import RecordDecoder
 from consumer.deliver import Deliverer
 from consumer.dlq import DeadLetters, DlqLimit
-from consumer.errors import DependencyError, ServiceRefused, kafka_errors, producer_start_errors
+from consumer.errors import (
+    DependencyError,
+    ServiceRefused,
+    Unavailable,
+    kafka_errors,
+    producer_start_errors,
+    redis_errors,
+)
 from consumer.expiry import Sweeper
 from consumer.health import HealthServer
 from consumer.intake_route import RoutedSink, RouteSettings
@@ -40,7 +48,7 @@ from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.stage import RETRY_CAP_S, RETRY_FIRST_S, Refusals, Stage
 from consumer.store import DeadlineIndex, JoinStore
-from consumer.store_redis import RedisJoinStore, connect
+from consumer.store_redis import RedisClient, RedisJoinStore, connect
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +58,9 @@ CONSUMER_STOP_TIMEOUT_S = 10.0  # leaving the group may wait on a rebalance; off
 RECORD_OVERHEAD_BYTES = 65_536  # a record's batch framing and headers beyond MAX_MESSAGE_BYTES
 FETCH_MAX_BYTES = 52_428_800  # one fetch across partitions (Kafka's default), at least two records' worth
 REVOKE_MARGIN_MS = 5_000  # a revoke's commit after its batches finish
-PRODUCER_LINGER_MS = 5  # dead letters and reports of one batch go out together
+PRODUCER_LINGER_MS = 5
+STARTUP_RETRY_FIRST_S = 0.5  # a broker or cluster not reachable at start is tried again after this, doubling
+STARTUP_RETRY_CAP_S = 15.0  # up to this  # dead letters and reports of one batch go out together
 
 
 class Service:
@@ -278,8 +288,7 @@ class _ServiceContext:
                                     linger_ms=PRODUCER_LINGER_MS, request_timeout_ms=s.kafka_request_timeout_ms,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
         stack.push_async_callback(producer.stop)  # before start: a start cut short (a signal) closes what it opened
-        with producer_start_errors(idempotent=s.kafka_enable_idempotence):
-            await producer.start()
+        await _started(producer.start, "kafka producer", idempotent=s.kafka_enable_idempotence)
         consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, group_instance_id=s.kafka_group_instance_id,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
@@ -295,8 +304,9 @@ class _ServiceContext:
                                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                                     request_timeout_ms=s.kafka_request_timeout_ms, **kafka_common)
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
-        await consumer.start()
-        client = await connect(s.redis_target(), cluster=s.redis_cluster, **s.redis_client_options())
+        await _started(consumer.start, "kafka consumer")
+        client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
+                                                  **s.redis_client_options()))
         stack.push_async_callback(client.aclose)
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
@@ -321,6 +331,34 @@ class _ServiceContext:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
+
+
+async def _started(start: Callable[[], Awaitable[None]], component: str, *, idempotent: bool = False) -> None:
+    """Start a Kafka client, waiting out a broker that cannot be reached yet (a pod starting while Kafka restarts):
+    retried with backoff and logged, until it answers or a signal cancels the start. Anything else is raised."""
+    backoff = Backoff(STARTUP_RETRY_FIRST_S, STARTUP_RETRY_CAP_S)
+    while True:
+        try:
+            with kafka_errors(), producer_start_errors(idempotent=idempotent):
+                await start()
+            return
+        except Unavailable as exc:
+            delay = backoff.next()
+            log.warning("startup_retry", component=component, error=str(exc), retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+
+async def _connected(connect_: Callable[[], Awaitable[RedisClient]]) -> RedisClient:
+    """:func:`connect`, waiting out a Redis Cluster that cannot be reached yet, as :func:`_started` does for Kafka."""
+    backoff = Backoff(STARTUP_RETRY_FIRST_S, STARTUP_RETRY_CAP_S)
+    while True:
+        try:
+            with redis_errors():
+                return await connect_()
+        except Unavailable as exc:
+            delay = backoff.next()
+            log.warning("startup_retry", component="redis", error=str(exc), retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
 
 
 def _merge(a: Batch, b: Batch) -> Batch:
