@@ -31,6 +31,7 @@ Third-party errors are translated once, where the library is called (:func:`kafk
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -217,6 +218,38 @@ def producer_start_errors(*, idempotent: bool) -> Iterator[None]:
             raise
         raise Misconfigured("kafka", "KAFKA_ENABLE_IDEMPOTENCE",
                             f"{IDEMPOTENCE_HINT} ({type(exc).__name__}: {exc})") from exc
+
+
+@contextmanager
+def kafka_errors_logged() -> Iterator[list[str]]:
+    """The errors aiokafka logs meanwhile: its exception only says "Unable to bootstrap", the log says why
+    (connection refused, a TLS certificate not trusted, SASL credentials refused)."""
+    reasons: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reasons.append(record.getMessage())
+
+    handler = Collect(logging.ERROR)
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(handler)
+    try:
+        yield reasons
+    finally:
+        logger.removeHandler(handler)
+
+
+# What aiokafka logs when the brokers answer but refuse this client (it raises only "Unable to bootstrap").
+_KAFKA_REFUSAL_MARKS = ("SaslAuthenticationFailed", "AuthenticationFailed", "CERTIFICATE_VERIFY_FAILED",
+                        "UnsupportedSaslMechanism", "IllegalSaslState")
+
+
+def kafka_refusal(reasons: list[str]) -> ServiceRefused | None:
+    """A refusal among what aiokafka logged while bootstrapping, if any: credentials or a CA that cannot work."""
+    for reason in reasons:
+        if any(mark in reason for mark in _KAFKA_REFUSAL_MARKS):
+            return ServiceRefused("kafka", reason, hint=KAFKA_HINT)
+    return None
 
 
 @contextmanager

@@ -37,6 +37,8 @@ from consumer.errors import (
     ServiceRefused,
     Unavailable,
     kafka_errors,
+    kafka_errors_logged,
+    kafka_refusal,
     producer_start_errors,
     redis_errors,
 )
@@ -156,9 +158,18 @@ class Service:
 
     async def _fetch(self, backoff: Backoff) -> Batch:
         """One ``getmany``; a broker that refuses this consumer (ACLs) makes it unready, not crash or spin."""
+        fetch = asyncio.ensure_future(self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=self._max_batch))
         try:
+            while True:
+                # A delivery that ends while the fetch waits is committed now, not when the fetch returns.
+                delivering = self._deliver.in_flight
+                await asyncio.wait({fetch} if delivering is None else {fetch, delivering},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if fetch.done():
+                    break
+                await self._advance()
             with kafka_errors():
-                batch: Batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=self._max_batch)
+                batch: Batch = fetch.result()
         except DependencyError as exc:
             if not exc.retriable and not isinstance(exc, ServiceRefused):
                 raise
@@ -166,8 +177,13 @@ class Service:
                 self.refusals.refused("fetch", exc)
             delay = backoff.next()
             log.warning("fetch_retry", error=str(exc), retry_in_s=round(delay, 2))
-            await asyncio.wait({asyncio.ensure_future(self._stopping.wait())}, timeout=delay)
+            stop_waiter = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({stop_waiter}, timeout=delay)
+            stop_waiter.cancel()
             return {}
+        finally:
+            if not fetch.done():  # only when _advance raised (a halt): the loop is ending
+                fetch.cancel()
         self.refusals.cleared("fetch")
         backoff.reset()
         self._progressed()
@@ -339,10 +355,13 @@ async def _started(start: Callable[[], Awaitable[None]], component: str, *, idem
     backoff = Backoff(STARTUP_RETRY_FIRST_S, STARTUP_RETRY_CAP_S)
     while True:
         try:
-            with kafka_errors(), producer_start_errors(idempotent=idempotent):
+            with kafka_errors_logged() as reasons, kafka_errors(), producer_start_errors(idempotent=idempotent):
                 await start()
             return
         except Unavailable as exc:
+            refused = kafka_refusal(reasons)  # the brokers answered and refused us: waiting will not help
+            if refused is not None:
+                raise refused from exc
             delay = backoff.next()
             log.warning("startup_retry", component=component, error=str(exc), retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)

@@ -30,6 +30,10 @@ async def _gauge(client: httpx.AsyncClient, name: str) -> float | None:
     return samples((await client.get("/metrics")).text).get((name, ()))
 
 
+async def _sample(client: httpx.AsyncClient, name: str, **labels: str) -> float | None:
+    return samples((await client.get("/metrics")).text).get((name, tuple(sorted(labels.items()))))
+
+
 async def status(client: httpx.AsyncClient, path: str) -> int:
     return (await client.get(path)).status_code
 
@@ -46,11 +50,21 @@ async def test_probes_and_metrics_follow_what_happens(make_settings: Callable[..
             await eventually(lambda: status(client, "/readyz"), expect=200, what="readiness")
             await send_json(producer, topics.span, {"schema_version": 1, "join_key": "q", "trace_id": "a",
                                                     "span_id": "1"})
+            # The span stored first, so that the result joins it (in one batch the result's partition may come first).
+            await eventually(lambda: _sample(client, "evaljoin_events_total", kind="span", outcome="stored"),
+                             expect=1.0, what="the span stored")
             await send_json(producer, topics.result, b"{broken")
             await send_json(producer, topics.result, {
                 "schema_version": 1, "event_id": "evt-metrics-1", "join_key": "q",
                 "evaluations": [{"label": "x", "metric_type": "boolean", "value": True}]})
             await eventually(lambda: len(intake.accepted_metrics()), expect=1, what="the evaluation")
+
+            async def settled() -> bool:  # the intake answers before the ledger, the counters and the commit step
+                now = samples((await client.get("/metrics")).text)
+                return now.get(("evaljoin_evaluations_total", (("outcome", "delivered"),))) == 1 and all(
+                    v == 0 for (name, _), v in now.items() if name == "evaljoin_consumer_lag_records")
+
+            await eventually(settled, what="the delivery recorded and committed")
             values = samples((await client.get("/metrics")).text)
             assert values[("evaljoin_evaluations_total", (("outcome", "delivered"),))] == 1
             assert values[("evaljoin_events_total", (("kind", "span"), ("outcome", "stored")))] == 1

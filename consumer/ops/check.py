@@ -7,9 +7,6 @@ changed anywhere (no topic is created, nothing is sent to the intake).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -18,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis import exceptions as redis_exceptions
 
 from consumer.config import Settings
+from consumer.errors import kafka_errors_logged
 from consumer.intake_route import NoRoute, RouteSettings, ask_agent, choose_route, target
 from consumer.store_redis import RedisClient, SentinelTarget, connect, sentinel_primary
 
@@ -42,7 +40,7 @@ async def run_checks(settings: Settings, *, timeout_s: float = 10.0) -> list[Fin
 
 async def _kafka(settings: Settings) -> list[Finding]:
     admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=8000)
-    with _kafka_errors_logged() as reasons:
+    with kafka_errors_logged() as reasons:
         try:
             await admin.start()
         except Exception as exc:  # noqa: BLE001
@@ -62,25 +60,6 @@ async def _kafka(settings: Settings) -> list[Finding]:
         return findings
     finally:
         await admin.close()
-
-
-@contextlib.contextmanager
-def _kafka_errors_logged() -> Iterator[list[str]]:
-    """The errors aiokafka logs meanwhile: its exception only says "Unable to bootstrap", the log says why
-    (connection refused, a TLS certificate not trusted, SASL credentials refused)."""
-    reasons: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            reasons.append(record.getMessage())
-
-    handler = Collect(logging.ERROR)
-    logger = logging.getLogger("aiokafka")
-    logger.addHandler(handler)
-    try:
-        yield reasons
-    finally:
-        logger.removeHandler(handler)
 
 
 async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
