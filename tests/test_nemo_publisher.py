@@ -247,7 +247,8 @@ def test_nan_infinity_and_failed_scores_are_not_sent_but_reported(tmp_path: Path
 def test_duplicate_ids_in_a_run_are_an_error(tmp_path: Path) -> None:
     """Two records with one id (same repeat) fail the run, naming both lines; repeats get their own labels."""
     path = write_jsonl(tmp_path / "results.jsonl", [launcher_row("q-1", 0), launcher_row("q-1", 1)])
-    with pytest.raises(MappingError, match=r"results.jsonl:2: id 'q-1' already appeared at results.jsonl:1"):
+    with pytest.raises(MappingError,
+                       match=r"results.jsonl:2: id 'q-1' of task 'qa' already appeared at results.jsonl:1"):
         map_files(read_path(path, "launcher"), ctx())
     path = write_jsonl(tmp_path / "repeats.jsonl", [launcher_row("q-1", 0), launcher_row("q-1", 0, repeat=1)])
     result = map_files(read_path(path, "launcher"), ctx())

@@ -52,7 +52,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                        help="the ml_app of the spans the results join (default: $DEFAULT_ML_APP)")
     group.add_argument("--id-column", help=f"the column holding each item's join key; dotted names walk into "
                                            f"objects (default per format: {defaults})")
-    group.add_argument("--task", help="the task name for the task:<task> tag (default: from the config)")
+    group.add_argument("--task", help="the task name for the task:<task> tag (default: from the config, the file's "
+                                      "name or its directory; see the README)")
+    group.add_argument("--group", help="the group for the group:<group> tag (default: the task's group in the "
+                                       "config, outer/inner when nested)")
     group.add_argument("--label-prefix", default="", help="put in front of every label, e.g. nemo_")
     group.add_argument("--judge-label", default=JUDGE_LABEL, help="label of a judge's score (default: %(default)s)")
     group.add_argument("--run-id", help="the run the evaluated answers belong to: the run_id the app gave their "
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     files = commands.add_parser("from-files", help="publish the per-item results of a local run")
     files.add_argument("path", type=Path, help="the run's output directory, a per-item file, or a results zip")
-    files.add_argument("--format", required=True, choices=FORMATS, help="the per-item format")
+    files.add_argument("--format", choices=FORMATS, help="the per-item format (default: every one found)")
     provenance = files.add_argument_group("provenance (goes into metadata.nemo)")
     provenance.add_argument("--job-id")
     provenance.add_argument("--config", help="namespace/name of the evaluation config")
@@ -133,6 +136,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
 def _context(args: argparse.Namespace, source_id: str) -> RunContext:
     return RunContext(
         ml_app=args.ml_app or None, source_id=source_id, id_column=args.id_column, task=args.task,
+        group=args.group or None,
         label_prefix=args.label_prefix, judge_label=args.judge_label, run_id=args.run_id or None,
         judged_model=args.judged_model or None,
         job_id=getattr(args, "job_id", None) if args.command == "from-files" else None,
@@ -144,7 +148,7 @@ def _context(args: argparse.Namespace, source_id: str) -> RunContext:
 
 async def _map(args: argparse.Namespace, inputs: Inputs, out: TextIO) -> MappingResult:
     if args.command == "from-files":
-        fmt: Format = args.format
+        fmt: Format | None = args.format
         return map_local_run(args.path, fmt, _context(args, args.run_id or args.path.name))
     async with AsyncNeMoMicroservices(base_url=args.evaluator_url, max_retries=args.max_retries,
                                       timeout=args.request_timeout) as client:

@@ -71,7 +71,7 @@ from consumer.judge import (
     turn_of,
 )
 from producer_examples.nemo.errors import MappingError
-from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, Record, ResultFile
+from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, RAGAS_SAMPLE_FIELDS, Record, ResultFile
 
 
 def _constraints(text_type: Any) -> StringConstraints:
@@ -86,7 +86,7 @@ def _max_chars(text_type: Any) -> int:
 
 
 LABEL_RULE = re.compile(str(_constraints(Label).pattern))
-POSITION_COLUMNS = frozenset({"problem_idx", "sample_id"})
+POSITION_COLUMNS = frozenset({"problem_idx", "sample_id", "doc_id", "row_index"})
 MAX_JOIN_KEY_CHARS = _max_chars(JoinKeyValue)
 _MAX_NAME_CHARS = _max_chars(Name)  # provenance names, and labels (LABEL_RULE allows as many)
 _TAG_CHARS = _max_chars(TagValue)
@@ -166,6 +166,7 @@ class Item:
     model: str | None = None
     judge: str | None = None
     task: str | None = None
+    group: str | None = None  # the task's group path in the config, "outer/inner" for nested groups
     run: str | None = None  # the item's own run (a judge line's run_id field)
     prepared: tuple[dict[str, Any], ...] = ()  # evaluations a shared rule mapped already (judge lines)
     not_sent: tuple[tuple[str, str], ...] = ()  # (label, reason) the shared rule gave no evaluation for
@@ -181,6 +182,8 @@ class MappingReport:
     dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (label, reason) -> count
     failed_items: Counter[str] = field(default_factory=Counter)  # reason -> count
     items_without_evaluations: int = 0
+    qualified_labels: dict[str, list[str]] = field(default_factory=dict)  # label -> the labels it became
+    notes: list[str] = field(default_factory=list)  # output without per-item scores (aggregate only), and why
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +195,8 @@ class MappingReport:
             "dropped_by_label": {f"{label}:{reason}": n for (label, reason), n in sorted(self.dropped.items())},
             "failed_items": dict(sorted(self.failed_items.items())),
             "items_without_evaluations": self.items_without_evaluations,
+            "qualified_labels": dict(sorted(self.qualified_labels.items())),
+            "aggregate_only": list(self.notes),
         }
 
     def summary(self) -> str:
@@ -203,6 +208,9 @@ class MappingReport:
         ]
         lines += [f"  not sent: {label} ({reason}) x{n}" for (label, reason), n in sorted(self.dropped.items())]
         lines += [f"  failed item: {reason} x{n}" for reason, n in sorted(self.failed_items.items())]
+        lines += [f"  label {label} is given by several tasks to the same items: sent as {', '.join(labels)}"
+                  for label, labels in sorted(self.qualified_labels.items())]
+        lines += [f"  aggregate only, not attached to spans: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -221,6 +229,8 @@ class RunContext:
     id_column: str | None = None  # None: the format's default (DEFAULT_ID_COLUMN)
     task: str | None = None  # None: the config's task whose name is in the file's path, or its only task
     tasks: tuple[str, ...] = ()  # the task names of the run's config
+    group: str | None = None  # None: the group of the item's task in the config (task_groups), if any
+    task_groups: tuple[tuple[str, str], ...] = ()  # (task, group path) from the config's (nested) groups
     label_prefix: str = ""
     judge_label: str = JUDGE_LABEL
     run_id: str | None = None  # the run of the answers: every event's run_id (else a judge line's own)
@@ -378,30 +388,129 @@ def _beir_item(record: Record, ctx: RunContext, id_column: str) -> Item:
     return Item(where=record.where, item_id=item_id(record, id_column), variant="", scores=scores)
 
 
-_READERS = {"judge": _judge_item, "launcher": _launcher_item, "byob": _byob_item, "beir": _beir_item}
+def _rows_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    """A NeMo Evaluator row score: one evaluation per (metric, score); a metric's error is reported, not sent."""
+    fields = record.fields
+    metrics = fields.get("metrics")
+    errors = fields.get("metric_errors")
+    errors = errors if isinstance(errors, dict) else {}
+    scores: list[tuple[str, Any]] = []
+    for metric, entries in (metrics.items() if isinstance(metrics, dict) else ()):
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if not isinstance(entry, dict):
+                scores.append((str(metric), Dropped("unsupported_type")))
+                continue
+            name = str(entry.get("name") or metric)
+            value = entry.get("value")
+            if isinstance(value, str) and value.strip().lower() == "nan":  # the row scores' JSON form of NaN
+                value = Dropped("nan")
+            scores.append((str(metric) if name == str(metric) else f"{metric}_{name}", value))
+    named = {label_for(name) for name, _ in scores}
+    scores += [(str(metric), Dropped("error")) for metric in errors if label_for(str(metric)) not in named]
+    row_index = _int(fields.get("row_index"))
+    return Item(where=record.where, item_id=item_id(record, id_column), variant="", scores=scores,
+                metadata={"row_index": row_index} if row_index is not None else {})
 
 
-def task_of(path: str, ctx: RunContext) -> str | None:
-    """The task a file belongs to: the one given, a config task named in its path, or the config's only task."""
+def _lm_eval_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    """An lm-evaluation-harness sample: one evaluation per metric it names; a filter but ``none`` is a variant."""
+    fields = record.fields
+    names = fields.get("metrics")
+    scores = [(str(name), fields.get(name)) for name in names] if isinstance(names, list) else []
+    filter_name = fields.get("filter")
+    variant = label_for(filter_name) if isinstance(filter_name, str) and filter_name not in ("", "none") else ""
+    extra = {"doc_id": fields.get("doc_id"), "filter": filter_name if variant else None}
+    return Item(where=record.where, item_id=item_id(record, id_column), variant=variant, scores=scores,
+                metadata={k: v for k, v in extra.items() if v is not None})
+
+
+def _bfcl_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    """A BFCL entry: ``valid`` as a boolean; a failed one carries its error type and, as reasoning, its errors."""
+    fields = record.fields
+    error = fields.get("error")
+    reasoning = "; ".join(str(e) for e in error) if isinstance(error, list) else _text(error)
+    extra = {"test_category": fields.get("test_category"), "error_type": fields.get("error_type")}
+    return Item(where=record.where, item_id=item_id(record, id_column), variant="",
+                scores=[("valid", fields.get("valid"))], reasoning=_text(reasoning),
+                metadata={k: v for k, v in extra.items() if isinstance(v, str) and v})
+
+
+def _ragas_item(record: Record, ctx: RunContext, id_column: str) -> Item:
+    """A RAGAS result row: one evaluation per metric column (a number or null), the sample's fields left out."""
+    fields = record.fields
+    top = id_column.split(".", 1)[0]
+    scores = [(key, value) for key, value in fields.items()
+              if key not in RAGAS_SAMPLE_FIELDS and key != top and (value is None or isinstance(value, int | float))]
+    return Item(where=record.where, item_id=item_id(record, id_column), variant="", scores=scores)
+
+
+_READERS = {"judge": _judge_item, "rows": _rows_item, "launcher": _launcher_item, "byob": _byob_item,
+            "lm_eval": _lm_eval_item, "bfcl": _bfcl_item, "beir": _beir_item, "ragas": _ragas_item}
+
+
+def task_of(result_file: ResultFile, ctx: RunContext, directories: int = 1) -> str | None:
+    """The task a file belongs to, by the first rule that gives one.
+
+    The task given (``--task``); the task the file names itself (lm-evaluation-harness samples); the
+    config's task named in its path; the config's only task; and, when the run's per-item files lie
+    in more than one directory, the name of the file's directory (so that two tasks over the same
+    items stay apart even when nothing names them).
+    """
     if ctx.task:
         return ctx.task
-    parts = set(PurePosixPath(path).parts)
-    named = [task for task in ctx.tasks if task in parts]
+    if result_file.task:
+        return result_file.task
+    path = PurePosixPath(result_file.path)
+    named = [task for task in ctx.tasks if task in path.parts]
     if len(named) == 1:
         return named[0]
-    return ctx.tasks[0] if len(ctx.tasks) == 1 else None
+    if len(ctx.tasks) == 1:
+        return ctx.tasks[0]
+    if directories > 1 and path.parent.name:
+        return path.parent.name
+    return None
+
+
+def group_of(task: str | None, path: str, ctx: RunContext) -> str | None:
+    """The group a task belongs to: the one given, else its group path in the config (``outer/inner``).
+
+    A task in several groups: the one whose names all appear in the file's path, else all, ``,``-joined.
+    """
+    if ctx.group:
+        return ctx.group
+    chains = sorted({group for name, group in ctx.task_groups if name == task})
+    if len(chains) > 1:
+        parts = set(PurePosixPath(path).parts)
+        in_path = [chain for chain in chains if set(chain.split("/")) <= parts]
+        chains = in_path if len(in_path) == 1 else chains
+    return ",".join(chains) or None
+
+
+def config_groups(groups: Any, outer: str = "") -> list[tuple[str, str]]:
+    """(task, group path) for every task of a config's ``groups``, nested groups included (``outer/inner``)."""
+    found: list[tuple[str, str]] = []
+    for name, group in (groups or {}).items() if isinstance(groups, dict) else ():
+        path = f"{outer}/{name}" if outer else str(name)
+        body = group.model_dump() if hasattr(group, "model_dump") else group
+        if not isinstance(body, dict):
+            continue
+        found += [(str(task), path) for task in body.get("tasks") or []]
+        found += config_groups(body.get("groups"), path)
+    return found
 
 
 def items_of(files: Iterable[ResultFile], ctx: RunContext) -> Iterator[Item]:
-    """The items of per-item files, each with its id read from the id column."""
+    """The items of per-item files, each with its id read from the id column, its task and its group."""
+    files = list(files)
+    directories = len({PurePosixPath(f.path).parent for f in files})
     for result_file in files:
         id_column = ctx.id_column or DEFAULT_ID_COLUMN[result_file.format]
         check_id_column(id_column)
         read = _READERS[result_file.format]
-        task = task_of(result_file.path, ctx)
+        task = task_of(result_file, ctx, directories)
+        group = group_of(task, result_file.path, ctx)
         for record in result_file.records:
-            item = read(record, ctx, id_column)
-            yield replace(item, task=task) if task else item
+            yield replace(read(record, ctx, id_column), task=task, group=group)
 
 
 # --- items -> events ----------------------------------------------------------------------------
@@ -430,6 +539,8 @@ def _tags(item: Item) -> dict[str, str]:
     tags = {"evaluator": "nemo"}
     if item.task:
         tags["task"] = _CONTROL.sub(" ", item.task)[:_TAG_CHARS]
+    if item.group:
+        tags["group"] = _CONTROL.sub(" ", item.group)[:_TAG_CHARS]
     return tags
 
 
@@ -452,7 +563,7 @@ def _prepared(item: Item, ctx: RunContext, report: MappingReport) -> list[Evalua
     out = []
     for prepared in item.prepared:
         label = label_for(prepared["label"])
-        tags = {**prepared.get("tags", {}), **{k: v for k, v in _tags(item).items() if k == "task"}}
+        tags = {**prepared.get("tags", {}), **{k: v for k, v in _tags(item).items() if k in ("task", "group")}}
         try:
             out.append(Evaluation(**{**prepared, "label": label, "tags": tags,
                                      "timestamp_ms": prepared.get("timestamp_ms") or ctx.evaluated_at_ms}))
@@ -493,19 +604,40 @@ def _evaluations(item: Item, ctx: RunContext, report: MappingReport) -> list[Eva
     return [by_label[label] for label in sorted(by_label)]
 
 
+def _scope(item: Item) -> tuple[str, str]:
+    return (item.group or "", item.task or "")
+
+
+def _qualified(label: str, item: Item, ctx: RunContext) -> str:
+    """``label`` with the item's task (else its group) in front, after the label prefix: ``[prefix]<task>_<rest>``."""
+    scope = item.task or item.group or "untasked"
+    prefix = label_for(ctx.label_prefix) if ctx.label_prefix else ""
+    if prefix and label.startswith(prefix):
+        return label_for(f"{prefix}{scope}_{label[len(prefix):]}")
+    return label_for(f"{scope}_{label}")
+
+
 def map_items(items: Iterable[Item], ctx: RunContext) -> MappingResult:
-    """Apply the rules to every item; raise :class:`MappingError` before returning anything if one breaks them."""
+    """Apply the rules to every item; raise :class:`MappingError` before returning anything if one breaks them.
+
+    An item is a duplicate only of an item of the same run, task, group, id and variant (turn,
+    repeat, filter; for a judge line its judge and judged model). A label that two tasks (or
+    groups) of the run give to the same item would put two values of one series on one span: every
+    evaluation of that label in the run then carries its task in front (:func:`_qualified`).
+    """
     report = MappingReport()
-    events: list[NemoResultEvent] = []
-    seen: dict[tuple[str, str, str], str] = {}
+    mapped: list[tuple[Item, str | None, list[Evaluation]]] = []
+    seen: dict[tuple[str, str, str, str, str], str] = {}
+    scopes: dict[tuple[str, str, str], set[tuple[str, str]]] = {}  # (run, item, label) -> the scopes giving it
     for item in items:
         report.items += 1
         run = ctx.run_id or item.run
-        key = (run or "", item.item_id, item.variant)
+        key = (run or "", *_scope(item), item.item_id, item.variant)
         if key in seen:
-            what = f"id {item.item_id!r}" + (f" ({item.variant})" if item.variant else "") + (
-                f" in run {run!r}" if run else "")
-            raise MappingError(f"{item.where}: {what} already appeared at {seen[key]}; ids must be unique in a run")
+            what = "".join((f"id {item.item_id!r}", f" ({item.variant})" if item.variant else "",
+                            f" of task {item.task!r}" if item.task else "",
+                            f" in group {item.group!r}" if item.group else "", f" in run {run!r}" if run else ""))
+            raise MappingError(f"{item.where}: {what} already appeared at {seen[key]}; ids must be unique in a task")
         seen[key] = item.where
         if item.failed is not None:
             report.failed_items[item.failed] += 1
@@ -514,6 +646,23 @@ def map_items(items: Iterable[Item], ctx: RunContext) -> MappingResult:
         if not evaluations:
             report.items_without_evaluations += 1
             continue
+        for evaluation in evaluations:
+            scopes.setdefault((run or "", item.item_id, evaluation.label), set()).add(_scope(item))
+        mapped.append((item, run, evaluations))
+    shared = {label for (_, _, label), given_by in scopes.items() if len(given_by) > 1}
+    events: list[NemoResultEvent] = []
+    for item, run, evaluations in mapped:
+        if shared & {e.label for e in evaluations}:
+            renamed = []
+            for evaluation in evaluations:
+                if evaluation.label in shared:
+                    label = _qualified(evaluation.label, item, ctx)
+                    labels = report.qualified_labels.setdefault(evaluation.label, [])
+                    if label not in labels:
+                        labels.append(label)
+                    evaluation = evaluation.model_copy(update={"label": label})
+                renamed.append(evaluation)
+            evaluations = sorted(renamed, key=lambda e: e.label) if not item.prepared else renamed
         provenance = _provenance(ctx, item)
         for chunk, start in enumerate(range(0, len(evaluations), MAX_EVALUATIONS_PER_EVENT)):
             part = evaluations[start:start + MAX_EVALUATIONS_PER_EVENT]
@@ -523,9 +672,13 @@ def map_items(items: Iterable[Item], ctx: RunContext) -> MappingResult:
             ))
             report.evaluations += len(part)
     report.events = len(events)
+    for labels in report.qualified_labels.values():
+        labels.sort()
     return MappingResult(events, report)
 
 
-def map_files(files: Iterable[ResultFile], ctx: RunContext) -> MappingResult:
-    """Read the items of per-item files and map them (see :func:`map_items`)."""
-    return map_items(items_of(files, ctx), ctx)
+def map_files(files: Iterable[ResultFile], ctx: RunContext, notes: Iterable[str] = ()) -> MappingResult:
+    """Read the items of per-item files and map them (see :func:`map_items`); ``notes`` go into the report."""
+    result = map_items(items_of(files, ctx), ctx)
+    result.report.notes.extend(notes)
+    return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -21,8 +21,8 @@ from nemo_microservices.types.evaluation.evaluation_job import EvaluationJob
 from consumer.events import NemoResultEvent
 from producer_examples.nemo.errors import InputError, MappingError, PublishError
 from producer_examples.nemo.evaluator import Aggregate, Evaluator, timestamp_ms
-from producer_examples.nemo.mapping import MappingResult, RunContext, map_files
-from producer_examples.nemo.readers import Format, read_path, read_zip
+from producer_examples.nemo.mapping import MappingResult, RunContext, config_groups, map_files, task_of
+from producer_examples.nemo.readers import Format, ResultFile, scan_path, scan_zip
 from producer_examples.nemo.targets import EvaluationConfigSpec, Target, evaluated_model, judge_model
 from producer_examples.publisher import DeliveryError, EventPublisher
 
@@ -58,6 +58,7 @@ def context_for_job(job: EvaluationJob, base: RunContext) -> RunContext:
         model=base.model or evaluated_model(target),
         judge=base.judge or judge_model(config),
         tasks=base.tasks or tuple(sorted(job.config.tasks or {})),
+        task_groups=base.task_groups or tuple(config_groups(job.config.groups)),
         evaluated_at_ms=timestamp_ms(job.updated_at),
     )
 
@@ -78,20 +79,33 @@ async def run_job(evaluator: Evaluator, base: RunContext, *, fmt: Format | None 
     for aggregate in aggregates:
         log.info("nemo_aggregate", job_id=job_id, scope=aggregate.scope, name=aggregate.name,
                  metric=aggregate.metric, score=aggregate.score, value=aggregate.value)
-    files = read_zip(await evaluator.download_results(job_id), fmt)
-    if not files:
+    scan = scan_zip(await evaluator.download_results(job_id), fmt)
+    ctx = context_for_job(job, base)
+    mapping = map_files(scan.files, ctx, scan.notes)
+    mapping.report.notes.extend(aggregate_only_tasks(aggregates, ctx, scan.files))
+    if not scan.files and not mapping.report.notes:
         kind = f"{fmt} " if fmt else ""
         raise MappingError(f"the results of job {job_id} hold no {kind}per-item result files")
-    mapping = map_files(files, context_for_job(job, base))
-    log.info("nemo_results_mapped", job_id=job_id, files=[f.path for f in files], **mapping.report.as_dict())
+    log.info("nemo_results_mapped", job_id=job_id, files=[f.path for f in scan.files], **mapping.report.as_dict())
     return RunOutcome(job, aggregates, mapping)
 
 
-def map_local_run(path: Path, fmt: Format, base: RunContext) -> MappingResult:
-    """Map the per-item files of a local run (its output directory, one file, or a zip)."""
-    files = read_path(path, fmt)
-    mapping = map_files(files, base)
-    log.info("nemo_results_mapped", source=base.source_id, files=[f.path for f in files], **mapping.report.as_dict())
+def aggregate_only_tasks(aggregates: list[Aggregate], ctx: RunContext, files: list[ResultFile]) -> list[str]:
+    """A note for each task with aggregate scores but no per-item file: nothing of it can reach a span."""
+    directories = len({PurePosixPath(f.path).parent for f in files})
+    tasks = {task_of(f, ctx, directories) for f in files}
+    if None in tasks:  # a file of no known task: it may be any task's
+        return []
+    return [f"task {name}: aggregate scores only (the job's results hold no per-item file of it)"
+            for name in sorted({a.name for a in aggregates if a.scope == "tasks"} - tasks)]
+
+
+def map_local_run(path: Path, fmt: Format | None, base: RunContext) -> MappingResult:
+    """Map the per-item files (of ``fmt``, else of every format found) of a local run: a directory, a file, a zip."""
+    scan = scan_path(path, fmt)
+    mapping = map_files(scan.files, base, scan.notes)
+    log.info("nemo_results_mapped", source=base.source_id, files=[f.path for f in scan.files],
+             **mapping.report.as_dict())
     return mapping
 
 
