@@ -402,11 +402,13 @@ def _rows_item(record: Record, ctx: RunContext, id_column: str) -> Item:
                 continue
             name = str(entry.get("name") or metric)
             value = entry.get("value")
-            if isinstance(value, str) and value.strip().lower() == "nan":  # the row scores' JSON form of NaN
+            if metric in errors:  # the metric failed on this row: its error text is the reason, not its value
+                value = Dropped("error")
+            elif isinstance(value, str) and value.strip().lower() == "nan":  # the row scores' JSON form of NaN
                 value = Dropped("nan")
             scores.append((str(metric) if name == str(metric) else f"{metric}_{name}", value))
-    named = {label_for(name) for name, _ in scores}
-    scores += [(str(metric), Dropped("error")) for metric in errors if label_for(str(metric)) not in named]
+    scored = {str(metric) for metric, entries in (metrics.items() if isinstance(metrics, dict) else ()) if entries}
+    scores += [(str(metric), Dropped("error")) for metric in errors if str(metric) not in scored]
     row_index = _int(fields.get("row_index"))
     return Item(where=record.where, item_id=item_id(record, id_column), variant="", scores=scores,
                 metadata={"row_index": row_index} if row_index is not None else {})
@@ -611,7 +613,7 @@ def _scope(item: Item) -> tuple[str, str]:
 def _qualified(label: str, item: Item, ctx: RunContext) -> str:
     """``label`` with the item's task (else its group) in front, after the label prefix: ``[prefix]<task>_<rest>``."""
     scope = item.task or item.group or "untasked"
-    prefix = label_for(ctx.label_prefix) if ctx.label_prefix else ""
+    prefix = re.sub(r"[^A-Za-z0-9]+", "_", ctx.label_prefix)  # as label_for leaves it in front of a label
     if prefix and label.startswith(prefix):
         return label_for(f"{prefix}{scope}_{label[len(prefix):]}")
     return label_for(f"{scope}_{label}")

@@ -211,7 +211,10 @@ def parse_file(path: str, data: bytes, fmt: Format | None, *, explicit: bool = F
     """
     suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".jsonl":
-        if _not_results(path) and not explicit:
+        if _not_results(path):
+            if explicit:
+                stem = PurePosixPath(path).stem
+                raise MappingError(f"{path}: a {stem} file is an evaluation's input, not its results")
             return None
         records = _jsonl_records(path, data)
         if not records:
