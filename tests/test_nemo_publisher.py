@@ -36,7 +36,7 @@ from producer_examples.nemo.cli import build_parser, execute
 from producer_examples.nemo.errors import EvaluatorError, JobFailed, JobTimeout, MappingError, TargetError
 from producer_examples.nemo.evaluator import Evaluator
 from producer_examples.nemo.mapping import LABEL_RULE, RunContext, classify, label_for, map_files
-from producer_examples.nemo.publish import publish, run_job
+from producer_examples.nemo.publish import map_local_run, publish, run_job
 from producer_examples.nemo.readers import read_path, read_zip
 from producer_examples.nemo.targets import (
     NESTED_ENDPOINT_FIX,
@@ -727,3 +727,68 @@ async def test_only_the_judged_model_reaches_the_intake(make_settings: Callable[
     assert sorted((m["score_value"], m["tags"][-1]) for m in intake.accepted_metrics()) == [
         (4, "model:vicuna-13b"), (8, "model:meta/llama-3.1-8b-instruct")]
     assert other == 1 and await topic_size(kafka.bootstrap_servers, topics.dlq) == 0
+
+
+# --- every per-item format, and a multi-task job, through Kafka and the service -----------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
+MULTITASK_CONFIG = {"type": "custom", "name": "qa-multi", "namespace": "my-organization",
+                    "tasks": {name: {"type": "chat-completion", "metrics": {"accuracy": {"type": "string-check"}}}
+                              for name in ("qa-exact", "qa-judge", "humaneval")},
+                    "groups": {"qa": {"tasks": ["qa-judge"], "groups": {"exact": {"tasks": ["qa-exact"]}}}}}
+MULTITASK_AGGREGATES = {"tasks": {name: {"metrics": {"accuracy": {"scores": {"mean": {"value": 0.5}}}}}
+                                  for name in ("qa-exact", "qa-judge", "humaneval")}}
+# fixture directory -> its join keys (the spans the app would have answered them on)
+FORMAT_RUNS = {"judge": ["q-1", "q-2", "q-3"], "rows": ["q-1", "q-2", "q-3"], "launcher": ["q-1", "q-2", "q-3"],
+               "agentic": ["q-1", "q-2", "q-3"], "byob": ["q-1", "q-2", "q-3"], "lm_eval": ["q-1", "q-2", "q-3"],
+               "bfcl": ["simple_0", "simple_1", "simple_2"], "beir": ["q-1", "q-2", "q-3"],
+               "ragas": ["q-1", "q-2", "q-3"]}
+
+
+@pytest.mark.timeout(120)
+async def test_every_format_and_a_multi_task_job_reach_the_intake(
+        stand_in: NemoEvaluatorStandIn, evaluator: Evaluator, make_settings: Callable[..., Settings], topics: Topics,
+        producer: AIOKafkaProducer, intake: FakeIntake, kafka: KafkaBroker) -> None:
+    """A job with two tasks over the same questions (nested groups, a third task with aggregates only) and every
+    documented per-item format, published through the real broker, join their spans in one running service: the
+    intake gets every evaluation the mapping made, on the span of its own run, with its task and group tags."""
+    stand_in.results = MULTITASK_AGGREGATES
+    stand_in.files = {f"{task}/results.jsonl": (FIXTURES / "multitask" / task / "results.jsonl").read_bytes()
+                      for task in ("qa-exact", "qa-judge")}
+    runs = {**FORMAT_RUNS, "job": ["q-1", "q-2", "q-3"]}
+    span_of = {(run, key): str(10_000 + 100 * n + i) for n, run in enumerate(runs) for i, key in enumerate(runs[run])}
+    outcome = await run_job(evaluator, RunContext(ml_app="support-bot", source_id="", run_id="job"),
+                            target=parse_target(JOB_TARGET), config=parse_config(MULTITASK_CONFIG))
+    mappings = {"job": outcome.mapping}
+    for name in FORMAT_RUNS:
+        mappings[name] = map_local_run(FIXTURES / name, None, RunContext(ml_app="support-bot", source_id=name,
+                                                                         run_id=name))
+    expected = {(span_of[(run, event.join_key)], e.label, e.metric_type, json.dumps(e.value), e.tags.get("task"),
+                 e.tags.get("group")) for run, mapping in mappings.items() for event in mapping.events
+                for e in event.evaluations}
+    assert {run for (span, *_rest) in expected for run, key in span_of if span_of[(run, key)] == span} == set(runs)
+    assert "task humaneval: aggregate scores only" in outcome.mapping.report.summary()
+    settings = make_settings(default_ml_app=None)
+    async with running_service(settings):
+        for (run, key), span in span_of.items():
+            await send_json(producer, topics.span, {"schema_version": 1, "ml_app": "support-bot", "run_id": run,
+                                                    "join_key": key, "trace_id": f"{int(span):032x}",
+                                                    "span_id": span})
+        async with EventPublisher(bootstrap_servers=kafka.bootstrap_servers, result_topic=topics.result) as sink:
+            for mapping in mappings.values():
+                await publish(mapping.events, sink)
+        await eventually(lambda: len(intake.accepted_metrics()), expect=len(expected), within=60,
+                         what="every format's evaluations")
+        await eventually(lambda: group_lag(kafka.bootstrap_servers, settings.kafka_group_id,
+                                           [topics.span, topics.result]), expect=0, what="everything consumed")
+    got = set()
+    for m in intake.accepted_metrics():
+        tags = dict(tag.split(":", 1) for tag in m["tags"])
+        got.add((m["join_on"]["span"]["span_id"], m["label"], m["metric_type"],
+                 json.dumps(m[f"{m['metric_type']}_value"]), tags.get("task"), tags.get("group")))
+    assert got == expected and len(intake.accepted_metrics()) == len(expected)
+    job = {(label, task, group) for span, label, _, _, task, group in got if span in
+           {span_of[("job", key)] for key in runs["job"]}}
+    assert job == {("qa_exact_reward", "qa-exact", "qa/exact"), ("qa_judge_reward", "qa-judge", "qa"),
+                   ("scorer_judge", "qa-judge", "qa")}
+    assert await topic_size(kafka.bootstrap_servers, topics.dlq) == 0
