@@ -6,7 +6,7 @@ The package reads as the steps of a run:
 | --- | --- |
 | ``targets.py`` | target and config files, validated before they are sent; API keys kept secret |
 | ``evaluator.py`` | the v1 evaluation API through ``nemo-microservices``: create or reuse, run, poll, fetch |
-| ``readers.py`` | per-item result files (judge, launcher, BYOB, BEIR) from a directory, a file or a zip |
+| ``readers.py`` | per-item files of every format (judge, rows, launcher, BYOB, lm-eval, BFCL, BEIR, RAGAS) |
 | ``mapping.py`` | per-item results -> NeMo result events, by the rules stated there |
 | ``publish.py`` | the two flows (a job; a local run) and publishing through ``EventPublisher`` |
 | ``cli.py`` | ``python -m producer_examples.nemo run|from-files`` |

@@ -4,8 +4,12 @@ For every record of a per-item file (see ``readers.py``):
 
 * **The item id is the join key**, read from a configured id column (``question_id``,
   ``metadata.question_id``, ``_id``; a dotted name walks into objects). Never from row position:
-  ``problem_idx`` and ``sample_id`` are refused as id columns. A record without the column is an
-  error, and so is a second record with the same id (and the same turn or repeat) in one run.
+  ``problem_idx``, ``sample_id``, ``doc_id`` and ``row_index`` are refused as id columns. A record
+  without the column is an error, and so is a true duplicate: a second record of the same run,
+  task, group, id and variant (turn, repeat, filter; a judge line's judge and judged model).
+* **Tasks and groups** (:func:`task_of`, :func:`group_of`): every evaluation carries ``task:`` and
+  ``group:`` tags; a label that two tasks give to the same item gets the task in front
+  (``<task>_<label>``) for the whole run, so one span never holds two values of one series.
 * **A judge line** (LLM-as-a-judge / MT-bench) maps by :func:`consumer.judge.judge_evaluation`,
   the rule the service maps the same line by when it is published as it is: the same line gives
   the same evaluation on both paths (label ``quality_assessment``, ``_turn<N>`` from turn 2; the
@@ -24,7 +28,8 @@ For every record of a per-item file (see ``readers.py``):
   No job id ever goes into a label.
 * **Provenance** (job id, config, target type and name, model, judge, time) goes into the event's
   ``provenance``, which the service puts into each evaluation's ``metadata.nemo``; tags are
-  low-cardinality only: ``evaluator:nemo`` and ``task:<task>`` (a judge line's: its judge and model).
+  low-cardinality only: ``evaluator:nemo``, ``task:<task>`` and ``group:<group>`` (a judge line's: its
+  judge and model too).
 * **The run** of an event is the one given (``RunContext.run_id``), else a judge line's own
   ``run_id`` field; without either the event has none.
 * **Event ids are deterministic**: a hash of the source (job id or run name), the item's key, its
