@@ -96,8 +96,9 @@ def aggregate_only_tasks(aggregates: list[Aggregate], ctx: RunContext, files: li
     tasks = {task_of(f, ctx, directories) for f in files}
     if None in tasks:  # a file of no known task: it may be any task's
         return []
+    in_paths = {part for f in files for part in PurePosixPath(f.path).parts}  # a task's directory: its output
     return [f"task {name}: aggregate scores only (the job's results hold no per-item file of it)"
-            for name in sorted({a.name for a in aggregates if a.scope == "tasks"} - tasks)]
+            for name in sorted({a.name for a in aggregates if a.scope == "tasks"} - tasks - in_paths)]
 
 
 def map_local_run(path: Path, fmt: Format | None, base: RunContext) -> MappingResult:

@@ -8,17 +8,21 @@ for per-item results.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consumer.events import NemoResultEvent
+from producer_examples.nemo.cli import build_parser, execute
 from producer_examples.nemo.errors import MappingError
+from producer_examples.nemo.evaluator import Aggregate
 from producer_examples.nemo.mapping import MappingResult, RunContext, config_groups, map_files
-from producer_examples.nemo.publish import map_local_run
+from producer_examples.nemo.publish import aggregate_only_tasks, map_local_run
 from producer_examples.nemo.readers import FORMATS, Format, read_path, scan_path
 
 pytestmark = pytest.mark.unit
@@ -241,3 +245,32 @@ def test_one_task_in_two_groups_of_one_job_is_not_a_duplicate(tmp_path: Path) ->
     second = map_files(files, RunContext(ml_app="a", source_id="s", group="g2"))
     assert {v.tags["group"] for e in first.events for v in e.evaluations} == {"g1"}
     assert {e.event_id for e in first.events}.isdisjoint(e.event_id for e in second.events)
+
+
+def test_a_job_task_without_per_item_files_is_named_aggregate_only() -> None:
+    """A job's task with aggregates but no per-item file is named; a task whose directory holds a file of another
+    name (lm-evaluation-harness names its own tasks) is not."""
+    files = read_path(FIXTURES / "multitask", "launcher")
+    lm_eval = [replace(f, path=f"gsm8k-eval/{f.path}") for f in read_path(FIXTURES / "lm_eval", "lm_eval")]
+    aggregates = [Aggregate("tasks", name, "accuracy", "mean", 0.5)
+                  for name in ("qa-exact", "qa-judge", "gsm8k-eval", "humaneval")]
+    aggregates.append(Aggregate("groups", "all", "accuracy", "mean", 0.5))
+    ctx = RunContext(ml_app="a", source_id="s", tasks=("gsm8k-eval", "humaneval", "qa-exact", "qa-judge"))
+    assert aggregate_only_tasks(aggregates, ctx, files + lm_eval) == [
+        "task humaneval: aggregate scores only (the job's results hold no per-item file of it)"]
+
+
+async def test_from_files_finds_every_format_and_prints_what_is_aggregate_only() -> None:
+    """``from-files`` without ``--format`` reads every format found; the summary says what was renamed and what has
+    aggregates only, and a run with aggregates only publishes nothing and exits 0."""
+    out = io.StringIO()
+    args = build_parser().parse_args(["from-files", str(FIXTURES / "multitask"), "--ml-app", "bot", "--group", "qa",
+                                      "--dry-run"])
+    assert await execute(args, out=out) == 0
+    assert "label reward is given by several tasks to the same items: sent as qa_exact_reward, qa_judge_reward" in (
+        out.getvalue())
+    assert "dry run: 6 events not published" in out.getvalue()
+    out = io.StringIO()
+    args = build_parser().parse_args(["from-files", str(FIXTURES / "bigcode"), "--ml-app", "bot", "--dry-run"])
+    assert await execute(args, out=out) == 0
+    assert "aggregate only, not attached to spans: evaluation_results.json" in out.getvalue()
