@@ -14,7 +14,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -26,6 +26,15 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_PORT = 26379  # Redis Sentinel's own default port, for an address given without one
 
 _S = TypeVar("_S", bound="KafkaSettings")
+
+# Joining by span tag (consumer/join.py TagJoin). A tag key as Datadog writes one (a letter, then letters, digits
+# and _ . / -; no colon, which ends a key in "key:value"); an ml_app in JOIN_BY_TAG is anything without
+# whitespace, comma or "=" (Datadog's application names have none of them).
+_TAG_KEY = r"[A-Za-z][A-Za-z0-9_./-]{0,199}"
+_TAG_JOIN_ENTRY = rf"\s*(?:\*|[^\s,=]{{1,200}})(?:={_TAG_KEY})?\s*"
+JOIN_BY_TAG_PATTERN = rf"^{_TAG_JOIN_ENTRY}(?:,{_TAG_JOIN_ENTRY})*$"
+_TAG_VALUE_PART = r"(?:[^{}]|\{(?:join_key|run_id|ml_app)\})*"
+JOIN_TAG_VALUE_PATTERN = rf"^{_TAG_VALUE_PART}\{{join_key\}}{_TAG_VALUE_PART}$"
 
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"]
 # The settings each kind of SASL authentication reads; those of another kind are refused, not ignored.
@@ -241,6 +250,9 @@ class Settings(KafkaSettings):
     ledger_grace_seconds: int = Field(86_400, ge=0)
     default_ml_app: str | None = None
     judged_model: str | None = Field(None, min_length=1, max_length=200)
+    join_by_tag: str | None = Field(None, pattern=JOIN_BY_TAG_PATTERN)
+    join_tag_key: str | None = Field(None, pattern=f"^{_TAG_KEY}$")
+    join_tag_value: str | None = Field(None, max_length=200, pattern=JOIN_TAG_VALUE_PATTERN)
     max_message_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
     max_pending_results_per_key: int = Field(100, ge=1, le=100_000)
     sweep_interval_seconds: float = Field(5.0, gt=0)
@@ -280,6 +292,13 @@ class Settings(KafkaSettings):
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("join_by_tag")
+    @classmethod
+    def _join_by_tag_names_each_app_once(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_join_by_tag(value)
+        return value
 
     @model_validator(mode="after")
     def _kafka_group_timings_fit(self) -> Settings:
@@ -417,6 +436,20 @@ def _check_intake_url(name: str, url: str | None) -> None:
         raise ValueError(f"{name}={url!r} names no socket: write unix:///path/to/apm.socket (three slashes)")
     if parts.scheme != "unix" and not parts.hostname:
         raise ValueError(f"{name}={url!r} names no host")
+
+
+def parse_join_by_tag(text: str) -> dict[str, str | None]:
+    """JOIN_BY_TAG (its syntax checked by :data:`JOIN_BY_TAG_PATTERN`): ml_app -> its tag key, None for JOIN_TAG_KEY.
+
+    ``*`` stands for every ml_app not named. Raises ``ValueError`` when an ml_app (or ``*``) is named twice.
+    """
+    apps: dict[str, str | None] = {}
+    for entry in text.split(","):
+        app, _, key = entry.strip().partition("=")
+        if app in apps:
+            raise ValueError(f"JOIN_BY_TAG names {app!r} twice")
+        apps[app] = key or None
+    return apps
 
 
 def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:

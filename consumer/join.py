@@ -6,12 +6,18 @@ buffered, else waits. A namespace is the event's ml_app, join key and run; witho
 store's repeated-key rule (:meth:`consumer.store.JoinStore.put_many`) keeps a key answered again
 from getting another answer's evaluations, by the slots (label and tags) of each result's
 evaluations. The output is a list of :class:`Joined` evaluations for the delivery step.
+
+An ml_app that joins by span tag (:class:`TagJoin`, from ``JOIN_BY_TAG``) tags its spans with the join
+key, so a result of it needs no span-context event: one whose span is not buffered is delivered at
+once, joined on the span tag, instead of waiting. Its spans, when it publishes them, are buffered and
+joined as any app's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +25,7 @@ import structlog
 
 from consumer import records
 from consumer.clock import SYSTEM_CLOCK, Clock
+from consumer.config import Settings, parse_join_by_tag
 from consumer.decode import Event, RecordDecoder
 from consumer.dlq import DeadLetters
 from consumer.errors import InvalidMessage, NotSent
@@ -71,15 +78,65 @@ class JoinedBatch:
 
 @dataclass(frozen=True)
 class JoinResult:
-    status: str  # stored | duplicate | joined | buffered
+    status: str  # stored | replaced | duplicate | joined | buffered | waiting | tagged
     joined: list[Joined]
 
 
+_PLACEHOLDER = re.compile(r"\{(join_key|run_id|ml_app)\}")
+
+
+@dataclass(frozen=True)
+class TagJoin:
+    """Which ml_apps join by span tag, and the tag (``join_on.tag``) a result of theirs is joined on.
+
+    The key is the app's own (``JOIN_BY_TAG=app=key``), else ``JOIN_TAG_KEY``, else the join key's name. The
+    value is ``JOIN_TAG_VALUE`` with ``{join_key}``, ``{run_id}`` and ``{ml_app}`` filled in; unset, it is the
+    join key, or ``<run_id>:<join_key>`` for a result with a run, so that the tag names one answer of one run.
+    """
+
+    apps: Mapping[str, str]  # ml_app -> its tag key
+    every_app: str | None  # the tag key of every other ml_app ("*"); None: only those named join by tag
+    value_template: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TagJoin | None:
+        """The tag join ``JOIN_BY_TAG`` asks for, or None when it is unset (every ml_app joins by span ids)."""
+        if settings.join_by_tag is None:
+            return None
+        default_key = settings.join_tag_key or settings.join_key
+        apps = {app: key or default_key for app, key in parse_join_by_tag(settings.join_by_tag).items()}
+        return cls(apps={app: key for app, key in apps.items() if app != "*"}, every_app=apps.get("*"),
+                   value_template=settings.join_tag_value)
+
+    def key_for(self, ml_app: str) -> str | None:
+        """The tag key ``ml_app``'s results join on, or None if it joins by span ids only."""
+        return self.apps.get(ml_app, self.every_app)
+
+    def value_for(self, ns: Namespace) -> str | None:
+        """The tag value of a result in ``ns``; None if the template names a run and the result has none."""
+        if self.value_template is None:
+            return f"{ns.run}:{ns.join_key}" if ns.run else ns.join_key
+        if not ns.run and "{run_id}" in self.value_template:
+            return None
+        fields = {"join_key": ns.join_key, "run_id": ns.run, "ml_app": ns.ml_app}
+        return _PLACEHOLDER.sub(lambda found: fields[found.group(1)], self.value_template)
+
+    def tag_of(self, ns: Namespace) -> tuple[str, str] | None:
+        """(key, value) a result in ``ns`` joins on when its span is not here, or None: it waits for its span."""
+        key = self.key_for(ns.ml_app)
+        if key is None:
+            return None
+        value = self.value_for(ns)
+        return None if value is None else (key, value)
+
+
 class Joiner:
-    def __init__(self, store: JoinStore, *, join_ttl_ms: int, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, store: JoinStore, *, join_ttl_ms: int, clock: Clock = SYSTEM_CLOCK,
+                 tag_join: TagJoin | None = None) -> None:
         self._store = store
         self._ttl_ms = join_ttl_ms
         self._clock = clock
+        self._tag_join = tag_join
 
     def _produced_ms(self, source: Source) -> int:
         """When the record was produced (its Kafka timestamp; now, for a record without one)."""
@@ -97,14 +154,18 @@ class Joiner:
         """
         ops: list[SpanOp | ResultOp] = []
         fields_of: list[dict[str, Any]] = []
+        tags: list[tuple[str, str] | None] = []  # per op: the span tag a result joins on without its span
+        tag_join = self._tag_join
         for event, source in items:
             assert event.ml_app is not None  # resolved by decode
             ns = Namespace(event.ml_app, event.join_key, event.run_id or "")
             fields = {**event.model_dump(mode="json", exclude={"schema_version", "kind"}, exclude_none=True),
                       "source": source.as_dict()}
+            tag = None if tag_join is None else tag_join.tag_of(ns)
+            tags.append(tag)
             if isinstance(event, SpanContextEvent):
                 ops.append(SpanOp(ns, records.span_identity(event.trace_id, event.span_id), records.encode_span(fields),
-                                  self._deadline(source)))
+                                  self._deadline(source), by_tag=tag is not None))
             else:
                 fields["received_ts_ms"] = self._produced_ms(source)
                 eval_ids = [evaluation_id(ns.ml_app, ns.join_key, event.event_id, i, ns.run)
@@ -114,13 +175,15 @@ class Joiner:
                     exclude={"job_id", "evaluated_at_ms"}, exclude_none=True)
                 slots = () if ns.run else sorted({evaluation_slot(e.label, e.tags, origin) for e in event.evaluations})
                 ops.append(ResultOp(ns, event.event_id, records.encode(fields), eval_ids, self._deadline(source),
-                                    slots))
+                                    slots, by_tag=tag is not None))
             fields_of.append(fields)
         puts = await self._store.put_many(ops) if ops else []
-        return [_outcome(op, put, record) for op, put, record in zip(ops, puts, fields_of, strict=True)]
+        return [_outcome(op, put, record, tag)
+                for op, put, record, tag in zip(ops, puts, fields_of, tags, strict=True)]
 
 
-def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, Any]) -> JoinResult | InvalidMessage:
+def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, Any],
+             tag: tuple[str, str] | None = None) -> JoinResult | InvalidMessage:
     ns = op.ns
     if isinstance(put, SpanPut):
         if put.status == "conflict":
@@ -146,10 +209,19 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
             f"{_name(ns)} already has MAX_PENDING_RESULTS_PER_KEY results waiting for its span; "
             "replay this record once the span has arrived",
         )
+    if put.status == "tagged":
+        assert tag is not None
+        # "buffered": a copy of it may have waited here from before (it is then dropped once delivered).
+        return JoinResult("tagged", _joined(ns, tagged_span(ns, *tag), record, buffered=True))
     if put.status != "joined":
         return JoinResult(put.status, [])
     assert put.span is not None
     return JoinResult("joined", _joined(ns, records.decode_span(put.span, ns), record, buffered=False))
+
+
+def tagged_span(ns: Namespace, key: str, value: str) -> dict[str, Any]:
+    """What stands for the span of a result joined by span tag: the ml_app and the tag (see payload.join_on)."""
+    return {"ml_app": ns.ml_app, "join_tag": {"key": key, "value": value}}
 
 
 def _name(ns: Namespace) -> str:

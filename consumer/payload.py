@@ -35,7 +35,7 @@ def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> di
     tags = {"ddtrace.version": _DDTRACE_VERSION, "ml_app": ml_app, **(evaluation.get("tags") or {})}
     metric: dict[str, Any] = {
         "event_kind": "evaluation",
-        "join_on": {"span": {"span_id": span["span_id"], "trace_id": span["trace_id"]}},
+        "join_on": join_on(span),
         "label": evaluation["label"],
         "metric_type": metric_type,
         "timestamp_ms": timestamp_ms,
@@ -54,6 +54,15 @@ def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> di
     if metadata:
         metric["metadata"] = metadata
     return metric
+
+
+def join_on(span: dict[str, Any]) -> dict[str, Any]:
+    """The ``join_on`` of an evaluation joined to ``span``: by span and trace ids, or, for a result joined by
+    span tag (``consumer.join.tagged_span``), ``{"tag": {"key", "value"}}``, as ``span_with_tag_value`` gives."""
+    tag = span.get("join_tag")
+    if tag is not None:
+        return {"tag": tag}
+    return {"span": {"span_id": span["span_id"], "trace_id": span["trace_id"]}}
 
 
 def encode_metric(metric: dict[str, Any]) -> bytes:

@@ -45,7 +45,7 @@ from consumer.errors import (
 from consumer.expiry import Sweeper
 from consumer.health import HealthServer
 from consumer.intake_route import RoutedSink, RouteSettings
-from consumer.join import Batch, BatchJoin, JoinedBatch, Joiner
+from consumer.join import Batch, BatchJoin, JoinedBatch, Joiner, TagJoin
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.stage import RETRY_CAP_S, RETRY_FIRST_S, Refusals, Stage
@@ -86,8 +86,8 @@ class Service:
         decoder = RecordDecoder(span_topic=settings.span_topic, join_key=settings.join_key,
                                 default_ml_app=settings.default_ml_app or "", max_bytes=settings.max_message_bytes,
                                 judged_model=settings.judged_model)
-        join = BatchJoin(Joiner(store, join_ttl_ms=settings.join_ttl_seconds * 1000, clock=clock), decoder,
-                         dead_letters, metrics)
+        join = BatchJoin(Joiner(store, join_ttl_ms=settings.join_ttl_seconds * 1000, clock=clock,
+                                tag_join=TagJoin.from_settings(settings)), decoder, dead_letters, metrics)
         deliverer = Deliverer(store, sink, dead_letters, owner=owner, metrics=metrics, clock=clock,
                               lease_ms=int(settings.claim_lease_seconds * 1000))
         stopping = self._stopping = asyncio.Event()

@@ -24,8 +24,8 @@ import orjson
 
 SpanStatus = Literal["stored", "duplicate", "conflict", "replaced"]  # replaced: the key's next answer (no run)
 # waiting: buffered although a span is here, since it repeats one of that span's evaluations (no run);
-# full: too many results wait for the span
-ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full"]
+# full: too many results wait for the span; tagged: no span is here and the result joins by span tag (not stored)
+ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full", "tagged"]
 ClaimVerdict = Literal["new", "done", "busy"]
 ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
 
@@ -85,6 +85,8 @@ class SpanOp:
     identity: str  # records.span_identity(trace_id, span_id)
     record: bytes  # records.encode_span(...)
     deadline_ms: int
+    # the ml_app joins by span tag: a span that finds its key's evaluations delivered already (by tag) is joined
+    by_tag: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class ResultOp:
     deadline_ms: int
     # evaluation_slot() of each evaluation, each once; empty in a namespace with a run, where no answer repeats
     slots: Sequence[str] = ()
+    # the ml_app joins by span tag: without a span here the result is "tagged" (delivered joined by tag), not stored
+    by_tag: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,14 @@ class JoinStore(Protocol):
         already, or all its evaluations are finished), or ``full``: the key already has as many
         results waiting as the store allows, and it is not stored. Stored, replaced and duplicate
         sides are in the deadline index no earlier than their ``deadline_ms``.
+
+        A result op ``by_tag`` (its ml_app joins by span tag) that finds no span is ``tagged`` instead of
+        ``buffered``: it is not stored (nor indexed), and the caller delivers it joined by tag; a copy
+        of it that waited from before is left in place, for the caller to drop once it is delivered.
+        It is ``duplicate`` if its every evaluation is finished, or the sweeper is reporting it. With
+        a span here it joins (or waits) as any result. A span op ``by_tag`` that is stored without
+        taking a result, for a key whose ledger has entries (its results were delivered by tag before
+        it came), is stored as joined, so that its deadline passes without a report.
 
         A result op with ``slots`` (a namespace without a run, where one join key may name one answer
         after another) follows the repeated-key rule; one without (a run names the answer) joins

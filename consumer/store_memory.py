@@ -127,7 +127,10 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
             out = k.taken_by(None, plain=True)  # results without slots: all of them
             taken, book = _take(k.waiting())
             out.update(taken)
-            k.span, k.replaced = _Span(stored, "b" if book else "1" if out else "0", book), None
+            flag = "b" if book else "1" if out else "0"
+            if flag == "0" and op.by_tag and k.ledger:  # its results were delivered by tag before it came
+                flag = "1" if op.ns.run else "b"  # without a run: an empty book, so the key's next answer replaces it
+            k.span, k.replaced = _Span(stored, flag, book), None
             self._enter(op.ns, None, op.deadline_ms)
             return SpanPut("stored", out)
         span, old = k.span, k.replaced
@@ -172,6 +175,9 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
                 span.book += [(slot, digest) for slot in slots]
                 return ResultPut("joined", span.stored)
             return self._buffer(k, op, slots, "waiting")  # for the key's next answer
+        if op.by_tag:  # no span: delivered joined by tag, never stored; the ledger keeps it from going twice
+            settled = bool(op.eval_ids) and all(k.ledger.get(eval_id) in ("d", "x") for eval_id in op.eval_ids)
+            return ResultPut("duplicate" if settled or f"r:{op.event_id}" in k.expiring else "tagged")
         if self._known(k, op):
             self._enter(op.ns, op.event_id, op.deadline_ms)
             return ResultPut("duplicate")

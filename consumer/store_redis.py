@@ -344,8 +344,8 @@ class RedisJoinStore:
                 puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
             elif status == "joined":
                 puts.append(ResultPut("joined", reply[1]))
-            elif status == "full":
-                puts.append(ResultPut("full"))
+            elif status in ("full", "tagged") or (op.by_tag and status == "duplicate"):  # not stored: not indexed
+                puts.append(ResultPut(status))
             else:
                 index.append((op.ns, member, op.deadline_ms))
                 puts.append(ResultPut(status))
@@ -362,9 +362,12 @@ class RedisJoinStore:
                 keys.append(self.index_key(self.shard_of(op.ns)))
             if isinstance(op, SpanOp):
                 args: list[Any] = ["s", op.identity, op.record, op.deadline_ms, _member(op)]
+                if op.by_tag:
+                    args[0] = "S"
+                    args.append("1" if op.ns.run else "b")
             else:
-                args = ["r", op.event_id, op.record, op.deadline_ms, _member(op), *_counted(op.eval_ids),
-                        "".join(op.slots)]
+                args = ["t" if op.by_tag else "r", op.event_id, op.record, op.deadline_ms, _member(op),
+                        *_counted(op.eval_ids), "".join(op.slots)]
             items.append(_Item(op.ns, keys, args))
         return [6 if with_index else 5, self._max_pending], items
 

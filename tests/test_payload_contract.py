@@ -248,3 +248,32 @@ def test_encoding_is_deterministic(index: int, case: Case) -> None:
     reread = encode_metric(build_metric(orjson.loads(orjson.dumps(span)), orjson.loads(orjson.dumps(result)),
                                         position))
     assert first == again == reread
+
+
+def test_tag_join_equals_ddtrace_span_with_tag_value() -> None:
+    """A result joined by span tag gives exactly the object ``submit_evaluation(span_with_tag_value=...)`` sends:
+    ``join_on.tag`` with the key and value, every metric type and optional field as with span ids."""
+    from consumer.join import tagged_span
+    from consumer.store import Namespace
+
+    cases = [(index, case) for index, case in enumerate(CASES) if case.name.endswith(("-bare", "_tags"))
+             or case.name.startswith(("categorical-unicode", "ml-app-with"))]
+    tag_key = "question_id"
+    calls = []
+    for index, case in cases:
+        call = ddtrace_call(index, case)
+        del call["span"]
+        calls.append({**call, "span_with_tag_value": {"tag_key": tag_key, "tag_value": f"run-7:q-{index}"}})
+    with FakeIntake() as intake:
+        child = subprocess.run(
+            [sys.executable, "-c", DDTRACE_SCRIPT, API_KEY], input=json.dumps(calls), env=_child_env(intake.origin),
+            capture_output=True, text=True, timeout=60, check=False)
+        assert child.returncode == 0, f"ddtrace child failed:\n{child.stderr[-4000:]}"
+        theirs = {metric["join_on"]["tag"]["value"]: metric for metric in intake.accepted_metrics()}
+    assert len(theirs) == len(cases) >= 5
+    for index, case in cases:
+        _, result, position = stored_records(index, case)
+        span = tagged_span(Namespace(case.ml_app, f"q-{index}", "run-7"), tag_key, f"run-7:q-{index}")
+        mine = orjson.loads(encode_metric(build_metric(span, result, position)))
+        assert mine == theirs[f"run-7:q-{index}"], case.name
+        assert _typed(mine) == _typed(theirs[f"run-7:q-{index}"]), case.name

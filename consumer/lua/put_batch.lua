@@ -24,8 +24,12 @@
     ARGV[2] max_pending     the most results that may wait for one join key's span (0: no limit)
     then per side, read by arg_reader:
       a span:    "s", identity ("trace_id:span_id"), body, deadline_ms, member
+                 or, of an ml_app that joins by span tag, "S", the same, then joined_flag: how it is
+                 stored when it takes no result but its key's ledger has entries (results delivered by
+                 tag before it came): "1" (a run), "b" (an empty book: the key's next answer replaces it)
       a result:  "r", event_id, record, deadline_ms, member, eval_ids (a counted list),
-                 slots ("" in a namespace with a run: then no repeated-key rule applies)
+                 slots ("" in a namespace with a run: then no repeated-key rule applies);
+                 "t" and the same for a result of an ml_app that joins by span tag
       (member: the side's name in the deadline index)
 
   Output, one reply per side:
@@ -33,6 +37,7 @@
                | {"conflict", "<identity>\n<body>" of the span already bound to the join key}
     a result:  {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"waiting"} | {"duplicate"}
                | {"full"}: max_pending results already wait for this join key; not stored
+               | {"tagged"} ("t" only): no span is here; not stored, the caller delivers it joined by tag
 
   A stored side is entered in the deadline index in the same call when the index key is given
   (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later).
@@ -127,7 +132,7 @@ local function stored_span(book, joined, identity, body)
   return '0' .. identity .. '\n' .. body
 end
 
-local function put_span(k, identity, body, deadline, member)
+local function put_span(k, identity, body, deadline, member, joined_flag)
   local stored = redis.call('GET', k.span)
   if not stored then
     local expiring = redis.call('HGET', k.expiring, 's')
@@ -147,7 +152,12 @@ local function put_span(k, identity, body, deadline, member)
     end
     local taken, book = take(candidates)
     for _, v in ipairs(taken) do out[#out + 1] = v end
-    redis.call('SET', k.span, stored_span(book, #out > 0, identity, body))
+    local value = stored_span(book, #out > 0, identity, body)
+    if joined_flag and #out == 0 and redis.call('EXISTS', k.ledger) == 1 then
+      -- Its results were delivered by tag before it came: joined, so that its deadline reports nothing.
+      value = joined_flag == 'b' and ('b' .. BOOK_END .. identity .. '\n' .. body) or ('1' .. identity .. '\n' .. body)
+    end
+    redis.call('SET', k.span, value)
     redis.call('DEL', k.replaced)
     index(k, deadline, member)
     return {'stored', out}
@@ -199,7 +209,7 @@ local function known(k, event_id, eval_ids)
       or redis.call('HEXISTS', k.expiring, 'r:' .. event_id) == 1 or settled(k, eval_ids)
 end
 
-local function put_result(k, event_id, record, deadline, member, eval_ids, slots)
+local function put_result(k, event_id, record, deadline, member, eval_ids, slots, by_tag)
   local stored = redis.call('GET', k.span)
   if stored then
     local flag, book, rest = parse_span(stored)
@@ -234,6 +244,11 @@ local function put_result(k, event_id, record, deadline, member, eval_ids, slots
     -- It repeats an evaluation of this answer (or of a result that waits): it is for the key's next answer.
     return buffer(k, event_id, '\2' .. slots .. BOOK_END .. record, deadline, member, 'waiting')
   end
+  if by_tag then
+    -- Delivered joined by tag, never stored: the ledger keeps it from going twice.
+    if redis.call('HEXISTS', k.expiring, 'r:' .. event_id) == 1 or settled(k, eval_ids) then return {'duplicate'} end
+    return {'tagged'}
+  end
   -- E.g. redelivered after its span expired.
   if known(k, event_id, eval_ids) then
     index(k, deadline, member)
@@ -249,12 +264,15 @@ for base = 0, #KEYS - 1, keys_per_side do
              replaced = KEYS[base + 4], ledger = KEYS[base + 5]}
   if keys_per_side == 6 then k.index = KEYS[base + 6] end
   -- One read per line: Lua does not promise the order in which a call's arguments are evaluated.
-  if next_arg() == 's' then
+  local kind = next_arg()
+  if kind == 's' or kind == 'S' then
     local identity = next_arg()
     local body = next_arg()
     local deadline = next_arg()
     local member = next_arg()
-    out[#out + 1] = put_span(k, identity, body, deadline, member)
+    local joined_flag = nil
+    if kind == 'S' then joined_flag = next_arg() end
+    out[#out + 1] = put_span(k, identity, body, deadline, member, joined_flag)
   else
     local event_id = next_arg()
     local record = next_arg()
@@ -262,7 +280,7 @@ for base = 0, #KEYS - 1, keys_per_side do
     local member = next_arg()
     local eval_ids = next_list()
     local slots = next_arg()
-    out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids, slots)
+    out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids, slots, kind == 't')
   end
 end
 return out
