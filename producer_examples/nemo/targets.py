@@ -29,7 +29,7 @@ API keys (every string field whose name says key, password, secret or token) are
 :class:`pydantic.SecretStr`: ``repr`` and ``str`` show ``**********``, validation errors are
 formatted without input values, and :func:`request_body` is the only place a key is revealed, to put
 it in the request. :func:`collect_secrets` gives the keys of a target or config to the log
-redactor.
+redactor, and :func:`redact_client_logs` keeps them out of the client's own debug logs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import collections.abc
 import datetime
 import functools
 import json
+import logging
 import re
 import types
 import typing
@@ -535,6 +536,65 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         if len(secret) >= _MIN_SECRET_CHARS:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# --- the client's own logs ----------------------------------------------------------------------
+
+
+class ClientLogRedactor(logging.Filter):
+    """Takes API keys out of the client's log records before any handler sees them.
+
+    At DEBUG the client logs every request's options, the JSON body included (``Request options:
+    {... 'json_data': {... 'api_key': ...}}``), and any handler (the publisher's, a test's, an
+    application's) would print the key. In each record's arguments, a value under a secret-named key
+    is replaced by ``[redacted]``, and so is every known secret in the message and its strings.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: list[str] = []
+
+    def add(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({*self._secrets, *(s for s in secrets if len(s) >= _MIN_SECRET_CHARS)},
+                               key=len, reverse=True)
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value, self._secrets)
+        if isinstance(value, Mapping):
+            return {k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and v else self._clean(v)
+                    for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._clean(v) for v in value) if isinstance(value, tuple) else [
+                self._clean(v) for v in value]
+        if isinstance(value, BaseModel):
+            return self._clean(value.model_dump(mode="json"))
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg, self._secrets)
+        if isinstance(record.args, Mapping | tuple):
+            record.args = self._clean(record.args)
+        return True
+
+
+_CLIENT_LOGGERS = ("nemo_microservices", "httpx", "httpcore")
+_CLIENT_REDACTOR = ClientLogRedactor()
+
+
+def redact_client_logs(secrets: Iterable[str] = ()) -> None:
+    """Keep keys out of the logs of the ``nemo-microservices`` client and of httpx, at every level.
+
+    Installs :class:`ClientLogRedactor` on each of their loggers (a logger's filter sees only the
+    records logged on that logger, not its children's) and teaches it ``secrets``. Idempotent.
+    """
+    _CLIENT_REDACTOR.add(secrets)
+    names = {*_CLIENT_LOGGERS, *(n for n in logging.Logger.manager.loggerDict if n.split(".")[0] in _CLIENT_LOGGERS)}
+    for name in sorted(names):
+        logger = logging.getLogger(name)
+        if _CLIENT_REDACTOR not in logger.filters:
+            logger.addFilter(_CLIENT_REDACTOR)
 
 
 # --- what a stored or local target says about itself, for provenance ---------------------------
