@@ -59,6 +59,7 @@ from nemo_microservices.types.retriever_target_param import RetrieverTargetParam
 from nemo_microservices.types.shared_params.api_endpoint_data import APIEndpointData
 from nemo_microservices.types.target_type import TargetType
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -221,7 +222,8 @@ class _Builder:
             return self.model(tp, role)
         if origin in (Union, types.UnionType):
             members = [a for a in args if a is not datetime.datetime] or [str]  # a JSON file holds times as text
-            converted = [self._convert(a, role) for a in members]
+            entity = any(is_typeddict(a) for a in members)  # an object, or a string naming one stored
+            converted = [_EntityRef if entity and a is str else self._convert(a, role) for a in members]
             return converted[0] if len(converted) == 1 else _discriminated(converted)
         if origin is Literal:
             return tp
@@ -243,6 +245,18 @@ def _number(value: Any) -> Any:
 
 # A JSON number: an integer stays one in the request (StrictFloat would send 1 as 1.0).
 _Number = Annotated[float, PlainValidator(_number)]
+
+
+def _entity_ref(value: str) -> str:
+    if "<" in value or ">" in value:
+        raise ValueError(f"{value[:_SHOWN_CHARS]!r} still contains a <placeholder> from the guide")
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("the name of a stored entity (namespace/name) is not empty and has no spaces")
+    return value
+
+
+# The name of a stored model or dataset, where the client takes the object or its name.
+_EntityRef = Annotated[StrictStr, AfterValidator(_entity_ref)]
 
 
 def _strip(hint: Any) -> Any:

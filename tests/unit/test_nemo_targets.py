@@ -222,6 +222,8 @@ RULES = [
      "retriever.dataset.files_url: files_url 's3://<my-bucket>/x' still contains a <placeholder>"),
     (target("rag", rag={"pipeline": {"retriever": {"pipeline": PIPELINE}, "model": EMBED}}),
      "rag.pipeline.model.api_endpoint.url: an LLM's url must end with /completions or /chat/completions"),
+    (target("model", model="<my-model>"), "model: '<my-model>' still contains a <placeholder>"),
+    (target("dataset", dataset="my org/qa"), "dataset: the name of a stored entity (namespace/name) is not empty"),
 ]
 
 
