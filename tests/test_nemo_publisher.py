@@ -163,8 +163,9 @@ def test_api_key_is_never_in_repr_errors_or_tracebacks() -> None:
     with pytest.raises(TargetError) as caught:
         parse_target(bad)
     assert API_KEY not in "".join(traceback.format_exception(caught.value))
-    config = parse_config({"type": "custom", "name": "judge-cfg", "params": {"judge": {"model": {"api_endpoint": {
-        "url": "http://judge/v1/chat/completions", "model_id": "judge", "api_key": API_KEY}}}}})
+    config = parse_config({"type": "custom", "name": "judge-cfg", "tasks": {"qa": {"type": "chat-completion",
+        "params": {"judge": {"model": {"api_endpoint": {
+            "url": "http://judge/v1/chat/completions", "model_id": "judge", "api_key": API_KEY}}}}}}})
     assert API_KEY not in repr(config) and collect_secrets(config) == [API_KEY]
 
 

@@ -32,7 +32,14 @@ from producer_examples.nemo.evaluator import JOB_TIMEOUT_S, POLL_INITIAL_S, POLL
 from producer_examples.nemo.mapping import MappingResult, RunContext
 from producer_examples.nemo.publish import map_local_run, publish, run_job
 from producer_examples.nemo.readers import DEFAULT_ID_COLUMN, FORMATS, Format
-from producer_examples.nemo.targets import EvaluationConfigSpec, Target, collect_secrets, load_config, load_target
+from producer_examples.nemo.targets import (
+    EvaluationConfigSpec,
+    Target,
+    collect_secrets,
+    load_config,
+    load_target,
+    redact_client_logs,
+)
 from producer_examples.publisher import (
     DeliveryError,
     EventPublisher,
@@ -196,4 +203,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     configure_logging(level=args.log_level.upper(), fmt=args.log_format, secrets=inputs.secrets())
+    redact_client_logs(inputs.secrets())  # in the client's records themselves, before any handler
     return asyncio.run(execute(args, inputs))

@@ -55,6 +55,7 @@ from producer_examples.nemo.targets import (
     collect_secrets,
     endpoints,
     redact,
+    redact_client_logs,
     request_body,
 )
 
@@ -120,10 +121,12 @@ class Evaluator:
         self._retry_initial = retry_initial_seconds
         self._retry_max = retry_max_seconds
         self._secrets = list(secrets)
+        redact_client_logs(self._secrets)  # the client logs request bodies at DEBUG
 
     def add_secrets(self, secrets: Iterable[str]) -> None:
         """Also redact these from error messages (the keys of targets and configs sent are added by themselves)."""
         self._secrets = sorted({*self._secrets, *secrets}, key=len, reverse=True)
+        redact_client_logs(self._secrets)
 
     # --- errors ---------------------------------------------------------------------------------
 
