@@ -657,7 +657,11 @@ def endpoints(value: Any, path: str = "") -> dict[str, tuple[str | None, str | N
 
 
 def judge_model(config: dict[str, Any]) -> str | None:
-    """The judge model an LLM-as-a-judge config names (``...judge.model``), if any."""
+    """The judge model an LLM-as-a-judge config names, if any.
+
+    Two documented places: a task's ``params.judge.model`` (the MT-bench style task), and an
+    ``llm-judge`` metric's ``params.model`` (custom evaluations).
+    """
     stack: list[Any] = [config]
     while stack:
         value = stack.pop()
@@ -665,6 +669,11 @@ def judge_model(config: dict[str, Any]) -> str | None:
             judge = value.get("judge")
             if isinstance(judge, dict):
                 found = _model_id(judge.get("model"))
+                if found:
+                    return found
+            params = value.get("params")
+            if value.get("type") == "llm-judge" and isinstance(params, dict):
+                found = _model_id(params.get("model"))
                 if found:
                     return found
             stack.extend(reversed(list(value.values())))

@@ -32,6 +32,7 @@ from producer_examples.nemo.errors import TargetError
 from producer_examples.nemo.targets import (
     TARGET_TYPES,
     collect_secrets,
+    judge_model,
     load_config,
     load_target,
     parse_config,
@@ -273,3 +274,14 @@ def test_the_command_exits_2_on_an_unknown_field_before_any_request(tmp_path: Pa
     assert code == 2
     assert "error: target file target.json is not valid:\n  model.api_endpoint.apikey: unknown field" in err
     assert "Traceback" not in err and KEY not in err
+
+
+def test_judge_model_is_found_in_an_llm_judge_metric_and_in_a_task_judge() -> None:
+    metric_config = {"type": "custom", "tasks": {"qa": {"type": "chat-completion", "metrics": {
+        "helpfulness": {"type": "llm-judge", "params": {"model": {"api_endpoint": {
+            "url": "http://judge.example/v1/chat/completions", "model_id": "meta/llama-3.1-70b-instruct"}}}}}}}}
+    task_config = {"type": "custom", "tasks": {"mt": {"type": "mt-bench", "params": {"judge": {"model": {
+        "api_endpoint": {"url": "http://judge.example/v1", "model_id": "gpt-4"}}}}}}}
+    assert judge_model(metric_config) == "meta/llama-3.1-70b-instruct"
+    assert judge_model(task_config) == "gpt-4"
+    assert judge_model({"type": "custom", "tasks": {"qa": {"metrics": {"em": {"type": "string-check"}}}}}) is None
