@@ -14,7 +14,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -246,6 +246,11 @@ class Settings(KafkaSettings):
     sweep_interval_seconds: float = Field(5.0, gt=0)
     sweep_batch: int = Field(500, ge=1)
 
+    # Evaluations: what the service decides for them (consumer.enrich), as JSON objects or a list of names
+    eval_scopes: str | None = None
+    assessment_thresholds: str | None = None
+    span_tags_to_evaluation: str = "env,service,version"
+
     # Delivery (the DD_* names are ddtrace's own)
     dd_api_key: SecretStr | None = None
     dd_site: str = "datadoghq.com"
@@ -280,6 +285,18 @@ class Settings(KafkaSettings):
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("eval_scopes", "assessment_thresholds", "span_tags_to_evaluation")
+    @classmethod
+    def _evaluation_rules_parse(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Each rule on its own, read as the decode step will read it: a mistake stops the start, not a record."""
+        from consumer import enrich
+
+        if value is not None:
+            parse = {"eval_scopes": enrich.parse_scopes, "assessment_thresholds": enrich.parse_thresholds,
+                     "span_tags_to_evaluation": enrich.parse_span_tags}[str(info.field_name)]
+            parse(value)
+        return value
 
     @model_validator(mode="after")
     def _kafka_group_timings_fit(self) -> Settings:
