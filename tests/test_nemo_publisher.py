@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import time
 import traceback
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -307,7 +308,8 @@ def test_judge_lines_map_with_provenance_and_turns(tmp_path: Path) -> None:
     first = result.events[0]
     (evaluation,) = first.evaluations
     assert evaluation.metadata == {"model": line["model"], "judgement": line["judgment"]}
-    assert evaluation.reasoning is None and evaluation.timestamp_ms == 1740429821107
+    assert evaluation.reasoning == "The answer clearly denotes the ingredients needed to make a cake"
+    assert evaluation.timestamp_ms == 1740429821107
     assert evaluation.tags == {"judge": "meta/llama-3.1-8b-instruct", "judge_prompt": "single-v1",
                                "model": "meta/llama-3.1-8b-instruct", "task": "qa"}
     assert first.provenance is not None and first.provenance.job_id == "eval-job-1"
@@ -653,8 +655,9 @@ async def test_a_judge_line_gives_the_same_datadog_data_on_both_paths(
         kafka: KafkaBroker, tmp_path: Path) -> None:
     """The same judge lines (turns, judges, judged models, unrated ones) published as they are to the result topic,
     and mapped by the NeMo publisher, reach the intake as byte-identical eval-metric objects; the unrated lines
-    reach it on neither: the service reports them on the DLQ as unrated and counts them, the publisher counts them."""
-    seed = json.loads((SEED / "scores.jsonl").read_text())
+    reach it on neither: the service reports them on the DLQ as unrated and counts them, the publisher counts them.
+    (Judged a minute ago: a time older than Datadog's window would be sent as each record's own time.)"""
+    seed = {**json.loads((SEED / "scores.jsonl").read_text()), "tstamp": round(time.time() - 60, 3)}
     lines = [seed, {**seed, "turn": 2, "score": 6.5}, {**seed, "judge": ["gpt-4", "single-v1"], "score": 7},
              {**seed, "model": "vicuna-13b", "score": 5},
              {**seed, "question_id": 2, "score": -1}, {**seed, "question_id": 2, "turn": 2, "score": None},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,7 @@ async def test_guide_cake_example_reaches_the_intake(order: str, make_settings: 
                                                     topics: Topics, producer: AIOKafkaProducer,
                                                     intake: FakeIntake) -> None:
     """The guide's outputs.json record and scores.jsonl line, in either order, give the guide's evaluation."""
+    published_ms = int(time.time() * 1000)
     async with running_service(make_settings()):
         sends = [(topics.span, OUTPUT_RECORD), (topics.result, JUDGE_LINE)]
         for topic, value in sends if order == "span_first" else reversed(sends):
@@ -72,11 +74,14 @@ async def test_guide_cake_example_reaches_the_intake(order: str, make_settings: 
     (metric,) = intake.accepted_metrics()
     assert metric["join_on"] == {"span": {"span_id": "1", "trace_id": "0"}}
     assert (metric["label"], metric["metric_type"], metric["score_value"]) == ("quality_assessment", "score", 8)
+    assert metric["reasoning"] == "The answer clearly denotes the ingredients needed to make a cake"
+    # The line's tstamp (February 2025) is older than Datadog's window: sent with the record's time, kept in metadata.
     assert metric["metadata"] == {
         "model": "meta/llama-3.1-8b-instruct",
         "judgement": "Rating: [[8]] The answer clearly denotes the ingredients needed to make a cake",
+        "evaljoin_original_timestamp_ms": 1740429821107,
     }
-    assert metric["timestamp_ms"] == 1740429821107 and metric["ml_app"] == "nemos-demo"
+    assert published_ms <= metric["timestamp_ms"] <= time.time() * 1000 and metric["ml_app"] == "nemos-demo"
     request = next(r for r in intake.requests if r.status == 202)
     assert request.headers.get("DD-API-KEY") == "test-api-key-0123456789"
 
