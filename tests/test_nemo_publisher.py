@@ -613,11 +613,13 @@ async def test_results_reach_the_intake_joined_to_their_spans(
     }
     metric = next(m for m in metrics if m["label"] == "reward" and m["join_on"]["span"]["span_id"] == "1001")
     assert metric["join_on"]["span"]["trace_id"] == f"{2:032x}" and metric["ml_app"] == "support-bot"
-    assert metric["metadata"] == {"problem_idx": 1, "repeat": 0, "nemo": {
-        "job_id": outcome.job.id, "config": "my-organization/qa-cfg", "target_type": "model",
-        "target_name": "my-organization/t1", "model": "gpt-4o-mini", "evaluated_at_ms": 1763632800000}}
+    # The job finished on 2025-11-20, older than Datadog's window: sent with its record's time, its own kept.
+    assert metric["metadata"] == {"problem_idx": 1, "repeat": 0, "evaljoin_original_timestamp_ms": 1763632800000,
+                                  "nemo": {"job_id": outcome.job.id, "config": "my-organization/qa-cfg",
+                                           "target_type": "model", "target_name": "my-organization/t1",
+                                           "model": "gpt-4o-mini", "evaluated_at_ms": 1763632800000}}
     assert {"evaluator:nemo", "task:qa", "ml_app:support-bot"} <= set(metric["tags"])
-    assert metric["timestamp_ms"] == 1763632800000
+    assert metric["timestamp_ms"] > 1763632800000 + 23 * 3_600_000
     assert all(outcome.job.id not in m["label"] and API_KEY not in json.dumps(m) for m in metrics)
 
 
