@@ -85,7 +85,7 @@ class EvaluationRules:
     def result(self, event: NemoResultEvent, record_ms: int) -> Applied:
         """The event as it is stored: scopes, assessments and times decided. ``record_ms``: the record's time."""
         evaluated_at = event.provenance.evaluated_at_ms if event.provenance else None
-        clamped = 0
+        clamped = changed = 0
         evaluations = []
         for evaluation in event.evaluations:
             update: dict[str, Any] = {}
@@ -99,8 +99,9 @@ class EvaluationRules:
                 update["timestamp_ms"] = record_ms
                 update["metadata"] = {**(evaluation.metadata or {}), ORIGINAL_TIMESTAMP_KEY: when}
                 clamped += 1
+            changed += bool(update)
             evaluations.append(evaluation.model_copy(update=update) if update else evaluation)
-        if not clamped and evaluations == list(event.evaluations):
+        if not changed:
             return Applied(event)
         return Applied(event.model_copy(update={"evaluations": evaluations}), clamped)
 
