@@ -14,7 +14,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -258,6 +258,11 @@ class Settings(KafkaSettings):
     sweep_interval_seconds: float = Field(5.0, gt=0)
     sweep_batch: int = Field(500, ge=1)
 
+    # Evaluations: what the service decides for them (consumer.enrich), as JSON objects or a list of names
+    eval_scopes: str | None = None
+    assessment_thresholds: str | None = None
+    span_tags_to_evaluation: str = "env,service,version"
+
     # Delivery (the DD_* names are ddtrace's own)
     dd_api_key: SecretStr | None = None
     dd_site: str = "datadoghq.com"
@@ -298,6 +303,18 @@ class Settings(KafkaSettings):
     def _join_by_tag_names_each_app_once(cls, value: str | None) -> str | None:
         if value is not None:
             parse_join_by_tag(value)
+        return value
+
+    @field_validator("eval_scopes", "assessment_thresholds", "span_tags_to_evaluation")
+    @classmethod
+    def _evaluation_rules_parse(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Each rule on its own, read as the decode step will read it: a mistake stops the start, not a record."""
+        from consumer import enrich
+
+        if value is not None:
+            parse = {"eval_scopes": enrich.parse_scopes, "assessment_thresholds": enrich.parse_thresholds,
+                     "span_tags_to_evaluation": enrich.parse_span_tags}[str(info.field_name)]
+            parse(value)
         return value
 
     @model_validator(mode="after")

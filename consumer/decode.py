@@ -25,14 +25,20 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
 
+from consumer.clock import SYSTEM_CLOCK, Clock
+from consumer.enrich import EvaluationRules
 from consumer.errors import InvalidMessage, NotSent
 from consumer.events import SCHEMA_VERSION, NemoResultEvent, SpanContextEvent
 from consumer.judge import JUDGE_LABEL, JudgeLineError, OtherModel, Unrated, judge_evaluation
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
+    from consumer.metrics import Metrics
 
 Headers = Sequence[tuple[str, bytes | None]]
 _E = TypeVar("_E", SpanContextEvent, NemoResultEvent)
@@ -238,8 +244,16 @@ def decode_result(value: bytes | None, headers: Headers, *, join_key: str, defau
     """Decode a record of the result topic. Raises :class:`InvalidMessage` or :class:`NotSent`; never anything else.
 
     ``judged_model`` (``JUDGED_MODEL``; the record's ``judged_model`` header wins) keeps only the judge
-    lines about that model.
+    lines about that model. A label Datadog would take after normalising it (``answer-relevancy``) is
+    normalised (:func:`consumer.events.normalise_label`); one without an ASCII letter is ``schema``.
     """
+    return _decode_result(value, headers, join_key=join_key, default_ml_app=default_ml_app, max_bytes=max_bytes,
+                          key=key, judged_model=judged_model)[0]
+
+
+def _decode_result(value: bytes | None, headers: Headers, *, join_key: str, default_ml_app: str,
+                   max_bytes: int, key: bytes | None, judged_model: str | None) -> tuple[NemoResultEvent, int]:
+    """The event of a result record, and how many of its labels were normalised."""
     try:
         obj = _json_object(key, value, headers, max_bytes, "a NeMo result event")
     except InvalidMessage as error:
@@ -254,7 +268,10 @@ def decode_result(value: bytes | None, headers: Headers, *, join_key: str, defau
         fields = _result_from_judge_line(obj, join_key, _header(headers, JUDGED_MODEL_HEADER) or judged_model)
     else:
         fields = _native(obj, "nemo_result", "result", "neither a NeMo result event nor a scores.jsonl judge line")
-    return _validated(NemoResultEvent, fields, headers, default_ml_app)
+    event = _validated(NemoResultEvent, fields, headers, default_ml_app)
+    given = [evaluation.get("label") if isinstance(evaluation, dict) else None
+             for evaluation in fields.get("evaluations") or ()]
+    return event, sum(raw != evaluation.label for raw, evaluation in zip(given, event.evaluations, strict=False))
 
 
 def _json_object(key: bytes | None, value: bytes | None, headers: Headers, max_bytes: int,
@@ -304,25 +321,53 @@ class RecordDecoder:
     """The decode step: a record of either input topic -> its event, or the :class:`InvalidMessage` saying why not
     (or the :class:`NotSent` saying why it gives nothing to send).
 
-    Pure, like the functions it applies: the record's topic chooses :func:`decode_span` or :func:`decode_result`.
+    The record's topic chooses :func:`decode_span` or :func:`decode_result`; then the deployment's
+    :class:`~consumer.enrich.EvaluationRules` give the event as it is stored. Pure but for the clock, read
+    only for a record without a Kafka timestamp (an evaluation's time is judged against the record's).
+    Counts the labels normalised and the times clamped, when given ``metrics``.
     """
 
     def __init__(self, *, span_topic: str, join_key: str, default_ml_app: str, max_bytes: int,
-                 judged_model: str | None = None) -> None:
+                 judged_model: str | None = None, rules: EvaluationRules | None = None,
+                 metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self._span_topic = span_topic
         self._join_key = join_key
         self._default_ml_app = default_ml_app
         self._max_bytes = max_bytes
         self._judged_model = judged_model
+        self._rules = rules or EvaluationRules()
+        self._metrics = metrics
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None,
+                      clock: Clock = SYSTEM_CLOCK) -> RecordDecoder:
+        return cls(span_topic=settings.span_topic, join_key=settings.join_key,
+                   default_ml_app=settings.default_ml_app or "", max_bytes=settings.max_message_bytes,
+                   judged_model=settings.judged_model, rules=EvaluationRules.from_settings(
+                       eval_scopes=settings.eval_scopes, assessment_thresholds=settings.assessment_thresholds,
+                       span_tags_to_evaluation=settings.span_tags_to_evaluation),
+                   metrics=metrics, clock=clock)
 
     def is_span(self, record: Any) -> bool:
         return bool(record.topic == self._span_topic)
 
     def __call__(self, record: Any) -> Event | InvalidMessage | NotSent:
-        decode = decode_span if self.is_span(record) else decode_result
+        headers = list(record.headers or ())
         try:
-            return decode(record.value, list(record.headers or ()), join_key=self._join_key,
-                          default_ml_app=self._default_ml_app, max_bytes=self._max_bytes, key=record.key,
-                          judged_model=self._judged_model)
+            if self.is_span(record):
+                return self._rules.span(decode_span(
+                    record.value, headers, join_key=self._join_key, default_ml_app=self._default_ml_app,
+                    max_bytes=self._max_bytes, key=record.key))
+            event, normalised = _decode_result(
+                record.value, headers, join_key=self._join_key, default_ml_app=self._default_ml_app,
+                max_bytes=self._max_bytes, key=record.key, judged_model=self._judged_model)
         except (InvalidMessage, NotSent) as error:
             return error
+        applied = self._rules.result(event, record.timestamp if record.timestamp > 0 else self._clock.now_ms())
+        if self._metrics is not None:
+            if normalised:
+                self._metrics.labels_normalised.inc(normalised)
+            if applied.timestamps_clamped:
+                self._metrics.timestamps_clamped.inc(applied.timestamps_clamped)
+        return applied.event

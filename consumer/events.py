@@ -13,10 +13,11 @@ score, sizes are capped.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator
 
 SCHEMA_VERSION: Final = 1
 
@@ -29,7 +30,49 @@ MAX_TAGS = 50
 MAX_JSON_DEPTH = 32
 
 # The intake's rule for labels: starts with a letter, ASCII letters, digits and underscores, <= 200.
-Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,199}$")]
+LABEL_PATTERN: Final = r"^[A-Za-z][A-Za-z0-9_]{0,199}$"
+Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
+MAX_LABEL_CHARS: Final = 200
+_NOT_IN_LABEL = re.compile(r"[^A-Za-z0-9_]")
+_FIRST_LETTER = re.compile(r"[A-Za-z]")
+# Metadata keys the service writes itself (next to ``nemo``): a producer's key of this prefix is refused.
+RESERVED_METADATA_PREFIX: Final = "evaljoin_"
+
+
+def normalise_label(raw: str) -> str | None:
+    """``raw`` as Datadog takes it, or None when it cannot be made a label.
+
+    Datadog's rule for evaluation labels ("External Evaluations"): a letter first, then ASCII letters,
+    digits and underscores, at most 200 characters; "other characters, including spaces, are converted to
+    underscores", Unicode is not supported. So each other character (``-``, ``.``, a space, ``é``) becomes
+    ``_``, and what comes before the first ASCII letter is dropped (``1-answer relevancy`` ->
+    ``answer_relevancy``). None for a label without an ASCII letter, or longer than 200 characters once
+    normalised (cutting it could merge two labels).
+    """
+    first = _FIRST_LETTER.search(raw)
+    if first is None:
+        return None
+    label = _NOT_IN_LABEL.sub("_", raw[first.start():])
+    return label if len(label) <= MAX_LABEL_CHARS else None
+
+
+def _normalised_label(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value  # the str type refuses it
+    label = normalise_label(value)
+    if label is None:
+        raise ValueError("a label needs an ASCII letter, and at most 200 characters from the first one on")
+    return label
+
+
+# A label as producers may give it: normalised to the intake's rule (:func:`normalise_label`) on the way in.
+LabelInput = Annotated[str, BeforeValidator(_normalised_label), StringConstraints(pattern=LABEL_PATTERN),
+                       WithJsonSchema({"type": "string", "minLength": 1, "pattern": "[A-Za-z]",
+                                       "description": "Normalised to Datadog's rule: each character other than an "
+                                       "ASCII letter, digit or underscore becomes an underscore, and what comes "
+                                       "before the first ASCII letter is dropped; at most 200 characters after "
+                                       "that."})]
+EvalScope = Literal["span", "trace"]
 # No control characters: these strings become Redis key parts, Kafka keys and log fields.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 JoinKeyValue = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -78,10 +121,21 @@ def _check_json_size(value: Any, path: str, limit: int) -> None:
         raise ValueError(f"{path} is {size} bytes, more than the limit of {limit}")
 
 
-class Evaluation(_Strict):
-    """One evaluation metric for one span, as the intake takes it."""
+def _scope(value: Any) -> Any:
+    if value == "session":
+        raise ValueError("eval_scope 'session' is not supported: ddtrace 4.16 builds span and trace evaluations "
+                         "only, and a session evaluation joins on a session id, not on a span")
+    return value
 
-    label: Label
+
+class Evaluation(_Strict):
+    """One evaluation metric for one span, as the intake takes it.
+
+    ``timestamp_ms`` 0 means "not given", as ddtrace reads it (its "now" is the result record's time here).
+    ``eval_scope`` ``trace`` makes it an evaluation of the span's whole trace (the span should be its root).
+    """
+
+    label: LabelInput
     metric_type: MetricType
     value: Any
     reasoning: Text | None = None
@@ -89,6 +143,7 @@ class Evaluation(_Strict):
     metadata: dict[str, Any] | None = None
     tags: dict[Name, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     timestamp_ms: TimestampMs | None = None
+    eval_scope: Annotated[EvalScope, BeforeValidator(_scope)] | None = None
 
     @model_validator(mode="after")
     def _value_matches_type(self) -> Evaluation:
@@ -112,6 +167,10 @@ class Evaluation(_Strict):
             _check_json_size(value, "value", MAX_METADATA_BYTES)
         if self.metadata is not None:
             _check_json_size(self.metadata, "metadata", MAX_METADATA_BYTES)
+            reserved = sorted(key for key in self.metadata if key.startswith(RESERVED_METADATA_PREFIX))
+            if reserved:
+                raise ValueError(f"metadata keys starting with {RESERVED_METADATA_PREFIX!r} are the service's own: "
+                                 f"{', '.join(reserved)[:200]}")
         return self
 
 
@@ -132,6 +191,8 @@ class SpanContextEvent(_Strict):
 
     ``run_id`` names the run (say, one nightly evaluation over a dataset) the answer belongs to: the
     same join key in another run is another answer, and only results of the same run join it.
+    ``ml_app_version`` is the app's version (else its ``ml_app_version`` or ``version`` tag gives it); the
+    evaluations of the span carry it.
     """
 
     schema_version: Literal[1]
@@ -143,6 +204,7 @@ class SpanContextEvent(_Strict):
     span_id: SpanId
     tags: dict[Name, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     emitted_at_ms: TimestampMs | None = None
+    ml_app_version: Name | None = None
 
 
 class NemoResultEvent(_Strict):

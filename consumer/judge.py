@@ -19,6 +19,9 @@ Both call :func:`judge_evaluation`, so the same line gives the same evaluation:
 * **tags**: ``judge:<judge model>``, ``judge_prompt:<prompt name>`` and ``model:<judged model>``,
   those the line has: several judges or judged models of one question stay apart in Datadog.
 * **metadata**: ``model`` and ``judgement``, as the guide maps them (the judgement is the judge's text).
+* **reasoning**: the judgement without its rating marker (``Rating: [[8]]``, ``[[8]]``: the score says it),
+  trimmed, at most 16 KiB characters (:data:`consumer.events.MAX_TEXT_CHARS`): Datadog shows an
+  evaluation's ``reasoning`` beside its score. None when nothing is left.
 * **timestamp_ms**: from ``tstamp`` (seconds).
 * **judged model**: given one (the app's model), a line about another model gives no evaluation
   (:class:`OtherModel`): a judgement file holds the answers of several models to the same questions,
@@ -35,12 +38,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from consumer.events import MAX_TEXT_CHARS
+
 JUDGE_LABEL: Final = "quality_assessment"  # Datadog's guide's label for a judge's score
 UNPARSED_RATING: Final = -1  # MT-bench / FastChat: the judge's "[[rating]]" could not be parsed
 MAX_TURN: Final = 1000
 MAX_TAG_CHARS: Final = 200  # events.TagValue
 _MAX_UNIX_SECONDS: Final = 253402300800  # year 10000: events.TimestampMs ends in year 9999
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# MT-bench's rating marker, as its judge prompts ask for it ("Rating: [[5]]") and FastChat parses it.
+_RATING_MARKER = re.compile(r"(?:\bRating:[ \t]*)?\[\[[ \t]*-?\d+(?:\.\d+)?[ \t]*\]\]")
 
 UnratedCause = Literal["unparsed_rating", "missing", "nan"]
 UNRATED_CAUSES: Final[tuple[UnratedCause, ...]] = ("unparsed_rating", "missing", "nan")
@@ -102,6 +109,14 @@ def label_for_turn(label: str, turn: int) -> str:
     return label if turn == 1 else f"{label}_turn{turn}"
 
 
+def reasoning_of(judgement: Any) -> str | None:
+    """The ``reasoning`` of a judgement: its text without the rating marker, trimmed and cut; None if none is left."""
+    if not isinstance(judgement, str):
+        return None
+    text = _RATING_MARKER.sub("", judgement).strip()[:MAX_TEXT_CHARS]
+    return text or None
+
+
 def judge_evaluation(line: dict[str, Any], *, label: str = JUDGE_LABEL,
                      judged_model: str | None = None) -> dict[str, Any] | Unrated | OtherModel:
     """The evaluation of one judge line (the fields of :class:`consumer.events.Evaluation`), or why there is none.
@@ -133,6 +148,9 @@ def judge_evaluation(line: dict[str, Any], *, label: str = JUDGE_LABEL,
     metadata = {name: value for name, value in (("model", model), ("judgement", line.get("judgment")))
                 if value is not None}
     evaluation: dict[str, Any] = {"label": turned, "metric_type": "score", "value": score}
+    reasoning = reasoning_of(line.get("judgment"))
+    if reasoning is not None:
+        evaluation["reasoning"] = reasoning
     if metadata:
         evaluation["metadata"] = metadata
     if tags:

@@ -26,6 +26,14 @@ class Metrics:
         self.unrated = Counter(
             f"{_PREFIX}_unrated_judgements", "Judge lines without a rating, by cause (unparsed_rating: score -1, "
             "missing: null, nan: NaN): reported on the DLQ as unrated, never sent as a score.", ["cause"], registry=r)
+        self.labels_normalised = Counter(
+            f"{_PREFIX}_labels_normalised", "Evaluation labels made to follow Datadog's rule (a '-', '.', space or "
+            "non-ASCII character to '_', what precedes the first letter dropped) instead of dead-lettering their "
+            "event.", registry=r)
+        self.timestamps_clamped = Counter(
+            f"{_PREFIX}_timestamps_clamped", "Evaluation times older than Datadog's window (23 h before the result "
+            "record), sent as the record's time with the original in metadata.evaljoin_original_timestamp_ms.",
+            registry=r)
         self.dead_letters = Counter(
             f"{_PREFIX}_dead_letters", "Records and evaluations published to the DLQ, by reason.", ["reason"],
             registry=r)

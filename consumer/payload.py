@@ -2,7 +2,17 @@
 
 The object is the one ``LLMObs.submit_evaluation(span={...}, ...)`` builds for the same arguments
 (``tests/test_payload_contract.py`` checks that against ddtrace itself), and it is a pure function
-of the two records, so a re-sent evaluation is byte-identical.
+of the two records, so a re-sent evaluation is byte-identical. What the deployment's rules decide
+(scope, assessment, a time out of Datadog's window, the span's tags) is in the records already
+(:mod:`consumer.enrich`).
+
+* ``timestamp_ms``: the evaluation's, else the provenance's ``evaluated_at_ms``, else the result record's
+  time (``received_ts_ms``); ``0`` is "not given", as ddtrace reads it ("now" being the record's time).
+* ``tags``: ``ddtrace.version`` and ``ml_app`` (as ddtrace), the span's carried tags, then the
+  evaluation's own (which win over a span tag of the same name).
+* ``ml_app_version``: the span's, when it has one (a field of Datadog's API that ddtrace 4.16 does not set).
+* ``metadata.nemo``: the result's provenance, unless the evaluation's metadata has a ``nemo`` key of its
+  own: then the provenance goes under ``evaljoin_provenance`` and the producer's ``nemo`` stays as given.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ def evaluation_id(ml_app: str, join_key: str, event_id: str, index: int, run: st
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+PROVENANCE_KEY = "nemo"
+PROVENANCE_FALLBACK_KEY = "evaljoin_provenance"  # where the provenance goes when the producer's metadata has "nemo"
+
+
 def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> dict[str, Any]:
     """The eval-metric object for evaluation ``index`` of ``result``, joined to ``span``."""
     evaluation = result["evaluations"][index]
@@ -31,8 +45,9 @@ def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> di
     metric_type = evaluation["metric_type"]
     ml_app = span["ml_app"]
     timestamp_ms = next(value for value in (evaluation.get("timestamp_ms"), provenance.get("evaluated_at_ms"),
-                                            result["received_ts_ms"]) if value is not None)
-    tags = {"ddtrace.version": _DDTRACE_VERSION, "ml_app": ml_app, **(evaluation.get("tags") or {})}
+                                            result["received_ts_ms"]) if value)
+    tags = {"ddtrace.version": _DDTRACE_VERSION, "ml_app": ml_app, **(span.get("tags") or {}),
+            **(evaluation.get("tags") or {})}
     metric: dict[str, Any] = {
         "event_kind": "evaluation",
         "join_on": join_on(span),
@@ -42,15 +57,18 @@ def build_metric(span: dict[str, Any], result: dict[str, Any], index: int) -> di
         f"{metric_type}_value": evaluation["value"],
         "ml_app": ml_app,
         "tags": [f"{key}:{value}" for key, value in tags.items()],
-        "eval_scope": "span",
+        "eval_scope": evaluation.get("eval_scope") or "span",
     }
+    if span.get("ml_app_version"):
+        metric["ml_app_version"] = span["ml_app_version"]
     if evaluation.get("assessment"):
         metric["assessment"] = evaluation["assessment"]
     if evaluation.get("reasoning"):
         metric["reasoning"] = evaluation["reasoning"]
     metadata = dict(evaluation.get("metadata") or {})
     if provenance:
-        metadata.setdefault("nemo", {k: v for k, v in provenance.items() if v is not None})
+        key = PROVENANCE_FALLBACK_KEY if PROVENANCE_KEY in metadata else PROVENANCE_KEY
+        metadata[key] = {k: v for k, v in provenance.items() if v is not None}
     if metadata:
         metric["metadata"] = metadata
     return metric

@@ -83,9 +83,7 @@ class Service:
         dead_letters = DeadLetters(producer, topic=settings.dlq_topic, metrics=metrics, limit=DlqLimit(
             max_invalid_ratio=settings.dlq_max_invalid_ratio, window=settings.dlq_window,
             max_consecutive=settings.dlq_max_consecutive_invalid), max_record_bytes=settings.max_message_bytes)
-        decoder = RecordDecoder(span_topic=settings.span_topic, join_key=settings.join_key,
-                                default_ml_app=settings.default_ml_app or "", max_bytes=settings.max_message_bytes,
-                                judged_model=settings.judged_model)
+        decoder = RecordDecoder.from_settings(settings, metrics=metrics, clock=clock)
         join = BatchJoin(Joiner(store, join_ttl_ms=settings.join_ttl_seconds * 1000, clock=clock,
                                 tag_join=TagJoin.from_settings(settings)), decoder, dead_letters, metrics)
         deliverer = Deliverer(store, sink, dead_letters, owner=owner, metrics=metrics, clock=clock,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,7 @@ async def test_evaluation_is_delivered_through_the_agent_evp_proxy(
         await send_json(producer, topics.result, {
             "schema_version": 1, "event_id": f"evt-agent-{span_id}", "join_key": key,
             "evaluations": [{"label": "agent_path_faithfulness", "metric_type": "score", "value": 0.875,
-                             "timestamp_ms": 1_700_000_000_000}],
+                             "timestamp_ms": int(time.time() * 1000) - 60_000}],  # inside Datadog's window
             "provenance": {"job_id": "eval-job-agent", "target_type": "model"},
         })
         await eventually(delivered, what="the eval-metric request at the test agent")

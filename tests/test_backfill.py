@@ -124,14 +124,17 @@ async def test_guide_seed_files_arrive_as_the_guides_evaluation(kafka: KafkaBrok
     (metric,) = intake.accepted_metrics()
     assert metric["join_on"] == {"span": {"span_id": "1", "trace_id": "0"}}
     assert (metric["label"], metric["metric_type"], metric["score_value"]) == ("quality_assessment", "score", 8)
+    assert metric["reasoning"] == "The answer clearly denotes the ingredients needed to make a cake"
+    # The line's tstamp (February 2025) is older than Datadog's window: sent with the record's time, kept in metadata.
     assert metric["metadata"] == {
         "model": "meta/llama-3.1-8b-instruct",
         "judgement": "Rating: [[8]] The answer clearly denotes the ingredients needed to make a cake",
+        "evaljoin_original_timestamp_ms": 1740429821107,
     }
-    assert (metric["ml_app"], metric["timestamp_ms"]) == ("nemos-demo", 1740429821107)
     # Published verbatim: the records on the topics are the files' bytes.
     (span_record,) = await read_topic(kafka.bootstrap_servers, topics.span, 1)
     (result_record,) = await read_topic(kafka.bootstrap_servers, topics.result, 1)
+    assert (metric["ml_app"], metric["timestamp_ms"]) == ("nemos-demo", result_record.timestamp)
     assert result_record.value == (SEED / "scores.jsonl").read_bytes().strip()
     assert orjson.loads(span_record.value) == json.loads((SEED / "outputs.json").read_text())[0]
     assert span_record.key == result_record.key == b"nemos-demo:1"

@@ -116,9 +116,12 @@ def test_bad_result_records_have_a_reason(value: bytes, reason: str) -> None:
 @pytest.mark.parametrize(
     "evaluation",
     [
-        {"label": "1starts_with_digit", "metric_type": "score", "value": 1},
-        {"label": "has.dot", "metric_type": "score", "value": 1},
+        {"label": "1234", "metric_type": "score", "value": 1},
+        {"label": "-._ 42", "metric_type": "score", "value": 1},
+        {"label": "", "metric_type": "score", "value": 1},
         {"label": "x" * 201, "metric_type": "score", "value": 1},
+        {"label": "ok", "metric_type": "score", "value": 1, "eval_scope": "session"},
+        {"label": "ok", "metric_type": "score", "value": 1, "metadata": {"evaljoin_provenance": {}}},
         {"label": "ok", "metric_type": "score", "value": True},
         {"label": "ok", "metric_type": "score", "value": "7"},
         {"label": "ok", "metric_type": "boolean", "value": 1},
@@ -130,7 +133,8 @@ def test_bad_result_records_have_a_reason(value: bytes, reason: str) -> None:
     ],
 )
 def test_evaluations_the_intake_would_refuse_are_invalid(evaluation: dict[str, Any]) -> None:
-    """Labels, value types and sizes follow the intake's rules; a bool is not a score."""
+    """Labels without a letter, value types and sizes follow the intake's rules; a bool is not a score; no session
+    scope, no metadata key of the service's own."""
     raw = orjson.dumps(native_result(evaluations=[evaluation]))
     with pytest.raises(InvalidMessage) as info:
         decode_result(raw, [], join_key="question_id", default_ml_app="a", max_bytes=1_000_000)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import time
 import traceback
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -309,7 +310,8 @@ def test_judge_lines_map_with_provenance_and_turns(tmp_path: Path) -> None:
     first = result.events[0]
     (evaluation,) = first.evaluations
     assert evaluation.metadata == {"model": line["model"], "judgement": line["judgment"]}
-    assert evaluation.reasoning is None and evaluation.timestamp_ms == 1740429821107
+    assert evaluation.reasoning == "The answer clearly denotes the ingredients needed to make a cake"
+    assert evaluation.timestamp_ms == 1740429821107
     assert evaluation.tags == {"judge": "meta/llama-3.1-8b-instruct", "judge_prompt": "single-v1",
                                "model": "meta/llama-3.1-8b-instruct", "task": "qa"}
     assert first.provenance is not None and first.provenance.job_id == "eval-job-1"
@@ -613,11 +615,13 @@ async def test_results_reach_the_intake_joined_to_their_spans(
     }
     metric = next(m for m in metrics if m["label"] == "reward" and m["join_on"]["span"]["span_id"] == "1001")
     assert metric["join_on"]["span"]["trace_id"] == f"{2:032x}" and metric["ml_app"] == "support-bot"
-    assert metric["metadata"] == {"problem_idx": 1, "repeat": 0, "nemo": {
-        "job_id": outcome.job.id, "config": "my-organization/qa-cfg", "target_type": "model",
-        "target_name": "my-organization/t1", "model": "gpt-4o-mini", "evaluated_at_ms": 1763632800000}}
+    # The job finished on 2025-11-20, older than Datadog's window: sent with its record's time, its own kept.
+    assert metric["metadata"] == {"problem_idx": 1, "repeat": 0, "evaljoin_original_timestamp_ms": 1763632800000,
+                                  "nemo": {"job_id": outcome.job.id, "config": "my-organization/qa-cfg",
+                                           "target_type": "model", "target_name": "my-organization/t1",
+                                           "model": "gpt-4o-mini", "evaluated_at_ms": 1763632800000}}
     assert {"evaluator:nemo", "task:qa", "ml_app:support-bot"} <= set(metric["tags"])
-    assert metric["timestamp_ms"] == 1763632800000
+    assert metric["timestamp_ms"] > 1763632800000 + 23 * 3_600_000
     assert all(outcome.job.id not in m["label"] and API_KEY not in json.dumps(m) for m in metrics)
 
 
@@ -655,8 +659,9 @@ async def test_a_judge_line_gives_the_same_datadog_data_on_both_paths(
         kafka: KafkaBroker, tmp_path: Path) -> None:
     """The same judge lines (turns, judges, judged models, unrated ones) published as they are to the result topic,
     and mapped by the NeMo publisher, reach the intake as byte-identical eval-metric objects; the unrated lines
-    reach it on neither: the service reports them on the DLQ as unrated and counts them, the publisher counts them."""
-    seed = json.loads((SEED / "scores.jsonl").read_text())
+    reach it on neither: the service reports them on the DLQ as unrated and counts them, the publisher counts them.
+    (Judged a minute ago: a time older than Datadog's window would be sent as each record's own time.)"""
+    seed = {**json.loads((SEED / "scores.jsonl").read_text()), "tstamp": round(time.time() - 60, 3)}
     lines = [seed, {**seed, "turn": 2, "score": 6.5}, {**seed, "judge": ["gpt-4", "single-v1"], "score": 7},
              {**seed, "model": "vicuna-13b", "score": 5},
              {**seed, "question_id": 2, "score": -1}, {**seed, "question_id": 2, "turn": 2, "score": None},

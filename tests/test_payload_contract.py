@@ -3,7 +3,14 @@
 ddtrace runs in a child process (so LLMObs' global state stays out of this one) and sends its
 evaluations to a FakeIntake through ``DD_LLMOBS_OVERRIDE_ORIGIN``; the bodies it posted are the
 reference. Each case is one ``LLMObs.submit_evaluation(span={...}, ...)`` call and the equivalent
-joined span and result record, shaped as ``consumer.join`` stores them.
+joined span and result record, shaped as ``consumer.join`` stores them after the decode step's rules
+(:mod:`consumer.enrich`): the span's carried tags are the call's tags (under the evaluation's own), the
+evaluation's scope its ``eval_scope``, the provenance part of its ``metadata``.
+
+Two fields have no exact counterpart in the call: ``timestamp_ms`` 0, which ddtrace makes its "now" and
+we the result record's time (both are checked to be "now", not 1970), and ``ml_app_version``, a field of
+Datadog's evaluation API that ddtrace 4.16's ``submit_evaluation`` has no argument for: ours is
+compared without it, and it must be exactly the span's.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +31,10 @@ import orjson
 import pytest
 
 from consumer.config import Settings
-from consumer.events import NemoResultEvent, SpanContextEvent
+from consumer.enrich import EvaluationRules
+from consumer.events import NemoResultEvent, SpanContextEvent, normalise_label
 from consumer.intake_route import IntakeRoute, RouteSettings, agent_url, decide
-from consumer.payload import build_metric, encode_metric
+from consumer.payload import PROVENANCE_FALLBACK_KEY, PROVENANCE_KEY, build_metric, encode_metric
 from consumer.sink import encode_batch
 from localenv.intake import FakeIntake, IntakeRequest
 
@@ -68,13 +77,23 @@ FULL_OPTIONALS: dict[str, Any] = {
 }
 
 
+RECEIVED_TS_MS = 1_600_000_000_000
+PROVENANCE = {"job_id": "eval-job-42", "config": "my-org/judge", "target_type": "model", "model": "m/llama",
+              "judge": ["meta/llama-3.1-70b-instruct", "single-v1"], "evaluated_at_ms": 1_650_000_000_000}
+
+
 @dataclass(frozen=True)
 class Case:
-    """One evaluation: ``evaluation`` as a result event carries it, ``ml_app`` of its span."""
+    """One evaluation: ``evaluation`` as a result event carries it; ``span`` the span event's own fields
+    (``tags``, ``ml_app_version``), ``ml_app`` its app; ``provenance`` the result's; ``timestamp`` the
+    evaluation's ``timestamp_ms`` (None: a distinct time per case)."""
 
     name: str
     evaluation: dict[str, Any]
     ml_app: str = DEFAULT_ML_APP
+    span: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
+    timestamp: int | None = None
 
 
 def _matrix() -> list[Case]:
@@ -107,6 +126,30 @@ EDGE_CASES = [
                                                "alpha": ""}}),
     Case("ml-app-with-spaces-and-colons", {"label": "odd_ml_app", "metric_type": "categorical", "value": "a:b"},
          ml_app="demo app: ünïcode"),
+    # The fields beyond the guide's example: each as ddtrace builds it.
+    Case("eval-scope-trace", {"label": "task_completion", "metric_type": "boolean", "value": True,
+                              "eval_scope": "trace"}),
+    Case("eval-scope-span-given", {"label": "scope_span", "metric_type": "score", "value": 2, "eval_scope": "span"}),
+    Case("assessment-and-reasoning-of-a-judge", {"label": "quality_assessment", "metric_type": "score", "value": 8,
+                                                 "assessment": "pass", "reasoning": "Clear and complete."}),
+    Case("span-tags-carried", {"label": "carried", "metric_type": "score", "value": 1},
+         span={"tags": {"env": "prod", "service": "support-bot", "version": "1.4.2", "team": "not-carried"}}),
+    Case("span-tags-under-the-evaluations", {"label": "carried_under", "metric_type": "score", "value": 1,
+                                             "tags": {"env": "staging", "judge": "j"}},
+         span={"tags": {"env": "prod", "service": "support-bot"}}),
+    Case("ml-app-version-field", {"label": "versioned", "metric_type": "score", "value": 1},
+         span={"ml_app_version": "2.0.1"}),
+    Case("ml-app-version-from-version-tag", {"label": "versioned_tag", "metric_type": "categorical", "value": "ok"},
+         span={"tags": {"version": "1.4.2"}}),
+    Case("label-normalised", {"label": "answer-relevancy", "metric_type": "score", "value": 0.5}),
+    Case("label-normalised-unicode-and-leading", {"label": "1. Fidélité du contexte", "metric_type": "score",
+                                                  "value": 0.5}),
+    Case("provenance-as-nemo", {"label": "with_provenance", "metric_type": "score", "value": 3},
+         provenance=PROVENANCE),
+    Case("provenance-beside-a-producers-nemo", {"label": "nemo_taken", "metric_type": "score", "value": 3,
+                                                "metadata": {"nemo": {"task": "mt-bench"}, "judge": "x"}},
+         provenance=PROVENANCE),
+    Case("timestamp-zero-is-now", {"label": "timestamp_zero", "metric_type": "score", "value": 4}, timestamp=0),
 ]
 
 CASES = _matrix() + EDGE_CASES
@@ -121,21 +164,34 @@ def _timestamp(index: int) -> int:
     return BASE_TIMESTAMP_MS + index * 1_000
 
 
+def _case_timestamp(index: int, case: Case) -> int:
+    return _timestamp(index) if case.timestamp is None else case.timestamp
+
+
 def ddtrace_call(index: int, case: Case) -> dict[str, Any]:
     """The keyword arguments of the ``LLMObs.submit_evaluation`` call equivalent to ``case``."""
     span_id, trace_id = _ids(index)
     evaluation = case.evaluation
+    carried = {name: value for name, value in ((case.span or {}).get("tags") or {}).items()
+               if name in EvaluationRules().span_tags}
+    metadata = dict(evaluation.get("metadata") or {})
+    if case.provenance:
+        key = PROVENANCE_FALLBACK_KEY if PROVENANCE_KEY in metadata else PROVENANCE_KEY
+        metadata[key] = case.provenance
+    label = normalise_label(evaluation["label"])
+    assert label is not None
     return {
         "span": {"span_id": span_id, "trace_id": trace_id},
-        "label": evaluation["label"],
+        "label": label,
         "metric_type": evaluation["metric_type"],
         "value": evaluation["value"],
-        "tags": evaluation.get("tags"),
+        "tags": {**carried, **(evaluation.get("tags") or {})} or evaluation.get("tags"),
         "ml_app": case.ml_app,
-        "timestamp_ms": _timestamp(index),
-        "metadata": evaluation.get("metadata"),
+        "timestamp_ms": _case_timestamp(index, case),
+        "metadata": metadata or evaluation.get("metadata"),
         "assessment": evaluation.get("assessment"),
         "reasoning": evaluation.get("reasoning"),
+        "eval_scope": evaluation.get("eval_scope", "span"),
     }
 
 
@@ -146,20 +202,20 @@ def stored_records(index: int, case: Case) -> tuple[dict[str, Any], dict[str, An
     ``build_metric`` is also exercised at indexes other than 0.
     """
     span_id, trace_id = _ids(index)
-    source = {"topic": "contract", "partition": 0, "offset": index, "timestamp_ms": 1_600_000_000_000}
-    span_event = SpanContextEvent.model_validate(
+    source = {"topic": "contract", "partition": 0, "offset": index, "timestamp_ms": RECEIVED_TS_MS}
+    span_event = EvaluationRules().span(SpanContextEvent.model_validate(
         {"schema_version": 1, "ml_app": case.ml_app, "join_key": f"q-{index}", "trace_id": trace_id,
-         "span_id": span_id})
+         "span_id": span_id, **(case.span or {})}))
     position = index % 3
     others = [{"label": f"other_{n}", "metric_type": "score", "value": 0.1} for n in range(position)]
     result_event = NemoResultEvent.model_validate(
         {"schema_version": 1, "event_id": f"evt-contract-{index:04d}", "ml_app": case.ml_app,
-         "join_key": f"q-{index}",
-         "evaluations": [*others, {**case.evaluation, "timestamp_ms": _timestamp(index)}]})
-    span = {**span_event.model_dump(mode="json", exclude={"schema_version", "kind"}), "source": source}
-    result = {**result_event.model_dump(mode="json", exclude={"schema_version", "kind"}),
-              "received_ts_ms": 1_600_000_000_000, "source": source}
-    assert result["provenance"] is None
+         "join_key": f"q-{index}", "provenance": case.provenance,
+         "evaluations": [*others, {**case.evaluation, "timestamp_ms": _case_timestamp(index, case)}]})
+    span = {**span_event.model_dump(mode="json", exclude={"schema_version", "kind"}, exclude_none=True),
+            "source": source}
+    result = {**result_event.model_dump(mode="json", exclude={"schema_version", "kind"}, exclude_none=True),
+              "received_ts_ms": RECEIVED_TS_MS, "source": source}
     # Both records go through Redis as JSON before they are joined.
     return orjson.loads(orjson.dumps(span)), orjson.loads(orjson.dumps(result)), position
 
@@ -177,6 +233,8 @@ class DdtraceCapture:
 
     requests: list[IntakeRequest]
     by_span_id: dict[str, dict[str, Any]]
+    started_ms: int
+    ended_ms: int
 
 
 def _child_env(origin: str) -> dict[str, str]:
@@ -195,6 +253,7 @@ def _child_env(origin: str) -> dict[str, str]:
 def ddtrace_capture() -> Iterator[DdtraceCapture]:
     """Every case submitted through ddtrace in one child process, as the FakeIntake received it."""
     calls = [ddtrace_call(index, case) for index, case in enumerate(CASES)]
+    started_ms = int(time.time() * 1000)
     with FakeIntake() as intake:
         child = subprocess.run(
             [sys.executable, "-c", DDTRACE_SCRIPT, API_KEY], input=json.dumps(calls), env=_child_env(intake.origin),
@@ -205,7 +264,7 @@ def ddtrace_capture() -> Iterator[DdtraceCapture]:
     assert all(request.status == 202 for request in requests), [request.status for request in requests]
     by_span_id = {metric["join_on"]["span"]["span_id"]: metric for metric in metrics}
     assert len(metrics) == len(by_span_id) == len(CASES), f"ddtrace sent {len(metrics)} of {len(CASES)} metrics"
-    yield DdtraceCapture(requests, by_span_id)
+    yield DdtraceCapture(requests, by_span_id, started_ms, int(time.time() * 1000))
 
 
 def _typed(value: Any) -> str:
@@ -216,8 +275,13 @@ def _typed(value: Any) -> str:
 @pytest.mark.parametrize(("index", "case"), list(enumerate(CASES)), ids=[case.name for case in CASES])
 def test_metric_equals_ddtrace_submit_evaluation(index: int, case: Case, ddtrace_capture: DdtraceCapture) -> None:
     """build_metric gives exactly the object ddtrace's submit_evaluation sends for the same arguments."""
-    theirs = ddtrace_capture.by_span_id[_ids(index)[0]]
+    theirs = dict(ddtrace_capture.by_span_id[_ids(index)[0]])
     mine = ours(index, case)
+    version = (case.span or {}).get("ml_app_version") or ((case.span or {}).get("tags") or {}).get("version")
+    assert mine.pop("ml_app_version", None) == version
+    if case.timestamp == 0:  # "now" to both: ddtrace's clock, the result record's time for us
+        assert ddtrace_capture.started_ms <= theirs.pop("timestamp_ms") <= ddtrace_capture.ended_ms
+        assert mine.pop("timestamp_ms") == RECEIVED_TS_MS
     assert mine == theirs
     assert _typed(mine) == _typed(theirs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +42,13 @@ def span_event(key: str, *, trace: str = "abc123", span: str = "42", ml_app: str
     return event
 
 
+JUDGED_MS = int(time.time() * 1000) - 3_600_000  # an hour before the tests: inside Datadog's window, kept as given
+
+
 def result_event(key: str, event_id: str, *labels: str, ml_app: str | None = None) -> dict[str, Any]:
     event: dict[str, Any] = {
         "schema_version": 1, "event_id": event_id, "join_key": key,
-        "evaluations": [{"label": label, "metric_type": "score", "value": 0.5, "timestamp_ms": 1_700_000_000_000}
+        "evaluations": [{"label": label, "metric_type": "score", "value": 0.5, "timestamp_ms": JUDGED_MS}
                         for label in labels or ("faithfulness",)],
         "provenance": {"job_id": "eval-job-1", "target_type": "model"},
     }
@@ -64,6 +68,7 @@ async def test_guide_cake_example_reaches_the_intake(order: str, make_settings: 
                                                     topics: Topics, producer: AIOKafkaProducer,
                                                     intake: FakeIntake) -> None:
     """The guide's outputs.json record and scores.jsonl line, in either order, give the guide's evaluation."""
+    published_ms = int(time.time() * 1000)
     async with running_service(make_settings()):
         sends = [(topics.span, OUTPUT_RECORD), (topics.result, JUDGE_LINE)]
         for topic, value in sends if order == "span_first" else reversed(sends):
@@ -72,11 +77,14 @@ async def test_guide_cake_example_reaches_the_intake(order: str, make_settings: 
     (metric,) = intake.accepted_metrics()
     assert metric["join_on"] == {"span": {"span_id": "1", "trace_id": "0"}}
     assert (metric["label"], metric["metric_type"], metric["score_value"]) == ("quality_assessment", "score", 8)
+    assert metric["reasoning"] == "The answer clearly denotes the ingredients needed to make a cake"
+    # The line's tstamp (February 2025) is older than Datadog's window: sent with the record's time, kept in metadata.
     assert metric["metadata"] == {
         "model": "meta/llama-3.1-8b-instruct",
         "judgement": "Rating: [[8]] The answer clearly denotes the ingredients needed to make a cake",
+        "evaljoin_original_timestamp_ms": 1740429821107,
     }
-    assert metric["timestamp_ms"] == 1740429821107 and metric["ml_app"] == "nemos-demo"
+    assert published_ms <= metric["timestamp_ms"] <= time.time() * 1000 and metric["ml_app"] == "nemos-demo"
     request = next(r for r in intake.requests if r.status == 202)
     assert request.headers.get("DD-API-KEY") == "test-api-key-0123456789"
 
@@ -135,7 +143,7 @@ async def test_poison_messages_are_dead_lettered_and_the_partition_flows(
         kafka: KafkaBroker) -> None:
     """Bad records go to the DLQ with reason and origin; the valid records around them are delivered."""
     poison = [b"{not json", b'{"schema_version": 9}', b"\xff\xfe",
-              orjson.dumps(result_event("q", "evt-bad-label", "1x"))]
+              orjson.dumps(result_event("q", "evt-bad-label", "1-2"))]  # no letter: no label Datadog takes
     async with running_service(make_settings(kafka_max_batch=3)):
         await send_json(producer, topics.span, span_event("q-9"))
         for value in poison:
