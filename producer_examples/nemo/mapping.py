@@ -432,11 +432,19 @@ def _lm_eval_item(record: Record, ctx: RunContext, id_column: str) -> Item:
 
 
 def _bfcl_item(record: Record, ctx: RunContext, id_column: str) -> Item:
-    """A BFCL entry: ``valid`` as a boolean; a failed one carries its error type and, as reasoning, its errors."""
+    """A BFCL entry: ``valid`` as a boolean; a failed one carries its error type and, as reasoning, its errors.
+
+    A failed AST entry has ``error: [messages]`` and ``error_type`` beside it; a failed multi-turn or agentic entry
+    has them nested, ``error: {error_message, error_type, details}`` (BFCL's ``eval_checker/eval_runner.py``).
+    """
     fields = record.fields
     error = fields.get("error")
+    error_type = fields.get("error_type")
+    if isinstance(error, dict):  # multi-turn and agentic entries nest {error_message, error_type, details}
+        error_type = error_type or error.get("error_type")
+        error = error.get("error_message")
     reasoning = "; ".join(str(e) for e in error) if isinstance(error, list) else _text(error)
-    extra = {"test_category": fields.get("test_category"), "error_type": fields.get("error_type")}
+    extra = {"test_category": fields.get("test_category"), "error_type": error_type}
     return Item(where=record.where, item_id=item_id(record, id_column), variant="",
                 scores=[("valid", fields.get("valid"))], reasoning=_text(reasoning),
                 metadata={k: v for k, v in extra.items() if isinstance(v, str) and v})

@@ -22,10 +22,12 @@ under ``tests/fixtures/nemo/`` with the source of its shape:
     lm-evaluation-harness samples (``samples_<task>_<time>.jsonl``, written with ``--log_samples``):
     ``{doc_id, doc, target, arguments, resps, filtered_resps, filter, metrics: [names], <name>: value}``.
 ``bfcl``
-    Berkeley Function Calling Leaderboard score files (``score/<model>/BFCL_*_score.json``, JSON
-    lines despite the name): a first line ``{accuracy, correct_count, total_count}``, then one line
-    per *failed* entry ``{id, valid: false, error, error_type, ...}``; the entries that passed are
-    those of the matching ``result/<model>/BFCL_*_result.json`` that the score file does not list.
+    Berkeley Function Calling Leaderboard score files (``score/<model>/BFCL_v3_*_score.json``, and in
+    BFCL v4 ``score/<model>/<group>/BFCL_v4_*_score.json``; JSON lines despite the name): a first
+    line ``{accuracy, correct_count, total_count}``, then one line per *failed* entry ``{id, valid:
+    false, error, error_type, ...}`` (multi-turn and agentic entries nest ``error: {error_message,
+    error_type, details}``); the entries that passed are those of the matching
+    ``result/<model>/[<group>/]BFCL_*_result.json`` that the score file does not list.
 ``beir``
     Retriever and RAG per-query scores: JSON lines with the query's ``_id`` and its scores
     (``{"_id": "q1", "scores": {"ndcg_cut_10": 0.8}}``, or IR measures as top-level numbers), or,
@@ -89,9 +91,12 @@ _RAGAS_METRIC = re.compile(
     r"conciseness|bleu_score|rouge_score|exact_match|string_present|response_relevancy|response_groundedness)",
     re.IGNORECASE)
 # The sample's own fields in a RAGAS result row, single-turn and multi-turn, current and older schema.
+# (RAGAS' SingleTurnSample and MultiTurnSample in src/ragas/dataset_schema.py; a field a row lacks is null in a
+# table of mixed rows, so it must not be taken for a metric.)
 RAGAS_SAMPLE_FIELDS = frozenset({
-    "user_input", "retrieved_contexts", "reference_contexts", "response", "multi_responses", "reference",
-    "rubrics", "reference_topics", "reference_tool_calls", "reference_goal", "question", "contexts", "answer",
+    "user_input", "retrieved_contexts", "reference_contexts", "retrieved_context_ids", "reference_context_ids",
+    "response", "multi_responses", "reference", "rubrics", "reference_topics", "reference_tool_calls",
+    "reference_goal", "persona_name", "query_style", "query_length", "question", "contexts", "answer",
     "ground_truth", "ground_truths",
 })
 _LM_EVAL_SAMPLES = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.:]+\.jsonl$")
