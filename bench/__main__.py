@@ -35,10 +35,10 @@ TARGET_P99_LOAD = 0.5  # the latency target applies at half the maximal load...
 TARGET_P99_MS = 250.0  # ...where the p99 join latency is at most this
 TARGET_SIDE_BYTES = 400  # Redis bytes per buffered side
 TARGET_BUFFERED_CHANGE = 0.15  # CPU per evaluation with many sides buffered, against the fewest
-# --smoke: these flags' values, where the command line left them at their defaults.
+# --smoke: these flags' values, where the command line left them at their defaults (every step runs, peers too).
 SMOKE: dict[str, Any] = {"pairs": 300, "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
                          "memory_sides": 300, "buffered": (100,), "buffered_pairs": 200, "scaling": (1,),
-                         "soak_seconds": 5.0, "guide_sizes": (200, 400), "steps": "throughput,latency,guide"}
+                         "soak_seconds": 5.0, "guide_sizes": (200, 400)}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -221,7 +221,8 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
                 f"x{median([r.rss_ratio(name) for r in runs]):.2f}")
             row(f"{label}: every matched pair delivered (evaluations delivered twice)",
                 f"{'yes' if peer_ok else 'NO'} ({sum(d.duplicates for d in drains):,})", "",
-                "" if peer_ok else f"{sum(d.missing for d in drains)} pairs MISSING")
+                "" if peer_ok else f"{sum(d.missing for d in drains)} pairs MISSING, "
+                f"{sum(d.mismatched for d in drains)} metrics not build_metric's")
     for lat in figures.latency:
         if lat.process != "evaljoin":
             row(f"{LABELS[lat.process]}: delivery latency at {lat.load:.0%} ({_n(lat.pairs_per_s)} pairs/s), "

@@ -42,6 +42,7 @@ class Drain:
     redis_cpu_ms_per_1000_evals: float = 0.0  # redis-server's CPU in the same window (the service's drains)
     peak_rss_mb: float = 0.0  # the largest process's peak RSS (VmHWM)
     duplicates: int = 0  # evaluations received more than once
+    mismatched: int = 0  # metrics of a peer's checked bodies that differ from build_metric's objects
 
     @property
     def total_cpu_ms_per_1000_evals(self) -> float:

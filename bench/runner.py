@@ -34,7 +34,7 @@ from bench.intake import LineRateIntake
 from bench.peers import Peer
 from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Soak
 from bench.traffic import Pair, Send, TrafficSpec, make_pairs, schedule, write_guide_files
-from consumer import records
+from consumer import payload, records
 from consumer.config import Settings
 from consumer.store import Namespace, SpanOp
 from consumer.store_redis import RedisJoinStore, connect
@@ -76,6 +76,7 @@ FILL_TTL_MS: int = _SETTINGS["join_ttl_seconds"].default * 1000
 FILL_LEDGER_RETENTION_MS: int = FILL_TTL_MS + _SETTINGS["ledger_grace_seconds"].default * 1000
 FILL_BATCH = 1_000  # spans per put_many
 
+CHECKED_BODIES = 5  # a peer's first request bodies of a drain, checked metric by metric against build_metric
 # The peers join over the service's default join TTL and tag their metrics with its ddtrace version.
 PEER_TTL_S: int = _SETTINGS["join_ttl_seconds"].default
 DDTRACE_VERSION = importlib.metadata.version("ddtrace")
@@ -359,6 +360,22 @@ class Preloaded:
     run: Run
     records: int  # records in the topics
     expected: set[bytes]  # span ids of the matched pairs
+    pairs: dict[bytes, Pair] = field(default_factory=dict)  # by span id
+
+
+def mismatched_metrics(bodies: list[bytes], pairs: dict[bytes, Pair]) -> int:
+    """Metrics in ``bodies`` that are not one of the objects build_metric makes of their pair."""
+    wrong = 0
+    for body in bodies:
+        for metric in orjson.loads(body)["data"]["attributes"]["metrics"]:
+            pair = pairs.get(metric["join_on"]["span"]["span_id"].encode())
+            if pair is None:
+                wrong += 1
+                continue
+            span, result = orjson.loads(pair.span), orjson.loads(pair.result)
+            result["received_ts_ms"] = 0  # not used: every generated evaluation has its timestamp
+            wrong += metric not in [payload.build_metric(span, result, i) for i in range(len(result["evaluations"]))]
+    return wrong
 
 
 async def redis_cpu_seconds(client: Redis) -> float:
@@ -389,10 +406,13 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
         pairs = make_pairs(spec_for(opts, run.group, pairs_count))
         sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.traffic.lag_ms)
         await preload(env, run, pairs, sends)
-        preloaded = Preloaded(run, len(sends), {p.span_id.encode() for p in pairs if p.matched})
+        preloaded = Preloaded(run, len(sends), {p.span_id.encode() for p in pairs if p.matched},
+                              {p.span_id.encode(): p for p in pairs})
     run, expected = preloaded.run, preloaded.expected
     group_id = run.group if peer is None else f"{run.group}-{peer.name}"
     env.intake.take_arrivals()
+    env.intake.take_bodies()
+    env.intake.keep_bodies = CHECKED_BODIES if peer is not None else 0
     group = Consumers(env, run.settings_env(env, opts.max_batch), count=consumers, name=name, uvloop=opts.uvloop,
                       profile=profile, service_root=opts.service_root,
                       command=None if peer is None else peer_command(env, opts, peer, preloaded, name))
@@ -423,8 +443,11 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
         peak_rss = group.peak_rss_bytes()
     finally:
         codes = group.stop()
+        env.intake.keep_bodies = 0
         if redis is not None:
             await redis.aclose()
+    # A peer must build the service's objects: its first bodies are checked against build_metric.
+    mismatched = mismatched_metrics(env.intake.take_bodies(), preloaded.pairs)
     # The window starts once the group settled (its last assignment before the drain ended; a stopping peer
     # announces its revocation): what ran before is start-up.
     t0 = settled or samples[0][0]
@@ -441,9 +464,10 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
                  records_per_s=records / seconds,
                  evaluations_per_s=evals / seconds, pairs_per_s=evals / opts.traffic.evals / seconds,
                  cpu_ms_per_1000_evals=(cpu1 - cpu0) * 1e6 / max(evals, 1),
-                 delivered_all=not missing, missing=len(missing), exit_codes=codes,
+                 delivered_all=not missing and not mismatched, missing=len(missing), exit_codes=codes,
                  redis_cpu_ms_per_1000_evals=(rcpu1 - rcpu0) * 1e6 / max(evals, 1) if redis is not None else 0.0,
-                 peak_rss_mb=peak_rss / 2**20, duplicates=sum(dup for _, _, dup in arrivals)), preloaded
+                 peak_rss_mb=peak_rss / 2**20, duplicates=sum(dup for _, _, dup in arrivals),
+                 mismatched=mismatched), preloaded
 
 
 async def bare(env: Env, run: Run, count: int, max_batch: int) -> Bare:
