@@ -12,7 +12,6 @@ import java.net.http.HttpResponse;
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.ArrayList;
-import java.util.Iterator;
 import java.util.List;
 import java.util.Map;
 import java.util.Properties;
@@ -102,7 +101,8 @@ public final class KStreamsPeer {
         stopped.countDown();
       }
     });
-    // SIGTERM: close (the last commit posts what waits) and exit 0, as the service does.
+    // SIGTERM: close (the last commit posts what waits) and exit 0, as the service does. sun.misc.Signal
+    // (jdk.unsupported) because a shutdown hook cannot choose the exit code.
     sun.misc.Signal.handle(new sun.misc.Signal("TERM"), signal -> stopped.countDown());
     streams.start();
     stopped.await();
@@ -144,6 +144,8 @@ public final class KStreamsPeer {
         spanRef.set("trace_id", span.get("trace_id"));
         metric.set("label", evaluation.get("label"));
         metric.put("metric_type", metricType);
+        // build_metric falls back to the result's receive time after these two; the benchmark's
+        // evaluations always carry their own timestamp_ms.
         JsonNode timestamp = evaluation.path("timestamp_ms");
         if (timestamp.isMissingNode() || timestamp.isNull()) {
           timestamp = provenance.path("evaluated_at_ms");
@@ -154,9 +156,7 @@ public final class KStreamsPeer {
         ArrayNode tags = metric.putArray("tags");
         tags.add("ddtrace.version:" + ddtraceVersion);
         tags.add("ml_app:" + mlApp);
-        Iterator<Map.Entry<String, JsonNode>> custom = evaluation.path("tags").fields();
-        while (custom.hasNext()) {
-          Map.Entry<String, JsonNode> tag = custom.next();
+        for (Map.Entry<String, JsonNode> tag : evaluation.path("tags").properties()) {
           if (tag.getKey().equals("ddtrace.version") || tag.getKey().equals("ml_app")) {
             tags.set(tag.getKey().equals("ml_app") ? 1 : 0,
                 JSON.getNodeFactory().textNode(tag.getKey() + ":" + tag.getValue().asText()));
@@ -177,11 +177,11 @@ public final class KStreamsPeer {
         }
         if (provenance.isObject() && provenance.size() > 0 && !metadata.has("nemo")) {
           ObjectNode nemo = metadata.putObject("nemo");
-          provenance.fields().forEachRemaining(field -> {
+          for (Map.Entry<String, JsonNode> field : provenance.properties()) {
             if (!field.getValue().isNull()) {
               nemo.set(field.getKey(), field.getValue());
             }
-          });
+          }
         }
         if (metadata.size() > 0) {
           metric.set("metadata", metadata);
