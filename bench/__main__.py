@@ -21,23 +21,24 @@ from typing import Any
 import orjson
 
 from bench.intake import LineRateIntake
+from bench.peers import LABELS, PEERS, Peer
 from bench.results import Figures, Scaling, Throughput, median, plain
 from bench.runner import Env, Options, bare, buffered, drain, guide, latency, memory, soak, timed
 from bench.traffic import ORDERS, TrafficSpec
 from localenv.kafka import KafkaBroker
 from localenv.redis import RedisServer
 
-STEPS = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide")
+STEPS = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide", *PEERS)
 # The targets the table judges against (docs/performance.md explains each).
 TARGET_RATIO = 0.5  # service records/s at least half the bare consumer's
 TARGET_P99_LOAD = 0.5  # the latency target applies at half the maximal load...
 TARGET_P99_MS = 250.0  # ...where the p99 join latency is at most this
 TARGET_SIDE_BYTES = 400  # Redis bytes per buffered side
 TARGET_BUFFERED_CHANGE = 0.15  # CPU per evaluation with many sides buffered, against the fewest
-# --smoke: these flags' values, where the command line left them at their defaults.
+# --smoke: these flags' values, where the command line left them at their defaults (every step runs, peers too).
 SMOKE: dict[str, Any] = {"pairs": 300, "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
                          "memory_sides": 300, "buffered": (100,), "buffered_pairs": 200, "scaling": (1,),
-                         "soak_seconds": 5.0, "guide_sizes": (200, 400), "steps": "throughput,latency,guide"}
+                         "soak_seconds": 5.0, "guide_sizes": (200, 400)}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -81,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--soak-load", type=float, default=d.soak_load, help="fraction of the max during the soak")
     m.add_argument("--guide-sizes", type=_ints, default=d.guide_sizes, help="pairs per guide-join run")
     m.add_argument("--guide-budget", type=float, default=d.guide_budget_s, help="seconds before a size is given up")
+    m.add_argument("--peer-commit-ms", type=int, default=d.peer_commit_ms,
+                   help="commit interval of the peers (quix, kstreams); they post what they joined at each commit")
     m.add_argument("--smoke", action="store_true", help="tiny sizes, for CI: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE.items()))
     e = p.add_argument_group("environment")
@@ -110,6 +113,7 @@ def options(args: argparse.Namespace) -> Options:
         latency_loads=args.latency_loads, memory_sides=args.memory_sides, buffered=args.buffered,
         buffered_pairs=args.buffered_pairs, scaling=args.scaling, soak_seconds=args.soak_seconds,
         soak_load=args.soak_load, guide_sizes=args.guide_sizes, guide_budget_s=args.guide_budget, steps=steps,
+        peer_commit_ms=args.peer_commit_ms,
         uvloop=args.uvloop, profile=args.profile, workdir=args.workdir,
         service_root=args.service_root.resolve() if args.service_root else None,
     )
@@ -121,20 +125,30 @@ def options(args: argparse.Namespace) -> Options:
 async def measure(env: Env, opts: Options) -> Figures:
     figures = Figures()
     steps = set(opts.steps)
+    peers = [Peer.prepare(name) for name in PEERS if name in steps]  # built or installed before any timing
     max_pairs_per_s = 0.0
-    if "throughput" in steps or steps & {"latency", "soak"}:
+    if steps & {"throughput", "latency", "soak", *PEERS}:
         for i in range(max(1, opts.runs)):
             with timed(f"throughput run {i + 1}/{opts.runs}: service"):
                 profile = Path(opts.profile) if opts.profile and i == 0 else None
-                service, run = await drain(env, opts, name=f"throughput-{i}", pairs_count=opts.traffic.pairs,
-                                           partitions=opts.partitions, consumers=1, profile=profile)
+                service, preloaded = await drain(env, opts, name=f"throughput-{i}", pairs_count=opts.traffic.pairs,
+                                                 partitions=opts.partitions, consumers=1, profile=profile)
             with timed(f"throughput run {i + 1}/{opts.runs}: bare consumer"):
-                ceiling = await bare(env, run, service.total_records, opts.max_batch)
-            figures.throughput.append(Throughput(service, ceiling))
+                ceiling = await bare(env, preloaded.run, service.total_records, opts.max_batch)
+            run = Throughput(service, ceiling)
+            for peer in peers:  # the same records, read again by a group of the peer's own
+                with timed(f"throughput run {i + 1}/{opts.runs}: {peer.label}"):
+                    run.peers[peer.name], _ = await drain(env, opts, name=f"throughput-{i}-{peer.name}",
+                                                          pairs_count=opts.traffic.pairs, partitions=opts.partitions,
+                                                          consumers=1, peer=peer, preloaded=preloaded)
+            figures.throughput.append(run)
         max_pairs_per_s = median([r.service.pairs_per_s for r in figures.throughput])
     if "latency" in steps:
         with timed("latency"):
             figures.latency = await latency(env, opts, max_pairs_per_s)
+        for peer in peers:  # at the same loads: fractions of the service's maximum
+            with timed(f"latency: {peer.label}"):
+                figures.latency += await latency(env, opts, max_pairs_per_s, peer)
     if "memory" in steps:
         with timed("redis memory"):
             figures.memory = await memory(env, opts)
@@ -187,13 +201,37 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
         row("service / bare consumer (ratio per run, median)", f"{ratio:.2f}", f">= {TARGET_RATIO:.2f}",
             met(ratio >= TARGET_RATIO))
         row("service CPU ms per 1,000 evaluations", _n(median([r.service.cpu_ms_per_1000_evals for r in runs])))
+        row("redis-server CPU ms per 1,000 evaluations",
+            _n(median([r.service.redis_cpu_ms_per_1000_evals for r in runs])))
+        row("service peak RSS, MB (redis-server not counted)", _n(median([r.service.peak_rss_mb for r in runs])))
         row("bare consumer CPU ms per 1,000 records", _n(median([r.bare.cpu_ms_per_1000_records for r in runs])))
         row("every matched pair delivered", "yes" if delivered else "NO")
+        for name in runs[0].peers:
+            # Each ratio is taken within one run (same traffic, same minute), then the median of the runs.
+            label = LABELS[name]
+            drains = [r.peers[name] for r in runs]
+            peer_ok = all(d.delivered_all for d in drains)
+            ok &= peer_ok
+            row(f"{label}: records/s (evaljoin x)", _n(median([d.records_per_s for d in drains])), "",
+                f"x{median([r.records_ratio(name) for r in runs]):.2f}")
+            row(f"{label}: CPU ms per 1,000 evaluations (evaljoin evals per CPU-s x, with Redis)",
+                _n(median([d.cpu_ms_per_1000_evals for d in drains])), "",
+                f"x{median([r.cpu_ratio(name) for r in runs]):.2f}")
+            row(f"{label}: peak RSS, MB (evaljoin's RSS x)", _n(median([d.peak_rss_mb for d in drains])), "",
+                f"x{median([r.rss_ratio(name) for r in runs]):.2f}")
+            row(f"{label}: every matched pair delivered (evaluations delivered twice)",
+                f"{'yes' if peer_ok else 'NO'} ({sum(d.duplicates for d in drains):,})", "",
+                "" if peer_ok else f"{sum(d.missing for d in drains)} pairs MISSING, "
+                f"{sum(d.mismatched for d in drains)} metrics not build_metric's")
     for lat in figures.latency:
-        target = f"p99 <= {TARGET_P99_MS:g} ms" if lat.load == TARGET_P99_LOAD else ""
-        verdict = met(lat.p99_ms <= TARGET_P99_MS) if target else ""
-        row(f"join latency at {lat.load:.0%} ({_n(lat.pairs_per_s)} pairs/s), p50/p95/p99 ms",
-            f"{_n(lat.p50_ms)} / {_n(lat.p95_ms)} / {_n(lat.p99_ms)}", target, verdict)
+        if lat.process != "evaljoin":
+            row(f"{LABELS[lat.process]}: delivery latency at {lat.load:.0%} ({_n(lat.pairs_per_s)} pairs/s), "
+                "p50/p95/p99 ms", f"{_n(lat.p50_ms)} / {_n(lat.p95_ms)} / {_n(lat.p99_ms)}")
+        else:
+            target = f"p99 <= {TARGET_P99_MS:g} ms" if lat.load == TARGET_P99_LOAD else ""
+            verdict = met(lat.p99_ms <= TARGET_P99_MS) if target else ""
+            row(f"join latency at {lat.load:.0%} ({_n(lat.pairs_per_s)} pairs/s), p50/p95/p99 ms",
+                f"{_n(lat.p50_ms)} / {_n(lat.p95_ms)} / {_n(lat.p99_ms)}", target, verdict)
         if lat.delivered < lat.matched:
             ok = False
             row(f"  delivered at {lat.load:.0%}", f"{lat.delivered} of {lat.matched} pairs", "", "MISSING")
@@ -245,9 +283,13 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
 def headline(opts: Options) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     t = opts.traffic
+    names = [LABELS[name] for name in PEERS if name in opts.steps]
+    peers = (f"\npeers: {', '.join(names)}, each committing (and posting) every {opts.peer_commit_ms} ms or "
+             f"{opts.max_batch} records") if names else ""
     return (f"evaljoin benchmark: {t.pairs:,} pairs, {t.apps} apps, {t.evals} evals/pair, order {t.order}, "
             f"lag {t.lag_ms:g} ms, {t.duplicates:.0%} duplicates, {t.unmatched:.0%} unmatched, "
-            f"{opts.partitions} partitions, batch {opts.max_batch}{', uvloop' if opts.uvloop else ''}\n"
+            f"{opts.partitions} partitions, batch {opts.max_batch}{', uvloop' if opts.uvloop else ''}"
+            f"{peers}\n"
             f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
             f"load average at start {load[0]:.2f}")
 

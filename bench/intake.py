@@ -3,8 +3,8 @@
 A minimal HTTP/1.1 server (keep-alive, ``Content-Length`` bodies) on its own event loop in a thread:
 it answers 202 to every POST without parsing the JSON, and records when each body arrived and the
 span ids it names (a regular expression over the bytes), which is all the benchmark needs for
-counts and join latency. ``localenv.intake.FakeIntake`` is the faithful stand-in with fault
-injection; this one is for speed.
+counts and join latency. It can also keep the first few bodies whole, for a check of their content.
+``localenv.intake.FakeIntake`` is the faithful stand-in with fault injection; this one is for speed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class LineRateIntake:
         self.arrivals: list[tuple[float, list[bytes]]] = []  # (time.time(), span ids) per request
         self.evaluations = 0
         self.requests = 0
+        self.keep_bodies = 0  # keep the next bodies, up to this many, for take_bodies()
+        self._bodies: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -82,6 +84,8 @@ class LineRateIntake:
                     self.arrivals.append((now, ids))
                     self.evaluations += len(ids)
                     self.requests += 1
+                    if len(self._bodies) < self.keep_bodies:
+                        self._bodies.append(body)
                 writer.write(_RESPONSE)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -91,6 +95,12 @@ class LineRateIntake:
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
             return self.evaluations, self.requests
+
+    def take_bodies(self) -> list[bytes]:
+        """The bodies kept since the last call (at most ``keep_bodies``)."""
+        with self._lock:
+            out, self._bodies = self._bodies, []
+            return out
 
     def take_arrivals(self) -> list[tuple[float, list[bytes]]]:
         with self._lock:

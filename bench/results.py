@@ -24,7 +24,9 @@ def median(values: list[float]) -> float:
 
 @dataclass
 class Drain:
-    """A preloaded log drained by the service: the throughput figures over the settled window."""
+    """A preloaded log drained by the service (or a peer): the throughput figures over the settled window."""
+
+    derived: ClassVar[tuple[str, ...]] = ("total_cpu_ms_per_1000_evals",)
 
     total_records: int  # in the topics (the bare consumer reads them all)
     records: int  # committed during the settled window
@@ -37,6 +39,15 @@ class Drain:
     delivered_all: bool
     missing: int
     exit_codes: list[int]
+    redis_cpu_ms_per_1000_evals: float = 0.0  # redis-server's CPU in the same window (the service's drains)
+    peak_rss_mb: float = 0.0  # the largest process's peak RSS (VmHWM)
+    duplicates: int = 0  # evaluations received more than once
+    mismatched: int = 0  # metrics of a peer's checked bodies that differ from build_metric's objects
+
+    @property
+    def total_cpu_ms_per_1000_evals(self) -> float:
+        """The process's CPU and redis-server's: what one evaluation costs the deployment."""
+        return self.cpu_ms_per_1000_evals + self.redis_cpu_ms_per_1000_evals
 
 
 @dataclass
@@ -61,16 +72,29 @@ class Bare:
 
 @dataclass
 class Throughput:
-    """One throughput run: the service's drain and the bare consumer's over the same records."""
+    """One throughput run: the service's drain, the bare consumer's and each peer's, over the same records."""
 
     derived: ClassVar[tuple[str, ...]] = ("ratio",)
 
     service: Drain
     bare: Bare
+    peers: dict[str, Drain] = field(default_factory=dict)  # by peer name (bench.peers.PEERS)
 
     @property
     def ratio(self) -> float:
         return self.service.records_per_s / self.bare.records_per_s
+
+    def records_ratio(self, peer: str) -> float:
+        """The service's records/s over the peer's, in this run."""
+        return self.service.records_per_s / self.peers[peer].records_per_s
+
+    def cpu_ratio(self, peer: str) -> float:
+        """Evaluations per CPU-second, the service (with redis-server) over the peer, in this run."""
+        return self.peers[peer].cpu_ms_per_1000_evals / self.service.total_cpu_ms_per_1000_evals
+
+    def rss_ratio(self, peer: str) -> float:
+        """The service's peak RSS over the peer's, in this run (redis-server not counted)."""
+        return self.service.peak_rss_mb / self.peers[peer].peak_rss_mb
 
 
 @dataclass
@@ -86,6 +110,7 @@ class Latency:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    process: str = "evaljoin"  # or the peer's name: from the completing side to the peer's post
 
 
 @dataclass
@@ -201,4 +226,6 @@ def plain(value: Any) -> Any:
         return data | {name: getattr(value, name) for name in getattr(value, "derived", ())}
     if isinstance(value, list | tuple):
         return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
     return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -30,9 +31,10 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from bench.intake import LineRateIntake
+from bench.peers import Peer
 from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Soak
 from bench.traffic import Pair, Send, TrafficSpec, make_pairs, schedule, write_guide_files
-from consumer import records
+from consumer import payload, records
 from consumer.config import Settings
 from consumer.store import Namespace, SpanOp
 from consumer.store_redis import RedisJoinStore, connect
@@ -74,6 +76,11 @@ FILL_TTL_MS: int = _SETTINGS["join_ttl_seconds"].default * 1000
 FILL_LEDGER_RETENTION_MS: int = FILL_TTL_MS + _SETTINGS["ledger_grace_seconds"].default * 1000
 FILL_BATCH = 1_000  # spans per put_many
 
+CHECKED_BODIES = 5  # a peer's first request bodies of a drain, checked metric by metric against build_metric
+# The peers join over the service's default join TTL and tag their metrics with its ddtrace version.
+PEER_TTL_S: int = _SETTINGS["join_ttl_seconds"].default
+DDTRACE_VERSION = importlib.metadata.version("ddtrace")
+
 
 @dataclass
 class Options:
@@ -91,7 +98,9 @@ class Options:
     soak_load: float = 0.5
     guide_sizes: tuple[int, ...] = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000)
     guide_budget_s: float = 60.0
-    steps: tuple[str, ...] = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide")
+    steps: tuple[str, ...] = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide", "quix",
+                              "kstreams")
+    peer_commit_ms: int = 1_000  # the peers' commit interval (they also commit after every max_batch records)
     uvloop: bool = False
     profile: str | None = None
     workdir: Path = field(default_factory=lambda: Path("bench-out"))
@@ -117,10 +126,10 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
 
 
-def _proc_rss(pid: int) -> int:
+def _proc_rss(pid: int, field: str = "VmRSS:") -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -131,7 +140,8 @@ class Consumers:
     """``count`` service processes in one group; stopped with SIGTERM by :meth:`stop`."""
 
     def __init__(self, env: Env, settings_env: dict[str, str], *, count: int, name: str, uvloop: bool,
-                 profile: Path | None = None, service_root: Path | None = None) -> None:
+                 profile: Path | None = None, service_root: Path | None = None,
+                 command: list[str] | None = None) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._assigned: list[tuple[float, int]] = []  # (time, partitions) of each process's last assignment
         self._lock = threading.Lock()
@@ -147,6 +157,8 @@ class Consumers:
                 args.append("--uvloop")
             if profile is not None and i == 0:
                 args += ["--pyinstrument", str(profile)]
+            if command is not None:  # a peer: its own program, which says partitions_assigned as the service does
+                args = command
             log = (env.workdir / f"{name}-{i}.log").open("wb")
             proc = subprocess.Popen(args, cwd=service_root or ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.PIPE)
@@ -206,6 +218,10 @@ class Consumers:
 
     def rss_bytes(self) -> int:
         return sum(_proc_rss(pid) for pid in self.pids)
+
+    def peak_rss_bytes(self) -> int:
+        """The largest of the processes' peak RSS (VmHWM) so far."""
+        return max((_proc_rss(pid, "VmHWM:") for pid in self.pids), default=0)
 
     def stop(self) -> list[int]:
         for proc in self._procs:
@@ -320,12 +336,14 @@ class Offsets:
     async def __aexit__(self, *exc: object) -> None:
         await self._admin.close()
 
-    async def committed(self, group: str) -> int:
+    async def committed(self, group: str, topics: tuple[str, ...] = ()) -> int:
+        """The group's committed offsets, summed over ``topics`` (all topics if empty)."""
         try:
             offsets = await self._admin.list_consumer_group_offsets(group)
         except KafkaError:  # the group does not exist yet: nothing committed
             return 0
-        return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+        return sum(meta.offset for tp, meta in offsets.items()
+                   if meta.offset > 0 and (not topics or tp.topic in topics))
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -335,51 +353,125 @@ def spec_for(opts: Options, run: str, pairs: int, **changes: Any) -> TrafficSpec
     return dataclasses.replace(opts.traffic, pairs=pairs, run=run, **changes)
 
 
+@dataclass
+class Preloaded:
+    """A run's topics with its traffic already produced: what every drain of it must deliver."""
+
+    run: Run
+    records: int  # records in the topics
+    expected: set[bytes]  # span ids of the matched pairs
+    pairs: dict[bytes, Pair] = field(default_factory=dict)  # by span id
+
+
+def mismatched_metrics(bodies: list[bytes], pairs: dict[bytes, Pair]) -> int:
+    """Metrics in ``bodies`` that are not one of the objects build_metric makes of their pair."""
+    wrong = 0
+    for body in bodies:
+        for metric in orjson.loads(body)["data"]["attributes"]["metrics"]:
+            pair = pairs.get(metric["join_on"]["span"]["span_id"].encode())
+            if pair is None:
+                wrong += 1
+                continue
+            span, result = orjson.loads(pair.span), orjson.loads(pair.result)
+            result["received_ts_ms"] = 0  # not used: every generated evaluation has its timestamp
+            wrong += metric not in [payload.build_metric(span, result, i) for i in range(len(result["evaluations"]))]
+    return wrong
+
+
+async def redis_cpu_seconds(client: Redis) -> float:
+    """redis-server's CPU time so far (INFO cpu: user + system, main thread and children)."""
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def peer_command(env: Env, opts: Options, peer: Peer, preloaded: Preloaded, name: str) -> list[str]:
+    run = preloaded.run
+    return peer.command(bootstrap=env.bootstrap, group=f"{run.group}-{peer.name}", span_topic=run.span_topic,
+                        result_topic=run.result_topic, intake_origin=env.intake.origin, max_batch=opts.max_batch,
+                        commit_ms=opts.peer_commit_ms, ttl_s=PEER_TTL_S, state_dir=env.workdir / f"{name}-state",
+                        ddtrace_version=DDTRACE_VERSION)
+
+
 async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partitions: int, consumers: int,
-                prefix: str | None = None, profile: Path | None = None) -> tuple[Drain, Run]:
-    run = Run.new(name, partitions, prefix)
-    await run.create(env)
-    pairs = make_pairs(spec_for(opts, run.group, pairs_count))
-    sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.traffic.lag_ms)
-    await preload(env, run, pairs, sends)
-    expected = {p.span_id.encode() for p in pairs if p.matched}
+                prefix: str | None = None, profile: Path | None = None, peer: Peer | None = None,
+                preloaded: Preloaded | None = None) -> tuple[Drain, Preloaded]:
+    """Drain a preloaded log with the service (or ``peer``), timed from the group's settled assignment.
+
+    Without ``preloaded`` a new run is created and ``pairs_count`` pairs produced; with it, that run's
+    records are drained again by a group of its own (a peer on the service's traffic).
+    """
+    if preloaded is None:
+        run = Run.new(name, partitions, prefix)
+        await run.create(env)
+        pairs = make_pairs(spec_for(opts, run.group, pairs_count))
+        sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.traffic.lag_ms)
+        await preload(env, run, pairs, sends)
+        preloaded = Preloaded(run, len(sends), {p.span_id.encode() for p in pairs if p.matched},
+                              {p.span_id.encode(): p for p in pairs})
+    run, expected = preloaded.run, preloaded.expected
+    group_id = run.group if peer is None else f"{run.group}-{peer.name}"
     env.intake.take_arrivals()
+    env.intake.take_bodies()
+    env.intake.keep_bodies = CHECKED_BODIES if peer is not None else 0
     group = Consumers(env, run.settings_env(env, opts.max_batch), count=consumers, name=name, uvloop=opts.uvloop,
-                      profile=profile, service_root=opts.service_root)
-    seen: set[bytes] = set()
-    samples: list[tuple[float, int, float]] = []  # (time, committed records, consumer CPU seconds)
-    arrivals: list[tuple[float, int]] = []
+                      profile=profile, service_root=opts.service_root,
+                      command=None if peer is None else peer_command(env, opts, peer, preloaded, name))
+    seen: dict[bytes, int] = {}  # evaluations received per span id
+    settled: float | None = None
+    # (time, committed records, process CPU seconds, redis-server CPU seconds)
+    samples: list[tuple[float, int, float, float]] = []
+    arrivals: list[tuple[float, int, int]] = []  # (time, evaluations, of which duplicates)
+    redis = Redis.from_url(env.redis_url) if peer is None else None
     try:
         async with Offsets(env) as offsets:
             deadline = time.time() + max(DRAIN_TIMEOUT_MIN_S, pairs_count / DRAIN_PAIRS_PER_S_MIN)
             while time.time() < deadline:
                 group.check_alive()
-                committed = await offsets.committed(run.group)
-                samples.append((time.time(), committed, group.cpu_seconds()))
+                committed = await offsets.committed(group_id, (run.span_topic, run.result_topic))
+                redis_cpu = await redis_cpu_seconds(redis) if redis is not None else 0.0
+                samples.append((time.time(), committed, group.cpu_seconds(), redis_cpu))
                 for when, ids in env.intake.take_arrivals():
-                    seen.update(ids)
-                    arrivals.append((when, len(ids)))
-                if committed >= len(sends) and expected <= seen and group.settled_at(partitions):
+                    duplicates = 0
+                    for span_id in ids:
+                        count = seen[span_id] = seen.get(span_id, 0) + 1
+                        duplicates += count > opts.traffic.evals
+                    arrivals.append((when, len(ids), duplicates))
+                settled = group.settled_at(partitions)
+                if committed >= preloaded.records and expected <= seen.keys() and settled:
                     break
                 await asyncio.sleep(POLL_S)
+        peak_rss = group.peak_rss_bytes()
     finally:
         codes = group.stop()
-    # The window starts once the group settled (its last assignment): what ran before is start-up.
-    t0 = group.settled_at(partitions) or samples[0][0]
+        env.intake.keep_bodies = 0
+        if redis is not None:
+            await redis.aclose()
+    # A peer must build the service's objects: its first bodies are checked against build_metric.
+    mismatched = mismatched_metrics(env.intake.take_bodies(), preloaded.pairs)
+    # The window starts once the group settled (its last assignment before the drain ended; a stopping peer
+    # announces its revocation): what ran before is start-up.
+    t0 = settled or samples[0][0]
     before = [sample for sample in samples if sample[0] <= t0] or samples[:1]
-    _, c0, cpu0 = before[-1]
-    t1, c1, cpu1 = samples[-1]
+    _, c0, cpu0, rcpu0 = before[-1]
+    t1, c1, cpu1, rcpu1 = samples[-1]
     seconds = max(t1 - t0, 1e-6)
     records = c1 - c0
-    evals = sum(n for when, n in arrivals if when >= t0)
-    return Drain(total_records=len(sends), records=records, evaluations=evals, seconds=seconds,
+    # Evaluations count once each: a peer that joins a duplicated side again delivers its evaluations twice.
+    window = [(n, dup) for when, n, dup in arrivals if when >= t0]
+    evals = sum(n - dup for n, dup in window)
+    missing = expected - seen.keys()
+    return Drain(total_records=preloaded.records, records=records, evaluations=evals, seconds=seconds,
                  records_per_s=records / seconds,
                  evaluations_per_s=evals / seconds, pairs_per_s=evals / opts.traffic.evals / seconds,
                  cpu_ms_per_1000_evals=(cpu1 - cpu0) * 1e6 / max(evals, 1),
-                 delivered_all=expected <= seen, missing=len(expected - seen), exit_codes=codes), run
+                 delivered_all=not missing and not mismatched, missing=len(missing), exit_codes=codes,
+                 redis_cpu_ms_per_1000_evals=(rcpu1 - rcpu0) * 1e6 / max(evals, 1) if redis is not None else 0.0,
+                 peak_rss_mb=peak_rss / 2**20, duplicates=sum(dup for _, _, dup in arrivals),
+                 mismatched=mismatched), preloaded
 
 
 async def bare(env: Env, run: Run, count: int, max_batch: int) -> Bare:
+    """The bare consumer reading ``count`` records of ``run``'s topics."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bare", env.bootstrap, f"{run.span_topic},{run.result_topic}", str(count),
         str(max_batch), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
@@ -439,12 +531,14 @@ async def live(env: Env, opts: Options, run: Run, producer: AIOKafkaProducer, *,
     return Live(latencies, len(pairs), len(expected), len(seen))
 
 
-async def latency(env: Env, opts: Options, max_pairs_per_s: float) -> list[Latency]:
-    run = Run.new("latency", opts.partitions)
+async def latency(env: Env, opts: Options, max_pairs_per_s: float, peer: Peer | None = None) -> list[Latency]:
+    """Join latency of the service (or ``peer``) at each of ``--latency-loads`` times the service's maximum."""
+    run = Run.new("latency" if peer is None else f"latency-{peer.name}", opts.partitions)
     await run.create(env)
     env.intake.take_arrivals()
-    group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name="latency", uvloop=opts.uvloop,
-                      service_root=opts.service_root)
+    command = None if peer is None else peer_command(env, opts, peer, Preloaded(run, 0, set()), run.name)
+    group = Consumers(env, run.settings_env(env, opts.max_batch), count=1, name=run.name, uvloop=opts.uvloop,
+                      service_root=opts.service_root, command=command)
     producer = _producer(env, linger_ms=LIVE_LINGER_MS)
     await producer.start()
     out = []
@@ -456,7 +550,8 @@ async def latency(env: Env, opts: Options, max_pairs_per_s: float) -> list[Laten
                                  tag=f"l{int(load * 100)}")
             ms = [v * 1000 for v in traffic.latencies]
             out.append(Latency(load, rate, traffic.pairs, traffic.matched, traffic.delivered, percentile(ms, 0.5),
-                               percentile(ms, 0.95), percentile(ms, 0.99), max(ms) if ms else float("nan")))
+                               percentile(ms, 0.95), percentile(ms, 0.99), max(ms) if ms else float("nan"),
+                               "evaljoin" if peer is None else peer.name))
     finally:
         await producer.stop()
         group.stop()
@@ -595,4 +690,4 @@ def timed(label: str) -> Iterator[None]:
     sys.stderr.flush()
 
 
-__all__ = ["Env", "Options", "bare", "buffered", "drain", "guide", "latency", "memory", "soak", "timed"]
+__all__ = ["Env", "Options", "Preloaded", "bare", "buffered", "drain", "guide", "latency", "memory", "soak", "timed"]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the service, its demo and its tests need on a fresh Debian machine:
 # redis-server and openssl (Debian; openssl makes the throwaway TLS certificates of the security
-# tests), a JRE and Maven for the Kafka broker, the Python packages in .venv,
-# and the Apache Kafka jars from Maven Central; with --chart-tools also helm (built with Go) and
-# the chart and Dockerfile linters. Safe to run again; it skips what is there.
+# tests), a JDK and Maven for the Kafka broker and the benchmark's Kafka Streams peer, the Python
+# packages in .venv, the Apache Kafka jars from Maven Central and the benchmark's peers; with
+# --chart-tools also helm (built with Go) and the chart and Dockerfile linters. Safe to run again;
+# it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,8 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+# A JDK, not only a JRE: the benchmark's Kafka Streams peer (bench/kstreams) is compiled by Maven.
+command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
@@ -34,6 +36,10 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
 fi
 
 .venv/bin/python -m localenv fetch >/dev/null
+# The benchmark's peers (python -m bench, tests/test_bench_smoke.py): Quix Streams in .cache/venv-quix
+# (bench/quix-requirements.txt), the Kafka Streams application built with Maven into .cache/kstreams-peer-*.
+# Skipped while they match their sources; afterwards they need neither the network nor Maven.
+.venv/bin/python -m bench.peers >/dev/null
 
 if [ "${1:-}" != "--chart-tools" ]; then
   echo "setup: ready"
