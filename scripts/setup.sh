@@ -2,9 +2,9 @@
 # Installs everything the service, its demo and its tests need on a fresh Debian machine:
 # redis-server and openssl (Debian; openssl makes the throwaway TLS certificates of the security
 # tests), a JDK and Maven for the Kafka broker and the benchmark's Kafka Streams peer, the Python
-# packages in .venv, the Apache Kafka jars from Maven Central and the benchmark's peers; with
-# --chart-tools also helm (built with Go) and the chart and Dockerfile linters. Safe to run again;
-# it skips what is there.
+# packages in .venv and the Apache Kafka jars from Maven Central; with --chart-tools (the test
+# command) also the benchmark's peers, helm (built with Go) and the chart and Dockerfile linters.
+# Safe to run again; it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,15 +36,16 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
 fi
 
 .venv/bin/python -m localenv fetch >/dev/null
-# The benchmark's peers (python -m bench, tests/test_bench_smoke.py): Quix Streams in .cache/venv-quix
-# (bench/quix-requirements.txt), the Kafka Streams application built with Maven into .cache/kstreams-peer-*.
-# Skipped while they match their sources; afterwards they need neither the network nor Maven.
-.venv/bin/python -m bench.peers >/dev/null
 
 if [ "${1:-}" != "--chart-tools" ]; then
   echo "setup: ready"
   exit 0
 fi
+
+# The test command also needs the benchmark's peers (tests/test_bench_smoke.py; python -m bench):
+# Quix Streams in .cache/venv-quix (bench/quix-requirements.txt), the Kafka Streams application built
+# with Maven into .cache/kstreams-peer-*. Skipped while they match their sources; the demo needs neither.
+.venv/bin/python -m bench.peers >/dev/null
 
 # --chart-tools (scripts/test.sh passes it): the Helm chart's and the image's checks
 # (tests/test_chart.py, tests/test_dockerfile.py); the demo does not need them.
