@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from consumer.errors import InvalidMessage, NotSent
 from consumer.events import SCHEMA_VERSION, NemoResultEvent, SpanContextEvent
 from consumer.judge import JUDGE_LABEL, JudgeLineError, OtherModel, Unrated, judge_evaluation
+from consumer.kafka_records import UNDECODABLE_BATCH, invalid_header_name
 
 Headers = Sequence[tuple[str, bytes | None]]
 _E = TypeVar("_E", SpanContextEvent, NemoResultEvent)
@@ -257,8 +258,20 @@ def decode_result(value: bytes | None, headers: Headers, *, join_key: str, defau
     return _validated(NemoResultEvent, fields, headers, default_ml_app)
 
 
+def _check_header_names(headers: Headers) -> None:
+    """``undecodable_batch`` for the record that stands for a batch aiokafka could not read, ``invalid_header``
+    for a header name that is not UTF-8 (:mod:`consumer.kafka_records` reads both without raising)."""
+    for name, data in headers:
+        if name == UNDECODABLE_BATCH:
+            raise InvalidMessage("undecodable_batch", (data or b"").decode("utf-8", "replace")[:_DETAIL_LIMIT])
+        raw = invalid_header_name(name)
+        if raw is not None:
+            raise InvalidMessage("invalid_header", f"the header name {raw[:100]!r} is not UTF-8")
+
+
 def _json_object(key: bytes | None, value: bytes | None, headers: Headers, max_bytes: int,
                  what: str) -> dict[str, Any]:
+    _check_header_names(headers)
     _check_size(key, value, headers, max_bytes)
     obj = _parse_json(value)
     if not isinstance(obj, dict):

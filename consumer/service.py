@@ -46,6 +46,7 @@ from consumer.expiry import Sweeper
 from consumer.health import HealthServer
 from consumer.intake_route import RoutedSink, RouteSettings
 from consumer.join import Batch, BatchJoin, JoinedBatch, Joiner
+from consumer.kafka_records import install as read_any_record
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.stage import RETRY_CAP_S, RETRY_FIRST_S, Refusals, Stage
@@ -300,6 +301,7 @@ class _ServiceContext:
     @staticmethod
     async def _open(s: Settings, stack: AsyncExitStack) -> Service:
         kafka_common = s.kafka_client_options()
+        read_any_record()  # a record aiokafka cannot parse reaches the decode step instead of stopping getmany
         producer = AIOKafkaProducer(acks="all", enable_idempotence=s.kafka_enable_idempotence,
                                     linger_ms=PRODUCER_LINGER_MS, request_timeout_ms=s.kafka_request_timeout_ms,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
