@@ -234,6 +234,8 @@ class Settings(KafkaSettings):
     redis_sentinel_tls: bool = False
     redis_key_prefix: str = Field("evj", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_deadline_shards: int = Field(16, ge=1, le=4096)
+    # An evicting maxmemory-policy loses buffered sides silently: refused at start unless this says to run anyway.
+    redis_allow_eviction: bool = False
 
     # Join
     join_key: str = Field("question_id", min_length=1, max_length=100)

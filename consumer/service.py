@@ -51,7 +51,14 @@ from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.stage import RETRY_CAP_S, RETRY_FIRST_S, Refusals, Stage
 from consumer.store import DeadlineIndex, JoinStore
-from consumer.store_redis import RedisClient, RedisJoinStore, connect
+from consumer.store_redis import (
+    MemoryAlarm,
+    RedisClient,
+    RedisJoinStore,
+    check_eviction,
+    connect,
+    eviction_policy,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -326,10 +333,13 @@ class _ServiceContext:
         client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
                                                   **s.redis_client_options()))
         stack.push_async_callback(client.aclose)
+        # An evicting Redis drops buffered sides without an error: refused (exit 2) unless REDIS_ALLOW_EVICTION.
+        check_eviction(await eviction_policy(client), allow=s.redis_allow_eviction)
+        metrics = Metrics()
+        memory = MemoryAlarm(metrics)  # a full Redis (noeviction) holds the stream; /readyz says so
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
-                               max_pending_results=s.max_pending_results_per_key)
-        metrics = Metrics()
+                               max_pending_results=s.max_pending_results_per_key, memory=memory)
         sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
             url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
             metrics=metrics, max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
@@ -344,7 +354,7 @@ class _ServiceContext:
                 host=s.health_host, port=s.health_port, metrics=metrics,
                 liveness_timeout_s=s.liveness_timeout_seconds, last_progress=lambda: service.last_progress,
                 in_group=lambda: service.in_group, redis_ping=service.ping_redis,
-                not_ready_because=service.not_ready_because))
+                not_ready_because=lambda: service.not_ready_because() or memory.reason()))
         return service
 
     async def __aexit__(self, *exc: object) -> None:
