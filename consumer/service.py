@@ -69,6 +69,10 @@ RECORD_OVERHEAD_BYTES = 65_536  # a record's batch framing and headers beyond MA
 FETCH_MAX_BYTES = 52_428_800  # one fetch across partitions (Kafka's default), at least two records' worth
 REVOKE_MARGIN_MS = 5_000  # a revoke's commit after its batches finish
 PRODUCER_LINGER_MS = 5
+# A Kafka connection idle this long is closed and opened anew on its next use, so that a connection that died
+# silently while idle (half-open: the producer's, between dead letters) is never waited on for a request
+# timeout. Busy connections (fetch, the coordinator's heartbeats every few seconds) are never idle this long.
+CONNECTIONS_MAX_IDLE_MS = 5_000
 STARTUP_RETRY_FIRST_S = 0.5  # a broker or cluster not reachable at start is tried again after this, doubling
 STARTUP_RETRY_CAP_S = 15.0  # up to this  # dead letters and reports of one batch go out together
 
@@ -311,6 +315,7 @@ class _ServiceContext:
         read_any_record()  # a record aiokafka cannot parse reaches the decode step instead of stopping getmany
         producer = AIOKafkaProducer(acks="all", enable_idempotence=s.kafka_enable_idempotence,
                                     linger_ms=PRODUCER_LINGER_MS, request_timeout_ms=s.kafka_request_timeout_ms,
+                                    connections_max_idle_ms=CONNECTIONS_MAX_IDLE_MS,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
         stack.push_async_callback(producer.stop)  # before start: a start cut short (a signal) closes what it opened
         await _started(producer.start, "kafka producer", idempotent=s.kafka_enable_idempotence)
@@ -327,7 +332,8 @@ class _ServiceContext:
                                     rebalance_timeout_ms=max(s.kafka_session_timeout_ms,
                                                              int(s.shutdown_timeout_seconds * 1000) + REVOKE_MARGIN_MS),
                                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-                                    request_timeout_ms=s.kafka_request_timeout_ms, **kafka_common)
+                                    request_timeout_ms=s.kafka_request_timeout_ms,
+                                    connections_max_idle_ms=CONNECTIONS_MAX_IDLE_MS, **kafka_common)
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
         await _started(consumer.start, "kafka consumer")
         client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
