@@ -231,7 +231,8 @@ def check_eviction(policy: EvictionPolicy, *, allow: bool) -> None:
 class MemoryAlarm:
     """Whether Redis refuses writes for want of memory now: for ``/readyz``, one log line each way, and metrics.
 
-    Set by a call refused with OOM; cleared by the next script or pipeline that succeeds (a write, as a rule).
+    Set by any call refused with OOM; cleared when sides are stored again (:meth:`RedisJoinStore.put_many`), not by
+    any call that succeeds: deleting commands (a sweep's unlock) succeed on a full Redis.
     """
 
     def __init__(self, metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -362,7 +363,6 @@ class RedisJoinStore:
             except RedisOutOfMemory as exc:
                 self.memory.refused(exc)
                 raise
-        self.memory.succeeded()
         return reply
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
@@ -383,7 +383,6 @@ class RedisJoinStore:
             except RedisOutOfMemory as exc:
                 self.memory.refused(exc)
                 raise
-        self.memory.succeeded()
         return replies
 
     # -- keys ---------------------------------------------------------------------------------
@@ -488,6 +487,8 @@ class RedisJoinStore:
                 puts.append(ResultPut(status))
         if not in_script:
             await self._index_many(index)
+        if ops:
+            self.memory.succeeded()  # sides stored: Redis takes writes again (a delete alone would succeed when full)
         return puts
 
     def _put_batch_input(self, ops: Sequence[SpanOp | ResultOp], *, with_index: bool) -> tuple[list[Any], list[_Item]]:
