@@ -18,16 +18,18 @@ import pytest
 import structlog
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import OutOfMemoryError
 
 from consumer.config import Settings
 from consumer.errors import Misconfigured
 from consumer.ops.check import run_checks
 from consumer.service import Service
+from consumer.store_redis import connect
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.ports import free_port
-from localenv.redis import RedisServer, RedisUser
+from localenv.redis import RedisCluster, RedisServer, RedisUser
 from tests.support import Topics, eventually, group_lag, running_service, topic_size
 
 pytestmark = pytest.mark.timeout(240)
@@ -167,3 +169,19 @@ async def test_a_redis_that_will_not_tell_its_policy_is_warned_about_not_refused
             pass
     (warning,) = [entry for entry in logs if entry["event"] == "redis_eviction_policy_unknown"]
     assert "INFO memory" in warning["why"] and "CONFIG GET" in warning["why"]
+
+
+async def test_one_evicting_primary_of_a_cluster_is_enough_to_refuse_the_start(
+        make_settings: Callable[..., Settings], redis_cluster: RedisCluster) -> None:
+    """Each primary of a Redis Cluster is asked: one with volatile-lru refuses the start, naming it."""
+    client = await connect(redis_cluster.url, cluster=True)
+    assert isinstance(client, AsyncRedisCluster)
+    primary = client.get_primaries()[-1]
+    await client.config_set("maxmemory-policy", "volatile-lru", target_nodes=primary)
+    try:
+        with pytest.raises(Misconfigured, match="volatile-lru"):
+            async with Service.open(make_settings(redis_url=redis_cluster.url, redis_cluster=True)):
+                pass
+    finally:
+        await client.config_set("maxmemory-policy", "noeviction", target_nodes=primary)
+        await client.aclose()
