@@ -226,7 +226,9 @@ class Settings(KafkaSettings):
     kafka_fetch_max_wait_ms: int = Field(100, ge=0, le=10_000)
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100, le=1_200_000)
-    kafka_request_timeout_ms: int = Field(40_000, ge=1_000, le=900_000)
+    # A half-open connection (a peer or middlebox that vanished without FIN or RST) is noticed only when a request
+    # on it times out: aiokafka's 40 s default made it 80 s without progress (fetch, then a dead-letter produce).
+    kafka_request_timeout_ms: int = Field(10_000, ge=1_000, le=900_000)
     dlq_topic: str = "evaljoin.dlq"
     unmatched_topic: str = "evaljoin.unmatched"
 
@@ -243,6 +245,8 @@ class Settings(KafkaSettings):
     redis_sentinel_tls: bool = False
     redis_key_prefix: str = Field("evj", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_deadline_shards: int = Field(16, ge=1, le=4096)
+    # An evicting maxmemory-policy loses buffered sides silently: refused at start unless this says to run anyway.
+    redis_allow_eviction: bool = False
 
     # Join
     join_key: str = Field("question_id", min_length=1, max_length=100)

@@ -35,6 +35,7 @@ from consumer.enrich import EvaluationRules
 from consumer.errors import InvalidMessage, NotSent
 from consumer.events import SCHEMA_VERSION, NemoResultEvent, SpanContextEvent
 from consumer.judge import JUDGE_LABEL, JudgeLineError, OtherModel, Unrated, judge_evaluation
+from consumer.kafka_records import UNDECODABLE_BATCH, invalid_header_name
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -274,8 +275,20 @@ def _decode_result(value: bytes | None, headers: Headers, *, join_key: str, defa
     return event, sum(raw != evaluation.label for raw, evaluation in zip(given, event.evaluations, strict=False))
 
 
+def _check_header_names(headers: Headers) -> None:
+    """``undecodable_batch`` for the record that stands for a batch aiokafka could not read, ``invalid_header``
+    for a header name that is not UTF-8 (:mod:`consumer.kafka_records` reads both without raising)."""
+    for name, data in headers:
+        if name == UNDECODABLE_BATCH:
+            raise InvalidMessage("undecodable_batch", (data or b"").decode("utf-8", "replace")[:_DETAIL_LIMIT])
+        raw = invalid_header_name(name)
+        if raw is not None:
+            raise InvalidMessage("invalid_header", f"the header name {raw[:100]!r} is not UTF-8")
+
+
 def _json_object(key: bytes | None, value: bytes | None, headers: Headers, max_bytes: int,
                  what: str) -> dict[str, Any]:
+    _check_header_names(headers)
     _check_size(key, value, headers, max_bytes)
     obj = _parse_json(value)
     if not isinstance(obj, dict):

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from consumer.errors import DlqLimitExceeded, InvalidMessage, NotSent, kafka_errors
+from consumer.kafka_records import UNDECODABLE_BATCH, invalid_header_name
 from consumer.metrics import Metrics
 
 _DETAIL_LIMIT = 1000
@@ -26,6 +27,9 @@ DLQ_HEADERS = frozenset({"evaljoin.error", "evaljoin.error.detail", "evaljoin.so
 TRUNCATED_FROM = "evaljoin.truncated_from"  # the value was cut; its original length
 HEADERS_DROPPED = "evaljoin.headers_dropped"  # the record's own headers were dropped; how many
 KEY_TRUNCATED_FROM = "evaljoin.key_truncated_from"  # the key was cut; its original length
+# A header whose name is not UTF-8 (reason invalid_header) is kept as this prefix plus the name's bytes in hex,
+# with its value unchanged: Kafka clients write header names as strings, and the bytes stay recoverable.
+RAW_HEADER_NAME = "evaljoin.raw_header_name."
 
 Header = tuple[str, bytes]
 
@@ -113,7 +117,7 @@ class DeadLetters:
 
     async def _publish(self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]],
                        source: dict[str, Any], reason: str, detail: str) -> None:
-        kept = [(name, data) for name, data in headers if data is not None and name not in DLQ_HEADERS]
+        kept = _kept(headers)
         own = [
             ("evaljoin.error", reason.encode()),
             ("evaljoin.error.detail", detail[:_DETAIL_LIMIT].encode("utf-8", "replace")),
@@ -127,6 +131,18 @@ class DeadLetters:
         with kafka_errors():
             await self._producer.send_and_wait(self._topic, value=value, key=key, headers=out)
         self._metrics.dead_letters.labels(reason=reason).inc()
+
+
+def _kept(headers: Sequence[tuple[str, bytes | None]]) -> list[Header]:
+    """The record's own headers on its dead-letter copy: all but the null-valued and the DLQ's own, a name that
+    is not UTF-8 spelt as :data:`RAW_HEADER_NAME` plus its bytes in hex."""
+    kept: list[Header] = []
+    for name, data in headers:
+        if data is None or name in DLQ_HEADERS or name == UNDECODABLE_BATCH:
+            continue
+        raw = invalid_header_name(name)
+        kept.append((name if raw is None else RAW_HEADER_NAME + raw.hex(), data))
+    return kept
 
 
 def _position(source: dict[str, Any]) -> tuple[str, int, int] | None:

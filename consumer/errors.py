@@ -9,6 +9,8 @@
     │   ├── Unavailable           retriable: it may pass by itself (connection lost, timeout, a leader
     │   │   │                     or primary moving, Redis out of memory); the stage is done again
     │   │   │                     after a backoff
+    │   │   ├── RedisOutOfMemory    Redis at maxmemory with noeviction refuses writes: the batch is held
+    │   │   │                       and retried, the service unready (reason, log, metric) until memory frees
     │   │   └── RetryableDelivery   the intake: 408, 425, 429, 5xx, timeout, connection error
     │   ├── ServiceRefused        not retriable: the dependency refuses this service, not a message
     │   │                         (credentials, ACLs, a wrong site or Agent URL: intake 401, 403, 404,
@@ -108,6 +110,14 @@ class Misconfigured(DependencyError):
         self.setting = setting
 
 
+class RedisOutOfMemory(Unavailable):
+    """Redis refuses writes: its used memory is over ``maxmemory`` and its policy is ``noeviction``.
+
+    Retried like any :class:`Unavailable` (nothing is dead-lettered, no offset moves), until someone frees
+    memory or raises ``maxmemory``; meanwhile the service reports not ready (:class:`consumer.store_redis.MemoryAlarm`).
+    """
+
+
 class RetryableDelivery(Unavailable):
     """The intake did not take a request this time (after ``retry_after`` seconds, if it said, try again)."""
 
@@ -189,6 +199,8 @@ def translate_redis(exc: BaseException) -> DependencyError:
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, redis.AuthenticationError | redis.AuthorizationError | redis.NoPermissionError):
         return ServiceRefused("redis", detail, hint=REDIS_HINT)
+    if isinstance(exc, redis.OutOfMemoryError):
+        return RedisOutOfMemory("redis", detail)
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.ClusterError | redis.TryAgainError
                   | redis.ReadOnlyError | redis.OutOfMemoryError | redis.SlotNotCoveredError
                   | redis.MaxConnectionsError | OSError | TimeoutError):

@@ -77,6 +77,11 @@ class Metrics:
         self.refused = Gauge(
             f"{_PREFIX}_refused", "1 while a dependency (kafka, redis, intake) refuses the service itself "
             "(credentials, ACLs, a wrong URL): /readyz fails meanwhile.", ["component"], registry=r)
+        self.redis_out_of_memory = Gauge(
+            f"{_PREFIX}_redis_out_of_memory", "1 while Redis refuses writes for want of memory (maxmemory reached, "
+            "noeviction): batches are held and retried, /readyz fails meanwhile.", registry=r)
+        self.redis_oom_refusals = Counter(
+            f"{_PREFIX}_redis_oom_refusals", "Redis calls refused with OOM (each is retried).", registry=r)
         self.paused = Gauge(f"{_PREFIX}_paused", "1 while fetching is paused for a batch in flight.", registry=r)
         self.last_progress = Gauge(
             f"{_PREFIX}_last_progress_timestamp_seconds", "Unix time the consume loop last made progress.",

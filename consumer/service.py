@@ -46,11 +46,19 @@ from consumer.expiry import Sweeper
 from consumer.health import HealthServer
 from consumer.intake_route import RoutedSink, RouteSettings
 from consumer.join import Batch, BatchJoin, JoinedBatch, Joiner, TagJoin
+from consumer.kafka_records import install as read_any_record
 from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.stage import RETRY_CAP_S, RETRY_FIRST_S, Refusals, Stage
 from consumer.store import DeadlineIndex, JoinStore
-from consumer.store_redis import RedisClient, RedisJoinStore, connect
+from consumer.store_redis import (
+    MemoryAlarm,
+    RedisClient,
+    RedisJoinStore,
+    check_eviction,
+    connect,
+    eviction_policy,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +69,10 @@ RECORD_OVERHEAD_BYTES = 65_536  # a record's batch framing and headers beyond MA
 FETCH_MAX_BYTES = 52_428_800  # one fetch across partitions (Kafka's default), at least two records' worth
 REVOKE_MARGIN_MS = 5_000  # a revoke's commit after its batches finish
 PRODUCER_LINGER_MS = 5
+# A Kafka connection idle this long is closed and opened anew on its next use, so that a connection that died
+# silently while idle (half-open: the producer's, between dead letters) is never waited on for a request
+# timeout. Busy connections (fetch, the coordinator's heartbeats every few seconds) are never idle this long.
+CONNECTIONS_MAX_IDLE_MS = 5_000
 STARTUP_RETRY_FIRST_S = 0.5  # a broker or cluster not reachable at start is tried again after this, doubling
 STARTUP_RETRY_CAP_S = 15.0  # up to this  # dead letters and reports of one batch go out together
 
@@ -298,8 +310,10 @@ class _ServiceContext:
     @staticmethod
     async def _open(s: Settings, stack: AsyncExitStack) -> Service:
         kafka_common = s.kafka_client_options()
+        read_any_record()  # a record aiokafka cannot parse reaches the decode step instead of stopping getmany
         producer = AIOKafkaProducer(acks="all", enable_idempotence=s.kafka_enable_idempotence,
                                     linger_ms=PRODUCER_LINGER_MS, request_timeout_ms=s.kafka_request_timeout_ms,
+                                    connections_max_idle_ms=CONNECTIONS_MAX_IDLE_MS,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
         stack.push_async_callback(producer.stop)  # before start: a start cut short (a signal) closes what it opened
         await _started(producer.start, "kafka producer", idempotent=s.kafka_enable_idempotence)
@@ -316,16 +330,20 @@ class _ServiceContext:
                                     rebalance_timeout_ms=max(s.kafka_session_timeout_ms,
                                                              int(s.shutdown_timeout_seconds * 1000) + REVOKE_MARGIN_MS),
                                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-                                    request_timeout_ms=s.kafka_request_timeout_ms, **kafka_common)
+                                    request_timeout_ms=s.kafka_request_timeout_ms,
+                                    connections_max_idle_ms=CONNECTIONS_MAX_IDLE_MS, **kafka_common)
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
         await _started(consumer.start, "kafka consumer")
         client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
                                                   **s.redis_client_options()))
         stack.push_async_callback(client.aclose)
+        # An evicting Redis drops buffered sides without an error: refused (exit 2) unless REDIS_ALLOW_EVICTION.
+        check_eviction(await eviction_policy(client), allow=s.redis_allow_eviction)
+        metrics = Metrics()
+        memory = MemoryAlarm(metrics)  # a full Redis (noeviction) holds the stream; /readyz says so
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
-                               max_pending_results=s.max_pending_results_per_key)
-        metrics = Metrics()
+                               max_pending_results=s.max_pending_results_per_key, memory=memory)
         sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
             url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
             metrics=metrics, max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
@@ -340,7 +358,7 @@ class _ServiceContext:
                 host=s.health_host, port=s.health_port, metrics=metrics,
                 liveness_timeout_s=s.liveness_timeout_seconds, last_progress=lambda: service.last_progress,
                 in_group=lambda: service.in_group, redis_ping=service.ping_redis,
-                not_ready_because=service.not_ready_because))
+                not_ready_because=lambda: service.not_ready_because() or memory.reason()))
         return service
 
     async def __aexit__(self, *exc: object) -> None:

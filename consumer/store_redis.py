@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
+import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -39,7 +40,9 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from consumer import records
-from consumer.errors import redis_errors
+from consumer.clock import SYSTEM_CLOCK, Clock
+from consumer.errors import DependencyError, Misconfigured, RedisOutOfMemory, redis_errors
+from consumer.metrics import Metrics
 from consumer.store import (
     SLOT_CHARS,
     ClaimVerdict,
@@ -56,6 +59,8 @@ from consumer.store import (
 )
 
 RedisClient = Redis | RedisCluster
+
+log = structlog.get_logger(__name__)
 
 _SEP = "\x1f"  # cannot occur in a tag: tags are percent-encoded
 
@@ -143,6 +148,125 @@ async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
     return str(host), int(port)
 
 
+# -- memory -------------------------------------------------------------------------------------------
+# The store keeps every buffered side and ledger entry until its deadline: a Redis that evicts keys under memory
+# pressure drops joins and re-sends evaluations without a word. With noeviction a full Redis refuses writes
+# instead (OOM), and the service holds the stream, retrying, until memory frees.
+
+EVICTING_POLICIES = ("allkeys-", "volatile-")  # allkeys-lru|lfu|random, volatile-lru|lfu|random|ttl
+EVICTION_HINT = ("set maxmemory-policy to noeviction (then a full Redis refuses writes and the service waits, "
+                 "unready, losing nothing), or set REDIS_ALLOW_EVICTION=true to run anyway and accept the loss")
+
+
+@dataclass(frozen=True)
+class EvictionPolicy:
+    """The ``maxmemory-policy`` of the Redis (every primary of a cluster), as far as the server would say."""
+
+    policies: frozenset[str]  # empty: neither CONFIG GET nor INFO answered
+    source: str  # "INFO memory", "CONFIG GET", or why neither answered
+
+    @property
+    def evicting(self) -> list[str]:
+        return sorted(p for p in self.policies if p.startswith(EVICTING_POLICIES))
+
+    @property
+    def known(self) -> bool:
+        return bool(self.policies)
+
+    def describe(self) -> str:
+        names = ", ".join(sorted(self.policies)) or "unknown"
+        return f"maxmemory-policy {names} (from {self.source})"
+
+
+def _policy_values(reply: Any, field_name: str) -> set[str]:
+    """``field_name`` from a CONFIG GET or INFO reply: one node's dict, or a cluster's dict of them per node."""
+    if not isinstance(reply, dict):
+        return set()
+    values = [reply[field_name]] if field_name in reply else [
+        node[field_name] for node in reply.values() if isinstance(node, dict) and field_name in node]
+    return {value.decode() if isinstance(value, bytes) else str(value) for value in values}
+
+
+async def eviction_policy(client: RedisClient) -> EvictionPolicy:
+    """What ``maxmemory-policy`` Redis runs with (on a cluster, every primary's): ``INFO memory``, else
+    ``CONFIG GET`` (managed Redis services often disable CONFIG, and an ACL user may lack it).
+    A refusal of both, or a Redis not reachable, gives an unknown policy (the source says why); never raises."""
+    nodes: dict[str, Any] = {"target_nodes": RedisCluster.PRIMARIES} if isinstance(client, RedisCluster) else {}
+    why = []
+    # INFO first: the ACL the README gives allows it and not CONFIG (a refusal would be in Redis's ACL log).
+    for source, field_name in (("INFO memory", "maxmemory_policy"), ("CONFIG GET", "maxmemory-policy")):
+        try:
+            with redis_errors():
+                reply = await (client.config_get("maxmemory-policy", **nodes) if source == "CONFIG GET"
+                               else client.info("memory", **nodes))
+        except DependencyError as exc:  # refused (an ACL), an unknown command (renamed), unreachable at start
+            why.append(f"{source}: {exc.detail}")
+            if exc.retriable:
+                break  # not reachable now: not to be waited for here (the stages wait for Redis)
+            continue
+        found = _policy_values(reply, field_name)
+        if found:
+            return EvictionPolicy(frozenset(found), source)
+        why.append(f"{source}: no {field_name}")
+    return EvictionPolicy(frozenset(), "; ".join(why))
+
+
+def check_eviction(policy: EvictionPolicy, *, allow: bool) -> None:
+    """At start: refuse an evicting policy (:class:`Misconfigured`, exit code 2) unless ``allow``; then warn loudly.
+    A policy Redis would not tell is warned about, not refused."""
+    if not policy.known:
+        log.warning("redis_eviction_policy_unknown", why=policy.source,
+                    hint="check that maxmemory-policy is noeviction: an evicting policy loses buffered sides")
+        return
+    if not policy.evicting:
+        return
+    detail = (f"Redis runs with {policy.describe()}: under memory pressure it drops buffered sides and delivery "
+              "ledger entries, so joins are lost and evaluations sent twice, without an error")
+    if not allow:
+        raise Misconfigured("redis", "REDIS_ALLOW_EVICTION", f"{detail}; {EVICTION_HINT}")
+    log.error("redis_evicts_keys", policy=policy.evicting, source=policy.source, detail=detail,
+              allowed_by="REDIS_ALLOW_EVICTION=true")
+
+
+class MemoryAlarm:
+    """Whether Redis refuses writes for want of memory now: for ``/readyz``, one log line each way, and metrics.
+
+    Set by any call refused with OOM; cleared when sides are stored again (:meth:`RedisJoinStore.put_many`), not by
+    any call that succeeds: deleting commands (a sweep's unlock) succeed on a full Redis.
+    """
+
+    def __init__(self, metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._since: float | None = None
+        self._error = ""
+
+    def refused(self, error: RedisOutOfMemory) -> None:
+        if self._metrics is not None:
+            self._metrics.redis_oom_refusals.inc()
+            self._metrics.redis_out_of_memory.set(1)
+        if self._since is None:
+            self._since = self._clock.monotonic()
+            self._error = error.detail
+            log.error("redis_out_of_memory", error=error.detail,
+                      hint="Redis is at maxmemory (noeviction) and refuses writes: the batch is held and retried, "
+                           "nothing is committed or dead-lettered; free memory or raise maxmemory")
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        log.info("redis_memory_available_again", after_s=round(self._clock.monotonic() - self._since, 1))
+        self._since = None
+        if self._metrics is not None:
+            self._metrics.redis_out_of_memory.set(0)
+
+    def reason(self) -> str | None:
+        if self._since is None:
+            return None
+        return (f"redis is out of memory for {self._clock.monotonic() - self._since:.0f} s and refuses writes "
+                f"({self._error}); the stream is held until memory frees")
+
+
 ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call
 
 
@@ -210,8 +334,10 @@ class RedisJoinStore:
     :class:`~consumer.store.Inspectable` on Redis or Redis Cluster."""
 
     def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
-                 ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0) -> None:
+                 ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0,
+                 memory: MemoryAlarm | None = None) -> None:
         self._client = client
+        self.memory = memory or MemoryAlarm()
         # Results that may wait for one join key's span (0: no limit); a result over it is refused ("full").
         self._max_pending = max_pending_results
         # At most this many commands in flight, so that a large batch never exhausts the client's pool.
@@ -231,8 +357,13 @@ class RedisJoinStore:
 
     async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
         async with self._slots:
-            with redis_errors():
-                return await script(keys=keys, args=args)
+            try:
+                with redis_errors():
+                    reply = await script(keys=keys, args=args)
+            except RedisOutOfMemory as exc:
+                self.memory.refused(exc)
+                raise
+        return reply
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
         async with self._slots:
@@ -242,12 +373,17 @@ class RedisJoinStore:
     async def _pipelined(self, queue: Callable[[Any], Awaitable[None] | None]) -> list[Any]:
         """One round trip: ``queue(pipe)`` queues the commands, their replies come back in order."""
         async with self._slots:
-            with redis_errors():
-                pipe = self._client.pipeline(transaction=False)
-                queued = queue(pipe)
-                if queued is not None:
-                    await queued
-                return list(await pipe.execute())
+            try:
+                with redis_errors():
+                    pipe = self._client.pipeline(transaction=False)
+                    queued = queue(pipe)
+                    if queued is not None:
+                        await queued
+                    replies = list(await pipe.execute())
+            except RedisOutOfMemory as exc:
+                self.memory.refused(exc)
+                raise
+        return replies
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -351,6 +487,8 @@ class RedisJoinStore:
                 puts.append(ResultPut(status))
         if not in_script:
             await self._index_many(index)
+        if ops:
+            self.memory.succeeded()  # sides stored: Redis takes writes again (a delete alone would succeed when full)
         return puts
 
     def _put_batch_input(self, ops: Sequence[SpanOp | ResultOp], *, with_index: bool) -> tuple[list[Any], list[_Item]]:

@@ -6,16 +6,24 @@ intake would reject, missing keys, unknown schema versions, odd header bytes, re
 topic, empty records, random bytes). :func:`adversarial_pair` draws the content of a valid pair that
 is odd but legal (any Unicode join key and ml_app, rare labels, odd headers). The unit tests feed them
 to the decoder; the reliability suite feeds them to a running consumer.
+
+Some records cannot be written through a Kafka client's string API: a header *name* that is not UTF-8
+(librdkafka-based producers write whatever bytes they are given). :class:`RawName` carries such a name, and
+:func:`send_raw` writes a record holding one to a real broker, below the client's string API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from hypothesis import strategies as st
 
 from consumer.events import normalise_label
@@ -23,6 +31,43 @@ from consumer.events import normalise_label
 ID_HEADER = "reliability.id"  # names each record for the reliability suite; generated headers never use it
 MAX_BYTES = 131_072  # the MAX_MESSAGE_BYTES the records are sized against: "oversize" is over it
 LABEL_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,199}$")
+
+
+class RawName(str):
+    """A header name given as bytes, any bytes: what aiokafka's pure-Python batch builder writes for it.
+
+    The builder writes ``name.encode("utf-8")``; this returns the raw bytes instead. aiokafka's C builder
+    refuses a ``str`` subclass, so records holding one go through :func:`send_raw`.
+    """
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawName:
+        name = super().__new__(cls, raw.decode("utf-8", "surrogateescape"))
+        name.raw = raw
+        return name
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+INVALID_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80", b"\xe2\x82", b"\xc0\xaf"]
+
+
+def has_raw_name(headers: Sequence[tuple[str, bytes | None]] | None) -> bool:
+    return any(isinstance(name, RawName) for name, _ in headers or ())
+
+
+async def send_raw(producer: AIOKafkaProducer, topic: str, value: bytes | None, *, key: bytes | None = None,
+                   headers: Sequence[tuple[str, bytes | None]] = (), partition: int = 0) -> asyncio.Future[Any]:
+    """Queue one record whose header names may be :class:`RawName` bytes, as a batch of its own; returns the
+    future of its acknowledgement. The producer must not be idempotent (its C batch builder is replaced)."""
+    batch = producer.create_batch()
+    batch._builder = _DefaultRecordBatchBuilderPy(2, 0, is_transactional=0, producer_id=-1, producer_epoch=-1,
+                                                  base_sequence=0, batch_size=1 << 21)
+    batch.append(timestamp=None, key=key, value=value, headers=list(headers))
+    future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return future
 
 
 @dataclass(frozen=True)
@@ -73,7 +118,7 @@ def hostile(draw: st.DrawFn) -> Hostile:
     category = draw(st.sampled_from([
         "broken_json", "wrong_type", "huge_string", "oversize", "deep_nesting", "huge_metadata", "invalid_utf8",
         "nan_inf", "bad_label", "missing_key", "schema_version", "odd_ml_app_header", "wrong_topic", "empty",
-        "not_an_object", "random_bytes",
+        "not_an_object", "random_bytes", "header_name_not_utf8", "odd_run_id_header",
     ]))
     on_span, event = _base(draw)
     reasons = frozenset({"schema"})
@@ -123,8 +168,7 @@ def hostile(draw: st.DrawFn) -> Hostile:
             _evaluation(event)["metadata"] = blob
         value = orjson.dumps(event)
     elif category == "invalid_utf8":
-        bad = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80",
-                                    b"\xe2\x82"]))
+        bad = draw(st.sampled_from(INVALID_UTF8))
         event["join_key"] = PLACEHOLDER
         value = orjson.dumps(event).replace(PLACEHOLDER.encode(), b"q" + bad + b"q")
         reasons = frozenset({"invalid_json"})
@@ -164,6 +208,17 @@ def hostile(draw: st.DrawFn) -> Hostile:
             app = (draw(st.text(max_size=10)) + draw(st.sampled_from(["\x00", "\x1b", "\x7f", "\n"]))).encode()
         headers.append(("ml_app", app))
         value = orjson.dumps(event)
+    elif category == "header_name_not_utf8":
+        # The name is not UTF-8; the value may be anything. The record is otherwise valid.
+        raw = draw(st.binary(max_size=20)) + draw(st.sampled_from(INVALID_UTF8)) + draw(st.binary(max_size=20))
+        headers.insert(draw(st.integers(0, len(headers))), (RawName(raw), draw(st.binary(max_size=100))))
+        value = orjson.dumps(event)
+        reasons = frozenset({"invalid_header"})
+    elif category == "odd_run_id_header":
+        # run_id is read from the header when the event has none (judged_model only for judge lines).
+        headers.append(("run_id", draw(st.binary(min_size=1, max_size=50).filter(lambda b: not _utf8(b)))))
+        value = orjson.dumps(event)
+        reasons = frozenset({"invalid_header"})
     elif category == "wrong_topic":
         event = _result(1) if on_span else _span(1)
         event["kind"] = "nemo_result" if on_span else "span_context"

@@ -17,7 +17,15 @@ from redis import exceptions as redis_exceptions
 from consumer.config import Settings
 from consumer.errors import kafka_errors_logged
 from consumer.intake_route import NoRoute, RouteSettings, ask_agent, choose_route, target
-from consumer.store_redis import RedisClient, SentinelTarget, connect, sentinel_primary
+from consumer.store_redis import (
+    EVICTION_HINT,
+    EvictionPolicy,
+    RedisClient,
+    SentinelTarget,
+    connect,
+    eviction_policy,
+    sentinel_primary,
+)
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,24 @@ async def _redis(settings: Settings) -> list[Finding]:
         if fsync not in (None, "always", b"always"):
             findings.append(Finding("redis", True, f"appendfsync is {fsync!r}, not 'always': a crash can lose "
                                     "up to about a second of buffered sides", warning=True))
+        findings.append(_eviction_finding(await eviction_policy(client), allow=settings.redis_allow_eviction))
         return findings
     finally:
         await client.aclose()
+
+
+def _eviction_finding(policy: EvictionPolicy, *, allow: bool) -> Finding:
+    """An evicting maxmemory-policy fails the check (the service refuses to start) unless REDIS_ALLOW_EVICTION."""
+    if not policy.known:
+        return Finding("redis", True, f"maxmemory-policy unknown ({policy.source}): make sure it is noeviction, an "
+                       "evicting policy drops buffered sides and ledger entries under memory pressure", warning=True)
+    if not policy.evicting:
+        return Finding("redis", True, f"{policy.describe()}: a full Redis refuses writes and the service waits")
+    why = (f"{policy.describe()}: under memory pressure Redis drops buffered sides and ledger entries, so joins "
+           "are lost and evaluations sent twice, without an error")
+    if allow:
+        return Finding("redis", True, f"{why}; allowed by REDIS_ALLOW_EVICTION=true", warning=True)
+    return Finding("redis", False, f"{why}; the service refuses to start: {EVICTION_HINT}")
 
 
 async def _sentinel_primary(client: RedisClient, target: SentinelTarget) -> list[Finding]:

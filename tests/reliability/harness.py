@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ from pydantic import SecretStr
 
 from consumer.config import Settings
 from localenv.intake import FakeIntake
+from tests.hostile import has_raw_name, send_raw
 from tests.support import eventually, group_lag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,10 +116,18 @@ def interleave(pairs: Iterable[Pair], span_topic: str, result_topic: str, rng: r
 
 
 async def publish(producer: AIOKafkaProducer, messages: Sequence[Message], *, chunk: int = 2000) -> None:
-    """Send in order without waiting for each acknowledgement, then wait for all of them."""
+    """Send in order without waiting for each acknowledgement, then wait for all of them.
+
+    A record with a header name that is not UTF-8 (:class:`tests.hostile.RawName`) goes below the client's string
+    API, as a batch of its own on a partition of its key."""
     for start in range(0, len(messages), chunk):
         pending: list[Awaitable[Any]] = []
         for topic, key, value, headers in messages[start:start + chunk]:
+            if has_raw_name(headers):
+                partitions = sorted(producer._metadata.partitions_for_topic(topic) or {0})
+                partition = partitions[zlib.crc32(key or b"") % len(partitions)]
+                pending.append(await send_raw(producer, topic, value, key=key, headers=headers, partition=partition))
+                continue
             pending.append(await producer.send(topic, value, key=key, headers=headers or None))
         await asyncio.gather(*pending)
 

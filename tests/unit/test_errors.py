@@ -11,6 +11,7 @@ from redis import exceptions as redis
 
 from consumer.errors import (
     DependencyError,
+    RedisOutOfMemory,
     ServiceRefused,
     Unavailable,
     kafka_errors,
@@ -57,7 +58,7 @@ def test_other_kafka_errors_are_not_retried(error: Exception) -> None:
     (redis.NoPermissionError("NOPERM this user has no permissions"), ServiceRefused),
     (redis.ConnectionError("Connection refused"), Unavailable),
     (redis.TimeoutError("Timeout reading from socket"), Unavailable),
-    (redis.OutOfMemoryError("OOM command not allowed"), Unavailable),
+    (redis.OutOfMemoryError("OOM command not allowed"), RedisOutOfMemory),
     (redis.ReadOnlyError("READONLY You can't write against a read only replica"), Unavailable),
     (redis.ResponseError("BUSY Redis is busy running a script"), Unavailable),
     (redis.ClusterDownError("CLUSTERDOWN"), Unavailable),
