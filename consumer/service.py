@@ -50,7 +50,7 @@ from consumer.metrics import Metrics
 from consumer.sink import EvaluationSink, HttpIntakeSink
 from consumer.stage import RETRY_CAP_S, RETRY_FIRST_S, Refusals, Stage
 from consumer.store import DeadlineIndex, JoinStore
-from consumer.store_redis import RedisClient, RedisJoinStore, connect
+from consumer.store_redis import RedisClient, RedisJoinStore, ReplicaAck, connect
 
 log = structlog.get_logger(__name__)
 
@@ -326,7 +326,8 @@ class _ServiceContext:
         stack.push_async_callback(client.aclose)
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
-                               max_pending_results=s.max_pending_results_per_key)
+                               max_pending_results=s.max_pending_results_per_key,
+                               replica_ack=ReplicaAck(s.redis_wait_replicas, s.redis_wait_timeout_ms))
         metrics = Metrics()
         sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
             url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
