@@ -242,10 +242,11 @@ class ReplicaAck:
     primary that got writes is sent a marker write (``SET prefix:{ackN}``) and ``WAIT`` on one
     connection, after the batch's writes. The replication stream is ordered, so a replica that has the
     marker has every write before it, whichever connection made them, including the writes of an
-    earlier try of the batch whose ``WAIT`` fell short (done again, they change nothing and replicate
-    nothing). On a single Redis or a Sentinel-monitored primary the writes, the marker and ``WAIT``
-    are one pipeline on one connection; on a Redis Cluster the marker and ``WAIT`` go to each primary
-    that got writes, right after them.
+    earlier try of the batch whose ``WAIT`` fell short (done again, they may change nothing, and then
+    the connection that does them again has no write of its own to wait for). On a single Redis or a
+    Sentinel-monitored primary the writes, the marker and ``WAIT`` are one pipeline on one connection;
+    on a Redis Cluster the marker and ``WAIT`` go to each primary that got writes, right after them (a
+    failover completed within that gap is not covered: it takes the cluster's node timeout).
     """
 
     replicas: int
