@@ -21,6 +21,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
+from localenv.netfault import NetFault
 from localenv.ports import free_ports
 from localenv.tls import Certificates, make_certificates
 
@@ -648,6 +649,7 @@ class RedisSentinelSet(LocalService):
         self._certificates: Certificates | None = None
         self._nodes: list[_Instance] = []
         self._sentinels: list[_Instance] = []
+        self._links: list[NetFault] = []
 
     # -- what clients need ---------------------------------------------------------------------------
 
@@ -726,12 +728,48 @@ class RedisSentinelSet(LocalService):
             raise
 
     def kill_primary(self) -> int:
-        """SIGKILL the current primary (a crash; it is not restarted) and return its port."""
+        """SIGKILL the current primary (a crash; it is not restarted) and return its port.
+
+        Replication links delayed by :meth:`delay_replication` are reset at the same moment: the primary's host
+        is gone, and with it what those links still carried.
+        """
         port = self.primary_port
         node = next(node for node in self._nodes if node.port == port)
         if node.proc is not None:
             kill_process(node.proc)
+        for link in self._links:
+            link.cut(rst=True)
+            link.stop()
+        self._links = []
         return port
+
+    def delay_replication(self, seconds: float) -> None:
+        """Route each replica's link to the primary through a fault proxy that delays what the primary sends.
+
+        The replicas then lag the primary by ``seconds``, as behind a slow network or while busy: what the
+        primary acknowledged in that time is not on any replica yet. Sentinels correct a replica whose
+        primary address differs from theirs only after the failover timeout, so give ``failover_timeout_ms``
+        longer than the test. Returns once every replica is in sync through its proxy.
+        """
+        primary = self.primary_port
+        for node in self._nodes:
+            if node.port == primary or not _alive(node):
+                continue
+            link = NetFault("127.0.0.1", primary)
+            link.start()
+            link.add_latency(seconds, direction="downstream")
+            self._links.append(link)
+            client = self._client(node.port, self.password)
+            try:
+                client.replicaof("127.0.0.1", link.port)
+            finally:
+                client.close()
+
+            def through_link(port: int = node.port, link_port: int = link.port) -> bool:
+                info = self._info(port)
+                return info.get("master_port") == link_port and info.get("master_link_status") == "up"
+
+            self._wait(through_link, node, "replica in sync through its delayed link")
 
     def restart_node(self, port: int) -> None:
         """Start a killed data node again on its port and directory; the sentinels make it a replica of the primary."""
@@ -771,6 +809,9 @@ class RedisSentinelSet(LocalService):
 
         Idempotent; also the way to clean up after :meth:`kill_primary`.
         """
+        for link in self._links:
+            link.stop()
+        self._links = []
         for instance in [*self._sentinels, *self._nodes]:
             if instance.proc is not None and instance.proc.poll() is None:
                 instance.proc.terminate()
