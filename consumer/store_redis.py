@@ -25,9 +25,12 @@ when the events name a run (each part percent-encoded):
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
@@ -202,6 +205,30 @@ def _book_results(book: bytes) -> set[bytes]:
     return {book[i + SLOT_CHARS:i + 2 * SLOT_CHARS] for i in range(0, len(book), 2 * SLOT_CHARS)}
 
 
+@contextmanager
+def _redis_calls() -> Iterator[None]:
+    """:func:`~consumer.errors.redis_errors`, and a connection torn down under a command in flight as what it is.
+
+    redis-py's asyncio connections can raise ``AttributeError`` or ``TypeError`` instead of a connection
+    error when one task's command meets a connection another task (or the peer) just closed: seen when a
+    Redis Cluster primary was SIGKILLed mid-stream, where it stopped the process (redis-py issue 4287
+    describes the same kind). Raised with redis-py's connection code innermost, it is a lost connection:
+    :class:`~consumer.errors.Unavailable`, and the batch is done again. Anywhere else it stays a defect.
+    """
+    with redis_errors():
+        try:
+            yield
+        except (AttributeError, TypeError) as exc:
+            in_redis_py = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)
+                           if f"{os.sep}redis{os.sep}" in frame.filename]
+            if not in_redis_py or not in_redis_py[-1].endswith(_REDIS_CONNECTION_CODE):
+                raise
+            raise Unavailable("redis", f"connection closed under a command ({type(exc).__name__}: {exc})") from exc
+
+
+_REDIS_CONNECTION_CODE = f"{os.sep}redis{os.sep}asyncio{os.sep}connection.py"  # the innermost redis-py frame
+
+
 def _check_acknowledged(ack: ReplicaAck, reply: Any, where: str) -> None:
     """``WAIT``'s reply: enough replicas, or :class:`~consumer.errors.Unavailable` (the batch is done again)."""
     if int(reply) < ack.replicas:
@@ -285,18 +312,18 @@ class RedisJoinStore:
 
     async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
         async with self._slots:
-            with redis_errors():
+            with _redis_calls():
                 return await script(keys=keys, args=args)
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
         async with self._slots:
-            with redis_errors():
+            with _redis_calls():
                 return await command
 
     async def _pipelined(self, queue: Callable[[Any], Awaitable[None] | None]) -> list[Any]:
         """One round trip: ``queue(pipe)`` queues the commands, their replies come back in order."""
         async with self._slots:
-            with redis_errors():
+            with _redis_calls():
                 pipe = self._client.pipeline(transaction=False)
                 queued = queue(pipe)
                 if queued is not None:
@@ -417,7 +444,7 @@ class RedisJoinStore:
             commands = [PipelineCommand(0, "SET", self._cluster_marker(cluster, node), "1", "PX", ACK_MARKER_TTL_MS),
                         PipelineCommand(1, "WAIT", ack.replicas, ack.timeout_ms)]
             async with self._slots:
-                with redis_errors():
+                with _redis_calls():
                     try:
                         await node.execute_pipeline(commands)
                     except (RedisError, OSError, TimeoutError):

@@ -508,6 +508,19 @@ class RedisCluster(LocalService):
         self._procs[index] = spawn(self._args[port], log_path=node_dir / "redis.log", cwd=node_dir)
         self._wait_ping(port, self._procs[index])
 
+    def wait_for_replicas(self, key: str, count: int, *, timeout: float = 30.0) -> None:
+        """Wait until the primary serving ``key`` has ``count`` replicas and every replica is in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if len(self.replicas_of(self.primary_of(key))) >= count and self._replicas_in_sync():
+                    return
+            except (RuntimeError, redis.RedisError):
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the primary of {key!r} has not {count} replicas in sync after {timeout:.0f}s")
+            time.sleep(0.1)
+
     def pause_node(self, port: int) -> None:
         """SIGSTOP a node: it holds its connections but answers nothing (a replica that stops acknowledging)."""
         self._procs[self._ports.index(port)].send_signal(signal.SIGSTOP)
@@ -554,6 +567,8 @@ class RedisCluster(LocalService):
 
     def _replicas_in_sync(self) -> bool:
         for port in self._ports:
+            if not self._alive(port):
+                continue
             client = self._client(port)
             try:
                 info = client.info("replication")
@@ -777,6 +792,19 @@ class RedisSentinelSet(LocalService):
         if _alive(node):
             raise RuntimeError(f"{node.name} is still running")
         self._launch(require_binary("redis-server", _INSTALL_HINT), node, sentinel=False)
+
+    def wait_for_replicas(self, count: int, *, timeout: float = 30.0) -> None:
+        """Wait until the primary the sentinels name has ``count`` replicas in sync (after :meth:`restart_node`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._info(self.primary_port)
+            online = [value for name, value in info.items() if name.startswith("slave") and name[5:].isdigit()
+                      and isinstance(value, dict) and value.get("state") == "online"]
+            if len(online) >= count and all(self._in_sync(int(value["port"])) for value in online):
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the primary has {len(online)} replicas in sync after {timeout:.0f}s, not {count}")
+            time.sleep(0.1)
 
     def pause_node(self, port: int) -> None:
         """SIGSTOP a data node: it holds its connections but answers nothing (a replica that stops acknowledging)."""
