@@ -26,7 +26,7 @@ from bench.results import Figures, Scaling, Throughput, median, plain
 from bench.runner import Env, Options, bare, buffered, drain, guide, latency, memory, soak, timed
 from bench.traffic import ORDERS, TrafficSpec
 from localenv.kafka import KafkaBroker
-from localenv.redis import RedisServer
+from localenv.redis import RedisSentinelSet, RedisServer
 
 STEPS = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide", *PEERS)
 # The targets the table judges against (docs/performance.md explains each).
@@ -91,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--redis-url", help="use this Redis (standalone) instead of starting one")
     e.add_argument("--appendfsync", default="always", choices=("always", "everysec", "no"),
                    help="AOF policy of the redis-server the benchmark starts")
+    e.add_argument("--redis-replicas", type=int, default=0,
+                   help="start the Redis as a primary with this many replicas (the service uses the primary)")
+    e.add_argument("--redis-wait-replicas", type=int, default=0,
+                   help="REDIS_WAIT_REPLICAS of the service: writes wait for this many replicas")
     e.add_argument("--workdir", type=Path, default=d.workdir, help="consumer logs, guide files, profile")
     e.add_argument("--json", type=Path, help="also write every figure here")
     return p
@@ -303,10 +307,14 @@ async def amain(opts: Options, args: argparse.Namespace) -> int:
             with timed("starting Kafka"):
                 bootstrap = stack.enter_context(KafkaBroker()).bootstrap_servers
         redis_url = args.redis_url
-        if not redis_url:
+        if not redis_url and args.redis_replicas:
+            replicated = stack.enter_context(RedisSentinelSet(replicas=args.redis_replicas))
+            redis_url = f"redis://127.0.0.1:{replicated.primary_port}/0"
+        elif not redis_url:
             redis_url = stack.enter_context(RedisServer(appendfsync=args.appendfsync)).url
         intake = stack.enter_context(LineRateIntake())
-        env = Env(bootstrap=bootstrap, redis_url=redis_url, intake=intake, workdir=opts.workdir)
+        env = Env(bootstrap=bootstrap, redis_url=redis_url, intake=intake, workdir=opts.workdir,
+                  redis_wait_replicas=args.redis_wait_replicas)
         figures = await measure(env, opts)
     table, ok = render(opts, figures, heading)
     sys.stdout.write(table + "\n")

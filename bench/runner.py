@@ -113,6 +113,7 @@ class Env:
     redis_url: str
     intake: LineRateIntake
     workdir: Path
+    redis_wait_replicas: int = 0  # REDIS_WAIT_REPLICAS of the service
 
 
 # -- consumer processes ---------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class Run:
             "SPAN_TOPIC": self.span_topic, "RESULT_TOPIC": self.result_topic,
             "DLQ_TOPIC": f"{self.span_topic}.dlq", "UNMATCHED_TOPIC": f"{self.span_topic}.unmatched",
             "REDIS_URL": env.redis_url, "REDIS_KEY_PREFIX": self.prefix,
+            "REDIS_WAIT_REPLICAS": str(env.redis_wait_replicas),
             "DD_LLMOBS_OVERRIDE_ORIGIN": env.intake.origin, "DD_LLMOBS_AGENTLESS_ENABLED": "true",
             "DD_API_KEY": "bench-api-key", "HEALTH_PORT": "0", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
         }

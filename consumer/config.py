@@ -12,7 +12,7 @@ import os
 import re
 import ssl
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -247,6 +247,10 @@ class Settings(KafkaSettings):
     redis_deadline_shards: int = Field(16, ge=1, le=4096)
     # An evicting maxmemory-policy loses buffered sides silently: refused at start unless this says to run anyway.
     redis_allow_eviction: bool = False
+    # Replica acknowledgement (WAIT) of every buffered write and ledger record before offsets move; 0: off.
+    # The timeout stays below the client's 5 s socket timeout, which WAIT's blocking reply must not outlast.
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=4000)
 
     # Join
     join_key: str = Field("question_id", min_length=1, max_length=100)
@@ -360,6 +364,23 @@ class Settings(KafkaSettings):
             raise ValueError("REDIS_SSL_CAFILE is set but REDIS_SENTINEL_TLS is false: set REDIS_SENTINEL_TLS=true"
                              if self.redis_sentinels else
                              "REDIS_SSL_CAFILE is set but REDIS_URL does not use TLS: use rediss://")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_wait_fits_the_socket_timeout(self) -> Settings:
+        """WAIT blocks its connection for up to REDIS_WAIT_TIMEOUT_MS: a shorter socket timeout would cut every
+        acknowledgement that waits, and the batch would be tried again for ever."""
+        if self.redis_wait_replicas == 0:
+            return self
+        query = parse_qs(urlsplit(self.redis_url.get_secret_value()).query)
+        for value in query.get("socket_timeout", []):
+            try:
+                seconds = float(value)
+            except ValueError:
+                continue
+            if seconds * 1000 <= self.redis_wait_timeout_ms:
+                raise ValueError(f"REDIS_WAIT_TIMEOUT_MS ({self.redis_wait_timeout_ms}) must be below the "
+                                 "socket_timeout in REDIS_URL, which would cut every WAIT that waits")
         return self
 
     @model_validator(mode="after")

@@ -55,6 +55,7 @@ from consumer.store_redis import (
     MemoryAlarm,
     RedisClient,
     RedisJoinStore,
+    ReplicaAck,
     check_eviction,
     connect,
     eviction_policy,
@@ -343,7 +344,8 @@ class _ServiceContext:
         memory = MemoryAlarm(metrics)  # a full Redis (noeviction) holds the stream; /readyz says so
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
-                               max_pending_results=s.max_pending_results_per_key, memory=memory)
+                               max_pending_results=s.max_pending_results_per_key, memory=memory,
+                               replica_ack=ReplicaAck(s.redis_wait_replicas, s.redis_wait_timeout_ms))
         sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
             url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
             metrics=metrics, max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,

@@ -18,30 +18,35 @@ when the events name a run (each part percent-encoded):
 ``prefix:{tag}:x``        sides whose deadline passed, kept until their report is published
 ``prefix:{dlN}:idx``      deadline index shard N: sorted set member -> deadline (ms)
 ``prefix:{dlN}:lock``     sweeper lock of shard N
+``prefix:{ackN}``         replica acknowledgement marker (only with ``wait_replicas``), one per primary
 ========================  =====================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, RedisError
 
 from consumer import records
 from consumer.clock import SYSTEM_CLOCK, Clock
-from consumer.errors import DependencyError, Misconfigured, RedisOutOfMemory, redis_errors
+from consumer.errors import DependencyError, Misconfigured, RedisOutOfMemory, Unavailable, redis_errors
 from consumer.metrics import Metrics
 from consumer.store import (
     SLOT_CHARS,
@@ -324,9 +329,82 @@ def _book_results(book: bytes) -> set[bytes]:
     return {book[i + SLOT_CHARS:i + 2 * SLOT_CHARS] for i in range(0, len(book), 2 * SLOT_CHARS)}
 
 
+@contextmanager
+def _redis_calls() -> Iterator[None]:
+    """:func:`~consumer.errors.redis_errors`, and a connection torn down under a command in flight as what it is.
+
+    redis-py's asyncio connections can raise ``AttributeError`` or ``TypeError`` instead of a connection
+    error when one task's command meets a connection another task (or the peer) just closed: seen when a
+    Redis Cluster primary was SIGKILLed mid-stream, where it stopped the process (redis-py issue 4287
+    describes the same kind). Raised with redis-py's connection code innermost, it is a lost connection:
+    :class:`~consumer.errors.Unavailable`, and the batch is done again. Anywhere else it stays a defect.
+    """
+    with redis_errors():
+        try:
+            yield
+        except (AttributeError, TypeError) as exc:
+            in_redis_py = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)
+                           if f"{os.sep}redis{os.sep}" in frame.filename]
+            if not in_redis_py or not in_redis_py[-1].endswith(_REDIS_CONNECTION_CODE):
+                raise
+            raise Unavailable("redis", f"connection closed under a command ({type(exc).__name__}: {exc})") from exc
+
+
+_REDIS_CONNECTION_CODE = f"{os.sep}redis{os.sep}asyncio{os.sep}connection.py"  # the innermost redis-py frame
+
+
+def _check_acknowledged(ack: ReplicaAck, reply: Any, where: str) -> None:
+    """``WAIT``'s reply: enough replicas, or :class:`~consumer.errors.Unavailable` (the batch is done again)."""
+    if int(reply) < ack.replicas:
+        raise Unavailable("redis", f"WAIT: {int(reply)} of {ack.replicas} replicas acknowledged the writes{where} "
+                                   f"within {ack.timeout_ms} ms (REDIS_WAIT_REPLICAS)")
+
+
+def _reinitialise(cluster: RedisCluster, node: ClusterNode) -> None:
+    """What redis-py's cluster client does after a node failed a command: try it last, and read the slots again."""
+    cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+    cluster._initialize = True  # redis-py's own flag: read the cluster's slots before the next command
+
+
+def _node_of(cluster: RedisCluster, key: str) -> ClusterNode:
+    node = cluster.get_node_from_key(key)
+    if node is None:
+        raise Unavailable("redis", f"no node serves the slot of {key!r}")
+    return node
+
+
 def _member(op: SpanOp | ResultOp) -> str:
     """A side's name in the deadline index: what :meth:`RedisJoinStore.due` reads back into a :class:`DueSide`."""
     return f"s{_SEP}{op.ns.tag}" if isinstance(op, SpanOp) else f"r{_SEP}{op.ns.tag}{_SEP}{op.event_id}"
+
+
+@dataclass(frozen=True)
+class ReplicaAck:
+    """Wait for replicas to acknowledge every buffered write and ledger record before it counts as stored.
+
+    Redis replicates asynchronously: a primary answers a write before any replica has it, so a failover
+    after that answer loses the write (a buffered side that never joins, a ledger entry that lets an
+    evaluation go again). With a ``ReplicaAck``, :meth:`RedisJoinStore.put_many` and
+    :meth:`RedisJoinStore.settle_many` return only once ``replicas`` replicas acknowledged their writes,
+    and raise :class:`~consumer.errors.Unavailable` (the batch is done again) when fewer did within
+    ``timeout_ms``: the offsets of that batch are not committed.
+
+    How: ``WAIT`` counts the replicas that acknowledged the last write *of its own connection*, so each
+    primary that got writes is sent a marker write (``SET prefix:{ackN}``) and ``WAIT`` on one
+    connection, after the batch's writes. The replication stream is ordered, so a replica that has the
+    marker has every write before it, whichever connection made them, including the writes of an
+    earlier try of the batch whose ``WAIT`` fell short (done again, they may change nothing, and then
+    the connection that does them again has no write of its own to wait for). On a single Redis or a
+    Sentinel-monitored primary the writes, the marker and ``WAIT`` are one pipeline on one connection;
+    on a Redis Cluster the marker and ``WAIT`` go to each primary that got writes, right after them (a
+    failover completed within that gap is not covered: it takes the cluster's node timeout).
+    """
+
+    replicas: int
+    timeout_ms: int
+
+
+ACK_MARKER_TTL_MS = 600_000  # a marker is one small key per primary, rewritten by every acknowledged batch
 
 
 class RedisJoinStore:
@@ -335,9 +413,11 @@ class RedisJoinStore:
 
     def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
                  ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0,
-                 memory: MemoryAlarm | None = None) -> None:
+                 memory: MemoryAlarm | None = None, replica_ack: ReplicaAck | None = None) -> None:
         self._client = client
         self.memory = memory or MemoryAlarm()
+        self._ack = replica_ack if replica_ack is not None and replica_ack.replicas > 0 else None
+        self._markers: dict[str, str] = {}  # cluster: primary's name -> a marker key in one of its slots
         # Results that may wait for one join key's span (0: no limit); a result over it is refused ("full").
         self._max_pending = max_pending_results
         # At most this many commands in flight, so that a large batch never exhausts the client's pool.
@@ -358,7 +438,7 @@ class RedisJoinStore:
     async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
         async with self._slots:
             try:
-                with redis_errors():
+                with _redis_calls():
                     reply = await script(keys=keys, args=args)
             except RedisOutOfMemory as exc:
                 self.memory.refused(exc)
@@ -367,14 +447,14 @@ class RedisJoinStore:
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
         async with self._slots:
-            with redis_errors():
+            with _redis_calls():
                 return await command
 
     async def _pipelined(self, queue: Callable[[Any], Awaitable[None] | None]) -> list[Any]:
         """One round trip: ``queue(pipe)`` queues the commands, their replies come back in order."""
         async with self._slots:
             try:
-                with redis_errors():
+                with _redis_calls():
                     pipe = self._client.pipeline(transaction=False)
                     queued = queue(pipe)
                     if queued is not None:
@@ -414,7 +494,8 @@ class RedisJoinStore:
 
         await self._pipelined(queue)
 
-    async def _run_batched(self, script: AsyncScript, head: list[Any], items: Sequence[_Item]) -> list[Any]:
+    async def _run_batched(self, script: AsyncScript, head: list[Any], items: Sequence[_Item], *,
+                           acknowledged: bool = False) -> list[Any]:
         """Run a batch script over items: one reply per item, in item order.
 
         A batch script takes the keys of all its items, then ``head`` and the args of all its items,
@@ -423,6 +504,9 @@ class RedisJoinStore:
         go in calls of at most ``ITEMS_PER_CALL`` (no call holds Redis for long), pipelined in one
         round trip. On a cluster every key of a call must share a slot: one call per namespace, with
         that namespace's items in order, and namespaces concurrently (at most ``max_concurrency``).
+
+        ``acknowledged`` (with a :class:`ReplicaAck`): the calls, the marker and ``WAIT`` in one pipeline on a
+        single Redis; on a cluster the caller acknowledges (:meth:`_acknowledge_cluster`) once its writes are done.
         """
         if not items:
             return []
@@ -444,7 +528,8 @@ class RedisJoinStore:
             await asyncio.gather(*(one_namespace(indexes) for indexes in groups.values()))
             return replies
         chunks = [items[i:i + ITEMS_PER_CALL] for i in range(0, len(items), ITEMS_PER_CALL)]
-        if len(chunks) == 1:
+        ack = self._ack if acknowledged else None
+        if len(chunks) == 1 and ack is None:
             keys, args = keys_args(chunks[0])
             return list(await self._call(script, keys=keys, args=args))
 
@@ -452,8 +537,63 @@ class RedisJoinStore:
             for chunk in chunks:
                 keys, args = keys_args(chunk)
                 await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads missing scripts
+            if ack is not None:
+                pipe.set(self._marker_key(0), "1", px=ACK_MARKER_TTL_MS)
+                pipe.execute_command("WAIT", ack.replicas, ack.timeout_ms)
 
-        return [reply for result in await self._pipelined(queue) for reply in result]
+        results = await self._pipelined(queue)
+        if ack is not None:
+            _check_acknowledged(ack, results[-1], "")
+            results = results[:-2]
+        return [reply for result in results for reply in result]
+
+    # -- replica acknowledgement (ReplicaAck) -----------------------------------------------------
+
+    def _marker_key(self, n: int) -> str:
+        return f"{self._prefix}:{{ack{n}}}"
+
+    def _cluster_marker(self, cluster: RedisCluster, node: ClusterNode) -> str:
+        """A marker key in one of ``node``'s slots (found once, looked for again when the slots moved)."""
+        known = self._markers.get(node.name)
+        if known is not None and _node_of(cluster, known).name == node.name:
+            return known
+        for n in range(100_000):  # 16384 slots: a primary of even a few slots has one among the first tries
+            key = self._marker_key(n)
+            if _node_of(cluster, key).name == node.name:
+                self._markers[node.name] = key
+                return key
+        raise Unavailable("redis", f"no marker key found in the slots of {node.name}")
+
+    async def _acknowledge_cluster(self, written: Sequence[str]) -> None:
+        """With a :class:`ReplicaAck` on a cluster: the marker and ``WAIT`` on each primary holding a ``written`` key.
+
+        Each goes to the node itself on one of its connections, without redis-py's redirection and retry,
+        which could send ``WAIT`` on another connection than its marker: any failure is the batch's.
+        """
+        if self._ack is None or not isinstance(self._client, RedisCluster) or not written:
+            return
+        cluster, ack = self._client, self._ack
+        nodes = {node.name: node for node in (_node_of(cluster, key) for key in written)}
+
+        async def one(node: ClusterNode) -> None:
+            commands = [PipelineCommand(0, "SET", self._cluster_marker(cluster, node), "1", "PX", ACK_MARKER_TTL_MS),
+                        PipelineCommand(1, "WAIT", ack.replicas, ack.timeout_ms)]
+            async with self._slots:
+                with _redis_calls():
+                    try:
+                        await node.execute_pipeline(commands)
+                    except (RedisError, OSError, TimeoutError):
+                        _reinitialise(cluster, node)
+                        raise
+                    for command in commands:
+                        if isinstance(command.result, BaseException):
+                            _reinitialise(cluster, node)  # MOVED, a node turned replica (READONLY), ...
+                            if isinstance(command.result, AskError):  # (MovedError too): slots moved
+                                raise Unavailable("redis", f"{type(command.result).__name__}: {command.result}")
+                            raise command.result
+            _check_acknowledged(ack, commands[1].result, f" on {node.name}")
+
+        await asyncio.gather(*(one(node) for node in nodes.values()))
 
     # -- join -----------------------------------------------------------------------------------
 
@@ -465,7 +605,8 @@ class RedisJoinStore:
         message uncommitted, and its redelivery (status "duplicate") indexes it then.
         """
         in_script = not isinstance(self._client, RedisCluster)
-        replies = await self._run_batched(self._put, *self._put_batch_input(ops, with_index=in_script))
+        replies = await self._run_batched(self._put, *self._put_batch_input(ops, with_index=in_script),
+                                          acknowledged=True)
         puts: list[SpanPut | ResultPut] = []
         index: list[tuple[Namespace, str, int]] = []
         for op, reply in zip(ops, replies, strict=True):
@@ -487,6 +628,8 @@ class RedisJoinStore:
                 puts.append(ResultPut(status))
         if not in_script:
             await self._index_many(index)
+            await self._acknowledge_cluster([self._key(op.ns, "s") for op in ops] +
+                                            [self.index_key(self.shard_of(ns)) for ns, _, _ in index])
         if ops:
             self.memory.succeeded()  # sides stored: Redis takes writes again (a delete alone would succeed when full)
         return puts
@@ -526,7 +669,8 @@ class RedisJoinStore:
 
     async def settle_many(self, requests: Sequence[Settle]) -> None:
         """Settles for many namespaces in one round trip."""
-        await self._run_batched(self._settle, *self._settle_batch_input(requests))
+        await self._run_batched(self._settle, *self._settle_batch_input(requests), acknowledged=True)
+        await self._acknowledge_cluster([self._key(request.ns, "d") for request in requests])
 
     def _settle_batch_input(self, requests: Sequence[Settle]) -> tuple[list[Any], list[_Item]]:
         """settle_batch.lua's ARGV retention_ms, and per request its ledger, pending hash and three lists."""

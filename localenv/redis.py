@@ -6,6 +6,7 @@ import functools
 import hashlib
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -16,9 +17,11 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from localenv._process import LocalService, kill_process, log_tail, require_binary, spawn, terminate_process
+from localenv.netfault import NetFault
 from localenv.ports import free_ports
 from localenv.tls import Certificates, make_certificates
 
@@ -39,6 +42,8 @@ SERVICE_COMMANDS = (
     "zadd", "zrem", "zscore", "zrange", "zrangebyscore", "zcard",
     # `inspect` counts buffered sides per ml_app
     "scan",
+    # REDIS_WAIT_REPLICAS: replica acknowledgement of the writes
+    "wait",
 )
 """Every command the service and its operator commands send to a single Redis, scripts included."""
 
@@ -345,32 +350,40 @@ class RedisServer(LocalService):
 
 
 class RedisCluster(LocalService):
-    """A Redis Cluster of ``nodes`` masters (no replicas) on 127.0.0.1.
+    """A Redis Cluster of ``nodes`` primaries, each with ``replicas`` replicas (default none), on 127.0.0.1.
 
     What callers may assume once :meth:`start` has returned:
 
-    * All 16384 slots are assigned across the nodes and every node reports
+    * All 16384 slots are assigned across the primaries and every node reports
       ``cluster_state:ok`` and knows every other node, so
-      ``redis.cluster.RedisCluster(startup_nodes=...)`` works at once.
+      ``redis.cluster.RedisCluster(startup_nodes=...)`` works at once; with
+      ``replicas``, every replica is in sync with its primary.
     * Each node runs with ``appendonly yes`` and ``appendfsync always`` in
       its own temporary directory (removed by :meth:`stop`).
+    * With replicas, :meth:`kill_primary` SIGKILLs a primary and a replica takes
+      its slots over after ``node_timeout_ms`` (:meth:`wait_for_failover`);
+      :meth:`restart_node` brings the killed node back, as a replica of its successor.
 
-    :meth:`stop` stops every node. At least 3 nodes are required by
+    :meth:`stop` stops every node. At least 3 primaries are required by
     ``redis-cli --cluster create``.
     """
 
-    def __init__(self, *, nodes: int = 3, startup_timeout: float = 30.0) -> None:
+    def __init__(self, *, nodes: int = 3, replicas: int = 0, node_timeout_ms: int = 5000,
+                 startup_timeout: float = 30.0) -> None:
         if nodes < 3:
             raise ValueError(f"a Redis Cluster needs at least 3 masters, got nodes={nodes}")
         self._nodes = nodes
+        self._replicas = replicas
+        self._node_timeout_ms = node_timeout_ms
         self._startup_timeout = startup_timeout
         self._root: Path | None = None
         self._ports: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._args: dict[int, list[str]] = {}
 
     @property
     def ports(self) -> list[int]:
-        """The nodes' ports, in creation order. Only valid after :meth:`start`."""
+        """Every node's port, in creation order (primaries first at start). Only valid after :meth:`start`."""
         if not self._ports:
             raise RuntimeError("RedisCluster has not been started")
         return list(self._ports)
@@ -403,50 +416,27 @@ class RedisCluster(LocalService):
         self._root = Path(tempfile.mkdtemp(prefix="redis-cluster-"))
         # The cluster bus needs a second port per node. Redis defaults it to
         # port + 10000, which may be taken (or above 65535), so pick it too.
-        all_ports = free_ports(2 * self._nodes)
-        self._ports = all_ports[: self._nodes]
-        bus_ports = all_ports[self._nodes :]
+        total = self._nodes * (1 + self._replicas)
+        all_ports = free_ports(2 * total)
+        self._ports = all_ports[:total]
+        bus_ports = all_ports[total:]
         try:
             for port, bus_port in zip(self._ports, bus_ports, strict=True):
                 node_dir = self._root / str(port)
                 node_dir.mkdir()
-                args = [
-                    server,
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--save",
-                    "",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    str(bus_port),
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                    "--dir",
-                    str(node_dir),
-                    "--daemonize",
-                    "no",
+                self._args[port] = [
+                    server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                    "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                    "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self._node_timeout_ms),
+                    "--appendonly", "yes", "--appendfsync", "always", "--repl-diskless-sync-delay", "0",
+                    "--dir", str(node_dir), "--daemonize", "no",
                 ]
-                self._procs.append(spawn(args, log_path=node_dir / "redis.log", cwd=node_dir))
+                self._procs.append(spawn(self._args[port], log_path=node_dir / "redis.log", cwd=node_dir))
             for port, proc in zip(self._ports, self._procs, strict=True):
-                _wait_until(
-                    functools.partial(_ping, port, None),
-                    proc,
-                    timeout=self._startup_timeout,
-                    what=f"redis-server (cluster node) on port {port}",
-                    log_path=self._root / str(port) / "redis.log",
-                )
+                self._wait_ping(port, proc)
             create = [cli, "--cluster", "create"]
             create += [f"127.0.0.1:{port}" for port in self._ports]
-            create += ["--cluster-replicas", "0", "--cluster-yes"]
+            create += ["--cluster-replicas", str(self._replicas), "--cluster-yes"]
             result = subprocess.run(create, capture_output=True, text=True, timeout=self._startup_timeout, check=False)
             if result.returncode != 0:
                 raise RuntimeError(
@@ -467,17 +457,106 @@ class RedisCluster(LocalService):
             terminate_process(proc, timeout=10.0)
         self._procs = []
         self._ports = []
+        self._args = {}
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
+
+    # -- failover ----------------------------------------------------------------------------------------
+
+    def primary_of(self, key: str) -> int:
+        """The port of the primary that serves ``key``'s slot now, as a live node says."""
+        slot = key_slot(key.encode())
+        for port in (p for p in self._ports if self._alive(p)):
+            client = self._client(port)
+            try:
+                for start, end, primary, *_ in client.cluster("SLOTS"):
+                    if int(start) <= slot <= int(end):
+                        return int(primary[1])
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise RuntimeError(f"no live node says which primary serves {key!r}")
+
+    def kill_primary(self, key: str) -> int:
+        """SIGKILL the primary serving ``key`` (a crash; it is not restarted) and return its port."""
+        port = self.primary_of(key)
+        kill_process(self._procs[self._ports.index(port)])
+        return port
+
+    def wait_for_failover(self, key: str, old_port: int, *, timeout: float = 30.0) -> int:
+        """Wait until a live node other than ``old_port`` serves ``key``'s slot as a primary and the cluster is ok."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                port = self.primary_of(key)
+                if port != old_port and self._cluster_summary(port).startswith("ok/"):
+                    return port
+            except (RuntimeError, redis.RedisError):
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no failover from port {old_port} after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def restart_node(self, port: int) -> None:
+        """Start a killed node again on its port and directory; it rejoins (as a replica of its successor)."""
+        index = self._ports.index(port)
+        if self._procs[index].poll() is None:
+            raise RuntimeError(f"node {port} is still running")
+        node_dir = Path(self._args[port][self._args[port].index("--dir") + 1])
+        self._procs[index] = spawn(self._args[port], log_path=node_dir / "redis.log", cwd=node_dir)
+        self._wait_ping(port, self._procs[index])
+
+    def wait_for_replicas(self, key: str, count: int, *, timeout: float = 30.0) -> None:
+        """Wait until the primary serving ``key`` has ``count`` replicas and every replica is in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if len(self.replicas_of(self.primary_of(key))) >= count and self._replicas_in_sync():
+                    return
+            except (RuntimeError, redis.RedisError):
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the primary of {key!r} has not {count} replicas in sync after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def pause_node(self, port: int) -> None:
+        """SIGSTOP a node: it holds its connections but answers nothing (a replica that stops acknowledging)."""
+        self._procs[self._ports.index(port)].send_signal(signal.SIGSTOP)
+
+    def resume_node(self, port: int) -> None:
+        """SIGCONT a node paused by :meth:`pause_node`."""
+        self._procs[self._ports.index(port)].send_signal(signal.SIGCONT)
+
+    def replicas_of(self, port: int) -> list[int]:
+        """The ports of the replicas the primary on ``port`` has now."""
+        client = self._client(port)
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        return [int(value["port"]) for name, value in info.items() if name.startswith("slave") and name[5:].isdigit()]
+
+    def _alive(self, port: int) -> bool:
+        return self._procs[self._ports.index(port)].poll() is None
+
+    def _client(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0,
+                           retry=_no_retry())
+
+    def _wait_ping(self, port: int, proc: subprocess.Popen[bytes]) -> None:
+        assert self._root is not None
+        _wait_until(functools.partial(_ping, port, None), proc, timeout=self._startup_timeout,
+                    what=f"redis-server (cluster node) on port {port}", log_path=self._root / str(port) / "redis.log")
 
     def _wait_cluster_ok(self) -> None:
         deadline = time.monotonic() + self._startup_timeout
         states: dict[int, str] = {}
         while True:
             states = {port: self._cluster_summary(port) for port in self._ports}
-            expected = f"ok/{self._nodes}/16384"
-            if all(state == expected for state in states.values()):
+            expected = f"ok/{len(self._ports)}/16384"
+            if all(state == expected for state in states.values()) and self._replicas_in_sync():
                 return
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -485,6 +564,21 @@ class RedisCluster(LocalService):
                     f"(state/known_nodes/slots_ok per port: {states})"
                 )
             time.sleep(0.05)
+
+    def _replicas_in_sync(self) -> bool:
+        for port in self._ports:
+            if not self._alive(port):
+                continue
+            client = self._client(port)
+            try:
+                info = client.info("replication")
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     @staticmethod
     def _cluster_summary(port: int) -> str:
@@ -570,6 +664,7 @@ class RedisSentinelSet(LocalService):
         self._certificates: Certificates | None = None
         self._nodes: list[_Instance] = []
         self._sentinels: list[_Instance] = []
+        self._links: list[NetFault] = []
 
     # -- what clients need ---------------------------------------------------------------------------
 
@@ -648,12 +743,80 @@ class RedisSentinelSet(LocalService):
             raise
 
     def kill_primary(self) -> int:
-        """SIGKILL the current primary (a crash; it is not restarted) and return its port."""
+        """SIGKILL the current primary (a crash; it is not restarted) and return its port.
+
+        Replication links delayed by :meth:`delay_replication` are reset at the same moment: the primary's host
+        is gone, and with it what those links still carried.
+        """
         port = self.primary_port
         node = next(node for node in self._nodes if node.port == port)
         if node.proc is not None:
             kill_process(node.proc)
+        for link in self._links:
+            link.cut(rst=True)
+            link.stop()
+        self._links = []
         return port
+
+    def delay_replication(self, seconds: float) -> None:
+        """Route each replica's link to the primary through a fault proxy that delays what the primary sends.
+
+        The replicas then lag the primary by ``seconds``, as behind a slow network or while busy: what the
+        primary acknowledged in that time is not on any replica yet. Sentinels correct a replica whose
+        primary address differs from theirs only after the failover timeout, so give ``failover_timeout_ms``
+        longer than the test. Returns once every replica is in sync through its proxy.
+        """
+        primary = self.primary_port
+        for node in self._nodes:
+            if node.port == primary or not _alive(node):
+                continue
+            link = NetFault("127.0.0.1", primary)
+            link.start()
+            link.add_latency(seconds, direction="downstream")
+            self._links.append(link)
+            client = self._client(node.port, self.password)
+            try:
+                client.replicaof("127.0.0.1", link.port)
+            finally:
+                client.close()
+
+            def through_link(port: int = node.port, link_port: int = link.port) -> bool:
+                info = self._info(port)
+                return info.get("master_port") == link_port and info.get("master_link_status") == "up"
+
+            self._wait(through_link, node, "replica in sync through its delayed link")
+
+    def restart_node(self, port: int) -> None:
+        """Start a killed data node again on its port and directory; the sentinels make it a replica of the primary."""
+        node = next(node for node in self._nodes if node.port == port)
+        if _alive(node):
+            raise RuntimeError(f"{node.name} is still running")
+        self._launch(require_binary("redis-server", _INSTALL_HINT), node, sentinel=False)
+
+    def wait_for_replicas(self, count: int, *, timeout: float = 30.0) -> None:
+        """Wait until the primary the sentinels name has ``count`` replicas in sync (after :meth:`restart_node`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._info(self.primary_port)
+            online = [value for name, value in info.items() if name.startswith("slave") and name[5:].isdigit()
+                      and isinstance(value, dict) and value.get("state") == "online"]
+            if len(online) >= count and all(self._in_sync(int(value["port"])) for value in online):
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the primary has {len(online)} replicas in sync after {timeout:.0f}s, not {count}")
+            time.sleep(0.1)
+
+    def pause_node(self, port: int) -> None:
+        """SIGSTOP a data node: it holds its connections but answers nothing (a replica that stops acknowledging)."""
+        proc = next(node.proc for node in self._nodes if node.port == port)
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+
+    def resume_node(self, port: int) -> None:
+        """SIGCONT a node paused by :meth:`pause_node`."""
+        proc = next(node.proc for node in self._nodes if node.port == port)
+        assert proc is not None
+        proc.send_signal(signal.SIGCONT)
 
     def wait_for_failover(self, old_port: int, *, timeout: float = 30.0) -> int:
         """Wait until every live sentinel names a primary other than ``old_port`` and it says it is one; its port."""
@@ -674,6 +837,9 @@ class RedisSentinelSet(LocalService):
 
         Idempotent; also the way to clean up after :meth:`kill_primary`.
         """
+        for link in self._links:
+            link.stop()
+        self._links = []
         for instance in [*self._sentinels, *self._nodes]:
             if instance.proc is not None and instance.proc.poll() is None:
                 instance.proc.terminate()

@@ -142,6 +142,16 @@ What the chart cannot see is not checked: the contents of an existing Secret (RE
 {{- end }}
 {{- end }}
 
+{{- /* Settings._redis_wait_fits_the_socket_timeout, on REDIS_URL when the chart knows it. */}}
+{{- if and $redisUrlKnown (gt (int64 ($c.REDIS_WAIT_REPLICAS | default 0)) 0) }}
+{{- range regexFindAll "[?&]socket_timeout=[^&#]*" $redisUrl -1 }}
+{{- $seconds := regexReplaceAll "^[?&]socket_timeout=" . "" }}
+{{- if and (regexMatch "^[0-9]+([.][0-9]*)?$" $seconds) (le (mulf (float64 $seconds) 1000.0) (float64 $c.REDIS_WAIT_TIMEOUT_MS)) }}
+{{- fail (printf "REDIS_WAIT_TIMEOUT_MS (%v) must be below the socket_timeout in REDIS_URL, which would cut every WAIT that waits" $c.REDIS_WAIT_TIMEOUT_MS) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- /* Settings._redis_sentinel_is_complete, with consumer.config.parse_sentinels */}}
 {{- if not $sentinels }}
 {{- $given := list }}
