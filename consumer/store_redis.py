@@ -40,6 +40,7 @@ from redis.commands.core import AsyncScript
 
 from consumer import records
 from consumer.errors import redis_errors
+from consumer.redis_wire import pack_with_hiredis
 from consumer.store import (
     SLOT_CHARS,
     ClaimVerdict,
@@ -122,14 +123,18 @@ async def connect(target: str | SentinelTarget, *, cluster: bool = False, max_co
         client: _SentinelPrimary = sentinel.master_for(target.master, redis_class=_SentinelPrimary,
                                                        max_connections=max_connections)
         client.sentinel_manager, client.master_name = sentinel, target.master
+        pack_with_hiredis(client)
         return client
     if cluster:
         cluster_client = RedisCluster.from_url(target, max_connections=max_connections, **options)
+        pack_with_hiredis(cluster_client)
         await cluster_client.initialize()
         return cluster_client
     # from_pool: the client owns the pool and closes its connections on aclose().
-    return Redis.from_pool(BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=30,
-                                                           **options))
+    standalone = Redis.from_pool(BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=30,
+                                                                 **options))
+    pack_with_hiredis(standalone)
+    return standalone
 
 
 async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
