@@ -315,6 +315,8 @@ def _validated(model: type[_E], fields: dict[str, Any], headers: Headers, defaul
         event = model.model_validate(fields)
     except ValidationError as exc:
         raise _schema_error(exc) from exc
+    if event.ml_app:  # the event's own, already held to _checked_app's rule by the model (Name): no copy to make
+        return event
     return event.model_copy(update={"ml_app": _checked_app(_resolve_ml_app(event.ml_app, headers, default_ml_app))})
 
 

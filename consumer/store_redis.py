@@ -48,6 +48,7 @@ from consumer import records
 from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.errors import DependencyError, Misconfigured, RedisOutOfMemory, Unavailable, redis_errors
 from consumer.metrics import Metrics
+from consumer.redis_wire import pack_with_hiredis
 from consumer.store import (
     SLOT_CHARS,
     ClaimVerdict,
@@ -132,14 +133,18 @@ async def connect(target: str | SentinelTarget, *, cluster: bool = False, max_co
         client: _SentinelPrimary = sentinel.master_for(target.master, redis_class=_SentinelPrimary,
                                                        max_connections=max_connections)
         client.sentinel_manager, client.master_name = sentinel, target.master
+        pack_with_hiredis(client)
         return client
     if cluster:
         cluster_client = RedisCluster.from_url(target, max_connections=max_connections, **options)
+        pack_with_hiredis(cluster_client)
         await cluster_client.initialize()
         return cluster_client
     # from_pool: the client owns the pool and closes its connections on aclose().
-    return Redis.from_pool(BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=30,
-                                                           **options))
+    standalone = Redis.from_pool(BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=30,
+                                                                 **options))
+    pack_with_hiredis(standalone)
+    return standalone
 
 
 async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
