@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
+from bench.peer_view import stored_span
 from consumer import payload
 
 _BODY_HEAD = b'{"data":{"type":"evaluation_metric","attributes":{"metrics":['
@@ -95,6 +96,7 @@ class Application(quixstreams.Application):  # type: ignore[misc]
 def metrics(value: tuple[dict[str, Any], dict[str, Any]], key: Any, timestamp: int, headers: Any) -> list[bytes]:
     """A joined pair's eval-metric objects, encoded (the result's receive time is the record's timestamp)."""
     span, result = value
+    span = stored_span(span)
     result = {**result, "received_ts_ms": timestamp}
     return [payload.encode_metric(payload.build_metric(span, result, i)) for i in range(len(result["evaluations"]))]
 

@@ -36,6 +36,8 @@ from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Soa
 from bench.traffic import Pair, Send, TrafficSpec, make_pairs, schedule, write_guide_files
 from consumer import payload, records
 from consumer.config import Settings
+from consumer.enrich import EvaluationRules
+from consumer.events import SpanContextEvent
 from consumer.store import Namespace, SpanOp
 from consumer.store_redis import RedisJoinStore, connect
 from localenv.kafka import acreate_topics
@@ -365,6 +367,13 @@ class Preloaded:
     pairs: dict[bytes, Pair] = field(default_factory=dict)  # by span id
 
 
+def stored_span_of(raw: bytes) -> dict[str, Any]:
+    """A span-context event as the service stores it under its default rules (consumer.enrich): the
+    allow-listed tags only, ``ml_app_version`` resolved. The peers must build what the service sends."""
+    event = EvaluationRules().span(SpanContextEvent.model_validate(orjson.loads(raw)))
+    return event.model_dump(mode="json")
+
+
 def mismatched_metrics(bodies: list[bytes], pairs: dict[bytes, Pair]) -> int:
     """Metrics in ``bodies`` that are not one of the objects build_metric makes of their pair."""
     wrong = 0
@@ -374,7 +383,7 @@ def mismatched_metrics(bodies: list[bytes], pairs: dict[bytes, Pair]) -> int:
             if pair is None:
                 wrong += 1
                 continue
-            span, result = orjson.loads(pair.span), orjson.loads(pair.result)
+            span, result = stored_span_of(pair.span), orjson.loads(pair.result)
             result["received_ts_ms"] = 0  # not used: every generated evaluation has its timestamp
             wrong += metric not in [payload.build_metric(span, result, i) for i in range(len(result["evaluations"]))]
     return wrong

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from bench.runner import mismatched_metrics
+from bench.peer_view import stored_span
+from bench.runner import mismatched_metrics, stored_span_of
 from bench.traffic import TrafficSpec, make_pairs
 from consumer import payload
 
@@ -17,7 +18,7 @@ def _body(metrics: list[dict[str, object]]) -> bytes:
 
 
 def _built(pair_span: bytes, pair_result: bytes) -> list[dict[str, object]]:
-    span, result = orjson.loads(pair_span), orjson.loads(pair_result)
+    span, result = stored_span_of(pair_span), orjson.loads(pair_result)
     result["received_ts_ms"] = 0
     return [payload.build_metric(span, result, i) for i in range(len(result["evaluations"]))]
 
@@ -35,3 +36,17 @@ def test_the_objects_build_metric_makes_pass_and_any_change_is_counted() -> None
 
     stranger = dict(metrics[0], join_on={"span": {"span_id": "1", "trace_id": "0"}})
     assert mismatched_metrics([_body([stranger])], by_id) == 1
+
+
+@pytest.mark.parametrize("tags", [
+    {}, {"env": "prod", "version": "1.4.2"}, {"env": "prod", "team": "search", "service": "bot"},
+    {"ml_app_version": "7", "version": "1.0"}, {"team": "search"},
+])
+@pytest.mark.parametrize("ml_app_version", [None, "2.0.0"])
+def test_the_peers_span_view_is_the_services(tags: dict[str, str], ml_app_version: str | None) -> None:
+    """A peer's plain-dict view of a span (bench.peer_view) is what the service stores under its defaults."""
+    event = {"schema_version": 1, "kind": "span_context", "ml_app": "app", "join_key": "q-1", "trace_id": "ab",
+             "span_id": "12", "tags": tags, "ml_app_version": ml_app_version}
+    expected = stored_span_of(orjson.dumps(event))
+    view = stored_span(event)
+    assert (view["tags"], view["ml_app_version"]) == (expected["tags"], expected["ml_app_version"])

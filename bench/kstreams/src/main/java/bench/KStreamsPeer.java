@@ -127,6 +127,9 @@ public final class KStreamsPeer {
     System.err.flush();
   }
 
+  /** The span tags the service keeps and carries onto evaluations by default (SPAN_TAGS_TO_EVALUATION). */
+  static final java.util.Set<String> SPAN_TAGS = java.util.Set.of("env", "service", "version");
+
   /** The eval-metric objects of a joined pair, as consumer.payload.build_metric builds them. */
   static List<byte[]> metrics(byte[] spanBytes, byte[] resultBytes, String ddtraceVersion) {
     try {
@@ -153,18 +156,35 @@ public final class KStreamsPeer {
         metric.set("timestamp_ms", timestamp);
         metric.set(metricType + "_value", evaluation.get("value"));
         metric.put("ml_app", mlApp);
-        ArrayNode tags = metric.putArray("tags");
-        tags.add("ddtrace.version:" + ddtraceVersion);
-        tags.add("ml_app:" + mlApp);
-        for (Map.Entry<String, JsonNode> tag : evaluation.path("tags").properties()) {
-          if (tag.getKey().equals("ddtrace.version") || tag.getKey().equals("ml_app")) {
-            tags.set(tag.getKey().equals("ml_app") ? 1 : 0,
-                JSON.getNodeFactory().textNode(tag.getKey() + ":" + tag.getValue().asText()));
-          } else {
-            tags.add(tag.getKey() + ":" + tag.getValue().asText());
+        // Tags as build_metric orders them (a Python dict: a later value replaces an earlier one in its
+        // place): ddtrace.version, ml_app, the span's allow-listed tags (SPAN_TAGS_TO_EVALUATION's default,
+        // env, service and version, are all the service stores), then the evaluation's own.
+        Map<String, String> tagValues = new java.util.LinkedHashMap<>();
+        tagValues.put("ddtrace.version", ddtraceVersion);
+        tagValues.put("ml_app", mlApp);
+        for (Map.Entry<String, JsonNode> tag : span.path("tags").properties()) {
+          if (SPAN_TAGS.contains(tag.getKey())) {
+            tagValues.put(tag.getKey(), tag.getValue().asText());
           }
         }
-        metric.put("eval_scope", "span");
+        for (Map.Entry<String, JsonNode> tag : evaluation.path("tags").properties()) {
+          tagValues.put(tag.getKey(), tag.getValue().asText());
+        }
+        ArrayNode tags = metric.putArray("tags");
+        tagValues.forEach((key, value) -> tags.add(key + ":" + value));
+        String scope = evaluation.path("eval_scope").asText("");
+        metric.put("eval_scope", scope.isEmpty() ? "span" : scope);
+        // The span's ml_app_version: its field, else its ml_app_version tag, else its version tag.
+        String version = span.path("ml_app_version").asText("");
+        if (version.isEmpty()) {
+          version = span.path("tags").path("ml_app_version").asText("");
+        }
+        if (version.isEmpty()) {
+          version = span.path("tags").path("version").asText("");
+        }
+        if (!version.isEmpty()) {
+          metric.put("ml_app_version", version);
+        }
         if (!evaluation.path("assessment").asText("").isEmpty()) {
           metric.set("assessment", evaluation.get("assessment"));
         }
@@ -175,8 +195,9 @@ public final class KStreamsPeer {
         if (evaluation.path("metadata").isObject()) {
           metadata.setAll((ObjectNode) evaluation.get("metadata"));
         }
-        if (provenance.isObject() && provenance.size() > 0 && !metadata.has("nemo")) {
-          ObjectNode nemo = metadata.putObject("nemo");
+        if (provenance.isObject() && provenance.size() > 0) {
+          // A producer's own "nemo" key keeps its place; the provenance then goes under evaljoin_provenance.
+          ObjectNode nemo = metadata.putObject(metadata.has("nemo") ? "evaljoin_provenance" : "nemo");
           for (Map.Entry<String, JsonNode> field : provenance.properties()) {
             if (!field.getValue().isNull()) {
               nemo.set(field.getKey(), field.getValue());
