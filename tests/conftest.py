@@ -30,6 +30,21 @@ structlog.configure(
     logger_factory=structlog.stdlib.LoggerFactory(),
     wrapper_class=structlog.stdlib.BoundLogger,
 )
+_configure_structlog = structlog.configure
+
+
+@pytest.fixture(autouse=True)
+def _structlog_isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that runs a command's ``configure_logging`` leaves structlog as it found it.
+
+    The commands cache each logger on first use; a logger cached under one test's configuration would
+    ignore the next test's ``capture_logs``. In tests nothing is cached, and the configuration is restored.
+    """
+    saved = structlog.get_config()
+    monkeypatch.setattr(structlog, "configure", lambda **options: _configure_structlog(
+        **{**options, "cache_logger_on_first_use": False}))
+    yield
+    _configure_structlog(**saved)
 
 
 @pytest.fixture(scope="session")
