@@ -70,6 +70,16 @@ def span_context_event(exported: Mapping[str, Any], *, join_key: str | int, ml_a
     )
 
 
+def join_tag_value(join_key: str | int, run_id: str | None = None) -> str:
+    """The value to tag an answer's span with for evaljoin's tag join (``JOIN_BY_TAG``) under its default rule.
+
+    The join key, or ``<run_id>:<join_key>`` in a run: Datadog joins a tag to exactly one span, and a bare
+    ``question_id`` names the answer of every run over the dataset. A deployment with ``JOIN_TAG_VALUE``
+    set tags by that template instead.
+    """
+    return f"{run_id}:{join_key}" if run_id else str(join_key)
+
+
 class SpanContextReporter:
     """Publishes the span context of LLM Observability spans to the span-context topic.
 
@@ -166,8 +176,9 @@ async def answer(question: Question, *, client: AsyncOpenAI, model: str, system_
             messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": question.text}],
         )
         content = response.choices[0].message.content or ""
+        # The join key as a span tag too, so a deployment that joins this app by tag (JOIN_BY_TAG) finds the span.
         LLMObs.annotate(input_data=question.text, output_data=content,
-                        tags={"question_id": question.question_id})
+                        tags={"question_id": join_tag_value(question.question_id, reporter.run_id)})
         event = await reporter.report(question.question_id)
     return {"question_id": question.question_id, "trace_id": event.trace_id, "span_id": event.span_id,
             "answer": content}

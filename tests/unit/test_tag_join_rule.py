@@ -22,6 +22,7 @@ from consumer.join import Joined, Joiner, JoinResult, Source, TagJoin
 from consumer.metrics import Metrics
 from consumer.store import Namespace, ResultOp
 from consumer.store_memory import MemoryJoinStore
+from producer_examples.app_side import join_tag_value
 from tests.unit.fakes import FakeProducer, FakeSink
 
 pytestmark = pytest.mark.unit
@@ -259,3 +260,10 @@ async def test_without_a_run_a_repeated_slot_still_waits_for_the_next_answer() -
     await setup.span()
     assert (await setup.result(event_id="night-0001")).status == "joined"
     assert (await setup.result(event_id="night-0002")).status == "waiting"
+
+
+@pytest.mark.parametrize("run", [None, "nightly-2026-12-01"])
+def test_the_example_app_tags_its_span_with_the_value_the_default_rule_joins_on(run: str | None) -> None:
+    """producer_examples.app_side tags each answer's span with what TagJoin's default rule looks for."""
+    rule = TagJoin(apps={}, every_app="question_id")
+    assert rule.tag_of(Namespace("bot", "q-7", run or "")) == ("question_id", join_tag_value("q-7", run))
