@@ -32,11 +32,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
@@ -88,6 +89,10 @@ class Fault:
     struck: float
     over: float = 0.0
     worst_delay_s: float = 0.0
+    at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%H:%M:%S.%f")[:-4])  # to find it in logs
+
+    def __str__(self) -> str:
+        return f"{self.kind}@{self.target} {self.at}: {self.worst_delay_s:.1f}s"
 
 
 @dataclass
@@ -252,9 +257,11 @@ async def _run_scenario(kind: str, cluster: KafkaCluster, redis_server: RedisSer
     try:
         service.start()
         async with streaming(cluster, settings, intake, rng, run) as stream:
-            await asyncio.sleep(3.0)  # the group formed, the stream flowing, before the first fault
+            # Before the first fault: the service started, its group formed, the stream flowing through it.
+            await asyncio.sleep(2.0)
+            await _caught_up(stream, within=timeout_for(60), alive=service)
             faults: list[Fault] = await strike(cluster, settings, stream, rng)
-            await asyncio.sleep(3.0)  # traffic after the last fault
+            await asyncio.sleep(2.0)  # traffic after the last fault
         everything = stream.expected()
         try:
             await wait_for(lambda: len(everything - stream.observe()), expect=0, within=timeout_for(120),
@@ -277,7 +284,7 @@ async def _run_scenario(kind: str, cluster: KafkaCluster, redis_server: RedisSer
              }[kind]
     outcome = account(f"k. Kafka cluster: {label}", expected=everything, intake=intake, dlq=dlq,
                       unmatched=unmatched, recover_s=max(f.worst_delay_s for f in faults), seed=seed,
-                      faults=" ".join(f"{f.kind}@{f.target}:{f.worst_delay_s:.1f}s" for f in faults),
+                      faults=", ".join(map(str, faults)),
                       not_json=len(stream.not_json), test_producer_retries=stream.send_retries,
                       join_retries=service.log_events("join_retry"))
     report(outcome)
@@ -287,6 +294,34 @@ async def _run_scenario(kind: str, cluster: KafkaCluster, redis_server: RedisSer
     assert set(stream.not_json) <= {bytes(record.value) for record in dlq}, "a record that is not JSON was lost"
     assert outcome.unmatched == 0
     assert all(f.worst_delay_s < float("inf") for f in faults)
+
+
+async def _caught_up(stream: Stream, *, within: float, alive: ServiceProcess | None = None) -> None:
+    """Until every evaluation published so far has been delivered."""
+    published = {key for index in list(stream.published) for key in stream.pairs[index].eval_keys}
+    await wait_for(lambda: len(published - stream.observe()), expect=0, within=within,
+                   what="the evaluations published so far at the intake", alive=[alive] if alive else [])
+
+
+async def _committed_past_now(cluster: KafkaCluster, settings: Settings, *, within: float) -> None:
+    """Until the group has committed every input partition up to where it ends now (traffic flows on meanwhile)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=cluster.bootstrap_servers, group_id=None)
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
+    await consumer.start()
+    await admin.start()
+    try:
+        partitions = [TopicPartition(topic, p) for topic in (settings.span_topic, settings.result_topic)
+                      for p in range(6)]
+        ends = await consumer.end_offsets(partitions)
+
+        async def behind() -> int:
+            committed = await admin.list_consumer_group_offsets(settings.kafka_group_id)
+            return sum(max(0, end - (committed[tp].offset if tp in committed else 0)) for tp, end in ends.items())
+
+        await wait_for(behind, expect=0, within=within, what="the group's commits past the input's current end")
+    finally:
+        await admin.close()
+        await consumer.stop()
 
 
 async def _explain_missing(cluster: KafkaCluster, settings: Settings, stream: Stream,
@@ -388,11 +423,10 @@ async def test_one_broker_kept_down(cluster: KafkaCluster, redis_server: RedisSe
         node = cluster.node(target)
         fault = Fault("down", target, time.monotonic())
         node.kill()
-        await asyncio.sleep(scaled(20))
-        # Still down: everything published so far must already be delivered and committed without it.
-        published = {key for index in list(stream.published) for key in stream.pairs[index].eval_keys}
-        await wait_for(lambda: len(published - stream.observe()), expect=0, within=60,
-                       what="what was published while a broker is down, delivered on the other two")
+        await asyncio.sleep(scaled(10))
+        # Still down: what was published so far is delivered without it, and committed.
+        await _caught_up(stream, within=60)
+        await _committed_past_now(cluster, settings, within=60)
         assert not node.running
         fault.over = time.monotonic()
         await asyncio.to_thread(node.restart)
