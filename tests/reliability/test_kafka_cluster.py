@@ -279,7 +279,7 @@ async def _run_scenario(kind: str, cluster: KafkaCluster, redis_server: RedisSer
         service.kill_if_running()
     label = {"leaders": f"partition leaders SIGKILL x{len(faults)}",
              "controller": f"active controller SIGKILL x{len(faults)}",
-             "rolling": f"rolling restart, {len(faults)} nodes",
+             "rolling": f"rolling restart of all 3 nodes x{len(faults) // 3}",
              "down": f"one broker down {faults[0].over - faults[0].struck:.0f} s" if faults else "one broker down",
              }[kind]
     outcome = account(f"k. Kafka cluster: {label}", expected=everything, intake=intake, dlq=dlq,
