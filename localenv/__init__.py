@@ -5,6 +5,9 @@ whose ``__exit__`` stops everything its ``__enter__`` started:
 
 * :mod:`localenv.kafka` - ``KafkaBroker``: Apache Kafka 4.1.1 in KRaft mode
   (jars fetched once with Maven), plus ``create_topics``.
+* :mod:`localenv.kafka_cluster` - ``KafkaCluster``: three such nodes, each broker and controller,
+  replication factor 3 and ``min.insync.replicas=2``; partition leaders and the active controller
+  looked up from the cluster, each node killed and restarted on its own.
 * :mod:`localenv.redis` - ``RedisServer``, ``RedisCluster`` and ``RedisSentinelSet``
   (a primary, a replica and three sentinels; all ``redis-server``).
 * :mod:`localenv.intake` - ``FakeIntake``: Datadog's LLM Observability

@@ -162,8 +162,9 @@ def _run_coroutine(factory: Callable[[], Awaitable[_T]]) -> _T:
         return pool.submit(asyncio.run, main()).result()
 
 
-async def acreate_topics(bootstrap: str, topics: dict[str, int], *, request_timeout: float = 30.0) -> None:
-    """Create topics (name -> partition count) with replication factor 1.
+async def acreate_topics(bootstrap: str, topics: dict[str, int], *, request_timeout: float = 30.0,
+                         replication_factor: int = 1) -> None:
+    """Create topics (name -> partition count) with ``replication_factor`` (1, one broker's; 3 on a cluster).
 
     Topics that already exist are left as they are (even if their partition
     count differs); any other error is raised as the matching
@@ -176,7 +177,7 @@ async def acreate_topics(bootstrap: str, topics: dict[str, int], *, request_time
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
-        new_topics = [NewTopic(name, partitions, 1) for name, partitions in topics.items()]
+        new_topics = [NewTopic(name, partitions, replication_factor) for name, partitions in topics.items()]
         response = await admin.create_topics(new_topics, timeout_ms=timeout_ms)
     finally:
         await admin.close()
@@ -191,9 +192,11 @@ async def acreate_topics(bootstrap: str, topics: dict[str, int], *, request_time
         raise error_cls(f"creating topic {name!r}: {message}")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], *, request_timeout: float = 30.0) -> None:
+def create_topics(bootstrap: str, topics: dict[str, int], *, request_timeout: float = 30.0,
+                  replication_factor: int = 1) -> None:
     """Synchronous :func:`acreate_topics`; usable with or without a running event loop."""
-    _run_coroutine(lambda: acreate_topics(bootstrap, topics, request_timeout=request_timeout))
+    _run_coroutine(lambda: acreate_topics(bootstrap, topics, request_timeout=request_timeout,
+                                          replication_factor=replication_factor))
 
 
 async def _probe_broker(bootstrap: str, node_id: int, budget: float) -> bool:
@@ -682,7 +685,7 @@ class KafkaBroker(LocalService):
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            _new_cluster_id(),
+            self._storage_cluster_id(),
             "-c",
             str(properties),
             *self._scram_arguments(),
@@ -696,7 +699,20 @@ class KafkaBroker(LocalService):
                 f"{(result.stdout + result.stderr).strip()[-4000:]}"
             )
 
+    def _storage_cluster_id(self) -> str:
+        """The cluster id a first start formats the storage with (the nodes of a cluster share one)."""
+        return _new_cluster_id()
+
     def _launch(self) -> None:
+        self._spawn()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _spawn(self) -> None:
+        """Write the properties, format the storage on a first start, and start the JVM (not waiting for it)."""
         properties = self._write_properties()
         self._format_if_needed(properties)
         cmd = [
@@ -710,12 +726,6 @@ class KafkaBroker(LocalService):
             str(properties),
         ]
         self._proc = spawn(cmd, log_path=self.log_path, cwd=self.data_dir)
-        try:
-            self._wait_ready()
-        except BaseException:
-            kill_process(self._proc)
-            self._proc = None
-            raise
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
