@@ -324,8 +324,8 @@ class _ServiceContext:
         stack.push_async_callback(client.aclose)
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
-                               max_pending_results=s.max_pending_results_per_key)
-        metrics = Metrics()
+                               max_pending_results=s.max_pending_results_per_key, quotas=s.app_quotas_limits())
+        metrics = Metrics(app_labels=s.app_metric_labels())
         sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
             url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
             metrics=metrics, max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,
