@@ -13,7 +13,8 @@
 
     app_of(key)                    the ml_app part of a key's hash tag
     account(app, sides, bytes)     count a change
-    used(usage, app)               sides and bytes the app holds, with this script's changes so far
+    used(usage, app)               sides and bytes the app holds, with this script's changes so far (the hash
+                                   is read once per app and script)
     flush(usage)                   write the changes
 ]]
 local usage_delta = {}
@@ -32,10 +33,17 @@ local function account(app, sides, bytes)
   d[2] = d[2] + bytes
 end
 
+local usage_read = {}  -- app -> {sides, bytes} as the hash held them when this script first asked
+
 local function used(usage, app)
-  local stored = redis.call('HMGET', usage, 's:' .. app, 'b:' .. app)
+  local stored = usage_read[app]
+  if not stored then
+    local read = redis.call('HMGET', usage, 's:' .. app, 'b:' .. app)
+    stored = {tonumber(read[1]) or 0, tonumber(read[2]) or 0}
+    usage_read[app] = stored
+  end
   local d = usage_delta[app] or {0, 0}
-  return (tonumber(stored[1]) or 0) + d[1], (tonumber(stored[2]) or 0) + d[2]
+  return stored[1] + d[1], stored[2] + d[2]
 end
 
 local function flush(usage)
