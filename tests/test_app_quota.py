@@ -130,7 +130,8 @@ async def test_counts_are_what_redis_holds(redis_client: RedisClient) -> None:
 
 
 async def test_memory_store_counts_as_redis_does(redis_server: Any) -> None:
-    """The same random work on the memory store and a redis-server gives the same counts at every step."""
+    """The same random work on the memory store and a redis-server gives the same counts, and the same oldest
+    waiting side per app, at every step."""
     client = await connect(redis_server.url)
     try:
         redis_store, memory_store = new_store(client), MemoryJoinStore(shards=4)
@@ -138,6 +139,7 @@ async def test_memory_store_counts_as_redis_does(redis_server: Any) -> None:
             await apply(redis_store, step)
             await apply(memory_store, step)
             assert await memory_store.app_usage() == await redis_store.app_usage(), step
+            assert await memory_store.oldest_pending(100) == await redis_store.oldest_pending(100), step
     finally:
         await client.aclose()
 

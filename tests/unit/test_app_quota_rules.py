@@ -18,6 +18,7 @@ from consumer.clock import ManualClock
 from consumer.config import Settings, config_errors
 from consumer.decode import RecordDecoder
 from consumer.dlq import DeadLetters, DlqLimit
+from consumer.expiry import Sweeper
 from consumer.join import QUOTA_REASON, BatchJoin, Joiner
 from consumer.metrics import OTHER_APPS, AppLabels, Metrics
 from consumer.store import AppQuotas, AppUsage, Namespace, ResultOp, ResultPut, Settle, SpanOp, SpanPut
@@ -122,6 +123,25 @@ async def test_replaced_span_counts_until_the_new_ones_deadline() -> None:
     (side,) = [s for shard in range(store.shards) for s in await store.due(shard, 2**62, 10)]
     await store.expire(side)
     assert await store.app_usage() == {}
+
+
+async def test_sweeper_gauges_per_app_what_it_holds_and_its_oldest_waiting_side() -> None:
+    """After a sweep: each app's sides and bytes, and the age of its oldest side still waiting (a span a result
+    joined does not wait; an app with nothing waiting has no age)."""
+    store = MemoryJoinStore()
+    await store.put_many([SpanOp(ns("joined", "k"), "t:1", b"S", 70_000), ResultOp(ns("joined", "k"), "e", b"R", ["v"],
+                                                                                   70_000)])
+    await store.put_many([ResultOp(ns("waits", "old"), "e", b"R", ["v"], 40_000),
+                          SpanOp(ns("waits", "new"), "t:1", b"S", 55_000)])
+    metrics = Metrics(CollectorRegistry())
+    sweeper = Sweeper(store, FakeProducer(), topic="unmatched", interval_s=1, batch=10, retry_later_ms=1000,
+                      metrics=metrics, join_ttl_ms=30_000)
+    await sweeper.sweep_once(now_ms=20_000)
+    gauge = metrics.registry.get_sample_value
+    assert gauge("evaljoin_app_buffered_sides", {"ml_app": "waits"}) == 2
+    assert gauge("evaljoin_app_buffered_bytes", {"ml_app": "joined"}) == span_size("t:1", b"S")
+    assert gauge("evaljoin_app_oldest_pending_age_seconds", {"ml_app": "waits"}) == 10.0  # produced at 10 s
+    assert gauge("evaljoin_app_oldest_pending_age_seconds", {"ml_app": "joined"}) is None
 
 
 # -- the join stage --------------------------------------------------------------------------------
