@@ -3,8 +3,9 @@
 ``python -m bench.join_cost [--batches N] [--quota-sides N]`` starts a redis-server (AOF, ``appendfsync
 always``), then per batch stores 250 spans of new keys and 250 results of the previous batch's keys (which
 join), and settles them, as the join and delivery stages do; it prints one JSON line: sides, seconds, and
-microseconds per side (the median of five runs), and the microseconds per side Redis spent in the scripts
-(``INFO commandstats``, less disturbed by other work on the machine). Run it on two checkouts to compare
+microseconds per side (the median of five runs), and from ``INFO commandstats`` the microseconds per side
+Redis spent in the scripts and the commands per side the scripts ran (both less disturbed by other work on
+the machine; the count not at all). Run it on two checkouts to compare
 the store's code (it passes ``--quota-sides`` only to a store that takes quotas).
 """
 
@@ -27,8 +28,11 @@ from localenv.redis import RedisServer
 PER_BATCH = 250  # spans, and as many results, per batch: a default batch of 500 records
 
 
-async def run(url: str, batches: int, quota_sides: int) -> tuple[float, float]:
-    """(wall seconds, Redis's microseconds in EVALSHA) of one run."""
+_OUTSIDE_SCRIPTS = ("evalsha", "info", "config|resetstat", "script|load", "hello")  # the client's own commands
+
+
+async def run(url: str, batches: int, quota_sides: int) -> tuple[float, float, int]:
+    """(wall seconds, Redis's microseconds in EVALSHA, commands the scripts ran) of one run."""
     client = await connect(url)
     await client.config_resetstat()
     options: dict[str, Any] = {}
@@ -55,7 +59,9 @@ async def run(url: str, batches: int, quota_sides: int) -> tuple[float, float]:
                                          for i in range(PER_BATCH)])
         seconds = time.perf_counter() - started
         stats = await client.info("commandstats")
-        return seconds, float(stats.get("cmdstat_evalsha", {}).get("usec", 0))
+        inside = sum(int(stat["calls"]) for name, stat in stats.items()
+                     if name.removeprefix("cmdstat_") not in _OUTSIDE_SCRIPTS)
+        return seconds, float(stats.get("cmdstat_evalsha", {}).get("usec", 0)), inside
     finally:
         await client.aclose()
 
@@ -68,10 +74,11 @@ def main() -> None:
     sides = (2 * args.batches - 1) * PER_BATCH
     with RedisServer() as server:
         runs = [asyncio.run(run(server.url, args.batches, args.quota_sides)) for _ in range(5)]
-    seconds = statistics.median(wall for wall, _ in runs)
-    script_us = statistics.median(usec for _, usec in runs)
+    seconds = statistics.median(wall for wall, _, _ in runs)
+    script_us = statistics.median(usec for _, usec, _ in runs)
     print(orjson.dumps({"sides": sides, "seconds": round(seconds, 3), "us_per_side": round(seconds / sides * 1e6, 1),
-                        "redis_script_us_per_side": round(script_us / sides, 2)}).decode())
+                        "redis_script_us_per_side": round(script_us / sides, 2),
+                        "script_commands_per_side": round(runs[0][2] / sides, 3)}).decode())
 
 
 if __name__ == "__main__":

@@ -200,10 +200,22 @@ FLOOD = 100 * FLOOD_QUOTA  # results nobody joins
 ON_TIME_S = 5.0  # the longest a quiet app's evaluation may take from its second side to the intake
 
 
+def flood_record(producer: AIOKafkaProducer, topics: Topics, number: int) -> Any:
+    """The flooder's record ``number``: a result nobody's span joins, or (every third) a span nobody evaluates."""
+    if number % 3 == 2:
+        return producer.send(topics.span, orjson.dumps({
+            "schema_version": 1, "ml_app": "flood", "join_key": f"nobody-{number}", "trace_id": "ff",
+            "span_id": str(number)}))
+    return producer.send(topics.result, orjson.dumps({
+        "schema_version": 1, "ml_app": "flood", "event_id": f"flood-{number:06d}", "join_key": f"nobody-{number}",
+        "evaluations": [{"label": "noise", "metric_type": "score", "value": 1}]}))
+
+
 async def test_a_flooding_app_neither_stalls_nor_costs_the_other_nine(
         make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake,
         redis_url: tuple[str, bool]) -> None:
-    """Ten apps in one group on one Redis; one floods 100x its quota with results nobody joins, in bursts while
+    """Ten apps in one group on one Redis; one floods 100x its quota with results nobody joins and spans nobody
+    evaluates, in bursts while
     the nine send pairs. Each of the nine's 270 evaluations reaches the intake once, within ON_TIME_S of its
     second side; none of their records is dead-lettered or reported; the flooder holds at most its quota on a
     single Redis, and every one of its records is either held or dead-lettered as app_quota_exceeded."""
@@ -226,11 +238,8 @@ async def test_a_flooding_app_neither_stalls_nor_costs_the_other_nine(
         try:
             flood_sent = 0
             for burst in range(PAIRS):
-                flood = [producer.send(topics.result, orjson.dumps({
-                    "schema_version": 1, "ml_app": "flood", "event_id": f"flood-{flood_sent + i:06d}",
-                    "join_key": f"nobody-{flood_sent + i}", "evaluations": [
-                        {"label": "noise", "metric_type": "score", "value": 1}]}))
-                    for i in range(FLOOD // PAIRS + (1 if burst < FLOOD % PAIRS else 0))]
+                flood = [flood_record(producer, topics, flood_sent + i)
+                         for i in range(FLOOD // PAIRS + (1 if burst < FLOOD % PAIRS else 0))]
                 flood_sent += len(flood)
                 pairs = []
                 for number, app in enumerate(APPS):
