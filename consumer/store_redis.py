@@ -25,11 +25,11 @@ when the events name a run (each part percent-encoded):
 ========================  =====================================================================
 
 Per-app usage (``AppQuotas``) is exact on both: every script that stores or drops a side counts it in
-the same atomic call. On a single Redis the quota is checked against that count in the same call, so no
-app stores a side that would wait once it holds its quota. On a Redis Cluster an app's sides spread over every slot, so its total
-is the sum of the slots' hashes: each store reads it at most every :data:`QUOTA_REFRESH_S` and refuses the
-app's new waiting sides once it is used up; in between, an app can exceed its quota by what it writes in
-that time (the counts stay exact; only the refusal lags).
+the same atomic call. On a single Redis the quota is checked against that count in the same call, so
+no app stores a side that would wait once it holds its quota. On a Redis Cluster an app's sides spread
+over every slot, so its total is the sum of the slots' hashes: each store reads it at most every
+:data:`QUOTA_REFRESH_S` and refuses the app's new waiting sides once it is used up; in between, an app
+can exceed its quota by what it writes in that time (the counts stay exact; only the refusal lags).
 """
 
 from __future__ import annotations
