@@ -14,10 +14,13 @@ import ssl
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import orjson
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from consumer.metrics import AppLabels
+    from consumer.store import AppQuotas
     from consumer.store_redis import SentinelTarget
 
 EVAL_METRIC_PATH = "/api/intake/llm-obs/v2/eval-metric"
@@ -266,6 +269,13 @@ class Settings(KafkaSettings):
     sweep_interval_seconds: float = Field(5.0, gt=0)
     sweep_batch: int = Field(500, ge=1)
 
+    # Per-app buffer quotas (consumer.store.AppQuotas; 0 = no limit) and per-app metric labels (consumer.metrics)
+    app_quota_sides: int = Field(0, ge=0)
+    app_quota_bytes: int = Field(0, ge=0)
+    app_quotas: str | None = None
+    app_metrics_ml_apps: str | None = None
+    app_metrics_max_apps: int = Field(20, ge=0, le=1000)
+
     # Evaluations: what the service decides for them (consumer.enrich), as JSON objects or a list of names
     eval_scopes: str | None = None
     assessment_thresholds: str | None = None
@@ -311,6 +321,21 @@ class Settings(KafkaSettings):
     def _join_by_tag_names_each_app_once(cls, value: str | None) -> str | None:
         if value is not None:
             parse_join_by_tag(value)
+        return value
+
+    @field_validator("app_quotas")
+    @classmethod
+    def _app_quotas_parse(cls, value: str | None) -> str | None:
+        """The per-app overrides, read as the store will read them: a mistake stops the start."""
+        if value is not None:
+            parse_app_quotas(value)
+        return value
+
+    @field_validator("app_metrics_ml_apps")
+    @classmethod
+    def _app_metrics_ml_apps_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_ml_apps(value)
         return value
 
     @field_validator("eval_scopes", "assessment_thresholds", "span_tags_to_evaluation")
@@ -453,6 +478,20 @@ class Settings(KafkaSettings):
             options["ssl_ca_certs"] = self.redis_ssl_cafile
         return options
 
+    def app_quotas_limits(self) -> AppQuotas:
+        """The per-app buffer quotas: APP_QUOTA_SIDES and APP_QUOTA_BYTES, APP_QUOTAS for single apps."""
+        from consumer.store import AppQuotas
+
+        return AppQuotas(self.app_quota_sides, self.app_quota_bytes,
+                         parse_app_quotas(self.app_quotas) if self.app_quotas else {})
+
+    def app_metric_labels(self) -> AppLabels:
+        """The ml_app label of the per-app metrics: APP_METRICS_ML_APPS, then the first APP_METRICS_MAX_APPS seen."""
+        from consumer.metrics import AppLabels
+
+        listed = parse_ml_apps(self.app_metrics_ml_apps) if self.app_metrics_ml_apps else frozenset()
+        return AppLabels(listed, self.app_metrics_max_apps)
+
     def secrets(self) -> list[str]:
         """Every secret value, for the log redactor.
 
@@ -492,6 +531,42 @@ def parse_join_by_tag(text: str) -> dict[str, str | None]:
             raise ValueError(f"JOIN_BY_TAG names {app!r} twice")
         apps[app] = key or None
     return apps
+
+
+def parse_app_quotas(text: str) -> dict[str, tuple[int, int]]:
+    """APP_QUOTAS: a JSON object, ml_app -> ``{"sides": n, "bytes": m}`` (either may be left out: the default's).
+
+    Returns ml_app -> (sides, bytes), -1 for "the default" (APP_QUOTA_SIDES, APP_QUOTA_BYTES); 0 is no limit.
+    Raises ``ValueError`` naming what is wrong (never a value that is not the app's name or a number).
+    """
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ValueError('APP_QUOTAS is not JSON: write {"app": {"sides": 1000, "bytes": 10000000}}') from None
+    if not isinstance(parsed, dict):
+        raise ValueError('APP_QUOTAS must be a JSON object: {"app": {"sides": 1000, "bytes": 10000000}}')
+    out: dict[str, tuple[int, int]] = {}
+    for app, limits in parsed.items():
+        if not app or len(app) > 200 or any(ord(c) < 32 for c in app):
+            raise ValueError("APP_QUOTAS: an ml_app name is 1 to 200 characters without control characters")
+        if not isinstance(limits, dict) or not limits or set(limits) - {"sides", "bytes"}:
+            raise ValueError(f'APP_QUOTAS[{app!r}] must be an object with "sides", "bytes" or both')
+        values = []
+        for name in ("sides", "bytes"):
+            value = limits.get(name, -1)
+            if name in limits and (type(value) is not int or value < 0):
+                raise ValueError(f'APP_QUOTAS[{app!r}]["{name}"] must be a whole number, 0 or more (0: no limit)')
+            values.append(value)
+        out[app] = (values[0], values[1])
+    return out
+
+
+def parse_ml_apps(text: str) -> frozenset[str]:
+    """APP_METRICS_ML_APPS: ml_app names separated by commas (surrounding spaces ignored)."""
+    apps = [app.strip() for app in text.split(",")]
+    if any(not app or len(app) > 200 for app in apps):
+        raise ValueError("APP_METRICS_ML_APPS: ml_app names separated by commas, each 1 to 200 characters")
+    return frozenset(apps)
 
 
 def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:

@@ -122,8 +122,12 @@ class Deliverer:
         dead = [items[i] for i in rejections]
         delivered = [item for i, item in enumerate(items) if i not in rejections]
         now_ms = self._clock.now_ms()
+        app = self._metrics.app
         for item in delivered:
             self._metrics.join_latency_seconds.observe(max(0.0, (now_ms - item.first_seen_ms) / 1000))
+            self._metrics.app_evaluations_delivered.labels(ml_app=app(item.namespace.ml_app)).inc()
+        for item in dead:
+            self._metrics.app_dead_letters.labels(ml_app=app(item.namespace.ml_app), reason="intake_rejected").inc()
         await self._settle(delivered, dead, drop_from=drop_from)
         report.delivered += len(delivered)
         report.dead_lettered += len(dead)

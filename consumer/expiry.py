@@ -26,6 +26,7 @@ from consumer.store import DeadlineIndex, DueSide
 log = structlog.get_logger(__name__)
 
 SHARD_LOCK_MS = 60_000  # a sweeper's hold on a shard; a replica that died lets go after this
+OLDEST_PER_SHARD = 200  # deadline-index entries per shard looked at for each app's oldest waiting side
 
 
 @dataclass
@@ -85,7 +86,30 @@ class Sweeper:
             self._metrics.oldest_buffered_age.set(max(0, age_ms) / 1000)
         else:
             self._metrics.oldest_buffered_age.set(0)
+        await self._app_gauges(now_ms or self._clock.now_ms())
         return report
+
+    async def _app_gauges(self, now_ms: int) -> None:
+        """Per ml_app: what it holds in the buffer, and how long its oldest side has waited for the other."""
+        metrics, label = self._metrics, self._metrics.app
+        held: dict[str, list[int]] = {}
+        for ml_app, usage in (await self._store.app_usage()).items():
+            total = held.setdefault(label(ml_app), [0, 0])
+            total[0] += usage.sides
+            total[1] += usage.bytes
+        oldest: dict[str, int] = {}
+        for ml_app, deadline_ms in (await self._store.oldest_pending(OLDEST_PER_SHARD)).items():
+            name = label(ml_app)
+            oldest[name] = min(deadline_ms, oldest.get(name, deadline_ms))
+        # Apps that hold nothing any more leave the gauges (no await from here on: a scrape sees all or none).
+        for gauge in (metrics.app_buffered_sides, metrics.app_buffered_bytes, metrics.app_oldest_pending_age):
+            gauge.clear()
+        for name, (sides, size) in held.items():
+            metrics.app_buffered_sides.labels(ml_app=name).set(sides)
+            metrics.app_buffered_bytes.labels(ml_app=name).set(size)
+        for name, deadline_ms in oldest.items():
+            age_ms = now_ms - (deadline_ms - self._join_ttl_ms) if self._join_ttl_ms else 0
+            metrics.app_oldest_pending_age.labels(ml_app=name).set(max(0, age_ms) / 1000)
 
     async def _expire(self, side: DueSide, now_ms: int, report: SweepReport) -> None:
         outcome = await self._store.expire(side)
@@ -117,6 +141,7 @@ class Sweeper:
                         partition=source.get("partition"), offset=source.get("offset"), ml_app=side.namespace.ml_app,
                         join_key=side.namespace.join_key, deadline_ms=side.deadline_ms)
             self._metrics.unmatched.labels(reason=reason).inc()
+            self._metrics.app_unmatched.labels(ml_app=self._metrics.app(side.namespace.ml_app), reason=reason).inc()
             report.reported += 1
         else:
             report.dropped += 1

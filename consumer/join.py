@@ -7,6 +7,12 @@ store's repeated-key rule (:meth:`consumer.store.JoinStore.put_many`) keeps a ke
 from getting another answer's evaluations, by the slots (label and tags) of each result's
 evaluations. The output is a list of :class:`Joined` evaluations for the delivery step.
 
+An ml_app over its buffer quota (:class:`consumer.store.AppQuotas`) gets its sides that would wait without
+joining anything refused (``quota``): each such record is dead-lettered as it is, with reason
+``app_quota_exceeded``, counted as valid input (it does not move the DLQ's halt limits), and the batch goes on:
+the other apps' records in it are joined as if the app were quiet. ``replay-dlq --reason app_quota_exceeded``
+publishes them again once the app's buffer has room.
+
 An ml_app that joins by span tag (:class:`TagJoin`, from ``JOIN_BY_TAG``) tags its spans with the join
 key, so a result of it needs no span-context event: one whose span is not buffered is delivered at
 once, joined on the span tag, instead of waiting. Its spans, when it publishes them, are buffered and
@@ -15,6 +21,7 @@ joined as any app's.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import re
@@ -83,6 +90,16 @@ class JoinResult:
     joined: list[Joined]
 
 
+QUOTA_REASON = "app_quota_exceeded"
+
+
+@dataclass(frozen=True)
+class OverQuota:
+    """A side refused by its ml_app's buffer quota: reported on the DLQ with its reason, not bad input."""
+
+    detail: str
+
+
 _PLACEHOLDER = re.compile(r"\{(join_key|run_id|ml_app)\}")
 
 
@@ -148,7 +165,7 @@ class Joiner:
         return self._produced_ms(source) + self._ttl_ms
 
     async def join_many(self, items: Sequence[tuple[SpanContextEvent | NemoResultEvent, Source]],
-                        ) -> list[JoinResult | InvalidMessage]:
+                        ) -> list[JoinResult | InvalidMessage | OverQuota]:
         """Join a batch of events with one store call; per event, its result or why it is invalid.
 
         Events of one join key are stored in the order given, so a batch joins as its events one by one.
@@ -184,8 +201,13 @@ class Joiner:
 
 
 def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, Any],
-             tag: tuple[str, str] | None = None) -> JoinResult | InvalidMessage:
+             tag: tuple[str, str] | None = None) -> JoinResult | InvalidMessage | OverQuota:
     ns = op.ns
+    if put.status == "quota":
+        side = "span" if isinstance(put, SpanPut) else "result"
+        return OverQuota(f"ml_app {ns.ml_app!r} holds its buffer quota (APP_QUOTA_SIDES, APP_QUOTA_BYTES, "
+                         f"APP_QUOTAS): this {side} of {_name(ns)} would wait without joining anything; replay "
+                         "this record once the app's buffer has room")
     if isinstance(put, SpanPut):
         if put.status == "conflict":
             existing = records.decode_span(put.existing, ns) if put.existing else {}
@@ -273,8 +295,12 @@ class BatchJoin:
                  if not isinstance(event, InvalidMessage | NotSent)]
         outcomes = iter(await self._joiner.join_many(valid) if valid else [])
         joined: list[Joined] = []
+        over_quota: list[tuple[Any, Event, OverQuota]] = []
         debug = log.is_enabled_for(logging.DEBUG)  # the per-record context costs more than the join itself
-        counted: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, status) -> events
+        app = self._metrics.app
+        # Counted once per batch (a batch that fails before the end is counted when done again).
+        counted: collections.Counter[tuple[str, str, str]] = collections.Counter()  # (ml_app, kind, status)
+        matched: collections.Counter[str] = collections.Counter()  # ml_app -> results matched
         for record, event in zip(records_, decoded, strict=True):
             if isinstance(event, NotSent):
                 await self._not_sent(record, event)
@@ -283,17 +309,51 @@ class BatchJoin:
             kind = "span" if self._decode.is_span(record) else "result"
             if isinstance(outcome, InvalidMessage):
                 with structlog.contextvars.bound_contextvars(**record_context(record, event)):
-                    await self._dead_letter(record, kind, outcome)
+                    await self._dead_letter(record, kind, outcome,
+                                            None if isinstance(event, InvalidMessage) else event.ml_app)
                 continue
+            assert not isinstance(event, InvalidMessage)
             self._dead_letters.record_valid((record.topic, record.partition, record.offset))
-            counted[kind, outcome.status] += 1
+            ml_app = app(event.ml_app)
+            if isinstance(outcome, OverQuota):
+                counted[ml_app, kind, QUOTA_REASON] += 1
+                over_quota.append((record, event, outcome))
+                continue
+            counted[ml_app, kind, outcome.status] += 1
+            matched[ml_app] += (len({item.event_id for item in outcome.joined}) if kind == "span" and
+                                outcome.status in ("stored", "replaced") else
+                                int(kind == "result" and outcome.status in ("joined", "tagged")))
             if debug:
                 log.debug("message_joined", status=outcome.status, evaluations=len(outcome.joined),
                           **record_context(record, event))
             joined.extend(outcome.joined)
-        for (kind, status), count in counted.items():  # a batch that fails before this is counted when done again
+        events: collections.Counter[tuple[str, str]] = collections.Counter()
+        for (ml_app, kind, status), count in counted.items():
+            events[kind, status] += count
+            self._metrics.app_events.labels(ml_app=ml_app, kind=kind, outcome=status).inc(count)
+        for (kind, status), count in events.items():
             self._metrics.events.labels(kind=kind, outcome=status).inc(count)
+        for ml_app, count in matched.items():
+            if count:
+                self._metrics.app_matched_results.labels(ml_app=ml_app).inc(count)
+        if over_quota:
+            await self._report_over_quota(over_quota)
         return joined
+
+    async def _report_over_quota(self, refused: Sequence[tuple[Any, Event, OverQuota]]) -> None:
+        """Dead-letter the sides a quota refused, all at once: a flooding app costs the batch one round trip to
+        the broker, not one per record, so the other apps' records in it are not held up behind it."""
+        counts: dict[str, int] = {}
+        for _, event, _ in refused:
+            counts[str(event.ml_app)] = counts.get(str(event.ml_app), 0) + 1
+        for ml_app, count in counts.items():
+            log.warning("app_quota_exceeded", ml_app=ml_app, records=count)
+        await asyncio.gather(*(
+            self._dead_letters.not_sent(key=record.key, value=record.value, headers=list(record.headers or ()),
+                                        source=source_of(record).as_dict(), reason=NotSent(QUOTA_REASON, over.detail))
+            for record, _, over in refused))
+        for _, event, _ in refused:
+            self._metrics.app_dead_letters.labels(ml_app=self._metrics.app(event.ml_app), reason=QUOTA_REASON).inc()
 
     async def _not_sent(self, record: Any, reason: NotSent) -> None:
         """A judge line that gives no evaluation: an unrated one is counted and reported on the DLQ (someone may
@@ -310,9 +370,10 @@ class BatchJoin:
             await self._dead_letters.not_sent(key=record.key, value=record.value, headers=list(record.headers or ()),
                                               source=source_of(record).as_dict(), reason=reason)
 
-    async def _dead_letter(self, record: Any, kind: str, error: InvalidMessage) -> None:
+    async def _dead_letter(self, record: Any, kind: str, error: InvalidMessage, ml_app: str | None = None) -> None:
         log.warning("message_dead_lettered", reason=error.reason, detail=error.detail)
         self._metrics.events.labels(kind=kind, outcome="invalid").inc()
+        self._metrics.app_dead_letters.labels(ml_app=self._metrics.app(ml_app), reason=error.reason).inc()
         # DeadLetters cuts a copy that would not fit in MAX_MESSAGE_BYTES (an oversize record, or one near the
         # limit plus the dead-letter headers), so that the DLQ topic always takes it.
         await self._dead_letters.invalid(key=record.key, value=record.value, headers=list(record.headers or ()),

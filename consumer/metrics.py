@@ -1,20 +1,49 @@
 """Every metric the service emits, in one catalog.
 
 Prometheus conventions: base units, ``_total`` for counters, and labels of bounded cardinality only
-(topic, kind, outcome, reason; never join keys, span ids or ml_apps). Each service instance has its
-own registry, served on ``/metrics`` by :mod:`consumer.health`.
+(topic, kind, outcome, reason; never join keys or span ids). The ``evaljoin_app_*`` metrics carry an
+``ml_app`` label bounded by :class:`AppLabels`: the apps it names, then the first ones seen, then
+``other``. Each service instance has its own registry, served on ``/metrics`` by :mod:`consumer.health`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _PREFIX = "evaljoin"
+OTHER_APPS = "other"
+
+
+class AppLabels:
+    """The ``ml_app`` label of an app: its name if listed (``APP_METRICS_ML_APPS``) or among the first ``max_apps``
+    others this process saw, else ``other``; so a registry holds at most listed + ``max_apps`` + 1 apps' series.
+
+    An app is named in its own label as soon as it is seen, and stays so for the process's life (a restart may
+    name another set of first-seen apps; list the apps that matter).
+    """
+
+    def __init__(self, listed: Iterable[str] = (), max_apps: int = 20) -> None:
+        self._listed = frozenset(listed)
+        self._max_apps = max_apps
+        self._seen: set[str] = set()
+
+    def __call__(self, ml_app: str | None) -> str:
+        if ml_app is None:
+            return OTHER_APPS
+        if ml_app in self._listed or ml_app in self._seen:
+            return ml_app
+        if ml_app != OTHER_APPS and len(self._seen) < self._max_apps:
+            self._seen.add(ml_app)
+            return ml_app
+        return OTHER_APPS
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, app_labels: AppLabels | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.app = app_labels or AppLabels()
         r = self.registry
         # Consumption
         self.messages_consumed = Counter(
@@ -83,6 +112,34 @@ class Metrics:
         self.redis_oom_refusals = Counter(
             f"{_PREFIX}_redis_oom_refusals", "Redis calls refused with OOM (each is retried).", registry=r)
         self.paused = Gauge(f"{_PREFIX}_paused", "1 while fetching is paused for a batch in flight.", registry=r)
+        # Per ml_app (label bounded by AppLabels)
+        self.app_events = Counter(
+            f"{_PREFIX}_app_events", "Decoded events per ml_app, kind and join outcome (as evaljoin_events_total, "
+            "and app_quota_exceeded: refused by the app's buffer quota and dead-lettered).",
+            ["ml_app", "kind", "outcome"], registry=r)
+        self.app_matched_results = Counter(
+            f"{_PREFIX}_app_matched_results", "Results per ml_app that met their span (joined on arrival, taken by "
+            "a span arriving, or joined by span tag): with app_unmatched_reported_total{reason=result_without_span}, "
+            "the match rate.", ["ml_app"], registry=r)
+        self.app_evaluations_delivered = Counter(
+            f"{_PREFIX}_app_evaluations_delivered", "Evaluations per ml_app the intake accepted.", ["ml_app"],
+            registry=r)
+        self.app_dead_letters = Counter(
+            f"{_PREFIX}_app_dead_letters", "Records and evaluations per ml_app published to the DLQ, by reason "
+            "(records whose ml_app is unknown count as 'other').", ["ml_app", "reason"], registry=r)
+        self.app_unmatched = Counter(
+            f"{_PREFIX}_app_unmatched_reported", "Sides per ml_app published to the unmatched topic, by reason.",
+            ["ml_app", "reason"], registry=r)
+        self.app_buffered_sides = Gauge(
+            f"{_PREFIX}_app_buffered_sides", "Sides per ml_app in the buffer (spans, replaced spans, pending "
+            "results: what APP_QUOTA_SIDES limits), as of the last sweep.", ["ml_app"], registry=r)
+        self.app_buffered_bytes = Gauge(
+            f"{_PREFIX}_app_buffered_bytes", "Bytes of those sides (what APP_QUOTA_BYTES limits), as of the last "
+            "sweep.", ["ml_app"], registry=r)
+        self.app_oldest_pending_age = Gauge(
+            f"{_PREFIX}_app_oldest_pending_age_seconds", "Per ml_app, the age of its oldest side still waiting for "
+            "the other (among the oldest entries of each deadline shard), as of the last sweep.", ["ml_app"],
+            registry=r)
         self.last_progress = Gauge(
             f"{_PREFIX}_last_progress_timestamp_seconds", "Unix time the consume loop last made progress.",
             registry=r)

@@ -340,12 +340,13 @@ class _ServiceContext:
         stack.push_async_callback(client.aclose)
         # An evicting Redis drops buffered sides without an error: refused (exit 2) unless REDIS_ALLOW_EVICTION.
         check_eviction(await eviction_policy(client), allow=s.redis_allow_eviction)
-        metrics = Metrics()
+        metrics = Metrics(app_labels=s.app_metric_labels())
         memory = MemoryAlarm(metrics)  # a full Redis (noeviction) holds the stream; /readyz says so
         store = RedisJoinStore(client, prefix=s.redis_key_prefix, shards=s.redis_deadline_shards,
                                ledger_retention_ms=(s.join_ttl_seconds + s.ledger_grace_seconds) * 1000,
                                max_pending_results=s.max_pending_results_per_key, memory=memory,
-                               replica_ack=ReplicaAck(s.redis_wait_replicas, s.redis_wait_timeout_ms))
+                               replica_ack=ReplicaAck(s.redis_wait_replicas, s.redis_wait_timeout_ms),
+                               quotas=s.app_quotas_limits())
         sink = RoutedSink(RouteSettings.from_settings(s), open_sink=lambda route: HttpIntakeSink(
             url=route.url, headers=route.headers, transport=route.transport(), timeout_s=s.intake_timeout_seconds,
             metrics=metrics, max_batch=s.intake_batch_max_evals, max_body_bytes=s.intake_max_body_bytes,

@@ -22,15 +22,49 @@ from urllib.parse import quote, unquote
 
 import orjson
 
-SpanStatus = Literal["stored", "duplicate", "conflict", "replaced"]  # replaced: the key's next answer (no run)
+# replaced: the key's next answer (no run); quota: its ml_app's buffer quota is used up, not stored (AppQuotas)
+SpanStatus = Literal["stored", "duplicate", "conflict", "replaced", "quota"]
 # waiting: buffered although a span is here, since it repeats one of that span's evaluations (no run);
 # full: too many results wait for the span; tagged: no span is here and the result joins by span tag (not stored)
-ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full", "tagged"]
+ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full", "tagged", "quota"]
 ClaimVerdict = Literal["new", "done", "busy"]
 ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
 
 
 SLOT_CHARS = 8  # an evaluation slot, and a result's digest in a span's book: hex characters of a SHA-1
+
+
+@dataclass(frozen=True)
+class AppQuotas:
+    """How much of the buffer each ml_app may hold: buffered sides and their bytes (0: no limit).
+
+    A side counts from when it is stored until it leaves the join (its span or result is dropped, or the
+    sweeper takes it out to report it): spans (also a replaced one, kept for its late results) and results
+    in the pending hash. Its bytes are what Redis holds as its value (the record, and a span's book).
+    Only a side that would wait without joining anything is refused over the quota (status ``quota``): a
+    span that takes results, and a result that joins its span, always go through, since they end waits.
+    """
+
+    sides: int = 0
+    bytes: int = 0
+    per_app: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # ml_app -> (sides, bytes); -1: default
+
+    def of(self, ml_app: str) -> tuple[int, int]:
+        """(sides, bytes) ``ml_app`` may hold; 0 for no limit."""
+        sides, size = self.per_app.get(ml_app, (-1, -1))
+        return (self.sides if sides < 0 else sides, self.bytes if size < 0 else size)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sides or self.bytes or any(s > 0 or b > 0 for s, b in self.per_app.values()))
+
+
+@dataclass(frozen=True)
+class AppUsage:
+    """What one ml_app holds in the buffer now (see :class:`AppQuotas` for what counts)."""
+
+    sides: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -187,6 +221,10 @@ class JoinStore(Protocol):
         results waiting as the store allows, and it is not stored. Stored, replaced and duplicate
         sides are in the deadline index no earlier than their ``deadline_ms``.
 
+        With a quota (:class:`AppQuotas`), a side that would wait without joining anything (a span that takes
+        no result, ``stored`` or ``replaced``; a result ``buffered`` or ``waiting``) while its ml_app holds
+        its quota of sides or bytes is ``quota`` instead: not stored, not indexed; the caller reports it.
+
         A result op ``by_tag`` (its ml_app joins by span tag) that finds no span is ``tagged`` instead of
         ``buffered``: it is not stored (nor indexed), and the caller delivers it joined by tag; a copy
         of it that waited from before is left in place, for the caller to drop once it is delivered.
@@ -281,6 +319,17 @@ class DeadlineIndex(Protocol):
 
     async def oldest(self, count: int) -> list[DueSide]:
         """The ``count`` entries of the whole index with the earliest deadlines, earliest first."""
+        ...
+
+    async def app_usage(self) -> dict[str, AppUsage]:
+        """What each ml_app holds in the buffer (:class:`AppQuotas`), as counted with every write; apps holding
+        nothing are left out. Cheap on a single Redis (one hash); on a Redis Cluster it reads one small hash per
+        slot that holds sides."""
+        ...
+
+    async def oldest_pending(self, per_shard: int) -> dict[str, int]:
+        """ml_app -> the earliest deadline of its sides still waiting for the other side (a span no result joined,
+        a result in the pending hash), among the ``per_shard`` earliest entries of each shard."""
         ...
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 
 from consumer import records, store
 from consumer.store import (
+    AppQuotas,
+    AppUsage,
     DueSide,
     ExpireOutcome,
     KeyState,
@@ -46,11 +48,21 @@ class _Span:
     def holds(self, slot: str) -> bool:
         return any(taken == slot for taken, _ in self.book)
 
+    @property
+    def size(self) -> int:
+        """Its bytes as Redis stores it: the flag, the book and its end mark (flag "b"), identity, "\\n", body."""
+        return 1 + (len(self.book) * 2 * store.SLOT_CHARS + 1 if self.flag == "b" else 0) + len(self.stored)
+
 
 @dataclass(frozen=True)
 class _Pending:
     slots: tuple[str, ...] | None  # None: stored without (a namespace with a run)
     record: bytes
+
+    @property
+    def size(self) -> int:
+        """Its bytes as Redis stores it: "\\2", the slots and "\\36" before the record, when it has slots."""
+        return len(self.record) + (0 if self.slots is None else 2 + len(self.slots) * store.SLOT_CHARS)
 
 
 @dataclass
@@ -93,15 +105,33 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
     They are its bases so that mypy holds it to the contract: no type-checked code uses it otherwise.
     """
 
-    def __init__(self, *, shards: int = 16, max_pending_results: int = 0) -> None:
+    def __init__(self, *, shards: int = 16, max_pending_results: int = 0, quotas: AppQuotas | None = None) -> None:
         self.shards = shards
         self._max_pending = max_pending_results  # 0: no limit
+        self._quotas = quotas or AppQuotas()
+        self._usage: dict[str, list[int]] = {}  # ml_app -> [sides, bytes], kept as lua/usage.lua keeps it
         self._keys: dict[Namespace, _Key] = {}
         self._index: list[dict[str, DueSide]] = [{} for _ in range(shards)]  # per shard: member -> entry
         self._locks: dict[int, tuple[str, float]] = {}  # shard -> (token, held until, monotonic seconds)
 
     def _key(self, ns: Namespace) -> _Key:
         return self._keys.setdefault(ns, _Key())
+
+    def _account(self, app: str, sides: int, size: int) -> None:
+        """Count a change of what ``app`` holds; a count that would fall below zero is cleared (lua/usage.lua)."""
+        used = self._usage.setdefault(app, [0, 0])
+        used[0] += sides
+        used[1] += size
+        if used[0] <= 0:
+            del self._usage[app]
+        elif used[1] < 0:
+            used[1] = 0
+
+    def _over_quota(self, app: str, size: int) -> bool:
+        """Whether a side of ``size`` bytes that joins nothing would take ``app`` past its quota."""
+        max_sides, max_bytes = self._quotas.of(app)
+        sides, held = self._usage.get(app, (0, 0))
+        return bool((max_sides and sides + 1 > max_sides) or (max_bytes and held + size > max_bytes))
 
     def _enter(self, ns: Namespace, event_id: str | None, deadline_ms: int) -> None:
         """Index a side (ZADD GT: a new entry, or a later deadline for an existing one)."""
@@ -130,7 +160,13 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
             flag = "b" if book else "1" if out else "0"
             if flag == "0" and op.by_tag and k.ledger:  # its results were delivered by tag before it came
                 flag = "1" if op.ns.run else "b"  # without a run: an empty book, so the key's next answer replaces it
-            k.span, k.replaced = _Span(stored, flag, book), None
+            new = _Span(stored, flag, book)
+            if flag == "0" and self._over_quota(op.ns.ml_app, new.size):
+                return SpanPut("quota", {})
+            if k.replaced is not None:
+                self._account(op.ns.ml_app, -1, -k.replaced.size)
+            k.span, k.replaced = new, None
+            self._account(op.ns.ml_app, 1, new.size)
             self._enter(op.ns, None, op.deadline_ms)
             return SpanPut("stored", out)
         span, old = k.span, k.replaced
@@ -143,7 +179,12 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
         if span.flag != "b" or (old is not None and k.taken_by(old, plain=False)):
             return SpanPut("conflict", {}, span.stored)
         taken, book = _take(k.waiting())  # what the one it replaced took is not waiting (and never is again)
-        k.span, k.replaced = _Span(stored, "b" if book else "0", book), span
+        new = _Span(stored, "b" if book else "0", book)
+        if not taken and self._over_quota(op.ns.ml_app, new.size):
+            return SpanPut("quota", {})
+        old_size = 0 if old is None else old.size
+        self._account(op.ns.ml_app, 0 if old is not None else 1, new.size - old_size)
+        k.span, k.replaced = new, span
         self._enter(op.ns, None, op.deadline_ms)
         return SpanPut("replaced", taken)
 
@@ -171,8 +212,10 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
                 return ResultPut("duplicate")
             if not any(span.holds(slot) for slot in slots) and not any(
                     set(p.slots or ()) & set(slots) for _, p in k.waiting()):
+                before = span.size
                 span.flag = "b"
                 span.book += [(slot, digest) for slot in slots]
+                self._account(op.ns.ml_app, 0, span.size - before)
                 return ResultPut("joined", span.stored)
             return self._buffer(k, op, slots, "waiting")  # for the key's next answer
         if op.by_tag:  # no span: delivered joined by tag, never stored; the ledger keeps it from going twice
@@ -187,7 +230,11 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
                 status: store.ResultStatus) -> ResultPut:
         if self._max_pending and len(k.pending) >= self._max_pending:
             return ResultPut("full")
-        k.pending[op.event_id] = _Pending(slots, op.record)
+        pending = _Pending(slots, op.record)
+        if self._over_quota(op.ns.ml_app, pending.size):
+            return ResultPut("quota")
+        k.pending[op.event_id] = pending
+        self._account(op.ns.ml_app, 1, pending.size)
         self._enter(op.ns, op.event_id, op.deadline_ms)
         return ResultPut(status)
 
@@ -217,7 +264,9 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
             k.ledger.update(dict.fromkeys(request.delivered, "d"))
             k.ledger.update(dict.fromkeys(request.dead_lettered, "x"))
             for event_id in request.drop_event_ids:
-                k.pending.pop(event_id, None)
+                dropped = k.pending.pop(event_id, None)
+                if dropped is not None:
+                    self._account(request.ns.ml_app, -1, -dropped.size)
 
     async def ping(self) -> bool:
         return True
@@ -235,7 +284,9 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
                 return ExpireOutcome("report", k.expiring["s"])
             if k.span is None:
                 return ExpireOutcome("gone")
-            span, k.span, k.replaced = k.span, None, None
+            span, old, k.span, k.replaced = k.span, k.replaced, None, None
+            self._account(side.namespace.ml_app, -1 if old is None else -2,
+                          -span.size - (0 if old is None else old.size))
             if span.flag != "0":
                 return ExpireOutcome("dropped")
             k.expiring["s"] = span.stored
@@ -251,6 +302,7 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
             digest = result_digest(side.event_id)
             if pending.slots is None or any(s is not None and s.took(digest) for s in (k.span, k.replaced)):
                 return ExpireOutcome("busy")
+        self._account(side.namespace.ml_app, -1, -pending.size)
         k.expiring[copy] = k.pending.pop(side.event_id).record
         return ExpireOutcome("report", k.expiring[copy])
 
@@ -283,6 +335,23 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
     async def oldest(self, count: int) -> list[DueSide]:
         every = [side for entries in self._index for side in entries.values()]
         return sorted(every, key=lambda side: (side.deadline_ms, side.shard, side.member))[:count]
+
+    async def app_usage(self) -> dict[str, AppUsage]:
+        return {app: AppUsage(sides, size) for app, (sides, size) in self._usage.items()}
+
+    async def oldest_pending(self, per_shard: int) -> dict[str, int]:
+        earliest: dict[str, int] = {}
+        for shard in range(self.shards):
+            for side in await self.due(shard, 2**62, per_shard):
+                k = self._keys.get(side.namespace, _Key())
+                if side.event_id is None:
+                    waiting = k.span is not None and k.span.flag == "0"
+                else:
+                    waiting = side.event_id in k.pending
+                app = side.namespace.ml_app
+                if waiting and side.deadline_ms < earliest.get(app, 2**62):
+                    earliest[app] = side.deadline_ms
+        return earliest
 
     # -- Inspectable ----------------------------------------------------------------------------
 

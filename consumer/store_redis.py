@@ -19,14 +19,28 @@ when the events name a run (each part percent-encoded):
 ``prefix:{dlN}:idx``      deadline index shard N: sorted set member -> deadline (ms)
 ``prefix:{dlN}:lock``     sweeper lock of shard N
 ``prefix:{ackN}``         replica acknowledgement marker (only with ``wait_replicas``), one per primary
+``prefix:{use}:use``      usage hash (single Redis): ``s:<app>`` sides, ``b:<app>`` bytes per ml_app (lua/usage.lua)
+``prefix:{uN}:use``       the same on a Redis Cluster, one per hash slot: ``uN`` hashes to the slot of the
+                          namespaces it counts, so each script updates it with theirs, exactly
+``prefix:{use}:slots``    (Redis Cluster) the slots whose usage hash may hold counts
 ========================  =====================================================================
+
+Per-app usage (``AppQuotas``) is exact on both: every script that stores or drops a side counts it in
+the same atomic call. On a single Redis the quota is checked against that count in the same call, so
+no app stores a side that would wait once it holds its quota. On a Redis Cluster an app's sides spread
+over every slot, so its total is the sum of the slots' hashes: each store reads it at most every
+:data:`QUOTA_REFRESH_S` and refuses the app's new waiting sides once it is used up; in between, an app
+can exceed its quota by what it writes in that time (the counts stay exact; only the refusal lags).
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
+import functools
 import os
 import re
+import time
 import traceback
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -34,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
+from urllib.parse import quote, unquote
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -42,6 +57,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 from redis.exceptions import AskError, RedisError
 
 from consumer import records
@@ -51,6 +67,8 @@ from consumer.metrics import Metrics
 from consumer.redis_wire import pack_with_hiredis
 from consumer.store import (
     SLOT_CHARS,
+    AppQuotas,
+    AppUsage,
     ClaimVerdict,
     DueSide,
     ExpireOutcome,
@@ -278,6 +296,29 @@ class MemoryAlarm:
 
 
 ITEMS_PER_CALL = 1000  # per batch-script call on a single Redis: a default batch (500 records) takes one call
+QUOTA_REFRESH_S = 1.0  # on a Redis Cluster, how old the per-app totals the quota is checked against may be
+
+
+@functools.cache
+def _slot_tags() -> tuple[str, ...]:
+    """Per cluster hash slot, a short hash tag (``u<hex>``) in that slot: where the slot's usage hash lives.
+
+    Redis hashes a key's tag with CRC16/XMODEM, which is binascii's ``crc_hqx`` (about 0.2 s, once).
+    """
+    tags: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+    left, i = REDIS_CLUSTER_HASH_SLOTS, 0
+    while left:
+        tag = f"u{i:x}"
+        slot = binascii.crc_hqx(tag.encode(), 0) % REDIS_CLUSTER_HASH_SLOTS
+        if tags[slot] is None:
+            tags[slot] = tag
+            left -= 1
+        i += 1
+    return tuple(tag for tag in tags if tag is not None)
+
+
+def _slot(ns: Namespace) -> int:
+    return binascii.crc_hqx(ns.tag.encode(), 0) % REDIS_CLUSTER_HASH_SLOTS
 
 
 _INCLUDE = re.compile(r'^--- @include "(\w+)"$', re.MULTILINE)
@@ -418,11 +459,17 @@ class RedisJoinStore:
 
     def __init__(self, client: RedisClient, *, prefix: str = "evj", shards: int = 16,
                  ledger_retention_ms: int, max_concurrency: int = 32, max_pending_results: int = 0,
-                 memory: MemoryAlarm | None = None, replica_ack: ReplicaAck | None = None) -> None:
+                 memory: MemoryAlarm | None = None, replica_ack: ReplicaAck | None = None,
+                 quotas: AppQuotas | None = None) -> None:
         self._client = client
         self.memory = memory or MemoryAlarm()
         self._ack = replica_ack if replica_ack is not None and replica_ack.replicas > 0 else None
         self._markers: dict[str, str] = {}  # cluster: primary's name -> a marker key in one of its slots
+        self._cluster = isinstance(client, RedisCluster)
+        self._quotas = quotas or AppQuotas()
+        self._used_up: frozenset[str] = frozenset()  # cluster: apps (as in their tag) over their quota, last read
+        self._used_up_read = -float("inf")  # when (monotonic seconds)
+        self._slots_known: set[int] = set()  # cluster: slots this store registered in the slots set
         # Results that may wait for one join key's span (0: no limit); a result over it is refused ("full").
         self._max_pending = max_pending_results
         # At most this many commands in flight, so that a large batch never exhausts the client's pool.
@@ -499,9 +546,20 @@ class RedisJoinStore:
 
         await self._pipelined(queue)
 
+    def _usage_key(self, ns: Namespace) -> str:
+        """The usage hash that counts ``ns``'s sides (lua/usage.lua): the only one, or its slot's on a cluster."""
+        if self._cluster:
+            return f"{self._prefix}:{{{_slot_tags()[_slot(ns)]}}}:use"
+        return f"{self._prefix}:{{use}}:use"
+
+    def _slots_key(self) -> str:
+        return f"{self._prefix}:{{use}}:slots"
+
     async def _run_batched(self, script: AsyncScript, head: list[Any], items: Sequence[_Item], *,
-                           acknowledged: bool = False) -> list[Any]:
+                           acknowledged: bool = False, usage: bool = False) -> list[Any]:
         """Run a batch script over items: one reply per item, in item order.
+
+        With ``usage``, each call gets one more key, last: the usage hash of its items (lua/usage.lua).
 
         A batch script takes the keys of all its items, then ``head`` and the args of all its items,
         handles the items in order and returns one reply per item; so a batch costs one command, not
@@ -517,9 +575,12 @@ class RedisJoinStore:
             return []
 
         def keys_args(chosen: Sequence[_Item]) -> tuple[list[str], list[Any]]:
-            return [k for item in chosen for k in item.keys], [*head, *(a for item in chosen for a in item.args)]
+            keys = [k for item in chosen for k in item.keys]
+            if usage:
+                keys.append(self._usage_key(chosen[0].ns))  # a cluster call holds one namespace
+            return keys, [*head, *(a for item in chosen for a in item.args)]
 
-        if isinstance(self._client, RedisCluster):
+        if self._cluster:
             groups: dict[Namespace, list[int]] = {}
             for i, item in enumerate(items):
                 groups.setdefault(item.ns, []).append(i)
@@ -609,9 +670,13 @@ class RedisJoinStore:
         the index lives in another slot, so it is written afterwards: a crash in between leaves the
         message uncommitted, and its redelivery (status "duplicate") indexes it then.
         """
-        in_script = not isinstance(self._client, RedisCluster)
+        in_script = not self._cluster
+        if self._cluster:
+            await self._register_slots(ops)
+            if self._quotas.enabled and time.monotonic() - self._used_up_read >= QUOTA_REFRESH_S:
+                await self._read_used_up()
         replies = await self._run_batched(self._put, *self._put_batch_input(ops, with_index=in_script),
-                                          acknowledged=True)
+                                          acknowledged=True, usage=True)
         puts: list[SpanPut | ResultPut] = []
         index: list[tuple[Namespace, str, int]] = []
         for op, reply in zip(ops, replies, strict=True):
@@ -621,12 +686,15 @@ class RedisJoinStore:
                 if status == "conflict":
                     puts.append(SpanPut("conflict", {}, reply[1]))
                     continue
+                if status == "quota":
+                    puts.append(SpanPut("quota", {}))
+                    continue
                 index.append((op.ns, member, op.deadline_ms))
                 flat = reply[1]
                 puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
             elif status == "joined":
                 puts.append(ResultPut("joined", reply[1]))
-            elif status in ("full", "tagged") or (op.by_tag and status == "duplicate"):  # not stored: not indexed
+            elif status in ("full", "tagged", "quota") or (op.by_tag and status == "duplicate"):  # not stored
                 puts.append(ResultPut(status))
             else:
                 index.append((op.ns, member, op.deadline_ms))
@@ -655,7 +723,70 @@ class RedisJoinStore:
                 args = ["t" if op.by_tag else "r", op.event_id, op.record, op.deadline_ms, _member(op),
                         *_counted(op.eval_ids), "".join(op.slots)]
             items.append(_Item(op.ns, keys, args))
-        return [6 if with_index else 5, self._max_pending], items
+        quotas = self._quotas
+        own: list[Any] = []
+        for app in dict.fromkeys(op.ns.ml_app for op in ops):
+            tag = quote(app, safe="")
+            if tag in self._used_up:
+                own += [tag, -1, -1]
+            elif app in quotas.per_app:
+                own += [tag, *quotas.of(app)]
+        return [6 if with_index else 5, self._max_pending, quotas.sides, quotas.bytes, *_counted(own)], items
+
+    async def _register_slots(self, ops: Sequence[SpanOp | ResultOp]) -> None:
+        """Cluster: name the slots these ops may count sides in, before any is counted, so a reader finds them."""
+        new = {_slot(op.ns) for op in ops} - self._slots_known
+        if new:
+            await self._bounded(self._client.sadd(self._slots_key(), *sorted(new)))
+            self._slots_known |= new
+
+    async def _read_used_up(self) -> None:
+        """Cluster: which apps hold their quota now, from the sum of the slots' usage hashes."""
+        used_up = set()
+        for app, usage in (await self.app_usage()).items():
+            max_sides, max_bytes = self._quotas.of(app)
+            if (max_sides and usage.sides >= max_sides) or (max_bytes and usage.bytes >= max_bytes):
+                used_up.add(quote(app, safe=""))
+        self._used_up, self._used_up_read = frozenset(used_up), time.monotonic()
+
+    async def app_usage(self) -> dict[str, AppUsage]:
+        if self._cluster:
+            slots = [int(slot) for slot in await self._bounded(self._client.smembers(self._slots_key()))]
+            tags = _slot_tags()
+
+            def queue(pipe: Any) -> None:
+                for slot in slots:
+                    pipe.hgetall(f"{self._prefix}:{{{tags[slot]}}}:use")
+
+            hashes = await self._pipelined(queue) if slots else []
+        else:
+            hashes = [await self._bounded(self._client.hgetall(f"{self._prefix}:{{use}}:use"))]
+        sides: dict[str, int] = {}
+        size: dict[str, int] = {}
+        for counts in hashes:
+            for raw_field, raw_value in counts.items():
+                kind, _, app = raw_field.decode().partition(":")
+                total = sides if kind == "s" else size
+                total[unquote(app)] = total.get(unquote(app), 0) + int(raw_value)
+        return {app: AppUsage(count, size.get(app, 0)) for app, count in sides.items() if count > 0}
+
+    async def oldest_pending(self, per_shard: int) -> dict[str, int]:
+        sides = [side for shard in range(self.shards) for side in await self.due(shard, 2**62, per_shard)]
+
+        def queue(pipe: Any) -> None:
+            for side in sides:
+                if side.event_id is None:
+                    pipe.getrange(self._key(side.namespace, "s"), 0, 0)
+                else:
+                    pipe.hexists(self._key(side.namespace, "r"), side.event_id)
+
+        earliest: dict[str, int] = {}
+        for side, state in zip(sides, await self._pipelined(queue) if sides else [], strict=True):
+            waiting = state == b"0" if side.event_id is None else bool(state)
+            app = side.namespace.ml_app
+            if waiting and side.deadline_ms < earliest.get(app, 2**62):
+                earliest[app] = side.deadline_ms
+        return earliest
 
     # -- delivery ledger -------------------------------------------------------------------------
 
@@ -674,7 +805,7 @@ class RedisJoinStore:
 
     async def settle_many(self, requests: Sequence[Settle]) -> None:
         """Settles for many namespaces in one round trip."""
-        await self._run_batched(self._settle, *self._settle_batch_input(requests), acknowledged=True)
+        await self._run_batched(self._settle, *self._settle_batch_input(requests), acknowledged=True, usage=True)
         await self._acknowledge_cluster([self._key(request.ns, "d") for request in requests])
 
     def _settle_batch_input(self, requests: Sequence[Settle]) -> tuple[list[Any], list[_Item]]:
@@ -705,7 +836,8 @@ class RedisJoinStore:
     async def expire(self, side: DueSide) -> ExpireOutcome:
         # expire_side.lua: KEYS span, pending, expiring; ARGV kind and, for a result, event_id.
         args = ["s"] if side.event_id is None else ["r", side.event_id]
-        reply: list[Any] = await self._call(self._expire, keys=self._side_keys(side.namespace), args=args)
+        keys = [*self._side_keys(side.namespace), self._usage_key(side.namespace)]
+        reply: list[Any] = await self._call(self._expire, keys=keys, args=args)
         verdict = reply[0].decode()
         return ExpireOutcome(verdict, reply[1] if len(reply) > 1 else None)
 

@@ -40,6 +40,8 @@ SERVICE_COMMANDS = (
     # called directly and from the scripts
     "exists", "get", "set", "setrange", "del", "hget", "hset", "hdel", "hexists", "hgetall", "hlen", "pexpire",
     "zadd", "zrem", "zscore", "zrange", "zrangebyscore", "zcard",
+    # per-app usage and quotas (lua/usage.lua), the oldest waiting side per app
+    "strlen", "getrange", "hmget", "hincrby", "sadd", "smembers",
     # `inspect` counts buffered sides per ml_app
     "scan",
     # REDIS_WAIT_REPLICAS: replica acknowledgement of the writes

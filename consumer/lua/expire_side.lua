@@ -7,6 +7,7 @@
                        for a span, or taken by one and not delivered yet
     KEYS[3] expiring   hash "s" | "r:<event_id>" -> copy: sides being reported
     KEYS[4] replaced   string, as span: the span the current one replaced (put_batch.lua)
+    KEYS[5] usage      the usage hash of the side's ml_app (lua/usage.lua): a side taken out no longer counts
     ARGV[1] kind       "s" for the span, "r" for a result
     ARGV[2] event_id   the result's event id (kind "r" only)
 
@@ -17,15 +18,20 @@
     {"busy"}           a result a span here took: its delivery is under way
     {"gone"}           nothing is stored
 ]]
-local span, pending, expiring, replaced = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local span, pending, expiring, replaced, usage = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local kind, event_id = ARGV[1], ARGV[2]
 --- @include "book"
+--- @include "usage"
+local app = app_of(span)
 
 if kind == 's' then
   local copy = redis.call('HGET', expiring, 's')
   if copy then return {'report', copy} end
   local stored = redis.call('GET', span)
   if not stored then return {'gone'} end
+  local old_size = redis.call('STRLEN', replaced)
+  account(app, old_size > 0 and -2 or -1, -#stored - old_size)
+  flush(usage)
   redis.call('DEL', span, replaced)
   if string.sub(stored, 1, 1) ~= '0' then return {'dropped'} end
   copy = string.sub(stored, 2)
@@ -53,5 +59,7 @@ if stored then
   end
 end
 redis.call('HDEL', pending, event_id)
+account(app, -1, -#value)
+flush(usage)
 redis.call('HSET', expiring, field, record)
 return {'report', record}

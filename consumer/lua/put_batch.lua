@@ -20,9 +20,14 @@
       replaced    string, as span: the span the current one replaced, kept with its book
       ledger      hash eval_id -> delivery state (claim_batch.lua)
       index       the deadline index shard of the join key; only when keys_per_side is 6
+    then one more key, last: usage, the usage hash of every side's ml_app (lua/usage.lua)
     ARGV[1] keys_per_side   5, or 6 when the deadline index is given (a single Redis)
     ARGV[2] max_pending     the most results that may wait for one join key's span (0: no limit)
-    then per side, read by arg_reader:
+    then, read by arg_reader:
+      quota_sides, quota_bytes   the sides and bytes an ml_app may hold (0: no limit)
+      quotas       a counted list of triples: ml_app (as in its keys' tag), its sides and bytes, for the
+                   apps whose quota is not the default; sides -1: refuse (the caller knows it is used up)
+    then per side:
       a span:    "s", identity ("trace_id:span_id"), body, deadline_ms, member
                  or, of an ml_app that joins by span tag, "S", the same, then joined_flag: how it is
                  stored when it takes no result but its key's ledger has entries (results delivered by
@@ -38,6 +43,7 @@
     a result:  {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"waiting"} | {"duplicate"}
                | {"full"}: max_pending results already wait for this join key; not stored
                | {"tagged"} ("t" only): no span is here; not stored, the caller delivers it joined by tag
+    either:    {"quota"}: it would wait without joining anything and its ml_app holds its quota; not stored
 
   A stored side is entered in the deadline index in the same call when the index key is given
   (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later).
@@ -47,6 +53,26 @@ local max_pending = tonumber(ARGV[2])
 --- @include "arg_reader"
 local next_arg, next_list = arg_reader(3)
 --- @include "book"
+--- @include "usage"
+local usage = KEYS[#KEYS]
+local quota_sides = tonumber(next_arg())
+local quota_bytes = tonumber(next_arg())
+local quotas = {}
+do
+  local flat = next_list()
+  for i = 1, #flat, 3 do quotas[flat[i]] = {tonumber(flat[i + 1]), tonumber(flat[i + 2])} end
+end
+
+-- Whether storing a side of `bytes` that joins nothing would take k's ml_app past its quota.
+local function over_quota(k, bytes)
+  local max_sides, max_bytes = quota_sides, quota_bytes
+  local own = quotas[k.app]
+  if own then max_sides, max_bytes = own[1], own[2] end
+  if max_sides < 0 then return true end
+  if max_sides == 0 and max_bytes == 0 then return false end
+  local sides, size = used(usage, k.app)
+  return (max_sides > 0 and sides + 1 > max_sides) or (max_bytes > 0 and size + bytes > max_bytes)
+end
 
 local function index(k, deadline, member)
   if k.index then redis.call('ZADD', k.index, 'GT', deadline, member) end
@@ -157,8 +183,14 @@ local function put_span(k, identity, body, deadline, member, joined_flag)
       -- Its results were delivered by tag before it came: joined, so that its deadline reports nothing.
       value = joined_flag == 'b' and ('b' .. BOOK_END .. identity .. '\n' .. body) or ('1' .. identity .. '\n' .. body)
     end
+    if string.sub(value, 1, 1) == '0' and over_quota(k, #value) then return {'quota'} end
+    local old_size = redis.call('STRLEN', k.replaced)  -- none is left without a span, but count it if one is
+    if old_size > 0 then
+      account(k.app, -1, -old_size)
+      redis.call('DEL', k.replaced)
+    end
     redis.call('SET', k.span, value)
-    redis.call('DEL', k.replaced)
+    account(k.app, 1, #value)
     index(k, deadline, member)
     return {'stored', out}
   end
@@ -178,8 +210,13 @@ local function put_span(k, identity, body, deadline, member, joined_flag)
     return {'conflict', rest}
   end
   local taken, new_book = take(waiting(k, book, ''))
+  local value = stored_span(new_book, false, identity, body)
+  if #taken == 0 and over_quota(k, #value) then return {'quota'} end
+  -- The span moves to replaced (counted already), over the one replaced before, if any.
+  local old_size = redis.call('STRLEN', k.replaced)
+  account(k.app, old_size > 0 and 0 or 1, #value - old_size)
   redis.call('SET', k.replaced, stored)
-  redis.call('SET', k.span, stored_span(new_book, false, identity, body))
+  redis.call('SET', k.span, value)
   index(k, deadline, member)
   return {'replaced', taken}
 end
@@ -198,7 +235,9 @@ local function buffer(k, event_id, value, deadline, member, status)
   -- A span releases all of its waiting results in one reply: their number is bounded, or one join key
   -- flooded with distinct results would grow without limit and then exhaust the consumer's memory.
   if max_pending > 0 and redis.call('HLEN', k.pending) >= max_pending then return {'full'} end
+  if over_quota(k, #value) then return {'quota'} end
   redis.call('HSET', k.pending, event_id, value)
+  account(k.app, 1, #value)
   index(k, deadline, member)
   return {status}
 end
@@ -238,7 +277,9 @@ local function put_result(k, event_id, record, deadline, member, eval_ids, slots
       end
     end
     if free then
-      redis.call('SET', k.span, 'b' .. book .. entries(slots, ev) .. BOOK_END .. rest)
+      local value = 'b' .. book .. entries(slots, ev) .. BOOK_END .. rest
+      account(k.app, 0, #value - #stored)
+      redis.call('SET', k.span, value)
       return {'joined', rest}
     end
     -- It repeats an evaluation of this answer (or of a result that waits): it is for the key's next answer.
@@ -259,9 +300,10 @@ local function put_result(k, event_id, record, deadline, member, eval_ids, slots
 end
 
 local out = {}
-for base = 0, #KEYS - 1, keys_per_side do
+for base = 0, #KEYS - 2, keys_per_side do
   local k = {span = KEYS[base + 1], pending = KEYS[base + 2], expiring = KEYS[base + 3],
              replaced = KEYS[base + 4], ledger = KEYS[base + 5]}
+  k.app = app_of(k.span)
   if keys_per_side == 6 then k.index = KEYS[base + 6] end
   -- One read per line: Lua does not promise the order in which a call's arguments are evaluated.
   local kind = next_arg()
@@ -283,4 +325,5 @@ for base = 0, #KEYS - 1, keys_per_side do
     out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids, slots, kind == 't')
   end
 end
+flush(usage)
 return out
