@@ -1,0 +1,272 @@
+"""``python -m bench.capacity RESULTS.json``: what a deployment needs for a rate of evaluations per second.
+
+Reads the JSON file of a benchmark run (``python -m bench --json RESULTS.json``) and turns its measured
+per-evaluation costs into partitions, pods, Redis shards and Redis memory at 1k, 10k, 100k and 1M
+evaluations per second (``--rates``). Every assumption is a flag; ``docs/capacity.md`` explains each.
+
+What it needs from the run:
+
+- process CPU per evaluation: the ``scale`` step's drains (median of all; a Redis Cluster), else the
+  ``throughput`` step's;
+- redis-server CPU per evaluation, all shards together, and how unevenly the shards share it: the
+  ``scale`` step's (sampled on every shard), else the ``throughput`` step's single Redis;
+- Redis bytes per waiting span, per waiting result, per delivered pair (its span and its ledger) and
+  of that its ledger: the ``memory`` step's.
+
+The model, per second, for E evaluations/s, k evaluations per result event, P = E / k pairs and
+S = P / f spans (f: the fraction of span-context events that ever get a result):
+
+- process cores = E x process CPU per evaluation; pods = cores / (cores per pod x CPU target);
+- Redis cores = E x Redis CPU per evaluation; shards = Redis cores x imbalance / Redis CPU target,
+  or memory / memory per shard, whichever is more (a cluster has at least 3);
+- Redis memory = (S - P) x TTL x bytes per span (a span without a result waits until its deadline)
+  + P x TTL x (bytes per delivered pair - its ledger) (a joined span is kept until its deadline too)
+  + P x (TTL + ledger grace) x ledger bytes per pair
+  + P x match delay x bytes per result (as if every result came first and waited the whole delay),
+  times the memory overhead (fragmentation, copy-on-write during an AOF rewrite, buffers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+RATES = (1_000.0, 10_000.0, 100_000.0, 1_000_000.0)
+CLUSTER_MIN_SHARDS = 3  # redis-cli --cluster create needs three primaries
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-evaluation costs measured by one benchmark run, and where each came from."""
+
+    process_cpu_ms_per_1000_evals: float
+    redis_cpu_ms_per_1000_evals: float  # every shard's together
+    shard_imbalance: float  # the busiest shard's Redis CPU over the shards' mean (1.0: even)
+    bytes_per_span: float
+    bytes_per_result: float
+    bytes_per_joined_pair: float  # a delivered pair: its span (until its deadline) and its ledger entries
+    ledger_bytes_per_pair: float  # of which the ledger (until TTL + grace after the delivery)
+    evals_per_result: int
+    span_event_bytes: int
+    result_event_bytes: int
+    cpu_source: str  # which step and Redis the CPU figures come from
+
+    @property
+    def bytes_per_joined_span(self) -> float:
+        """What a delivered pair keeps besides its ledger: its span, kept until its deadline."""
+        return max(0.0, self.bytes_per_joined_pair - self.ledger_bytes_per_pair)
+
+    @classmethod
+    def from_results(cls, data: dict[str, Any]) -> Costs:
+        """The costs in a ``python -m bench --json`` file's data; ``ValueError`` names a missing step."""
+        figures = data.get("figures", {})
+        evals = int(data.get("options", {}).get("traffic", {}).get("evals", 0))
+        if evals < 1:
+            raise ValueError("the file has no options.traffic.evals: is it a `python -m bench --json` file?")
+        if figures.get("scale"):
+            drains = [point["drain"] for point in figures["scale"]]
+            first = figures["scale"][0]
+            source = (f"scale step: {len(drains)} drains, {first['partitions']} partitions, "
+                      f"{first['shards']}-shard Redis Cluster")
+            by_node = [d["redis_cpu_ms_per_1000_evals_by_node"] for d in drains]
+            imbalance = statistics.median(max(nodes) / statistics.fmean(nodes) for nodes in by_node
+                                          if nodes and statistics.fmean(nodes) > 0)
+        elif figures.get("throughput"):
+            drains = [run["service"] for run in figures["throughput"]]
+            source = f"throughput step: {len(drains)} drains, a single Redis"
+            imbalance = 1.0
+        else:
+            raise ValueError("the run has neither a scale nor a throughput step: run `python -m bench` with "
+                             "--steps scale,memory (or throughput,memory)")
+        memory = figures.get("memory")
+        if not memory or memory.get("bytes_per_joined_pair") is None or memory.get("ledger_bytes_per_pair") is None:
+            raise ValueError("the run has no memory step with bytes per joined pair and ledger: add --steps memory")
+        return cls(
+            process_cpu_ms_per_1000_evals=statistics.median(d["cpu_ms_per_1000_evals"] for d in drains),
+            redis_cpu_ms_per_1000_evals=statistics.median(d["redis_cpu_ms_per_1000_evals"] for d in drains),
+            shard_imbalance=imbalance,
+            bytes_per_span=float(memory["bytes_per_span"]),
+            bytes_per_result=float(memory["bytes_per_result"]),
+            bytes_per_joined_pair=float(memory["bytes_per_joined_pair"]),
+            ledger_bytes_per_pair=float(memory["ledger_bytes_per_pair"]),
+            evals_per_result=evals,
+            span_event_bytes=int(memory["span_event_bytes"]),
+            result_event_bytes=int(memory["result_event_bytes"]),
+            cpu_source=source,
+        )
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What the figures assume beyond the measurement; each is a flag of ``python -m bench.capacity``."""
+
+    join_ttl_s: float = 86_400.0  # JOIN_TTL_SECONDS
+    ledger_grace_s: float = 86_400.0  # LEDGER_GRACE_SECONDS
+    match_delay_s: float = 300.0  # between a pair's two sides
+    evaluated_fraction: float = 1.0  # of the span-context events published, the share that ever gets a result
+    cores_per_pod: float = 1.0  # one pod = one consumer process; its event loop uses one core
+    cpu_target: float = 0.6  # of a pod's cores, busy at the rate
+    redis_cpu_target: float = 0.5  # of a Redis shard's one core (its main thread), busy at the rate
+    redis_memory_overhead: float = 1.5  # used_memory x this = memory to provision
+    shard_memory_gib: float = 16.0  # provisioned memory per Redis shard, at most
+    partitions_per_pod: float = 2.0  # partitions per topic, per pod: room to add pods without adding partitions
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a rate of evaluations per second needs."""
+
+    evals_per_s: float
+    pairs_per_s: float
+    spans_per_s: float
+    process_cores: float
+    pods: int
+    partitions: int
+    redis_cores: float
+    redis_memory_bytes: float  # used_memory at steady state, before the overhead
+    redis_provisioned_bytes: float  # with the overhead
+    shards_for_cpu: int
+    shards_for_memory: int
+    shards: int
+    kafka_records_per_s: float
+    kafka_mb_per_s: float
+
+
+def plan(costs: Costs, assume: Assumptions, evals_per_s: float) -> Plan:
+    """The pods, partitions, Redis shards and memory ``evals_per_s`` needs, at ``costs`` and under ``assume``."""
+    pairs = evals_per_s / costs.evals_per_result
+    spans = pairs / assume.evaluated_fraction
+    process_cores = evals_per_s * costs.process_cpu_ms_per_1000_evals / 1e6
+    pods = max(1, math.ceil(process_cores / (assume.cores_per_pod * assume.cpu_target)))
+    redis_cores = evals_per_s * costs.redis_cpu_ms_per_1000_evals / 1e6
+    memory = ((spans - pairs) * assume.join_ttl_s * costs.bytes_per_span
+              + pairs * assume.join_ttl_s * costs.bytes_per_joined_span
+              + pairs * (assume.join_ttl_s + assume.ledger_grace_s) * costs.ledger_bytes_per_pair
+              + pairs * assume.match_delay_s * costs.bytes_per_result)
+    provisioned = memory * assume.redis_memory_overhead
+    for_cpu = max(1, math.ceil(redis_cores * costs.shard_imbalance / assume.redis_cpu_target))
+    for_memory = max(1, math.ceil(provisioned / (assume.shard_memory_gib * GIB)))
+    shards = max(for_cpu, for_memory)
+    if shards > 1:
+        shards = max(shards, CLUSTER_MIN_SHARDS)
+    return Plan(evals_per_s=evals_per_s, pairs_per_s=pairs, spans_per_s=spans, process_cores=process_cores, pods=pods,
+                partitions=max(pods, math.ceil(pods * assume.partitions_per_pod)), redis_cores=redis_cores,
+                redis_memory_bytes=memory, redis_provisioned_bytes=provisioned, shards_for_cpu=for_cpu,
+                shards_for_memory=for_memory, shards=shards, kafka_records_per_s=spans + pairs,
+                kafka_mb_per_s=(spans * costs.span_event_bytes + pairs * costs.result_event_bytes) / 1e6)
+
+
+def _rate(value: float) -> str:
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:,.1f} GiB" if value >= GIB / 10 else f"{value / 2**20:,.0f} MiB"
+
+
+def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
+    """The inputs, the assumptions and a table with one column per rate (Markdown)."""
+    plans = [plan(costs, assume, rate) for rate in rates]
+    lines = [
+        f"Measured ({costs.cpu_source}; memory step):",
+        "",
+        f"- process CPU: {costs.process_cpu_ms_per_1000_evals:,.0f} ms per 1,000 evaluations",
+        f"- redis-server CPU: {costs.redis_cpu_ms_per_1000_evals:,.0f} ms per 1,000 evaluations, all shards; "
+        f"busiest shard x{costs.shard_imbalance:.2f} the mean",
+        f"- Redis bytes: {costs.bytes_per_span:,.0f} per waiting span ({costs.span_event_bytes} B event), "
+        f"{costs.bytes_per_result:,.0f} per waiting result ({costs.result_event_bytes} B event), "
+        f"{costs.bytes_per_joined_pair:,.0f} per delivered pair (its span {costs.bytes_per_joined_span:,.0f}, "
+        f"its ledger {costs.ledger_bytes_per_pair:,.0f})",
+        f"- {costs.evals_per_result} evaluations per result event",
+        "",
+        "Assumed:",
+        "",
+        f"- join TTL {assume.join_ttl_s / 3600:g} h, ledger grace {assume.ledger_grace_s / 3600:g} h, "
+        f"match delay {assume.match_delay_s:g} s (every result waits it, as if it came first)",
+        f"- {assume.evaluated_fraction:.0%} of the span-context events get a result (the rest wait the TTL)",
+        f"- one pod = one process = {assume.cores_per_pod:g} core(s), {assume.cpu_target:.0%} busy; "
+        f"{assume.partitions_per_pod:g} partitions per topic per pod",
+        f"- a Redis shard's main thread {assume.redis_cpu_target:.0%} busy; memory to provision = used_memory x "
+        f"{assume.redis_memory_overhead:g}, at most {assume.shard_memory_gib:g} GiB per shard; primaries only "
+        "(each replica doubles the memory)",
+        "",
+    ]
+    rows: list[tuple[str, ...]] = [
+        ("evaluations/s", *(_rate(p.evals_per_s) for p in plans)),
+        ("pairs/s (spans/s)", *(f"{_rate(p.pairs_per_s)} ({_rate(p.spans_per_s)})" for p in plans)),
+        ("Kafka records/s in (MB/s)", *(f"{_rate(p.kafka_records_per_s)} ({p.kafka_mb_per_s:,.1f})" for p in plans)),
+        ("consumer cores busy", *(f"{p.process_cores:,.1f}" for p in plans)),
+        ("pods", *(f"{p.pods:,}" for p in plans)),
+        ("partitions per topic", *(f"{p.partitions:,}" for p in plans)),
+        ("Redis cores busy", *(f"{p.redis_cores:,.1f}" for p in plans)),
+        ("Redis used_memory", *(_gib(p.redis_memory_bytes) for p in plans)),
+        ("Redis memory to provision", *(_gib(p.redis_provisioned_bytes) for p in plans)),
+        ("Redis shards for CPU / for memory", *(f"{p.shards_for_cpu:,} / {p.shards_for_memory:,}" for p in plans)),
+        ("Redis shards (primaries)", *(f"{p.shards:,}" for p in plans)),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)) + " |")
+        if i == 0:
+            lines.append("| " + " | ".join("-" * widths[0] if j == 0 else "-" * (widths[j] - 1) + ":"
+                                           for j in range(len(row))) + " |")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Assumptions()
+    p = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, help="the JSON file of `python -m bench --json FILE`")
+    p.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="evaluations per second, comma-separated")
+    p.add_argument("--ttl-hours", type=float, default=d.join_ttl_s / 3600, help="JOIN_TTL_SECONDS, in hours")
+    p.add_argument("--ledger-grace-hours", type=float, default=d.ledger_grace_s / 3600,
+                   help="LEDGER_GRACE_SECONDS, in hours")
+    p.add_argument("--match-delay-s", type=float, default=d.match_delay_s, help="between a pair's two sides")
+    p.add_argument("--evaluated-fraction", type=float, default=d.evaluated_fraction,
+                   help="share of the span-context events that ever get a result")
+    p.add_argument("--cores-per-pod", type=float, default=d.cores_per_pod)
+    p.add_argument("--cpu-target", type=float, default=d.cpu_target, help="share of a pod's cores busy at the rate")
+    p.add_argument("--redis-cpu-target", type=float, default=d.redis_cpu_target,
+                   help="share of a Redis shard's core busy at the rate")
+    p.add_argument("--redis-memory-overhead", type=float, default=d.redis_memory_overhead,
+                   help="memory to provision over Redis used_memory")
+    p.add_argument("--shard-memory-gib", type=float, default=d.shard_memory_gib, help="most memory per Redis shard")
+    p.add_argument("--partitions-per-pod", type=float, default=d.partitions_per_pod)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not 0 < args.evaluated_fraction <= 1 or not 0 < args.cpu_target <= 1 or not 0 < args.redis_cpu_target <= 1:
+        raise SystemExit("--evaluated-fraction, --cpu-target and --redis-cpu-target are fractions in (0, 1]")
+    try:
+        costs = Costs.from_results(orjson.loads(args.results.read_bytes()))
+    except ValueError as exc:
+        raise SystemExit(f"{args.results}: {exc}") from exc
+    assume = Assumptions(join_ttl_s=args.ttl_hours * 3600, ledger_grace_s=args.ledger_grace_hours * 3600,
+                         match_delay_s=args.match_delay_s, evaluated_fraction=args.evaluated_fraction,
+                         cores_per_pod=args.cores_per_pod, cpu_target=args.cpu_target,
+                         redis_cpu_target=args.redis_cpu_target, redis_memory_overhead=args.redis_memory_overhead,
+                         shard_memory_gib=args.shard_memory_gib, partitions_per_pod=args.partitions_per_pod)
+    rates = tuple(float(part) for part in args.rates.split(",") if part)
+    sys.stdout.write(render(costs, assume, rates) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Assumptions", "Costs", "Plan", "main", "plan", "render"]
