@@ -18,7 +18,8 @@ S = P / f spans (f: the fraction of span-context events that ever get a result):
 
 - process cores = E x process CPU per evaluation; pods = cores / (cores per pod x CPU target);
 - Redis cores = E x Redis CPU per evaluation; shards = Redis cores x imbalance / Redis CPU target,
-  or memory / memory per shard, whichever is more (a cluster has at least 3);
+  or memory / memory per shard, whichever is more (a cluster has at least 3); REDIS_DEADLINE_SHARDS:
+  4 per shard, a power of two from 16 to 4096 (each deadline index is one sorted set on one shard);
 - Redis memory = (S - P) x TTL x bytes per span (a span without a result waits until its deadline)
   + P x TTL x (bytes per delivered pair - its ledger) (a joined span is kept until its deadline too)
   + P x (TTL + ledger grace) x ledger bytes per pair
@@ -40,6 +41,10 @@ import orjson
 
 RATES = (1_000.0, 10_000.0, 100_000.0, 1_000_000.0)
 CLUSTER_MIN_SHARDS = 3  # redis-cli --cluster create needs three primaries
+CLUSTER_MAX_NODES = 1_000  # the Redis Cluster specification's design goal: linear scalability up to 1000 nodes
+DEADLINE_SHARDS_MIN = 16  # REDIS_DEADLINE_SHARDS' default...
+DEADLINE_SHARDS_MAX = 4_096  # ...and its largest value
+DEADLINE_SHARDS_PER_SHARD = 4  # deadline-index shards per Redis primary: each index is one sorted set, on one shard
 GIB = 2**30
 
 
@@ -118,6 +123,7 @@ class Assumptions:
     redis_memory_overhead: float = 1.5  # used_memory x this = memory to provision
     shard_memory_gib: float = 16.0  # provisioned memory per Redis shard, at most
     partitions_per_pod: float = 2.0  # partitions per topic, per pod: room to add pods without adding partitions
+    replicas: int = 1  # per Redis primary
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,8 @@ class Plan:
     shards_for_cpu: int
     shards_for_memory: int
     shards: int
+    nodes: int  # Redis nodes, replicas included
+    deadline_shards: int  # REDIS_DEADLINE_SHARDS
     kafka_records_per_s: float
     kafka_mb_per_s: float
 
@@ -160,7 +168,10 @@ def plan(costs: Costs, assume: Assumptions, evals_per_s: float) -> Plan:
     return Plan(evals_per_s=evals_per_s, pairs_per_s=pairs, spans_per_s=spans, process_cores=process_cores, pods=pods,
                 partitions=max(pods, math.ceil(pods * assume.partitions_per_pod)), redis_cores=redis_cores,
                 redis_memory_bytes=memory, redis_provisioned_bytes=provisioned, shards_for_cpu=for_cpu,
-                shards_for_memory=for_memory, shards=shards, kafka_records_per_s=spans + pairs,
+                shards_for_memory=for_memory, shards=shards, nodes=shards * (1 + assume.replicas),
+                deadline_shards=min(DEADLINE_SHARDS_MAX, max(DEADLINE_SHARDS_MIN, 2 ** math.ceil(
+                    math.log2(shards * DEADLINE_SHARDS_PER_SHARD)))),
+                kafka_records_per_s=spans + pairs,
                 kafka_mb_per_s=(spans * costs.span_event_bytes + pairs * costs.result_event_bytes) / 1e6)
 
 
@@ -198,8 +209,9 @@ def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
         f"- one pod = one process = {assume.cores_per_pod:g} core(s), {assume.cpu_target:.0%} busy; "
         f"{assume.partitions_per_pod:g} partitions per topic per pod",
         f"- a Redis shard's main thread {assume.redis_cpu_target:.0%} busy; memory to provision = used_memory x "
-        f"{assume.redis_memory_overhead:g}, at most {assume.shard_memory_gib:g} GiB per shard; primaries only "
-        "(each replica doubles the memory)",
+        f"{assume.redis_memory_overhead:g}, at most {assume.shard_memory_gib:g} GiB per shard; memory of the "
+        f"primaries (each replica holds as much again); {DEADLINE_SHARDS_PER_SHARD} deadline-index shards per "
+        "primary",
         "",
     ]
     rows: list[tuple[str, ...]] = [
@@ -214,6 +226,8 @@ def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
         ("Redis memory to provision", *(_gib(p.redis_provisioned_bytes) for p in plans)),
         ("Redis shards for CPU / for memory", *(f"{p.shards_for_cpu:,} / {p.shards_for_memory:,}" for p in plans)),
         ("Redis shards (primaries)", *(f"{p.shards:,}" for p in plans)),
+        (f"Redis nodes, {assume.replicas} replica(s) each", *(f"{p.nodes:,}" for p in plans)),
+        ("REDIS_DEADLINE_SHARDS", *(f"{p.deadline_shards:,}" for p in plans)),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
@@ -221,6 +235,11 @@ def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
         if i == 0:
             lines.append("| " + " | ".join("-" * widths[0] if j == 0 else "-" * (widths[j] - 1) + ":"
                                            for j in range(len(row))) + " |")
+    if too_big := [p for p in plans if p.nodes > CLUSTER_MAX_NODES]:
+        lines += ["", f"Beyond {CLUSTER_MAX_NODES:,} nodes (the Redis Cluster specification's limit of linear scaling) "
+                  f"at {', '.join(_rate(p.evals_per_s) for p in too_big)} evaluations/s: split the traffic over "
+                  "several deployments (by ml_app, each with its own topics and Redis), or lower the memory per "
+                  "second (a shorter TTL and ledger grace, fewer spans that never get a result)."]
     return "\n".join(lines)
 
 
@@ -244,6 +263,7 @@ def parser() -> argparse.ArgumentParser:
                    help="memory to provision over Redis used_memory")
     p.add_argument("--shard-memory-gib", type=float, default=d.shard_memory_gib, help="most memory per Redis shard")
     p.add_argument("--partitions-per-pod", type=float, default=d.partitions_per_pod)
+    p.add_argument("--replicas", type=int, default=d.replicas, help="per Redis primary")
     return p
 
 
@@ -259,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                          match_delay_s=args.match_delay_s, evaluated_fraction=args.evaluated_fraction,
                          cores_per_pod=args.cores_per_pod, cpu_target=args.cpu_target,
                          redis_cpu_target=args.redis_cpu_target, redis_memory_overhead=args.redis_memory_overhead,
-                         shard_memory_gib=args.shard_memory_gib, partitions_per_pod=args.partitions_per_pod)
+                         shard_memory_gib=args.shard_memory_gib, partitions_per_pod=args.partitions_per_pod,
+                         replicas=args.replicas)
     rates = tuple(float(part) for part in args.rates.split(",") if part)
     sys.stdout.write(render(costs, assume, rates) + "\n")
     return 0

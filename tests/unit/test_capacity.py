@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench.capacity import Assumptions, Costs, main, plan
+from bench.capacity import Assumptions, Costs, main, plan, render
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +47,7 @@ def test_a_plan_follows_the_documented_model_figure_by_figure() -> None:
     assert p.shards_for_cpu == 1  # 0.2 cores x 1.25 imbalance at 50%
     assert p.shards_for_memory == 2  # 12.2 GB over 8 GiB shards
     assert p.shards == 3  # a Redis Cluster has three primaries at least
+    assert (p.nodes, p.deadline_shards) == (6, 16)  # a replica each; 4 index shards per primary, 16 at least
     assert p.kafka_records_per_s == 15_000.0
     assert p.kafka_mb_per_s == pytest.approx((10_000 * 200 + 5_000 * 900) / 1e6)
 
@@ -63,6 +64,16 @@ def test_redis_cpu_decides_the_shards_when_memory_is_plentiful() -> None:
     p = plan(COSTS, roomy, 1_000_000.0)
     assert p.redis_cores == pytest.approx(20.0)
     assert p.shards == p.shards_for_cpu == 50  # 20 cores x 1.25 / 0.5
+    assert p.deadline_shards == 256  # the power of two from 4 x 50
+    assert plan(COSTS, roomy, 1e9).deadline_shards == 4096  # REDIS_DEADLINE_SHARDS' largest value
+
+
+def test_a_plan_beyond_a_thousand_redis_nodes_says_so() -> None:
+    """The Redis Cluster specification aims at linear scaling up to 1000 nodes: a plan above it is flagged."""
+    assert "Beyond 1,000 nodes" not in render(COSTS, ASSUME, (10_000.0,))
+    assert plan(COSTS, ASSUME, 1e8).nodes > 1_000
+    assert "Beyond 1,000 nodes (the Redis Cluster specification's limit of linear scaling) at 100M evaluations/s" in \
+        render(COSTS, ASSUME, (10_000.0, 1e8))
 
 
 def test_costs_come_from_the_scale_step_on_the_cluster_when_it_ran() -> None:
