@@ -49,12 +49,35 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class Costs:
-    """Per-evaluation costs measured by one benchmark run, and where each came from."""
+class CpuCosts:
+    """CPU per evaluation with one kind of Redis: the consumer process's, and redis-server's (every shard's)."""
 
     process_cpu_ms_per_1000_evals: float
-    redis_cpu_ms_per_1000_evals: float  # every shard's together
-    shard_imbalance: float  # the busiest shard's Redis CPU over the shards' mean (1.0: even)
+    redis_cpu_ms_per_1000_evals: float
+    shard_imbalance: float  # the busiest shard's Redis CPU over the shards' mean (1.0: even, or a single Redis)
+    source: str  # which step, how many drains, which Redis
+
+    @classmethod
+    def of(cls, drains: list[dict[str, Any]], source: str) -> CpuCosts:
+        by_node = [d.get("redis_cpu_ms_per_1000_evals_by_node") or [1.0] for d in drains]
+        return cls(process_cpu_ms_per_1000_evals=statistics.median(d["cpu_ms_per_1000_evals"] for d in drains),
+                   redis_cpu_ms_per_1000_evals=statistics.median(d["redis_cpu_ms_per_1000_evals"] for d in drains),
+                   shard_imbalance=statistics.median(max(nodes) / statistics.fmean(nodes) if sum(nodes) > 0 else 1.0
+                                                     for nodes in by_node),
+                   source=source)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-evaluation costs measured by one benchmark run.
+
+    The CPU differs with the Redis: on a single Redis the store takes a whole batch in one script call, on a
+    cluster one call per join key (its keys must share a slot). ``single`` comes from the throughput step,
+    ``cluster`` from the scale step; a run may have either or both.
+    """
+
+    single: CpuCosts | None
+    cluster: CpuCosts | None
     bytes_per_span: float
     bytes_per_result: float
     bytes_per_joined_pair: float  # a delivered pair: its span (until its deadline) and its ledger entries
@@ -62,7 +85,6 @@ class Costs:
     evals_per_result: int
     span_event_bytes: int
     result_event_bytes: int
-    cpu_source: str  # which step and Redis the CPU figures come from
 
     @property
     def bytes_per_joined_span(self) -> float:
@@ -76,28 +98,23 @@ class Costs:
         evals = int(data.get("options", {}).get("traffic", {}).get("evals", 0))
         if evals < 1:
             raise ValueError("the file has no options.traffic.evals: is it a `python -m bench --json` file?")
-        if figures.get("scale"):
-            drains = [point["drain"] for point in figures["scale"]]
-            first = figures["scale"][0]
-            source = (f"scale step: {len(drains)} drains, {first['partitions']} partitions, "
-                      f"{first['shards']}-shard Redis Cluster")
-            by_node = [d["redis_cpu_ms_per_1000_evals_by_node"] for d in drains]
-            imbalance = statistics.median(max(nodes) / statistics.fmean(nodes) for nodes in by_node
-                                          if nodes and statistics.fmean(nodes) > 0)
-        elif figures.get("throughput"):
+        single = cluster = None
+        if figures.get("throughput"):
             drains = [run["service"] for run in figures["throughput"]]
-            source = f"throughput step: {len(drains)} drains, a single Redis"
-            imbalance = 1.0
-        else:
+            single = CpuCosts.of(drains, f"throughput step, {len(drains)} drains, a single Redis")
+        if figures.get("scale"):
+            points = figures["scale"]
+            cluster = CpuCosts.of([p["drain"] for p in points],
+                                  f"scale step, {len(points)} drains, {points[0]['shards']}-shard Redis Cluster")
+        if single is None and cluster is None:
             raise ValueError("the run has neither a scale nor a throughput step: run `python -m bench` with "
-                             "--steps scale,memory (or throughput,memory)")
+                             "--steps throughput,memory,scale")
         memory = figures.get("memory")
         if not memory or memory.get("bytes_per_joined_pair") is None or memory.get("ledger_bytes_per_pair") is None:
             raise ValueError("the run has no memory step with bytes per joined pair and ledger: add --steps memory")
         return cls(
-            process_cpu_ms_per_1000_evals=statistics.median(d["cpu_ms_per_1000_evals"] for d in drains),
-            redis_cpu_ms_per_1000_evals=statistics.median(d["redis_cpu_ms_per_1000_evals"] for d in drains),
-            shard_imbalance=imbalance,
+            single=single,
+            cluster=cluster,
             bytes_per_span=float(memory["bytes_per_span"]),
             bytes_per_result=float(memory["bytes_per_result"]),
             bytes_per_joined_pair=float(memory["bytes_per_joined_pair"]),
@@ -105,7 +122,6 @@ class Costs:
             evals_per_result=evals,
             span_event_bytes=int(memory["span_event_bytes"]),
             result_event_bytes=int(memory["result_event_bytes"]),
-            cpu_source=source,
         )
 
 
@@ -142,6 +158,8 @@ class Plan:
     shards_for_cpu: int
     shards_for_memory: int
     shards: int
+    redis: str  # "single" (one Redis: the single-Redis CPU costs) or "cluster"
+    measured_on: str  # the Redis the CPU costs were measured on: "single" or "cluster"
     nodes: int  # Redis nodes, replicas included
     deadline_shards: int  # REDIS_DEADLINE_SHARDS
     kafka_records_per_s: float
@@ -149,26 +167,42 @@ class Plan:
 
 
 def plan(costs: Costs, assume: Assumptions, evals_per_s: float) -> Plan:
-    """The pods, partitions, Redis shards and memory ``evals_per_s`` needs, at ``costs`` and under ``assume``."""
+    """The pods, partitions, Redis shards and memory ``evals_per_s`` needs, at ``costs`` and under ``assume``.
+
+    A single Redis is planned with the single-Redis CPU costs when one shard holds the memory and that CPU; anything
+    larger is a Redis Cluster, planned with the cluster's costs (or the single Redis's, when the run has no cluster).
+    """
     pairs = evals_per_s / costs.evals_per_result
     spans = pairs / assume.evaluated_fraction
-    process_cores = evals_per_s * costs.process_cpu_ms_per_1000_evals / 1e6
-    pods = max(1, math.ceil(process_cores / (assume.cores_per_pod * assume.cpu_target)))
-    redis_cores = evals_per_s * costs.redis_cpu_ms_per_1000_evals / 1e6
     memory = ((spans - pairs) * assume.join_ttl_s * costs.bytes_per_span
               + pairs * assume.join_ttl_s * costs.bytes_per_joined_span
               + pairs * (assume.join_ttl_s + assume.ledger_grace_s) * costs.ledger_bytes_per_pair
               + pairs * assume.match_delay_s * costs.bytes_per_result)
     provisioned = memory * assume.redis_memory_overhead
-    for_cpu = max(1, math.ceil(redis_cores * costs.shard_imbalance / assume.redis_cpu_target))
     for_memory = max(1, math.ceil(provisioned / (assume.shard_memory_gib * GIB)))
-    shards = max(for_cpu, for_memory)
-    if shards > 1:
+
+    def for_cpu(cpu: CpuCosts) -> int:
+        return max(1, math.ceil(evals_per_s * cpu.redis_cpu_ms_per_1000_evals / 1e6 * cpu.shard_imbalance
+                                / assume.redis_cpu_target))
+
+    if costs.single is not None and for_memory == 1 and for_cpu(costs.single) == 1:
+        cpu, redis, measured_on = costs.single, "single", "single"
+    elif costs.cluster is not None:
+        cpu, redis, measured_on = costs.cluster, "cluster", "cluster"
+    else:
+        assert costs.single is not None  # from_results refuses a run with neither
+        cpu, redis, measured_on = costs.single, "cluster", "single"
+    shards = max(for_cpu(cpu), for_memory)
+    if redis == "cluster":
         shards = max(shards, CLUSTER_MIN_SHARDS)
+    process_cores = evals_per_s * cpu.process_cpu_ms_per_1000_evals / 1e6
+    pods = max(1, math.ceil(process_cores / (assume.cores_per_pod * assume.cpu_target)))
     return Plan(evals_per_s=evals_per_s, pairs_per_s=pairs, spans_per_s=spans, process_cores=process_cores, pods=pods,
-                partitions=max(pods, math.ceil(pods * assume.partitions_per_pod)), redis_cores=redis_cores,
-                redis_memory_bytes=memory, redis_provisioned_bytes=provisioned, shards_for_cpu=for_cpu,
-                shards_for_memory=for_memory, shards=shards, nodes=shards * (1 + assume.replicas),
+                partitions=max(pods, math.ceil(pods * assume.partitions_per_pod)),
+                redis_cores=evals_per_s * cpu.redis_cpu_ms_per_1000_evals / 1e6,
+                redis_memory_bytes=memory, redis_provisioned_bytes=provisioned, shards_for_cpu=for_cpu(cpu),
+                shards_for_memory=for_memory, shards=shards, redis=redis, measured_on=measured_on,
+                nodes=shards * (1 + assume.replicas),
                 deadline_shards=min(DEADLINE_SHARDS_MAX, max(DEADLINE_SHARDS_MIN, 2 ** math.ceil(
                     math.log2(shards * DEADLINE_SHARDS_PER_SHARD)))),
                 kafka_records_per_s=spans + pairs,
@@ -189,13 +223,13 @@ def _gib(value: float) -> str:
 def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
     """The inputs, the assumptions and a table with one column per rate (Markdown)."""
     plans = [plan(costs, assume, rate) for rate in rates]
-    lines = [
-        f"Measured ({costs.cpu_source}; memory step):",
-        "",
-        f"- process CPU: {costs.process_cpu_ms_per_1000_evals:,.0f} ms per 1,000 evaluations",
-        f"- redis-server CPU: {costs.redis_cpu_ms_per_1000_evals:,.0f} ms per 1,000 evaluations, all shards; "
-        f"busiest shard x{costs.shard_imbalance:.2f} the mean",
-        f"- Redis bytes: {costs.bytes_per_span:,.0f} per waiting span ({costs.span_event_bytes} B event), "
+    lines = ["Measured:", ""]
+    for cpu in filter(None, (costs.single, costs.cluster)):
+        shards = "" if cpu is costs.single else f" (all shards; the busiest x{cpu.shard_imbalance:.2f} the mean)"
+        lines.append(f"- {cpu.source}: process CPU {cpu.process_cpu_ms_per_1000_evals:,.0f} ms, redis-server CPU "
+                     f"{cpu.redis_cpu_ms_per_1000_evals:,.0f} ms per 1,000 evaluations{shards}")
+    lines += [
+        f"- memory step: Redis bytes: {costs.bytes_per_span:,.0f} per waiting span ({costs.span_event_bytes} B event), "
         f"{costs.bytes_per_result:,.0f} per waiting result ({costs.result_event_bytes} B event), "
         f"{costs.bytes_per_joined_pair:,.0f} per delivered pair (its span {costs.bytes_per_joined_span:,.0f}, "
         f"its ledger {costs.ledger_bytes_per_pair:,.0f})",
@@ -225,6 +259,8 @@ def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
         ("Redis used_memory", *(_gib(p.redis_memory_bytes) for p in plans)),
         ("Redis memory to provision", *(_gib(p.redis_provisioned_bytes) for p in plans)),
         ("Redis shards for CPU / for memory", *(f"{p.shards_for_cpu:,} / {p.shards_for_memory:,}" for p in plans)),
+        ("Redis", *(("one Redis" if p.redis == "single" else "Redis Cluster")
+                    + ("" if p.redis == p.measured_on else " *") for p in plans)),
         ("Redis shards (primaries)", *(f"{p.shards:,}" for p in plans)),
         (f"Redis nodes, {assume.replicas} replica(s) each", *(f"{p.nodes:,}" for p in plans)),
         ("REDIS_DEADLINE_SHARDS", *(f"{p.deadline_shards:,}" for p in plans)),
@@ -235,6 +271,9 @@ def render(costs: Costs, assume: Assumptions, rates: tuple[float, ...]) -> str:
         if i == 0:
             lines.append("| " + " | ".join("-" * widths[0] if j == 0 else "-" * (widths[j] - 1) + ":"
                                            for j in range(len(row))) + " |")
+    if any(p.redis != p.measured_on for p in plans):
+        lines += ["", "* planned with the CPU measured on a single Redis: a cluster costs more per evaluation (one "
+                  "script call per join key instead of per batch); add the scale step to the run."]
     if too_big := [p for p in plans if p.nodes > CLUSTER_MAX_NODES]:
         lines += ["", f"Beyond {CLUSTER_MAX_NODES:,} nodes (the Redis Cluster specification's limit of linear scaling) "
                   f"at {', '.join(_rate(p.evals_per_s) for p in too_big)} evaluations/s: split the traffic over "
