@@ -1,8 +1,9 @@
 """``python -m bench``: run the benchmark and print the table (``--help`` for every flag).
 
-Starts what it is not given: a Kafka broker (KRaft, one node) and a redis-server (AOF,
-``appendfsync always``, as the README asks of production) on 127.0.0.1 free ports, and always the
-line-rate intake stand-in; all are stopped before it exits. Exit code 0 when every measurement ran
+Starts what it is not given: a Kafka broker (KRaft, one node), a redis-server (AOF,
+``appendfsync always``, as the README asks of production) and, for the scale step, a Redis Cluster
+(the same persistence on each node) on 127.0.0.1 free ports, and always the line-rate intake
+stand-in; all are stopped before it exits. Exit code 0 when every measurement ran
 and every matched pair was delivered, 1 otherwise.
 """
 
