@@ -6,10 +6,10 @@ evaluations per second (``--rates``). Every assumption is a flag; ``docs/capacit
 
 What it needs from the run:
 
-- process CPU per evaluation: the ``scale`` step's drains (median of all; a Redis Cluster), else the
-  ``throughput`` step's;
-- redis-server CPU per evaluation, all shards together, and how unevenly the shards share it: the
-  ``scale`` step's (sampled on every shard), else the ``throughput`` step's single Redis;
+- process and redis-server CPU per evaluation (medians of the drains) on a single Redis, from the
+  ``throughput`` step, and on a Redis Cluster, from the ``scale`` step (every shard sampled, and how
+  unevenly they share it), either or both: a plan that fits one Redis uses the first, a cluster the
+  second (or the first, marked, when the run has no scale step);
 - Redis bytes per waiting span, per waiting result, per delivered pair (its span and its ledger) and
   of that its ledger: the ``memory`` step's.
 
