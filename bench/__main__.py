@@ -1,8 +1,9 @@
 """``python -m bench``: run the benchmark and print the table (``--help`` for every flag).
 
-Starts what it is not given: a Kafka broker (KRaft, one node) and a redis-server (AOF,
-``appendfsync always``, as the README asks of production) on 127.0.0.1 free ports, and always the
-line-rate intake stand-in; all are stopped before it exits. Exit code 0 when every measurement ran
+Starts what it is not given: a Kafka broker (KRaft, one node), a redis-server (AOF,
+``appendfsync always``, as the README asks of production) and, for the scale step, a Redis Cluster
+(the same persistence on each node) on 127.0.0.1 free ports, and always the line-rate intake
+stand-in; all are stopped before it exits. Exit code 0 when every measurement ran
 and every matched pair was delivered, 1 otherwise.
 """
 
@@ -22,13 +23,26 @@ import orjson
 
 from bench.intake import LineRateIntake
 from bench.peers import LABELS, PEERS, Peer
-from bench.results import Figures, Scaling, Throughput, median, plain
-from bench.runner import Env, Options, bare, buffered, drain, guide, latency, memory, soak, timed
+from bench.results import Figures, Scaling, Throughput, median, plain, scale_ratios
+from bench.runner import (
+    Env,
+    Options,
+    bare,
+    buffered,
+    drain,
+    guide,
+    latency,
+    memory,
+    redis_cluster_env,
+    scale,
+    soak,
+    timed,
+)
 from bench.traffic import ORDERS, TrafficSpec
 from localenv.kafka import KafkaBroker
 from localenv.redis import RedisSentinelSet, RedisServer
 
-STEPS = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide", *PEERS)
+STEPS = ("throughput", "latency", "memory", "buffered", "scaling", "scale", "soak", "guide", *PEERS)
 # The targets the table judges against (docs/performance.md explains each).
 TARGET_RATIO = 0.5  # service records/s at least half the bare consumer's
 TARGET_P99_LOAD = 0.5  # the latency target applies at half the maximal load...
@@ -38,6 +52,7 @@ TARGET_BUFFERED_CHANGE = 0.15  # CPU per evaluation with many sides buffered, ag
 # --smoke: these flags' values, where the command line left them at their defaults (every step runs, peers too).
 SMOKE: dict[str, Any] = {"pairs": 300, "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
                          "memory_sides": 300, "buffered": (100,), "buffered_pairs": 200, "scaling": (1,),
+                         "scale": (1, 2),
                          "soak_seconds": 5.0, "guide_sizes": (200, 400)}
 
 
@@ -78,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--buffered", type=_ints, default=d.buffered, help="sides already buffered, per cost run")
     m.add_argument("--buffered-pairs", type=int, default=d.buffered_pairs, help="pairs per cost run")
     m.add_argument("--scaling", type=_ints, default=d.scaling, help="partitions = consumer processes")
+    m.add_argument("--scale", type=_ints, default=d.scale,
+                   help="consumer processes draining max(N) partitions against a Redis Cluster (the scale step)")
+    m.add_argument("--scale-shards", type=int, default=d.scale_shards,
+                   help="primaries of the Redis Cluster the scale step starts (at least 3)")
     m.add_argument("--soak-seconds", type=float, default=d.soak_seconds)
     m.add_argument("--soak-load", type=float, default=d.soak_load, help="fraction of the max during the soak")
     m.add_argument("--guide-sizes", type=_ints, default=d.guide_sizes, help="pairs per guide-join run")
@@ -89,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("environment")
     e.add_argument("--bootstrap", help="use this Kafka instead of starting one")
     e.add_argument("--redis-url", help="use this Redis (standalone) instead of starting one")
+    e.add_argument("--redis-cluster-url", help="the scale step: use this Redis Cluster (any node), not one of its own")
     e.add_argument("--appendfsync", default="always", choices=("always", "everysec", "no"),
                    help="AOF policy of the redis-server the benchmark starts")
     e.add_argument("--redis-replicas", type=int, default=0,
@@ -115,7 +135,8 @@ def options(args: argparse.Namespace) -> Options:
                             duplicates=args.duplicates, unmatched=args.unmatched, seed=args.seed),
         partitions=args.partitions, max_batch=args.max_batch, runs=args.runs, latency_seconds=args.latency_seconds,
         latency_loads=args.latency_loads, memory_sides=args.memory_sides, buffered=args.buffered,
-        buffered_pairs=args.buffered_pairs, scaling=args.scaling, soak_seconds=args.soak_seconds,
+        buffered_pairs=args.buffered_pairs, scaling=args.scaling, scale=args.scale, scale_shards=args.scale_shards,
+        soak_seconds=args.soak_seconds,
         soak_load=args.soak_load, guide_sizes=args.guide_sizes, guide_budget_s=args.guide_budget, steps=steps,
         peer_commit_ms=args.peer_commit_ms,
         uvloop=args.uvloop, profile=args.profile, workdir=args.workdir,
@@ -165,6 +186,9 @@ async def measure(env: Env, opts: Options) -> Figures:
                 result, _ = await drain(env, opts, name=f"scaling-{n}", pairs_count=opts.traffic.pairs, partitions=n,
                                         consumers=n)
             figures.scaling.append(Scaling(n, result))
+    if "scale" in steps:
+        async with redis_cluster_env(env, opts.scale_shards, env.cluster_url) as cluster:
+            figures.scale = await scale(cluster, opts)
     if "soak" in steps:
         with timed(f"soak {opts.soak_seconds:.0f}s"):
             figures.soak = await soak(env, opts, max_pairs_per_s)
@@ -244,6 +268,9 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
                                        ("result", mem.bytes_per_result, mem.result_event_bytes)):
             row(f"Redis bytes per buffered {kind} ({event_bytes} B event)", _n(per), f"<= {TARGET_SIDE_BYTES}",
                 met(per <= TARGET_SIDE_BYTES))
+        if mem.bytes_per_joined_pair is not None and mem.ledger_bytes_per_pair is not None:
+            row("Redis bytes kept per delivered pair until its deadline (of which its ledger)",
+                f"{_n(mem.bytes_per_joined_pair)} ({_n(mem.ledger_bytes_per_pair)})")
     if figures.buffered:
         # The verdict is on CPU per evaluation (medians of --runs drains): the cost itself. Wall time per
         # record is shown too; on a shared machine it moves with whatever else runs.
@@ -263,6 +290,28 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
             ok &= d.delivered_all
             row(f"{point.processes} partition(s) / process(es): records/s, pairs/s",
                 f"{_n(d.records_per_s)}, {_n(d.pairs_per_s)}", "", f"x{d.records_per_s / base:.2f}")
+    if figures.scale:
+        points = figures.scale
+        ok &= all(p.drain.delivered_all for p in points)
+        where = f"{points[0].partitions} partitions, {points[0].shards}-shard Redis Cluster"
+        rounds = len({p.round for p in points})
+        for processes, ratio in scale_ratios(points).items():
+            drains = [p.drain for p in points if p.processes == processes]
+            row(f"{processes} process(es), {where}: records/s, evaluations/s (median of {rounds})",
+                f"{_n(median([d.records_per_s for d in drains]))}, {_n(median([d.evaluations_per_s for d in drains]))}",
+                "", f"x{ratio:.2f}")
+        drains = [p.drain for p in points]
+        row(f"{where}: process CPU ms per 1,000 evaluations (median of every drain)",
+            _n(median([d.cpu_ms_per_1000_evals for d in drains])))
+        shards = range(points[0].shards)
+        per_shard = [median([d.redis_cpu_ms_per_1000_evals_by_node[i] for d in drains]) for i in shards]
+        row(f"{where}: redis-server CPU ms per 1,000 evaluations, each shard (all)",
+            " / ".join(_n(v, 1) for v in per_shard) + f" ({_n(sum(per_shard), 1)})")
+        per_drain = [sum(d.redis_memory_bytes_by_node) for d in drains]
+        shares = [median([d.redis_memory_bytes_by_node[i] / total for d, total in zip(drains, per_drain, strict=True)
+                          if total > 0]) for i in shards]
+        row(f"{where}: share of the memory each drain added, each shard", " / ".join(f"{v:.0%}" for v in shares))
+        row(f"{where}: every matched pair delivered", "yes" if all(d.delivered_all for d in drains) else "NO")
     if sk := figures.soak:
         row(f"consumer RSS over a {sk.seconds:.0f} s soak at {_n(sk.pairs_per_s)} pairs/s, MB start/end/max",
             f"{sk.rss_start_mb:.1f} / {sk.rss_end_mb:.1f} / {sk.rss_max_mb:.1f}", "flat", met(sk.flat))
@@ -314,7 +363,8 @@ async def amain(opts: Options, args: argparse.Namespace) -> int:
             redis_url = stack.enter_context(RedisServer(appendfsync=args.appendfsync)).url
         intake = stack.enter_context(LineRateIntake())
         env = Env(bootstrap=bootstrap, redis_url=redis_url, intake=intake, workdir=opts.workdir,
-                  redis_wait_replicas=args.redis_wait_replicas)
+                  redis_wait_replicas=args.redis_wait_replicas,
+                  cluster_url=args.redis_cluster_url)
         figures = await measure(env, opts)
     table, ok = render(opts, figures, heading)
     sys.stdout.write(table + "\n")

@@ -43,6 +43,10 @@ class Drain:
     peak_rss_mb: float = 0.0  # the largest process's peak RSS (VmHWM)
     duplicates: int = 0  # evaluations received more than once
     mismatched: int = 0  # metrics of a peer's checked bodies that differ from build_metric's objects
+    # Per Redis node (one entry on a single Redis, one per shard on a cluster), over the same window: redis-server's
+    # CPU per 1,000 evaluations, and how much its used_memory grew from before the consumers started to the end.
+    redis_cpu_ms_per_1000_evals_by_node: list[float] = field(default_factory=list)
+    redis_memory_bytes_by_node: list[int] = field(default_factory=list)
 
     @property
     def total_cpu_ms_per_1000_evals(self) -> float:
@@ -115,13 +119,21 @@ class Latency:
 
 @dataclass
 class Memory:
-    """Redis bytes per buffered side, measured on ``sides`` spans alone and then as many results alone."""
+    """Redis bytes per buffered side, measured on ``sides`` spans alone and then as many results alone.
+
+    ``bytes_per_joined_pair``: what stays in Redis once a pair joined and its evaluations were delivered (the
+    span, kept until its deadline so that late results still join, and the delivery ledger), measured on
+    ``sides`` complete pairs; ``ledger_bytes_per_pair``: the part of it that deleting the ledgers frees. Both
+    ``None`` in a file written before they were measured.
+    """
 
     sides: int
     span_event_bytes: int
     result_event_bytes: int
     bytes_per_span: float
     bytes_per_result: float
+    bytes_per_joined_pair: float | None = None
+    ledger_bytes_per_pair: float | None = None
 
 
 @dataclass
@@ -155,6 +167,34 @@ class Scaling:
 
     processes: int
     drain: Drain
+
+
+@dataclass
+class Scale:
+    """A drain of the same ``partitions`` by ``processes`` consumer processes against a Redis Cluster of ``shards``."""
+
+    derived: ClassVar[tuple[str, ...]] = ("redis_cpu_ms_per_1000_evals_by_shard",)
+
+    processes: int
+    partitions: int
+    shards: int
+    round: int  # the drains of one round (every process count once) are compared with each other
+    drain: Drain
+
+    @property
+    def redis_cpu_ms_per_1000_evals_by_shard(self) -> list[float]:
+        return self.drain.redis_cpu_ms_per_1000_evals_by_node
+
+
+def scale_ratios(points: list[Scale]) -> dict[int, float]:
+    """Records/s of each process count over the fewest processes' in the same round, median over the rounds."""
+    ratios: dict[int, list[float]] = {}
+    for rnd in sorted({p.round for p in points}):
+        drains = {p.processes: p.drain for p in points if p.round == rnd}
+        base = drains[min(drains)].records_per_s
+        for processes, d in drains.items():
+            ratios.setdefault(processes, []).append(d.records_per_s / base if base else float("nan"))
+    return {processes: median(values) for processes, values in sorted(ratios.items())}
 
 
 @dataclass
@@ -211,6 +251,7 @@ class Figures:
     memory: Memory | None = None
     buffered: list[Buffered] = field(default_factory=list)
     scaling: list[Scaling] = field(default_factory=list)
+    scale: list[Scale] = field(default_factory=list)
     soak: Soak | None = None
     guide: list[GuideJoin] = field(default_factory=list)
 

@@ -19,20 +19,22 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from bench.intake import LineRateIntake
 from bench.peers import Peer
-from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Soak
+from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Scale, Soak
 from bench.traffic import Pair, Send, TrafficSpec, make_pairs, schedule, write_guide_files
 from consumer import payload, records
 from consumer.config import Settings
@@ -41,6 +43,7 @@ from consumer.events import SpanContextEvent
 from consumer.store import Namespace, SpanOp
 from consumer.store_redis import RedisJoinStore, connect
 from localenv.kafka import acreate_topics
+from localenv.redis import RedisCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 PRELOAD_RATE = 10_000.0  # pairs per second of virtual time: a preloaded log keeps the schedule's order
@@ -96,12 +99,14 @@ class Options:
     buffered: tuple[int, ...] = (1_000, 100_000, 1_000_000)
     buffered_pairs: int = 10_000
     scaling: tuple[int, ...] = (1, 2, 4)
+    scale: tuple[int, ...] = (1, 2, 4)  # consumer processes draining the same partitions, against a Redis Cluster
+    scale_shards: int = 3  # primaries of the Redis Cluster the scale step starts
     soak_seconds: float = 600.0
     soak_load: float = 0.5
     guide_sizes: tuple[int, ...] = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000)
     guide_budget_s: float = 60.0
-    steps: tuple[str, ...] = ("throughput", "latency", "memory", "buffered", "scaling", "soak", "guide", "quix",
-                              "kstreams")
+    steps: tuple[str, ...] = ("throughput", "latency", "memory", "buffered", "scaling", "scale", "soak", "guide",
+                              "quix", "kstreams")
     peer_commit_ms: int = 1_000  # the peers' commit interval (they also commit after every max_batch records)
     uvloop: bool = False
     profile: str | None = None
@@ -116,6 +121,13 @@ class Env:
     intake: LineRateIntake
     workdir: Path
     redis_wait_replicas: int = 0  # REDIS_WAIT_REPLICAS of the service
+    redis_cluster: bool = False  # the service runs with REDIS_CLUSTER=true
+    redis_nodes: tuple[str, ...] = ()  # a URL per primary, whose INFO is sampled; empty: redis_url alone
+    cluster_url: str | None = None  # the scale step's Redis Cluster, when given rather than started
+
+    @property
+    def node_urls(self) -> tuple[str, ...]:
+        return self.redis_nodes or (self.redis_url,)
 
 
 # -- consumer processes ---------------------------------------------------------------------------
@@ -267,7 +279,8 @@ class Run:
             "KAFKA_BOOTSTRAP_SERVERS": env.bootstrap, "KAFKA_GROUP_ID": self.group, "KAFKA_MAX_BATCH": str(max_batch),
             "SPAN_TOPIC": self.span_topic, "RESULT_TOPIC": self.result_topic,
             "DLQ_TOPIC": f"{self.span_topic}.dlq", "UNMATCHED_TOPIC": f"{self.span_topic}.unmatched",
-            "REDIS_URL": env.redis_url, "REDIS_KEY_PREFIX": self.prefix,
+            "REDIS_URL": env.redis_url, "REDIS_CLUSTER": "true" if env.redis_cluster else "false",
+            "REDIS_KEY_PREFIX": self.prefix,
             "REDIS_WAIT_REPLICAS": str(env.redis_wait_replicas),
             "DD_LLMOBS_OVERRIDE_ORIGIN": env.intake.origin, "DD_LLMOBS_AGENTLESS_ENABLED": "true",
             "DD_API_KEY": "bench-api-key", "HEALTH_PORT": "0", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
@@ -395,6 +408,12 @@ async def redis_cpu_seconds(client: Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+async def redis_memory_bytes(client: Redis) -> int:
+    """redis-server's ``used_memory`` (INFO memory): what its data and buffers take, before fragmentation."""
+    info = await client.info("memory")
+    return int(info["used_memory"])
+
+
 def peer_command(env: Env, opts: Options, peer: Peer, preloaded: Preloaded, name: str) -> list[str]:
     run = preloaded.run
     return peer.command(bootstrap=env.bootstrap, group=f"{run.group}-{peer.name}", span_topic=run.span_topic,
@@ -424,22 +443,24 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     env.intake.take_arrivals()
     env.intake.take_bodies()
     env.intake.keep_bodies = CHECKED_BODIES if peer is not None else 0
+    nodes = [Redis.from_url(url) for url in env.node_urls] if peer is None else []  # a peer keeps its own state
+    memory_before = [await redis_memory_bytes(node) for node in nodes]
+    memory_after = memory_before
     group = Consumers(env, run.settings_env(env, opts.max_batch), count=consumers, name=name, uvloop=opts.uvloop,
                       profile=profile, service_root=opts.service_root,
                       command=None if peer is None else peer_command(env, opts, peer, preloaded, name))
     seen: dict[bytes, int] = {}  # evaluations received per span id
     settled: float | None = None
-    # (time, committed records, process CPU seconds, redis-server CPU seconds)
-    samples: list[tuple[float, int, float, float]] = []
+    # (time, committed records, process CPU seconds, redis-server CPU seconds per node)
+    samples: list[tuple[float, int, float, list[float]]] = []
     arrivals: list[tuple[float, int, int]] = []  # (time, evaluations, of which duplicates)
-    redis = Redis.from_url(env.redis_url) if peer is None else None
     try:
         async with Offsets(env) as offsets:
             deadline = time.time() + max(DRAIN_TIMEOUT_MIN_S, pairs_count / DRAIN_PAIRS_PER_S_MIN)
             while time.time() < deadline:
                 group.check_alive()
                 committed = await offsets.committed(group_id, (run.span_topic, run.result_topic))
-                redis_cpu = await redis_cpu_seconds(redis) if redis is not None else 0.0
+                redis_cpu = [await redis_cpu_seconds(node) for node in nodes]
                 samples.append((time.time(), committed, group.cpu_seconds(), redis_cpu))
                 for when, ids in env.intake.take_arrivals():
                     duplicates = 0
@@ -452,11 +473,12 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
                     break
                 await asyncio.sleep(POLL_S)
         peak_rss = group.peak_rss_bytes()
+        memory_after = [await redis_memory_bytes(node) for node in nodes]
     finally:
         codes = group.stop()
         env.intake.keep_bodies = 0
-        if redis is not None:
-            await redis.aclose()
+        for node in nodes:
+            await node.aclose()
     # A peer must build the service's objects: its first bodies are checked against build_metric.
     mismatched = mismatched_metrics(env.intake.take_bodies(), preloaded.pairs)
     # The window starts once the group settled (its last assignment before the drain ended; a stopping peer
@@ -471,14 +493,17 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     window = [(n, dup) for when, n, dup in arrivals if when >= t0]
     evals = sum(n - dup for n, dup in window)
     missing = expected - seen.keys()
+    redis_cpu_by_node = [(b - a) * 1e6 / max(evals, 1) for a, b in zip(rcpu0, rcpu1, strict=True)]
     return Drain(total_records=preloaded.records, records=records, evaluations=evals, seconds=seconds,
                  records_per_s=records / seconds,
                  evaluations_per_s=evals / seconds, pairs_per_s=evals / opts.traffic.evals / seconds,
                  cpu_ms_per_1000_evals=(cpu1 - cpu0) * 1e6 / max(evals, 1),
                  delivered_all=not missing and not mismatched, missing=len(missing), exit_codes=codes,
-                 redis_cpu_ms_per_1000_evals=(rcpu1 - rcpu0) * 1e6 / max(evals, 1) if redis is not None else 0.0,
+                 redis_cpu_ms_per_1000_evals=sum(redis_cpu_by_node),
                  peak_rss_mb=peak_rss / 2**20, duplicates=sum(dup for _, _, dup in arrivals),
-                 mismatched=mismatched), preloaded
+                 mismatched=mismatched, redis_cpu_ms_per_1000_evals_by_node=redis_cpu_by_node,
+                 redis_memory_bytes_by_node=[b - a for a, b in zip(memory_before, memory_after, strict=True)]), \
+        preloaded
 
 
 async def bare(env: Env, run: Run, count: int, max_batch: int) -> Bare:
@@ -606,13 +631,17 @@ async def redis_used_memory(url: str) -> int:
 
 
 async def memory(env: Env, opts: Options) -> Memory:
-    """Redis bytes per buffered side: N spans alone, then N results alone, each buffered by the service."""
+    """Redis bytes per buffered side: N spans alone, then N results alone, each buffered by the service.
+
+    Then N complete pairs, joined and delivered: what a pair leaves in Redis once delivered (its span, kept until
+    its deadline so that late results still join, and the delivery ledger).
+    """
     figures = []
     sizes = []
-    for kind in ("span", "result"):
+    for kind in ("span", "result", "pair"):
         run = Run.new(f"memory-{kind}", opts.partitions)
         await run.create(env)
-        sides = (True, False) if kind == "span" else (False, True)
+        sides = {"span": (True, False), "result": (False, True), "pair": (True, True)}[kind]
         pairs = [dataclasses.replace(p, sides=sides, duplicated=(False, False))
                  for p in make_pairs(spec_for(opts, run.group, opts.memory_sides))]
         sizes.append(len(pairs[0].span if kind == "span" else pairs[0].result))
@@ -623,6 +652,7 @@ async def memory(env: Env, opts: Options) -> Memory:
             async with Offsets(env) as offsets:
                 await group.wait_stable(opts.partitions)
                 before = await redis_used_memory(env.redis_url)
+                env.intake.take_arrivals()
                 await preload(env, run, pairs, sends)
                 deadline = time.time() + MEMORY_TIMEOUT_S
                 while await offsets.committed(run.group) < len(sends) and time.time() < deadline:  # noqa: ASYNC110
@@ -630,8 +660,32 @@ async def memory(env: Env, opts: Options) -> Memory:
                 after = await redis_used_memory(env.redis_url)
         finally:
             group.stop()
+        delivered = {span_id for _, ids in env.intake.take_arrivals() for span_id in ids}
+        if kind == "pair" and len(delivered) < len(pairs):  # a pair not yet delivered still holds its result
+            raise RuntimeError(f"memory step: {len(delivered)} of {len(pairs)} joined pairs delivered")
         figures.append((after - before) / len(pairs))
-    return Memory(opts.memory_sides, sizes[0], sizes[1], figures[0], figures[1])
+    # Of a delivered pair, its ledger is kept longest (JOIN_TTL + LEDGER_GRACE after the delivery): what deleting
+    # the pairs' ledgers frees.
+    ledger = (after - await drop_keys(env.redis_url, f"{run.prefix}:*:d")) / len(pairs)
+    return Memory(opts.memory_sides, sizes[0], sizes[1], figures[0], figures[1], bytes_per_joined_pair=figures[2],
+                  ledger_bytes_per_pair=ledger)
+
+
+async def drop_keys(url: str, pattern: str) -> int:
+    """Delete the keys matching ``pattern`` on a single Redis; its ``used_memory`` afterwards."""
+    client = Redis.from_url(url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=pattern, count=FILL_BATCH):
+            batch.append(key)
+            if len(batch) >= FILL_BATCH:
+                await client.delete(*batch)
+                batch = []
+        if batch:
+            await client.delete(*batch)
+        return await redis_memory_bytes(client)
+    finally:
+        await client.aclose()
 
 
 async def fill(env: Env, prefix: str, count: int, opts: Options) -> float:
@@ -669,6 +723,53 @@ async def buffered(env: Env, opts: Options) -> list[Buffered]:
     return out
 
 
+async def cluster_primaries(url: str) -> tuple[str, ...]:
+    """A URL per primary of the Redis Cluster at ``url`` (its credentials and options, each node's address)."""
+    client = await connect(url, cluster=True)
+    try:
+        assert isinstance(client, ClusterClient)
+        nodes = client.get_primaries()
+    finally:
+        await client.aclose()
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return tuple(urlunsplit((parts.scheme, f"{credentials}@{node.host}:{node.port}" if credentials
+                             else f"{node.host}:{node.port}", "/0", parts.query, ""))
+                 for node in sorted(nodes, key=lambda n: (n.host, n.port)))
+
+
+@contextlib.asynccontextmanager
+async def redis_cluster_env(env: Env, shards: int, url: str | None) -> AsyncIterator[Env]:
+    """``env`` with the service on a Redis Cluster: the one at ``url``, else ``shards`` primaries started here.
+
+    The cluster started here is what the README asks of production: AOF with ``appendfsync always`` on each node.
+    """
+    if url is not None:
+        yield dataclasses.replace(env, redis_url=url, redis_cluster=True, redis_nodes=await cluster_primaries(url))
+        return
+    with RedisCluster(nodes=shards) as cluster:
+        yield dataclasses.replace(env, redis_url=cluster.url, redis_cluster=True,
+                                  redis_nodes=tuple(f"redis://127.0.0.1:{port}/0" for port in cluster.ports))
+
+
+async def scale(env: Env, opts: Options) -> list[Scale]:
+    """The same drain by 1, 2, 4... processes (``--scale``) in one group over ``max(--scale)`` partitions.
+
+    ``env`` points at a Redis Cluster (:func:`redis_cluster_env`): each process count drains fresh topics of
+    ``--pairs`` pairs, every count once per round, ``--runs`` rounds; redis-server's CPU is sampled on every shard.
+    """
+    partitions = max(opts.scale)
+    out = []
+    for rnd in range(max(1, opts.runs)):
+        for processes in opts.scale:
+            with timed(f"scale round {rnd + 1}/{opts.runs}: {processes} process(es), {partitions} partitions, "
+                       f"{len(env.node_urls)} Redis shards"):
+                result, _ = await drain(env, opts, name=f"scale-{rnd}-{processes}", pairs_count=opts.traffic.pairs,
+                                        partitions=partitions, consumers=processes)
+            out.append(Scale(processes, partitions, len(env.node_urls), rnd, result))
+    return out
+
+
 async def guide(env: Env, opts: Options) -> list[GuideJoin]:
     out = []
     for size in opts.guide_sizes:
@@ -701,4 +802,5 @@ def timed(label: str) -> Iterator[None]:
     sys.stderr.flush()
 
 
-__all__ = ["Env", "Options", "Preloaded", "bare", "buffered", "drain", "guide", "latency", "memory", "soak", "timed"]
+__all__ = ["Env", "Options", "Preloaded", "bare", "buffered", "drain", "guide", "latency", "memory",
+           "redis_cluster_env", "scale", "soak", "timed"]

@@ -11,7 +11,7 @@ import pytest
 
 from bench.peers import PEERS
 from localenv.kafka import KafkaBroker
-from localenv.redis import RedisServer
+from localenv.redis import RedisCluster, RedisServer
 
 ROOT = Path(__file__).parent.parent
 SMOKE_TIMEOUT_S = 420  # every step at tiny sizes, two peers (a JVM and a Quix Streams application) included
@@ -19,17 +19,23 @@ SMOKE_TIMEOUT_S = 420  # every step at tiny sizes, two peers (a JVM and a Quix S
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_S + 60)
 def test_benchmark_smoke_run_delivers_every_pair(kafka: KafkaBroker, redis_server: RedisServer,
-                                                 tmp_path: Path) -> None:
-    """Every step of the tiny benchmark completes, prints its rows and delivers every matched pair, the peers too."""
+                                                 redis_cluster: RedisCluster, tmp_path: Path) -> None:
+    """Every step of the tiny benchmark completes, prints its rows and delivers every matched pair, the peers too.
+
+    The capacity command then reads the run's JSON file.
+    """
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--bootstrap", kafka.bootstrap_servers,
-         "--redis-url", redis_server.url, "--workdir", str(tmp_path / "work"), "--json", str(out)],
+         "--redis-url", redis_server.url, "--redis-cluster-url", redis_cluster.url,
+         "--workdir", str(tmp_path / "work"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, check=False)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
     for row in ("service, records/s", "Redis bytes per buffered span", "sides buffered", "partition(s) / process(es)",
                 "RSS over a", "guide's batch join", "Quix Streams: records/s", "Kafka Streams: records/s",
-                "Quix Streams: delivery latency", "Kafka Streams: delivery latency"):
+                "Quix Streams: delivery latency", "Kafka Streams: delivery latency",
+                "Redis bytes kept per delivered pair", "process(es), 2 partitions, 3-shard Redis Cluster: records/s",
+                "3-shard Redis Cluster: redis-server CPU ms per 1,000 evaluations, each shard"):
         assert row in done.stdout, f"no {row!r} row in:\n{done.stdout}"
     figures = orjson.loads(out.read_bytes())["figures"]
     for run in figures["throughput"]:
@@ -49,5 +55,20 @@ def test_benchmark_smoke_run_delivers_every_pair(kafka: KafkaBroker, redis_serve
     assert memory["bytes_per_span"] > 0 and memory["bytes_per_result"] > 0
     assert figures["buffered"] and all(cost["delivered_all"] for cost in figures["buffered"])
     assert figures["scaling"] and all(point["drain"]["delivered_all"] for point in figures["scaling"])
+    assert memory["bytes_per_joined_pair"] > 0 and memory["ledger_bytes_per_pair"] > 0
+    assert sorted(point["processes"] for point in figures["scale"]) == [1, 2]
+    for point in figures["scale"]:
+        drain = point["drain"]
+        assert drain["delivered_all"] and drain["missing"] == 0, point["processes"]
+        assert drain["exit_codes"] == [0] * point["processes"]
+        assert len(drain["redis_cpu_ms_per_1000_evals_by_node"]) == point["shards"] == 3  # every shard sampled
+        assert sum(drain["redis_memory_bytes_by_node"]) > 0  # the service stored its sides on the cluster
     assert figures["soak"]["delivered"] > 0
     assert all(entry["joined"] > 0 for entry in figures["guide"])
+    capacity = subprocess.run([sys.executable, "-m", "bench.capacity", str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert capacity.returncode == 0, capacity.stderr
+    assert "3-shard Redis Cluster" in capacity.stdout  # the CPU figures came from the scale step
+    for row in ("| evaluations/s", "| pods", "| partitions per topic", "| Redis memory to provision",
+                "| Redis shards (primaries)"):
+        assert row in capacity.stdout, f"no {row!r} row in:\n{capacity.stdout}"
