@@ -126,6 +126,8 @@ class Service:
         if not self._stopping.is_set():
             self._stop_deadline = self._clock.monotonic() + self._shutdown_timeout
             self.stop_guard.arm()
+            log.info("stop_requested", shutdown_timeout_s=self._shutdown_timeout,
+                     exit_deadline_s=self.stop_guard.within_s)
         self._stopping.set()
 
     # -- the loop -------------------------------------------------------------------------------
