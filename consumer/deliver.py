@@ -124,9 +124,11 @@ class Deliverer:
 
     async def _send(self, items: list[Joined], report: DeliveryReport, *, drop_from: Sequence[Joined]) -> None:
         unrecorded: list[DependencyError] = []
+        reported: set[int] = set()
 
         async def accepted(indexes: Sequence[int]) -> None:
             """One request answered 2xx: record its evaluations now, so a crash later does not send them again."""
+            reported.update(indexes)
             done = [items[i] for i in indexes]
             now_ms = self._clock.now_ms()
             for item in done:
@@ -150,6 +152,12 @@ class Deliverer:
                         join_key=items[i].namespace.join_key, label=items[i].label, status=r.status)
         if unrecorded:  # the batch is done again; no result is dropped before its evaluations are recorded
             raise unrecorded[0]
+        # A sink that reports no request (a return means all but the rejections were accepted) is recorded here.
+        unreported = [i for i in range(len(items)) if i not in rejections and i not in reported]
+        if unreported:
+            await accepted(unreported)
+            if unrecorded:
+                raise unrecorded[0]
         dead = [items[i] for i in rejections]
         await self._settle([], dead, drop_from=drop_from)
         report.dead_lettered += len(dead)

@@ -61,8 +61,8 @@ class EvaluationSink(Protocol):
         ``accepted``, if given, is awaited with the indexes of each request's metrics as soon as the
         intake answered that request 2xx, and before the request's slot sends anything else (with
         several requests in flight, each awaits its own); so what it records of a request is recorded
-        even if the call is cancelled or fails later. It is called at most once per metric, and never
-        for a rejected one. An exception from it ends the call, as a refusal would.
+        even if the call is cancelled or fails later. It is called once for each accepted metric, and
+        never for a rejected one. An exception from it ends the call, as a refusal would.
         """
         ...
 

@@ -14,6 +14,7 @@ from consumer.errors import Unavailable
 from consumer.events import NemoResultEvent, SpanContextEvent
 from consumer.join import Joined, Joiner, JoinResult, Source
 from consumer.metrics import Metrics
+from consumer.sink import Accepted, Rejection
 from consumer.store import Namespace, Settle
 from consumer.store_memory import MemoryJoinStore
 from tests.support import eventually
@@ -230,3 +231,21 @@ async def test_what_a_failed_ledger_write_left_is_forgotten_when_another_batch_i
     setup.clock.advance(LEASE_MS / 1000 + 0.001)
     again = await setup.deliverer.deliver(joined)  # the same batch later (no longer remembered): sent again
     assert again.delivered == 1 and setup.sink.sent[-1] == joined[0].metric
+
+
+class SilentSink(FakeSink):
+    """A sink that reports no request as it goes: only its return says what was accepted."""
+
+    async def send(self, metrics: Sequence[bytes], *, accepted: Accepted | None = None) -> list[Rejection]:
+        return await super().send(metrics)
+
+
+async def test_what_a_sink_accepted_without_reporting_it_is_recorded_at_its_return() -> None:
+    """A sink that never calls ``accepted`` still has every evaluation it did not reject recorded as delivered."""
+    setup = Setup(SilentSink(refuse=b'"label":"toxicity"', per_request=1))
+    joined = await setup.joined(["faithfulness", "relevance", "toxicity"], buffered=True)
+    report = await setup.deliverer.deliver(joined)
+    assert (report.delivered, report.dead_lettered) == (2, 1)
+    assert await setup.ledger() == {joined[0].eval_id: "delivered", joined[1].eval_id: "delivered",
+                                    joined[2].eval_id: "dead-lettered"}
+    assert await setup.pending() == []
