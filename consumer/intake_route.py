@@ -53,7 +53,7 @@ import structlog
 from consumer.aio import Backoff, cancel_and_wait
 from consumer.config import EVAL_METRIC_PATH, EVP_PROXY_PREFIX, Settings
 from consumer.errors import ServiceRefused
-from consumer.sink import EvaluationSink, Rejection
+from consumer.sink import Accepted, EvaluationSink, Rejection
 from consumer.stage import Refusals
 
 log = structlog.get_logger(__name__)
@@ -392,10 +392,10 @@ class RoutedSink:
             self._use(route)
         return route
 
-    async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
+    async def send(self, metrics: Sequence[bytes], *, accepted: Accepted | None = None) -> list[Rejection]:
         await self._found.wait()
         assert self._sink is not None
-        return await self._sink.send(metrics)
+        return await self._sink.send(metrics, accepted=accepted)
 
     async def aclose(self) -> None:
         if self._task is not None:

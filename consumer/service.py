@@ -10,7 +10,10 @@ memory stays bounded and the group does not evict a consumer that waits on a slo
 
 On SIGTERM the loop stops fetching, lets the batches in flight finish (until ``SHUTDOWN_TIMEOUT_SECONDS``
 after the signal; an unfinished batch is not committed), commits, and leaves the group. A revoke does the
-same for the batches in flight, then commits, before the partitions go.
+same for the batches in flight, then commits, before the partitions go. Every step of the close is
+bounded; should the process still not have closed ``STOP_DEADLINE_MARGIN_S`` after that timeout (a
+blocking call, a task that ignores cancellation), :class:`StopDeadline` logs what every thread and task
+was doing and exits at once with ``EXIT_STUCK``, committing nothing more, as a SIGKILL would.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
+import threading
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -66,6 +72,11 @@ log = structlog.get_logger(__name__)
 FETCH_TIMEOUT_MS = 500  # how long one getmany waits for records when nothing is in flight
 HOLD_CHECK_S = 1.0  # while a stage is full, how often the loop polls (keeping its group membership)
 CONSUMER_STOP_TIMEOUT_S = 10.0  # leaving the group may wait on a rebalance; offsets are committed by then
+PRODUCER_STOP_TIMEOUT_S = 10.0  # every dead letter and report was acknowledged before its offset was recorded
+# A stop that has not closed the process this long after SHUTDOWN_TIMEOUT_SECONDS is stuck (below the Helm chart's
+# shutdownMarginSeconds, 30 s by default, so that the log says what was stuck before the kubelet's SIGKILL).
+STOP_DEADLINE_MARGIN_S = 25.0
+EXIT_STUCK = 4  # the exit code when the stop deadline passed
 RECORD_OVERHEAD_BYTES = 65_536  # a record's batch framing and headers beyond MAX_MESSAGE_BYTES
 FETCH_MAX_BYTES = 52_428_800  # one fetch across partitions (Kafka's default), at least two records' worth
 REVOKE_MARGIN_MS = 5_000  # a revoke's commit after its batches finish
@@ -113,6 +124,7 @@ class Service:
                                retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=metrics,
                                join_ttl_ms=settings.join_ttl_seconds * 1000, clock=clock)
         self._stop_deadline = float("inf")
+        self.stop_guard = StopDeadline(settings.shutdown_timeout_seconds + STOP_DEADLINE_MARGIN_S)
         self._paused: set[TopicPartition] = set()
         self.batches_done = 0
         self.last_progress = clock.now_s()
@@ -126,6 +138,9 @@ class Service:
         """Ask the loop to finish the batches in flight, commit and return."""
         if not self._stopping.is_set():
             self._stop_deadline = self._clock.monotonic() + self._shutdown_timeout
+            self.stop_guard.arm()
+            log.info("stop_requested", shutdown_timeout_s=self._shutdown_timeout,
+                     exit_deadline_s=self.stop_guard.within_s)
         self._stopping.set()
 
     # -- the loop -------------------------------------------------------------------------------
@@ -300,13 +315,15 @@ class _ServiceContext:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._stack = AsyncExitStack()
+        self._service: Service | None = None
 
     async def __aenter__(self) -> Service:
         try:
-            return await self._open(self._settings, self._stack)
+            self._service = await self._open(self._settings, self._stack)
         except BaseException:
             await self._stack.aclose()
             raise
+        return self._service
 
     @staticmethod
     async def _open(s: Settings, stack: AsyncExitStack) -> Service:
@@ -316,7 +333,8 @@ class _ServiceContext:
                                     linger_ms=PRODUCER_LINGER_MS, request_timeout_ms=s.kafka_request_timeout_ms,
                                     connections_max_idle_ms=CONNECTIONS_MAX_IDLE_MS,
                                     max_request_size=s.max_message_bytes + RECORD_OVERHEAD_BYTES, **kafka_common)
-        stack.push_async_callback(producer.stop)  # before start: a start cut short (a signal) closes what it opened
+        # Before start: a start cut short (a signal) closes what it opened.
+        stack.push_async_callback(stop_within, producer.stop, PRODUCER_STOP_TIMEOUT_S, "kafka producer")
         await _started(producer.start, "kafka producer", idempotent=s.kafka_enable_idempotence)
         consumer = AIOKafkaConsumer(group_id=s.kafka_group_id, group_instance_id=s.kafka_group_instance_id,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
@@ -365,7 +383,75 @@ class _ServiceContext:
         return service
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+        try:
+            await self._stack.aclose()
+        finally:
+            if self._service is not None:
+                self._service.stop_guard.disarm()  # closed: what remains is the caller's
+
+
+class StopDeadline:
+    """The last resort of a stop: past ``within_s`` from :meth:`arm`, log every thread's and task's stack and exit.
+
+    It runs in a thread of its own, so an event loop blocked by a call that never returns cannot keep it from
+    firing. Exiting at once (``os._exit``) commits nothing more, as a SIGKILL would: every batch whose offsets
+    were not committed yet is delivered again, and what of it was delivered is recognised in the ledger.
+    """
+
+    def __init__(self, within_s: float, *, exit_process: Callable[[int], object] = os._exit) -> None:
+        self.within_s = within_s
+        self._exit = exit_process
+        self._disarmed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def arm(self) -> None:
+        """Start counting (from the event loop's thread); arming again changes nothing."""
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._watch, name="evaljoin-stop-deadline", daemon=True)
+            self._thread.start()
+
+    def disarm(self) -> None:
+        self._disarmed.set()
+
+    def _watch(self) -> None:
+        if self._disarmed.wait(self.within_s):
+            return
+        try:
+            log.error("stop_deadline_passed", within_s=self.within_s, exit_code=EXIT_STUCK,
+                      tasks=_task_stacks(self._loop), threads=_thread_stacks())
+        finally:
+            sys.stderr.flush()
+            self._exit(EXIT_STUCK)
+
+
+def _thread_stacks() -> dict[str, str]:
+    """Every thread's stack but the watcher's, innermost call last."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return {f"{names.get(ident, '?')} ({ident})": "".join(traceback.format_stack(frame, limit=25))
+            for ident, frame in sys._current_frames().items() if ident != threading.get_ident()}
+
+
+def _task_stacks(loop: asyncio.AbstractEventLoop | None) -> dict[str, list[str]] | str:
+    """Where each asyncio task of ``loop`` waits (its chain of awaits, outermost first), read from another thread:
+    best effort, as the loop may run on meanwhile."""
+    if loop is None:
+        return {}
+    try:
+        return {task.get_name(): _awaits(task.get_coro()) for task in asyncio.all_tasks(loop)}
+    except Exception as exc:  # noqa: BLE001 - the loop changed under us; the threads' stacks still tell
+        return f"unavailable: {exc!r}"
+
+
+def _awaits(coro: object) -> list[str]:
+    chain: list[str] = []
+    while coro is not None and len(chain) < 50:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return chain
 
 
 async def _started(start: Callable[[], Awaitable[None]], component: str, *, idempotent: bool = False) -> None:

@@ -9,7 +9,7 @@ delivered.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,8 +44,12 @@ class Rejection:
     body: str
 
 
+# Called with the indexes (into ``send``'s metrics) of one request the intake answered 2xx.
+Accepted = Callable[[Sequence[int]], Awaitable[None]]
+
+
 class EvaluationSink(Protocol):
-    async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
+    async def send(self, metrics: Sequence[bytes], *, accepted: Accepted | None = None) -> list[Rejection]:
         """Deliver encoded eval-metric objects.
 
         A return means every metric not named in the returned rejections was accepted by the intake
@@ -53,6 +57,12 @@ class EvaluationSink(Protocol):
         long as it takes; the only way to stop that is to cancel the call, and a cancelled call
         implies nothing about what was delivered. Raises :class:`ServiceRefused` when the intake
         refuses the service itself (401, 403, 404, 407): then nothing is known to be delivered either.
+
+        ``accepted``, if given, is awaited with the indexes of each request's metrics as soon as the
+        intake answered that request 2xx, and before the request's slot sends anything else (with
+        several requests in flight, each awaits its own); so what it records of a request is recorded
+        even if the call is cancelled or fails later. It is called once for each accepted metric, and
+        never for a rejected one. An exception from it ends the call, as a refusal would.
         """
         ...
 
@@ -83,21 +93,22 @@ class HttpIntakeSink:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
+    async def send(self, metrics: Sequence[bytes], *, accepted: Accepted | None = None) -> list[Rejection]:
         chunks = self._chunks(range(len(metrics)), metrics)
         if len(chunks) <= 1:
-            return await self._send_chunk(chunks[0], metrics) if chunks else []
+            return await self._send_chunk(chunks[0], metrics, accepted) if chunks else []
         # Several requests in flight: a batch's delivery takes about one request's time, not one per chunk.
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._send_chunk_bounded(chunk, metrics)) for chunk in chunks]
+                tasks = [group.create_task(self._send_chunk_bounded(chunk, metrics, accepted)) for chunk in chunks]
         except BaseExceptionGroup as failed:  # one request refused: the others were cancelled
             raise failed.exceptions[0] from None
         return [rejection for task in tasks for rejection in task.result()]
 
-    async def _send_chunk_bounded(self, chunk: list[int], metrics: Sequence[bytes]) -> list[Rejection]:
-        async with self._in_flight:
-            return await self._send_chunk(chunk, metrics)
+    async def _send_chunk_bounded(self, chunk: list[int], metrics: Sequence[bytes],
+                                  accepted: Accepted | None) -> list[Rejection]:
+        async with self._in_flight:  # held through ``accepted``: a slot sends again once its 2xx is recorded
+            return await self._send_chunk(chunk, metrics, accepted)
 
     def _chunks(self, indexes: Sequence[int], metrics: Sequence[bytes]) -> list[list[int]]:
         chunks: list[list[int]] = []
@@ -114,16 +125,19 @@ class HttpIntakeSink:
             chunks.append(current)
         return chunks
 
-    async def _send_chunk(self, chunk: list[int], metrics: Sequence[bytes]) -> list[Rejection]:
+    async def _send_chunk(self, chunk: list[int], metrics: Sequence[bytes],
+                          accepted: Accepted | None) -> list[Rejection]:
         try:
             await self._post_until_answered(encode_batch([metrics[i] for i in chunk]), len(chunk))
-            return []
         except RejectedDelivery as exc:
             if len(chunk) > 1 and exc.status in _SPLIT_STATUS:
                 half = len(chunk) // 2
-                return [*await self._send_chunk(chunk[:half], metrics),
-                        *await self._send_chunk(chunk[half:], metrics)]
+                return [*await self._send_chunk(chunk[:half], metrics, accepted),
+                        *await self._send_chunk(chunk[half:], metrics, accepted)]
             return [Rejection(i, exc.status or 0, exc.body) for i in chunk]
+        if accepted is not None:
+            await accepted(chunk)
+        return []
 
     async def _post_until_answered(self, body: bytes, count: int) -> None:
         backoff = Backoff(self._retry_initial, self._retry_max)

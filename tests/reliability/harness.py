@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from consumer.config import Settings
+from consumer.service import STOP_DEADLINE_MARGIN_S
 from localenv.intake import FakeIntake
 from tests.hostile import has_raw_name, send_raw
 from tests.support import eventually, group_lag
@@ -198,9 +199,14 @@ class ServiceProcess:
         assert code == -signal.SIGKILL, f"SIGKILL: exit {code}\n{self.tail()}"
 
     async def terminate(self, within: float | None = None) -> int | None:
-        """SIGTERM and wait for the exit; returns the exit code (None if it did not exit in time)."""
+        """SIGTERM and wait for the exit; returns the exit code (None if it did not exit in time).
+
+        By default it waits past the service's own stop deadline, so a stuck stop shows as the exit code
+        ``EXIT_STUCK`` with ``stop_deadline_passed`` (every stack) in the log.
+        """
         self.signal(signal.SIGTERM)
-        code = await self.wait_exit(within if within is not None else self.settings.shutdown_timeout_seconds + 15)
+        code = await self.wait_exit(within if within is not None
+                                    else self.settings.shutdown_timeout_seconds + STOP_DEADLINE_MARGIN_S + 5)
         if code is None:
             self.dump_stacks()
         return code

@@ -54,7 +54,9 @@ async def test_sigkill_at_random_moments(make_settings: Callable[..., Settings],
     per_incarnation = scaled(15)
     # Static membership (KAFKA_GROUP_INSTANCE_ID, as a StatefulSet pod would have): a restarted
     # process takes its partitions back at once instead of waiting out the dead member's session.
-    settings = make_settings(kafka_max_batch=16, intake_batch_max_evals=4,
+    # A batch (up to 16 evaluations) is up to four requests of 4, two in flight at a time: a kill lands
+    # between requests of one batch as well as mid-request.
+    settings = make_settings(kafka_max_batch=16, intake_batch_max_evals=4, intake_max_in_flight=2,
                              kafka_group_instance_id=f"reliability-{uuid.uuid4().hex[:6]}")
     pairs = make_pairs(per_incarnation * (kills + 1), run="kill", labels=LABELS)
     intake.delay(0.03)

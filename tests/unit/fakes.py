@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from consumer.sink import Rejection
+from consumer.sink import Accepted, Rejection
 
 
 class FakeProducer:
@@ -20,16 +21,39 @@ class FakeProducer:
 
 
 class FakeSink:
-    """An evaluation sink that keeps every ``send`` call and refuses the metrics that contain ``refuse``."""
+    """An evaluation sink that keeps every ``send`` call and refuses the metrics that contain ``refuse``.
 
-    def __init__(self, refuse: bytes | None = None) -> None:
+    A call is cut into requests of ``per_request`` metrics (all in one when 0), answered one after the other;
+    ``accepted`` hears of each request's accepted metrics as the HTTP sink reports them. With ``stall_at``
+    the request of that number (0 is the first, counted over every call) never gets an answer: the process
+    is stuck there, as one is when it dies mid-request; ``stalled`` is set when it is reached.
+    """
+
+    def __init__(self, refuse: bytes | None = None, *, per_request: int = 0, stall_at: int | None = None) -> None:
         self.calls: list[list[bytes]] = []
+        self.requests: list[list[bytes]] = []  # every request answered, in order
+        self.stalled = asyncio.Event()
         self._refuse = refuse
+        self._per_request = per_request
+        self._stall_at = stall_at
 
-    async def send(self, metrics: Sequence[bytes]) -> list[Rejection]:
+    async def send(self, metrics: Sequence[bytes], *, accepted: Accepted | None = None) -> list[Rejection]:
         self.calls.append(list(metrics))
-        return [Rejection(i, 400, "refused") for i, metric in enumerate(metrics)
-                if self._refuse is not None and self._refuse in metric]
+        size = self._per_request or max(1, len(metrics))
+        rejections: list[Rejection] = []
+        for start in range(0, len(metrics), size):
+            if len(self.requests) == self._stall_at:
+                self.stalled.set()
+                await asyncio.Event().wait()  # no answer, ever
+            indexes = range(start, min(start + size, len(metrics)))
+            self.requests.append([metrics[i] for i in indexes])
+            refused = [Rejection(i, 400, "refused") for i in indexes
+                       if self._refuse is not None and self._refuse in metrics[i]]
+            rejections += refused
+            ok = [i for i in indexes if i not in {r.index for r in refused}]
+            if accepted is not None and ok:
+                await accepted(ok)
+        return rejections
 
     async def aclose(self) -> None:
         pass

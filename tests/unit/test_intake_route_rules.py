@@ -291,7 +291,7 @@ class _Sink:
         self.sent: list[list[bytes]] = []
         self.closed = False
 
-    async def send(self, metrics: Any) -> list[Rejection]:
+    async def send(self, metrics: Any, *, accepted: Any = None) -> list[Rejection]:
         self.sent.append(list(metrics))
         return []
 

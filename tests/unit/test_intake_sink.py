@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.sink import HttpIntakeSink, Rejection, encode_batch
+from consumer.errors import ServiceRefused
+from consumer.sink import Accepted, HttpIntakeSink, Rejection, encode_batch
 
 pytestmark = pytest.mark.unit
 
@@ -43,13 +44,14 @@ def metric(i: int, padding: int = 0) -> bytes:
 
 
 async def send(intake: Intake, metrics: list[bytes], *, max_batch: int = 100, max_body_bytes: int = 1_000_000,
-               retry_max_s: float = 0.002) -> list[Rejection]:
+               retry_max_s: float = 0.002, accepted: Accepted | None = None,
+               max_in_flight: int = 1) -> list[Rejection]:
     """``metrics`` through a sink that posts to ``intake``; retries start at a millisecond."""
     client = HttpIntakeSink(url=URL, headers={"DD-API-KEY": "k"}, timeout_s=1.0, max_batch=max_batch,
                             max_body_bytes=max_body_bytes, retry_initial_s=0.001, retry_max_s=retry_max_s,
-                            transport=httpx.MockTransport(intake))
+                            transport=httpx.MockTransport(intake), max_in_flight=max_in_flight)
     try:
-        return await client.send(metrics)
+        return await client.send(metrics, accepted=accepted)
     finally:
         await client.aclose()
 
@@ -182,3 +184,56 @@ async def test_a_batch_is_cut_into_requests_by_count_and_body_size(sizes: list[i
     for chunk, following in itertools.pairwise(chunks):
         grown = encode_batch([metrics[i] for i in [*chunk, following[0]]])
         assert len(chunk) == max_batch or len(grown) >= max_body_bytes
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3])
+@settings(max_examples=25, derandomize=True, database=None, deadline=None)
+@given(data=st.data())
+async def test_each_accepted_request_is_reported_before_its_slot_sends_again(max_in_flight: int,
+                                                                             data: st.DataObject) -> None:
+    """``accepted`` gets the indexes of every request answered 2xx, once each and never a refused one, and a
+    request slot waits for it before its next request: requests in flight never outnumber the slots."""
+    count = data.draw(st.integers(1, 30), label="count")
+    refused = data.draw(st.sets(st.integers(0, count - 1), max_size=3), label="refused")
+    reported: list[list[int]] = []
+    sent_unreported = 0  # requests answered and not yet reported, at most one per slot
+    most_unreported = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal sent_unreported, most_unreported
+        scores = {m["score_value"] for m in metrics_of(request)}
+        if scores & refused:
+            return httpx.Response(400, text="bad label")
+        sent_unreported += 1
+        most_unreported = max(most_unreported, sent_unreported)
+        return httpx.Response(202)
+
+    async def accepted(indexes: Sequence[int]) -> None:
+        nonlocal sent_unreported
+        await asyncio.sleep(0)  # a store round trip: other slots run meanwhile
+        reported.append(list(indexes))
+        sent_unreported -= 1
+
+    intake = Intake(handler)
+    rejections = await send(intake, [metric(i) for i in range(count)], max_batch=4, accepted=accepted,
+                            max_in_flight=max_in_flight)
+    assert sorted(i for indexes in reported for i in indexes) == sorted(set(range(count)) - refused)
+    assert sorted(r.index for r in rejections) == sorted(refused)
+    accepted_requests = [sorted(m["score_value"] for m in request) for request in intake.requests
+                         if not {m["score_value"] for m in request} & refused]
+    assert sorted(sorted(indexes) for indexes in reported) == sorted(accepted_requests)
+    assert sent_unreported == 0 and most_unreported <= max_in_flight
+
+
+async def test_a_request_accepted_before_a_later_one_fails_is_reported() -> None:
+    """The first request's 2xx is reported even though a later request of the same call refuses the service."""
+    reported: list[list[int]] = []
+
+    async def accepted(indexes: Sequence[int]) -> None:
+        reported.append(list(indexes))
+
+    intake = Intake(answers(httpx.Response(202), httpx.Response(401, text="bad key")))
+    with pytest.raises(ServiceRefused):
+        await send(intake, [metric(i) for i in range(4)], max_batch=2, accepted=accepted)
+    first, _ = intake.requests  # the two requests go in either order; the first is answered 202
+    assert reported == [[m["score_value"] for m in first]]
