@@ -100,6 +100,12 @@ class OverQuota:
     detail: str
 
 
+def default_tag_value(join_key: str, run: str | None = None) -> str:
+    """The tag value a result joins on when ``JOIN_TAG_VALUE`` is unset: the join key, or ``<run>:<join_key>`` in a
+    run (a bare join key names the answer of every run over the dataset). Apps tag their spans with it."""
+    return f"{run}:{join_key}" if run else join_key
+
+
 _PLACEHOLDER = re.compile(r"\{(join_key|run_id|ml_app)\}")
 
 
@@ -133,7 +139,7 @@ class TagJoin:
     def value_for(self, ns: Namespace) -> str | None:
         """The tag value of a result in ``ns``; None if the template names a run and the result has none."""
         if self.value_template is None:
-            return f"{ns.run}:{ns.join_key}" if ns.run else ns.join_key
+            return default_tag_value(ns.join_key, ns.run)
         if not ns.run and "{run_id}" in self.value_template:
             return None
         fields = {"join_key": ns.join_key, "run_id": ns.run, "ml_app": ns.ml_app}

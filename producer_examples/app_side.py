@@ -46,6 +46,7 @@ from ddtrace.llmobs import LLMObs
 from openai import AsyncOpenAI, OpenAIError
 
 from consumer.events import SpanContextEvent
+from consumer.join import default_tag_value
 from producer_examples.jsonstream import RecordReader, detect_format
 from producer_examples.publisher import DeliveryError, EventPublisher, add_kafka_arguments, kafka_settings_from
 
@@ -71,13 +72,9 @@ def span_context_event(exported: Mapping[str, Any], *, join_key: str | int, ml_a
 
 
 def join_tag_value(join_key: str | int, run_id: str | None = None) -> str:
-    """The value to tag an answer's span with for evaljoin's tag join (``JOIN_BY_TAG``) under its default rule.
-
-    The join key, or ``<run_id>:<join_key>`` in a run: Datadog joins a tag to exactly one span, and a bare
-    ``question_id`` names the answer of every run over the dataset. A deployment with ``JOIN_TAG_VALUE``
-    set tags by that template instead.
-    """
-    return f"{run_id}:{join_key}" if run_id else str(join_key)
+    """The value to tag an answer's span with for evaljoin's tag join (``JOIN_BY_TAG``) under its default rule
+    (:func:`consumer.join.default_tag_value`); a deployment with ``JOIN_TAG_VALUE`` set tags by that template."""
+    return default_tag_value(str(join_key), run_id)
 
 
 class SpanContextReporter:
