@@ -16,7 +16,7 @@ the batch's next try records them instead of sending them again.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -167,10 +167,11 @@ class Deliverer:
 
     async def _record_delivered(self, items: list[Joined], report: DeliveryReport) -> None:
         await self._settle(items, [], drop_from=())
-        app = self._metrics.app
         for item in items:
             self._unrecorded.pop(item.eval_id, None)
-            self._metrics.app_evaluations_delivered.labels(ml_app=app(item.namespace.ml_app)).inc()
+        # One labelled increment per app, not per evaluation: this runs for every intake request.
+        for ml_app, count in Counter(self._metrics.app(item.namespace.ml_app) for item in items).items():
+            self._metrics.app_evaluations_delivered.labels(ml_app=ml_app).inc(count)
         report.delivered += len(items)
 
     async def _settle(self, delivered: list[Joined], dead: list[Joined], *, drop_from: Sequence[Joined]) -> None:
