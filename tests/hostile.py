@@ -10,6 +10,9 @@ to the decoder; the reliability suite feeds them to a running consumer.
 Some records cannot be written through a Kafka client's string API: a header *name* that is not UTF-8
 (librdkafka-based producers write whatever bytes they are given). :class:`RawName` carries such a name, and
 :func:`send_raw` writes a record holding one to a real broker, below the client's string API.
+
+:func:`generate` draws a list of examples outside a hypothesis test (the reliability suite's corpora), and
+:func:`reasons_for` gives the reasons right for one record as it is sent (its key and headers count too).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import seed as hypothesis_seed
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from consumer.decode import record_bytes
 from consumer.events import normalise_label
 
 ID_HEADER = "reliability.id"  # names each record for the reliability suite; generated headers never use it
@@ -268,3 +275,28 @@ def adversarial_pair(draw: st.DrawFn) -> dict[str, Any]:
         "value": draw(st.one_of(st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False,
                                                                          width=64))),
     }
+
+
+def reasons_for(example: Hostile, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> frozenset[str]:
+    """The dead-letter reasons right for ``example`` sent with this key and these headers: MAX_BYTES counts the
+    key and the headers too, so a record is "oversize" by what it is sent with, known only when it is sent."""
+    return frozenset({"oversize"}) if record_bytes(key, example.value, headers) > MAX_BYTES else example.reasons
+
+
+def generate(strategy: st.SearchStrategy[Any], count: int, seed: int) -> list[Any]:
+    """``count`` examples of ``strategy`` (generation only: no shrinking, no example database)."""
+    out: list[Any] = []
+    attempt = 0
+    while len(out) < count:
+        @hypothesis_seed(seed + attempt)
+        @hypothesis_settings(max_examples=count - len(out), database=None, phases=[Phase.generate],
+                             deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                   HealthCheck.filter_too_much,
+                                                                   HealthCheck.large_base_example])
+        @given(strategy)
+        def collect(example: Any) -> None:
+            out.append(example)
+
+        collect()
+        attempt += 1
+    return out[:count]

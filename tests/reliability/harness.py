@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from pydantic import SecretStr
 from consumer.config import Settings
 from consumer.service import STOP_DEADLINE_MARGIN_S
 from localenv.intake import FakeIntake
-from tests.hostile import has_raw_name, send_raw
+from tests.hostile import ID_HEADER, Hostile, has_raw_name, send_raw
 from tests.support import eventually, group_lag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -387,6 +387,30 @@ def header(record: Any, name: str) -> bytes | None:
         if key == name:
             return bytes(value) if value is not None else None
     return None
+
+
+def dead_letter_problems(dlq: Sequence[Any], sent: Mapping[str, tuple[Hostile, frozenset[str]]]) -> list[str]:
+    """Each hostile record sent (by its ``ID_HEADER`` id: the example and the reasons right for it) on the DLQ with
+    one of those reasons and a detail; nothing else there. A batch done again may add copies of a record."""
+    by_id: dict[str, list[Any]] = defaultdict(list)
+    for record in dlq:
+        by_id[(header(record, ID_HEADER) or b"?").decode()].append(record)
+    problems: list[str] = []
+    for record_id, (example, reasons) in sent.items():
+        records = by_id.get(record_id, [])
+        if not records:
+            problems.append(f"{record_id} ({example.category}) is not in the DLQ: {example.value!r:.300}")
+            continue
+        reason = (header(records[0], "evaljoin.error") or b"").decode()
+        if reason not in reasons:
+            problems.append(f"{record_id} ({example.category}) dead-lettered as {reason!r}, expected one of "
+                            f"{sorted(reasons)}: {example.value!r:.300}")
+        if not header(records[0], "evaljoin.error.detail"):
+            problems.append(f"{record_id} ({example.category}) has no detail")
+    problems += [f"record {record_id} is not a hostile record sent, but was dead-lettered as "
+                 f"{header(records[0], 'evaljoin.error')!r}" for record_id, records in by_id.items()
+                 if record_id not in sent]
+    return problems
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import random
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,25 +22,20 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from hypothesis import HealthCheck, Phase, given
-from hypothesis import seed as hypothesis_seed
-from hypothesis import settings as hypothesis_settings
-from hypothesis import strategies as st
 
 from consumer.config import Settings
-from consumer.decode import record_bytes
 from localenv.intake import FakeIntake
 from localenv.kafka import KafkaBroker
 from localenv.ports import free_port
-from tests.hostile import ID_HEADER, MAX_BYTES, adversarial_pair, hostile
+from tests.hostile import ID_HEADER, MAX_BYTES, Hostile, adversarial_pair, generate, hostile, reasons_for
 from tests.reliability.harness import (
     Message,
     ServiceProcess,
     account,
     assert_guarantees,
+    dead_letter_problems,
     delivered_keys,
     drain_topic,
-    header,
     lag_or_none,
     publish,
     report,
@@ -51,25 +46,6 @@ from tests.reliability.harness import (
 from tests.support import Topics
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-
-
-def generate(strategy: st.SearchStrategy[Any], count: int, seed: int) -> list[Any]:
-    """``count`` examples of ``strategy`` (generation only: no shrinking, no example database)."""
-    out: list[Any] = []
-    attempt = 0
-    while len(out) < count:
-        @hypothesis_seed(seed + attempt)
-        @hypothesis_settings(max_examples=count - len(out), database=None, phases=[Phase.generate],
-                             deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                                   HealthCheck.filter_too_much,
-                                                                   HealthCheck.large_base_example])
-        @given(strategy)
-        def collect(example: Any) -> None:
-            out.append(example)
-
-        collect()
-        attempt += 1
-    return out[:count]
 
 
 @pytest.mark.timeout(timeout_for(240))
@@ -86,13 +62,12 @@ async def test_hostile_input_is_dead_lettered_and_valid_traffic_flows(
     generate_s = time.monotonic() - generated
     run = uuid.uuid4().hex[:6]
     messages: list[tuple[str, Message]] = []
-    oversize: set[int] = set()  # MAX_BYTES counts the key and the headers too, known only here
+    sent: dict[str, tuple[Hostile, frozenset[str]]] = {}
     for i, example in enumerate(bad):
         topic = topics.span if example.span_topic else topics.result
         key = rng.randbytes(rng.randrange(0, 40)) or (None if example.value is not None else b"\x00")
         headers = [*example.headers, (ID_HEADER, f"bad-{i}".encode())]
-        if record_bytes(key, example.value, headers) > MAX_BYTES:
-            oversize.add(i)
+        sent[f"bad-{i}"] = example, reasons_for(example, key, headers)
         messages.append((f"bad-{i}", (topic, key, example.value, headers)))
     expected = set()
     for i, pair in enumerate(odd):
@@ -131,24 +106,7 @@ async def test_hostile_input_is_dead_lettered_and_valid_traffic_flows(
         service.kill_if_running()
     assert service.starts == 1 and service.exit_codes == [0]
     dlq = await drain_topic(kafka.bootstrap_servers, topics.dlq)
-    by_id: dict[str, list[Any]] = defaultdict(list)
-    for record in dlq:
-        by_id[(header(record, ID_HEADER) or b"?").decode()].append(record)
-    problems: list[str] = []
-    for i, example in enumerate(bad):
-        records = by_id.get(f"bad-{i}", [])
-        if not records:
-            problems.append(f"bad-{i} ({example.category}) is not in the DLQ: {example.value!r:.300}")
-            continue
-        reason = (header(records[0], "evaljoin.error") or b"").decode()
-        reasons = frozenset({"oversize"}) if i in oversize else example.reasons
-        if reason not in reasons:
-            problems.append(f"bad-{i} ({example.category}) dead-lettered as {reason!r}, expected one of "
-                            f"{sorted(reasons)}: {example.value!r:.300}")
-        if not header(records[0], "evaljoin.error.detail"):
-            problems.append(f"bad-{i} ({example.category}) has no detail")
-    problems += [f"valid record {key} was dead-lettered as {header(records[0], 'evaljoin.error')!r}"
-                 for key, records in by_id.items() if key.startswith("ok-")]
+    problems = dead_letter_problems(dlq, sent)
     outcome = account("f. hostile input (hypothesis)", expected=expected, intake=intake, dlq=dlq,
                       unmatched=await drain_topic(kafka.bootstrap_servers, topics.unmatched), recover_s=None,
                       seed=seed, hostile=len(bad), valid_pairs=len(odd), generate_s=round(generate_s, 1),
