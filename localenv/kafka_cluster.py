@@ -122,9 +122,10 @@ class ClusterNode(KafkaBroker):
     shutdown) and :attr:`running` work as a single broker's; :meth:`stop` keeps its data (the cluster owns it)."""
 
     def __init__(self, cluster: KafkaCluster, node_id: int, *, data_dir: Path, heap: str,
-                 extra_properties: dict[str, str], cache_dir: Path | None, startup_timeout: float) -> None:
+                 extra_properties: dict[str, str], cache_dir: Path | None, startup_timeout: float,
+                 proxied_port: int | None = None) -> None:
         super().__init__(data_dir=data_dir, heap=heap, extra_properties=extra_properties, cache_dir=cache_dir,
-                         startup_timeout=startup_timeout)
+                         startup_timeout=startup_timeout, proxied_port=proxied_port)
         self.NODE_ID = node_id
         self._cluster = cluster
 
@@ -132,8 +133,16 @@ class ClusterNode(KafkaBroker):
     def node_id(self) -> int:
         return self.NODE_ID
 
-    def _assign_ports(self, port: int, controller_port: int) -> None:
+    @property
+    def proxied_port(self) -> int:
+        """The port this node's PROXIED listener advertises (where its fault proxy listens)."""
+        if self._proxied_port is None:
+            raise RuntimeError("the cluster has no PROXIED listeners (proxied=False)")
+        return self._proxied_port
+
+    def _assign_ports(self, port: int, controller_port: int, proxied_listener_port: int | None) -> None:
         self._port, self._controller_port = port, controller_port
+        self._proxied_listener_port = proxied_listener_port
 
     def _begin(self) -> None:
         """What :meth:`KafkaBroker.start` does up to starting the JVM, without waiting for it: the cluster starts
@@ -191,6 +200,10 @@ class KafkaCluster(LocalService):
       :meth:`ClusterNode.restart`; :meth:`node` gives a node by id (1 to ``size``).
     * :meth:`aleaders` and :meth:`aquorum` ask the cluster who leads what; :meth:`await_in_sync` waits until
       every replica is back in sync (what a rolling restart waits for between nodes).
+    * With ``proxied=True`` each node also has a PROXIED listener (see :class:`~localenv.kafka.KafkaBroker`)
+      that advertises :attr:`ClusterNode.proxied_port`: a fault proxy there forwarding to the node's
+      :attr:`~localenv.kafka.KafkaBroker.proxied_listener_port` carries every connection of a client
+      bootstrapped at :attr:`proxied_bootstrap_servers`. Both ports stay the same across restarts.
 
     ``heap`` is each JVM's ``-Xmx``. :meth:`stop` stops every node and removes the temporary data directory
     (a ``data_dir`` passed in is kept).
@@ -198,7 +211,7 @@ class KafkaCluster(LocalService):
 
     def __init__(self, *, size: int = 3, min_insync_replicas: int = 2, heap: str = "256m",
                  data_dir: Path | None = None, extra_properties: dict[str, str] | None = None,
-                 cache_dir: Path | None = None, startup_timeout: float = 120.0) -> None:
+                 cache_dir: Path | None = None, startup_timeout: float = 120.0, proxied: bool = False) -> None:
         if size < 1 or not 1 <= min_insync_replicas <= size:
             raise ValueError(f"need 1 <= min_insync_replicas ({min_insync_replicas}) <= size ({size})")
         self.min_insync_replicas = min_insync_replicas
@@ -209,6 +222,7 @@ class KafkaCluster(LocalService):
         self._extra_properties = dict(extra_properties or {})
         self._cache_dir = cache_dir
         self._startup_timeout = startup_timeout
+        self._proxied = proxied
         self._data_dir: Path | None = None
         self._libs: Path | None = None
         self.nodes: list[ClusterNode] = []
@@ -219,6 +233,13 @@ class KafkaCluster(LocalService):
         if not self.nodes:
             raise RuntimeError("KafkaCluster has not been started")
         return ",".join(node.bootstrap_servers for node in self.nodes)
+
+    @property
+    def proxied_bootstrap_servers(self) -> str:
+        """Every node's proxy address (``proxied=True``): a client bootstrapped here only ever crosses the proxies."""
+        if not self.nodes or not self._proxied:
+            raise RuntimeError("KafkaCluster has no PROXIED listeners (proxied=False, or not started)")
+        return ",".join(f"127.0.0.1:{node.proxied_port}" for node in self.nodes)
 
     @property
     def quorum_voters(self) -> str:
@@ -266,13 +287,15 @@ class KafkaCluster(LocalService):
             self._data_dir = self._requested_data_dir.resolve()
             self._data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(_BIND_ATTEMPTS):
-            ports = free_ports(2 * self._size)
+            per_node = 4 if self._proxied else 2  # the listener, the controller, [the proxied listener, its proxy]
+            ports = free_ports(per_node * self._size)
+            mine = [ports[i * per_node:(i + 1) * per_node] for i in range(self._size)]
             self.nodes = [ClusterNode(self, i + 1, data_dir=self._data_dir / f"node-{i + 1}", heap=self._heap,
                                       extra_properties=self._extra_properties, cache_dir=self._cache_dir,
-                                      startup_timeout=self._startup_timeout) for i in range(self._size)]
-            for node, (port, controller_port) in zip(self.nodes, zip(ports[::2], ports[1::2], strict=True),
-                                                     strict=True):
-                node._assign_ports(port, controller_port)
+                                      startup_timeout=self._startup_timeout,
+                                      proxied_port=mine[i][3] if self._proxied else None) for i in range(self._size)]
+            for node, node_ports in zip(self.nodes, mine, strict=True):
+                node._assign_ports(node_ports[0], node_ports[1], node_ports[2] if self._proxied else None)
             try:
                 for node in self.nodes:
                     node._begin()

@@ -37,7 +37,9 @@ GAP_S = (1.0, 4.0)  # seconds between two faults drawn
 
 KINDS = ("replica SIGKILL + restart", "replica SIGTERM restart", "replicas rolling SIGTERM", "Kafka leader SIGKILL",
          "Kafka controller SIGKILL", "Kafka rolling restart", "Redis primary SIGKILL + failover", "intake 429 window",
-         "intake 500 window", "intake hang", "link cuts", "link latency", "link blackhole")
+         "intake 500 window", "intake hang", "intake link cuts", "intake link latency", "intake link blackhole",
+         "Kafka link cuts", "Kafka link latency", "Kafka link blackhole")
+KAFKA_BLACKHOLE_S = (12.0, 15.0)  # past the group session and the request timeout (10 s each): members are evicted
 
 
 def tally_table(tally: Mapping[str, int]) -> str:
@@ -55,7 +57,8 @@ class Targets:
     redis: RedisSentinelSet
     intake: FakeIntake
     replicas: Sequence[ServiceProcess]
-    links: Sequence[NetFault]  # replica i's intake link
+    intake_links: Sequence[NetFault]  # replica i's link to the intake
+    kafka_links: Sequence[NetFault]  # node i's proxy: every replica's connections to that node cross it
     topics: Sequence[str]  # what a Kafka fault waits to be in sync again
     intake_timeout_s: float
 
@@ -88,8 +91,8 @@ class Schedule:
             (self._free("kafka"), self._kafka_controller_kill), (self._free("kafka"), self._kafka_rolling),
             (self._free("redis"), self._redis_primary_kill), (self._free("intake"), self._intake_failing(429)),
             (self._free("intake"), self._intake_failing(500)), (self._free("intake"), self._intake_hang),
-            (self._one_link, self._link_cuts), (self._one_link, self._link_latency),
-            (self._one_link, self._link_blackhole),
+            *[(self._one_link(kind), fault) for kind in ("intake", "kafka")
+              for fault in (self._link_cuts, self._link_latency, self._link_blackhole)],
         ]
         return [Kind(name, resources, run) for name, (resources, run) in zip(KINDS, strikes, strict=True)]
 
@@ -154,9 +157,13 @@ class Schedule:
         every = [f"replica-{i}" for i in range(len(self.targets.replicas))]
         return None if self._busy.intersection(every) else every
 
-    def _one_link(self, rng: random.Random) -> list[str] | None:
-        free = [f"link-{i}" for i in range(len(self.targets.links)) if f"link-{i}" not in self._busy]
-        return [rng.choice(free)] if free else None
+    def _one_link(self, kind: str) -> Callable[[random.Random], list[str] | None]:
+        def pick(rng: random.Random) -> list[str] | None:
+            count = len(self.targets.intake_links if kind == "intake" else self.targets.kafka_links)
+            free = [f"{kind}-link-{i}" for i in range(count) if f"{kind}-link-{i}" not in self._busy]
+            return [rng.choice(free)] if free else None
+
+        return pick
 
     # -- the faults -------------------------------------------------------------------------------------
 
@@ -240,7 +247,8 @@ class Schedule:
         return f"next {count} requests past the timeout"
 
     def _link(self, held: str) -> NetFault:
-        return self.targets.links[int(held.rsplit("-", 1)[1])]
+        links = self.targets.intake_links if held.startswith("intake") else self.targets.kafka_links
+        return links[int(held.rsplit("-", 1)[1])]
 
     async def _link_cuts(self, held: list[str], rng: random.Random) -> str:
         link, count = self._link(held[0]), rng.randint(2, 6)
@@ -257,7 +265,9 @@ class Schedule:
         return f"{held[0]}: {delay * 1000:.0f} ms each way for {seconds:.1f}s"
 
     async def _link_blackhole(self, held: list[str], rng: random.Random) -> str:
-        link, seconds = self._link(held[0]), self.targets.intake_timeout_s * rng.uniform(1.5, 3.0)
+        link = self._link(held[0])
+        seconds = (self.targets.intake_timeout_s * rng.uniform(1.5, 3.0) if held[0].startswith("intake")
+                   else rng.uniform(*KAFKA_BLACKHOLE_S))
         link.blackhole()
         await asyncio.sleep(seconds)
         link.normal()

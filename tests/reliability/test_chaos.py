@@ -3,7 +3,10 @@
 The deployment: a three-node Kafka cluster (KRaft, replication factor 3, ``min.insync.replicas=2``),
 Redis Sentinel (a primary, two replicas, three sentinels) with ``REDIS_WAIT_REPLICAS=1``, the intake
 stand-in, and three ``python -m consumer`` replicas in one group with static membership
-(``KAFKA_GROUP_INSTANCE_ID``), each reaching the intake through a fault proxy of its own.
+(``KAFKA_GROUP_INSTANCE_ID``). Each replica reaches the intake through a fault proxy of its own; every
+replica's Kafka connections cross one fault proxy per node (each node advertises its proxy's address on
+an extra listener); the test's producer and checks connect directly. Redis links are not proxied (a
+Sentinel client connects to the address the sentinels name).
 
 1. **Load**: the maximum is measured first: pairs are preloaded, one replica drains them, pairs/s from
    its first to its last delivery. ``RELIABILITY_CHAOS_RATE`` (``--chaos-rate``) gives the rate instead.
@@ -14,7 +17,8 @@ stand-in, and three ``python -m consumer`` replicas in one group with static mem
    --chaos SECONDS``): replica SIGKILLs and SIGTERM restarts (one, or rolling through all three), Kafka
    partition-leader and active-controller SIGKILLs and rolling restarts, Redis primary SIGKILLs
    (a Sentinel failover, the old primary back as a replica), intake 429/500 windows and hangs past the
-   timeout, and cuts, latency and blackholes on a replica's intake link. ``RELIABILITY_SEED`` repeats
+   timeout, and cuts, latency and blackholes on a replica's intake link or on a node's Kafka proxy (a
+   Kafka blackhole lasts 12 to 15 s, past the group session and request timeouts). ``RELIABILITY_SEED`` repeats
    the draw (which faults, in what order, how long; when each strikes also depends on how long the
    previous ones took).
 3. **The account**: the faults end, the producer stops, every evaluation must arrive and the group's
@@ -160,7 +164,7 @@ class Traffic:
 
 def _settings(cluster: KafkaCluster, redis: RedisSentinelSet, link: NetFault, run: str, instance: int) -> Settings:
     return Settings(
-        kafka_bootstrap_servers=cluster.bootstrap_servers, kafka_group_id=f"g-{run}",
+        kafka_bootstrap_servers=cluster.proxied_bootstrap_servers, kafka_group_id=f"g-{run}",
         kafka_group_instance_id=f"chaos-{run}-{instance}",
         span_topic=f"{run}.spans", result_topic=f"{run}.results", dlq_topic=f"{run}.dlq",
         unmatched_topic=f"{run}.unmatched",
@@ -196,10 +200,12 @@ async def test_chaos(intake: FakeIntake, tmp_path: Path) -> None:
     pool = await asyncio.to_thread(generate, hostile(), HOSTILE_POOL, seed)
     intake.delay(0.01)
     with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(KafkaCluster(size=3, min_insync_replicas=2, heap="256m"))
+        cluster = stack.enter_context(KafkaCluster(size=3, min_insync_replicas=2, heap="256m", proxied=True))
+        kafka_links = [stack.enter_context(NetFault("127.0.0.1", node.proxied_listener_port, port=node.proxied_port,
+                                                    seed=seed + 10 + i)) for i, node in enumerate(cluster.nodes)]
         redis = stack.enter_context(RedisSentinelSet(replicas=2))
-        links = [stack.enter_context(NetFault("127.0.0.1", intake.port, seed=seed + i)) for i in range(3)]
-        replicas = [ServiceProcess(_settings(cluster, redis, links[i], run, i), tmp_path / f"replica-{i}.log")
+        intake_links = [stack.enter_context(NetFault("127.0.0.1", intake.port, seed=seed + i)) for i in range(3)]
+        replicas = [ServiceProcess(_settings(cluster, redis, intake_links[i], run, i), tmp_path / f"replica-{i}.log")
                     for i in range(3)]
         settings = replicas[0].settings
         topics = [settings.span_topic, settings.result_topic, settings.dlq_topic, settings.unmatched_topic]
@@ -211,7 +217,8 @@ async def test_chaos(intake: FakeIntake, tmp_path: Path) -> None:
         await producer.start()
         arrivals = Arrivals(intake)
         traffic = Traffic(producer, settings, rng, run, pool)
-        schedule = Schedule(Targets(cluster, redis, intake, replicas, links, topics, INTAKE_TIMEOUT_S), rng)
+        schedule = Schedule(Targets(cluster, redis, intake, replicas, intake_links, kafka_links, topics,
+                                    INTAKE_TIMEOUT_S), rng)
         stop = asyncio.Event()
         try:
             warm = make_pairs(scaled(1500), run=f"{run}-warm", labels=LABELS, span_base=WARM_BASE)
