@@ -273,6 +273,16 @@ class ServiceProcess:
             return "(no service log)"
         return f"--- {self.log_path.name} tail ---\n" + "\n".join(text.splitlines()[-lines:])
 
+    def logged_since_start(self) -> bool:
+        """True once the latest start wrote a log line: past the interpreter's start, its stop handlers installed
+        (``consumer.__main__`` installs them before anything else; a SIGTERM earlier ends it with -15)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+        marker = f"=== start {self.starts}\n"
+        return marker in text and bool(text.rsplit(marker, 1)[1].strip())
+
     def log_events(self, event: str) -> int:
         """How many JSON log lines (over every start) have this ``event``."""
         try:
@@ -282,11 +292,15 @@ class ServiceProcess:
         return text.count(f'"event": "{event}"') + text.count(f'"event":"{event}"')
 
 
+# Imports nothing that signal and sys do not already need: the interpreter's start, before ``consumer.__main__``
+# installs its stop handlers, stays as short as it is without the hook (a SIGTERM then still ends the process
+# with the default action, -15).
 _TASK_DUMP_HOOK = '''
-import asyncio, signal, sys
+import signal, sys
 
 def _dump_tasks(signum, frame):
-    loop = asyncio._get_running_loop()
+    asyncio = sys.modules.get("asyncio")
+    loop = None if asyncio is None else asyncio._get_running_loop()
     if loop is None:
         return
     print("=== asyncio tasks", file=sys.stderr)

@@ -11,7 +11,10 @@ the intake answers 500), and one resource never has two at once, which keeps the
   until every replica is back in sync before it ends;
 * never the Redis primary killed while a failover is unfinished: the fault ends once the sentinels agree
   on the new primary and the killed node is back as a replica in sync;
-* a replica fault ends with the process started again; a SIGTERM must end it with exit 0.
+* a replica fault ends with the process started again; a SIGTERM must end it with exit 0. A SIGTERM waits
+  until the process wrote its first log line: before ``consumer.__main__`` runs its first line (the
+  interpreter's own start) nothing can handle the signal, and the default action ends it with -15 (as
+  PID 1 in a container the kernel ignores it instead). SIGKILL strikes at any moment.
 
 A process that exits when no fault touched it is restarted (as its orchestrator would) and noted in
 :attr:`Schedule.unplanned_exits`; the scenario fails on it.
@@ -30,7 +33,7 @@ from localenv.intake import FakeIntake
 from localenv.kafka_cluster import KafkaCluster
 from localenv.netfault import NetFault
 from localenv.redis import RedisSentinelSet
-from tests.reliability.harness import ServiceProcess
+from tests.reliability.harness import ServiceProcess, wait_for
 
 GAP_S = (1.0, 4.0)  # seconds between two faults drawn
 
@@ -78,7 +81,9 @@ class Schedule:
     events: list[str] = field(default_factory=list)  # "at +s: kind: description", in the order they ended
     unplanned_exits: list[str] = field(default_factory=list)
     max_overlap: int = 0
+    gap_s: tuple[float, float] = GAP_S
     _busy: set[str] = field(default_factory=set)
+    _drawn: set[str] = field(default_factory=set)  # kinds drawn so far (the tally counts those that ended)
     _started: float = 0.0
 
     # -- the draw ---------------------------------------------------------------------------------------
@@ -107,12 +112,13 @@ class Schedule:
                 await self._check(running)
                 choices = [(kind, held) for kind in kinds if (held := kind.resources(self.rng)) is not None]
                 if choices:
-                    fresh = [(kind, held) for kind, held in choices if self.tally[kind.name] == 0]
+                    fresh = [(kind, held) for kind, held in choices if kind.name not in self._drawn]
                     kind, held = self.rng.choice(fresh or choices)
+                    self._drawn.add(kind.name)
                     self._busy.update(held)
                     running.add(asyncio.create_task(self._strike(kind, held)))
                     self.max_overlap = max(self.max_overlap, len(running))
-                await self._sleep_watching(self.rng.uniform(*GAP_S), running)
+                await self._sleep_watching(self.rng.uniform(*self.gap_s), running)
             while running:
                 await self._check(running)
                 await self._sleep_watching(0.5, running)
@@ -179,7 +185,10 @@ class Schedule:
         return f"{held[0]} down {down:.1f}s"
 
     async def _sigterm(self, name: str) -> None:
+        """SIGTERM once the process is past the interpreter's start (as an orchestrator stops a pod that started;
+        SIGKILL strikes at any moment), then exit 0 is required, and a start again."""
         replica = self._replica(name)
+        await wait_for(replica.logged_since_start, within=60, what=f"{name}'s first log line", alive=[replica])
         code = await replica.terminate()
         assert code == 0, f"{name}: SIGTERM ended it with exit {code}\n{replica.tail()}"
         replica.start()

@@ -250,6 +250,7 @@ async def test_chaos(intake: FakeIntake, tmp_path: Path) -> None:
                 assert code == 0, f"replica-{i}: SIGTERM at the end: exit {code}\n{replica.tail()}"
         finally:
             stop.set()
+            (tmp_path / "faults.txt").write_text("".join(f"{event}\n" for event in schedule.events))
             for replica in replicas:
                 replica.kill_if_running()
             await producer.stop()
@@ -265,7 +266,6 @@ async def test_chaos(intake: FakeIntake, tmp_path: Path) -> None:
                       unplanned_exits=schedule.unplanned_exits)
     report(outcome)
     print(tally_table(schedule.tally))
-    (tmp_path / "faults.txt").write_text("\n".join(schedule.events) + "\n")
     assert_guarantees(outcome)
     problems = dead_letter_problems(dlq, traffic.sent)
     assert not problems, f"{len(problems)} DLQ problems (seed {seed}), e.g.:\n" + "\n".join(problems[:15])
