@@ -2,9 +2,9 @@
 
 Whoever starts a task stops it (aiokafka's ``Fetcher.close``): :func:`cancel_and_wait` cancels a task
 and waits until it has really ended, and :func:`stop_within` bounds how long a library's ``stop()``
-may take. :class:`Backoff` is the one retry-delay rule: doubling from ``first_s``, capped at
-``cap_s``, jittered into ``[0.5, 1.0]`` of the step, and never shorter than what the other side
-asked for (an HTTP ``Retry-After``), capped too.
+may take (and logs, rather than raises, a CancelledError that escapes one). :class:`Backoff` is the
+one retry-delay rule: doubling from ``first_s``, capped at ``cap_s``, jittered into ``[0.5, 1.0]`` of
+the step, and never shorter than what the other side asked for (an HTTP ``Retry-After``), capped too.
 """
 
 from __future__ import annotations
@@ -69,7 +69,13 @@ async def stop_within(stop: Callable[[], Awaitable[None]], timeout_s: float, wha
     task = asyncio.ensure_future(stop())
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if done:
-        task.result()
+        try:
+            task.result()
+        except asyncio.CancelledError:
+            # The stop's own, not ours (a cancellation of this call raises from the wait above): aiokafka's
+            # Fetcher.close awaits the fetch tasks it cancelled without suppressing it, which happens when one
+            # waits out a retry backoff (a broker down). What it had left to close goes with the process.
+            log.warning("stop_failed", component=what, error="CancelledError raised inside the library's stop()")
         return
     log.warning("stop_timed_out", component=what, timeout_s=timeout_s)
     await asyncio.wait({asyncio.ensure_future(cancel_and_wait(task))}, timeout=STOP_GIVE_UP_S)
