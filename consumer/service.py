@@ -161,6 +161,8 @@ class Service:
                 batch, carry = carry or await self._fetch(fetch_backoff), {}
                 if batch:
                     self._join.submit(batch, records=_count(batch))
+                elif self._idle():
+                    await self._committer.catch_up()
             await self._finish_in_flight(self._stop_deadline)
         finally:
             await cancel_and_wait(sweeper)
@@ -266,6 +268,10 @@ class Service:
             if in_flight:
                 await asyncio.wait(in_flight, timeout=max(0.0, deadline - self._clock.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
+
+    def _idle(self) -> bool:
+        """No batch in either stage: every record fetched so far is finished."""
+        return self._join.has_room and self._deliver.has_room and not self._stopping.is_set()
 
     def _progressed(self) -> None:
         self.last_progress = self._clock.now_s()
