@@ -26,6 +26,7 @@ from consumer.store_redis import (
     eviction_policy,
     sentinel_primary,
 )
+from consumer.store_redis import close as close_redis
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ async def _redis(settings: Settings) -> list[Finding]:
         findings.append(_eviction_finding(await eviction_policy(client), allow=settings.redis_allow_eviction))
         return findings
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 def _eviction_finding(policy: EvictionPolicy, *, allow: bool) -> Finding:

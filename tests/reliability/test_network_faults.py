@@ -368,3 +368,31 @@ async def test_the_consumers_redis_client_gives_up_on_a_half_open_connection(red
         finally:
             await client.aclose()
 
+
+@pytest.mark.timeout(timeout_for(120))
+async def test_the_service_stops_cleanly_while_its_tls_redis_connections_are_dead(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """SIGTERM while every Redis connection is half-open: exit 0, not 1.
+
+    Closing a TLS connection waits for the server's close_notify, which a dead connection never
+    sends; redis-py then raises ``TimeoutError`` from ``aclose()`` (a plaintext close does not wait),
+    and the service used to exit 1 with ``command_failed``. The sweeper waits a minute between sweeps,
+    so that the connections stay idle in the pool (a command in flight on one is cancelled by the stop,
+    and redis-py drops such a connection without waiting).
+    """
+    with _secured_redis(make_settings().redis_key_prefix, tmp_path) as server, \
+            NetFault("127.0.0.1", server.port) as proxy:
+        user = server.users[0]
+        settings = make_settings(redis_url=f"rediss://{proxy.address}/0", redis_cluster=False,
+                                 redis_username=user.name, redis_password=user.password,
+                                 redis_ssl_cafile=str(server.ca_file), sweep_interval_seconds=60.0)
+        service = ServiceProcess(settings, tmp_path / "service.log")
+        try:
+            service.start()
+            await wait_for(lambda: service.log_events("partitions_assigned"), expect=1, within=timeout_for(60),
+                           what="the service to start", alive=[service])
+            assert proxy.half_open() > 0, "the service holds no Redis connection"
+            assert await service.terminate() == 0, service.tail()
+        finally:
+            service.kill_if_running()
+    assert service.log_events("command_failed") == 0
