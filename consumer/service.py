@@ -66,6 +66,7 @@ from consumer.store_redis import (
     connect,
     eviction_policy,
 )
+from consumer.store_redis import close as close_redis
 
 log = structlog.get_logger(__name__)
 
@@ -361,7 +362,7 @@ class _ServiceContext:
         await _started(consumer.start, "kafka consumer")
         client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
                                                   **s.redis_client_options()))
-        stack.push_async_callback(client.aclose)
+        stack.push_async_callback(close_redis, client)  # a dead TLS connection must not fail the stop
         # An evicting Redis drops buffered sides without an error: refused (exit 2) unless REDIS_ALLOW_EVICTION.
         check_eviction(await eviction_policy(client), allow=s.redis_allow_eviction)
         metrics = Metrics(app_labels=s.app_metric_labels())

@@ -165,6 +165,21 @@ async def connect(target: str | SentinelTarget, *, cluster: bool = False, max_co
     return standalone
 
 
+async def close(client: RedisClient) -> None:
+    """Close ``client``; a connection whose server went silent is given up on, not an error.
+
+    Closing a TLS connection waits for the server's close_notify, which a half-open or blackholed
+    connection never sends: redis-py then raises ``TimeoutError`` after ``socket_connect_timeout``
+    (a plaintext close does not wait). The socket is closed anyway (asyncio aborts it at the end of
+    its TLS shutdown timeout) and every write the store made was acknowledged before, so a stop goes
+    on to close the other clients and exits 0 instead of 1.
+    """
+    try:
+        await client.aclose()
+    except (RedisError, OSError) as exc:
+        log.warning("redis_close_incomplete", error=f"{type(exc).__name__}: {exc}")
+
+
 async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
     """The address the sentinels give for the primary now, for a client made from a :class:`SentinelTarget`; else None.
 

@@ -28,6 +28,7 @@ from consumer.store_redis import (
     eviction_policy,
     sentinel_primary,
 )
+from consumer.store_redis import close as close_redis
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ async def _redis(settings: Settings) -> list[Finding]:
         findings.append(replica_ack_finding(settings.redis_wait_replicas, await connected_replicas(client)))
         return findings
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 def _eviction_finding(policy: EvictionPolicy, *, allow: bool) -> Finding:
