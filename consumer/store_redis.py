@@ -547,7 +547,8 @@ class RedisJoinStore:
         return f"{self._prefix}:{{dl{shard}}}:lock"
 
     def _side_keys(self, ns: Namespace) -> list[str]:
-        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x"), self._key(ns, "o")]
+        base = f"{self._prefix}:{{{ns.tag}}}:"  # what _key(ns, suffix) begins with, built once
+        return [base + "s", base + "r", base + "x", base + "o"]
 
     async def _index_many(self, entries: Sequence[tuple[Namespace, str, int]]) -> None:
         """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
@@ -726,7 +727,9 @@ class RedisJoinStore:
         """put_batch.lua's ARGV keys_per_side and max_pending, and per side its KEYS and ARGV."""
         items = []
         for op in ops:
-            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]  # span, pending, expiring, replaced, ledger
+            # span, pending, expiring, replaced, ledger: _key(op.ns, suffix), its beginning built once
+            base = f"{self._prefix}:{{{op.ns.tag}}}:"
+            keys = [base + "s", base + "r", base + "x", base + "o", base + "d"]
             if with_index:
                 keys.append(self.index_key(self.shard_of(op.ns)))
             if isinstance(op, SpanOp):
