@@ -13,6 +13,7 @@ only ever produces one side. The same pairs can be written as the guide's ``outp
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ import orjson
 Order = Literal["spans-first", "results-first", "interleaved"]
 ORDERS: tuple[Order, ...] = ("spans-first", "results-first", "interleaved")
 
-EMITTED_AT_MS = 1_763_900_000_000  # pair i's span context was emitted at this time plus i ms
+EMITTED_BEFORE_MS = 3_600_000  # by default pair 0's span context was emitted this long before the traffic is made
 EVALUATED_AFTER_MS = 60_000  # its evaluations are this much later
 PASS_RATE = 0.8  # evaluations assessed "pass"
 REASONING_WORDS = 14  # words of an evaluation's reasoning
@@ -42,6 +43,10 @@ class TrafficSpec:
     unmatched: float = 0.05
     seed: int = 7
     run: str = "r0"  # makes join keys and event ids unique per run, so runs never see each other's data
+    # Pair i's span context was emitted at this time plus i ms; 0: an hour before now. Evaluations must be recent,
+    # as in production: one older than the intake's 24 h window takes the service's clamping path (a copy per
+    # result), which a fixed date in the past made every benchmark evaluation take.
+    emitted_at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,14 @@ def _sentence(rng: random.Random, words: int) -> str:
 
 def make_pairs(spec: TrafficSpec) -> list[Pair]:
     rng = random.Random(spec.seed)
+    emitted_at_ms = spec.emitted_at_ms or int(time.time() * 1000) - EMITTED_BEFORE_MS
     pairs = []
     for index in range(spec.pairs):
         ml_app = f"bench-app-{index % spec.apps}"
         join_key = f"{spec.run}-q{index}"
         trace_id = f"{rng.getrandbits(128):032x}"
         span_id = str(rng.getrandbits(63) or 1)
-        emitted = EMITTED_AT_MS + index
+        emitted = emitted_at_ms + index
         span = orjson.dumps({
             "schema_version": 1, "ml_app": ml_app, "join_key": join_key, "trace_id": trace_id,
             "span_id": span_id, "tags": {"env": "prod", "version": "1.4.2"}, "emitted_at_ms": emitted})

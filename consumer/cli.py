@@ -32,6 +32,7 @@ from consumer.ops.check import run_checks
 from consumer.ops.replay import ReplayFilter, progress_bar, replay_dlq
 from consumer.service import Service
 from consumer.store_redis import RedisJoinStore, connect
+from consumer.store_redis import close as close_redis
 from consumer.tracing import enable_tracing
 
 EXIT_FAILED = 1
@@ -114,7 +115,7 @@ async def with_store(settings: Settings, use: Callable[[RedisJoinStore], Awaitab
             client, prefix=settings.redis_key_prefix, shards=settings.redis_deadline_shards,
             ledger_retention_ms=(settings.join_ttl_seconds + settings.ledger_grace_seconds) * 1000))
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 async def cmd_check(settings: Settings) -> int:

@@ -4,6 +4,10 @@ A message is finished when its side is buffered in the join store, every evaluat
 delivered or dead-lettered, or it was itself dead-lettered (each acknowledged). The processing step
 records finished offsets here; they are committed after each batch and when partitions are revoked.
 A failed commit is not an error of the message: it is redelivered and recognised as a duplicate.
+
+When nothing is in flight and a fetch found nothing, :meth:`OffsetCommitter.catch_up` commits the consumer's
+position where it passed records that were never handed out (transaction markers), so that a partition whose
+last record is a marker reaches lag 0 instead of staying one short until its next record.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ log = structlog.get_logger(__name__)
 
 
 COMMIT_TIMEOUT_S = 15.0  # aiokafka retries a commit while the group coordinator is unavailable; not forever
+CATCH_UP_TIMEOUT_S = 2.0  # catching up is optional: an idle loop must not wait on a broker that does not answer
 
 
 class OffsetCommitter:
@@ -31,6 +36,7 @@ class OffsetCommitter:
         self._timeout_s = timeout_s
         self._metrics = metrics
         self._finished: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}  # what this member committed, or found committed
 
     def finished(self, tp: TopicPartition, next_offset: int) -> None:
         """Record that every message of ``tp`` before ``next_offset`` is finished."""
@@ -54,6 +60,7 @@ class OffsetCommitter:
         """Partitions revoked: their offsets are committed; their lag is the new owner's to report."""
         for tp in partitions:
             self._finished.pop(tp, None)
+            self._committed.pop(tp, None)
             with contextlib.suppress(KeyError):  # KeyError: never reported by this member
                 self._metrics.lag.remove(tp.topic, str(tp.partition))
 
@@ -71,6 +78,30 @@ class OffsetCommitter:
             return False
         self._metrics.commits.labels(outcome="ok").inc()
         for tp, offset in offsets.items():
+            self._committed[tp] = offset
             if self._finished.get(tp) == offset:
                 del self._finished[tp]
         return True
+
+    async def catch_up(self) -> None:
+        """Nothing is in flight and the last fetch returned nothing: every record handed out is finished, so the
+        consumer's position is too. Commit it where it is past what was committed: it passed records that were
+        never handed out (a commit or abort marker ends a transaction's records). Cheap when there is nothing to
+        do: a position is local, and a partition's committed offset is asked once, after its assignment."""
+        try:
+            with kafka_errors():
+                for tp in self._consumer.assignment():
+                    position = await asyncio.wait_for(self._consumer.position(tp), timeout=CATCH_UP_TIMEOUT_S)
+                    if tp not in self._committed:
+                        committed = await asyncio.wait_for(self._consumer.committed(tp), timeout=CATCH_UP_TIMEOUT_S)
+                        self._committed[tp] = -1 if committed is None else committed
+                    if position > self._committed[tp]:
+                        self.finished(tp, position)
+                        highwater = self._consumer.highwater(tp)
+                        if highwater is not None:
+                            self._metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                                max(0, highwater - position))
+        except (DependencyError, TimeoutError) as exc:
+            log.debug("catch_up_skipped", error=str(exc))  # the next idle fetch tries again
+            return
+        await self.commit()

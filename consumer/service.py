@@ -19,14 +19,15 @@ was doing and exits at once with ``EXIT_STUCK``, committing nothing more, as a S
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -66,6 +67,7 @@ from consumer.store_redis import (
     connect,
     eviction_policy,
 )
+from consumer.store_redis import close as close_redis
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,14 @@ PRODUCER_LINGER_MS = 5
 CONNECTIONS_MAX_IDLE_MS = 5_000
 STARTUP_RETRY_FIRST_S = 0.5  # a broker or cluster not reachable at start is tried again after this, doubling
 STARTUP_RETRY_CAP_S = 15.0  # up to this  # dead letters and reports of one batch go out together
+# The cyclic garbage collector while the loop runs. With Python's thresholds (700, 10, 10) it took a fifth of the
+# process's CPU in the throughput benchmark (1.17 of 6.07 s for 20,000 pairs: 2,084 young, 189 middle and 17 full
+# collections, each full one walking every object the start made: imported modules, clients, models). Those are
+# frozen once the loop runs, and a young collection waits for GC_YOUNG_THRESHOLD more container objects allocated
+# than freed (0.29 s of 5.39 s in the same drain, peak RSS unchanged); cycles (a task's exception and its
+# traceback) are still collected.
+GC_YOUNG_THRESHOLD = 10_000
+GC_OLDER_THRESHOLDS = (10, 10)  # Python's: larger ones let cyclic garbage pile up (+20 MB peak RSS)
 
 
 class Service:
@@ -147,6 +157,10 @@ class Service:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`. Raises :class:`DlqLimitExceeded` to halt, and what no stage can wait out."""
+        with _collector_tuned():
+            await self._run()
+
+    async def _run(self) -> None:
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))
         sweeper = asyncio.create_task(self.sweeper.run(), name="evaljoin-sweeper")
         carry: Batch = {}
@@ -161,6 +175,8 @@ class Service:
                 batch, carry = carry or await self._fetch(fetch_backoff), {}
                 if batch:
                     self._join.submit(batch, records=_count(batch))
+                elif self._idle():
+                    await self._committer.catch_up()
             await self._finish_in_flight(self._stop_deadline)
         finally:
             await cancel_and_wait(sweeper)
@@ -267,6 +283,10 @@ class Service:
                 await asyncio.wait(in_flight, timeout=max(0.0, deadline - self._clock.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
 
+    def _idle(self) -> bool:
+        """No batch in either stage: every record fetched so far is finished."""
+        return self._join.has_room and self._deliver.has_room and not self._stopping.is_set()
+
     def _progressed(self) -> None:
         self.last_progress = self._clock.now_s()
         self.metrics.last_progress.set(self.last_progress)
@@ -355,7 +375,7 @@ class _ServiceContext:
         await _started(consumer.start, "kafka consumer")
         client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
                                                   **s.redis_client_options()))
-        stack.push_async_callback(client.aclose)
+        stack.push_async_callback(close_redis, client)  # a dead TLS connection must not fail the stop
         # An evicting Redis drops buffered sides without an error: refused (exit 2) unless REDIS_ALLOW_EVICTION.
         check_eviction(await eviction_policy(client), allow=s.redis_allow_eviction)
         metrics = Metrics(app_labels=s.app_metric_labels())
@@ -483,6 +503,19 @@ async def _connected(connect_: Callable[[], Awaitable[RedisClient]]) -> RedisCli
             delay = backoff.next()
             log.warning("startup_retry", component="redis", error=str(exc), retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
+
+
+@contextmanager
+def _collector_tuned() -> Iterator[None]:
+    """The garbage collector as the consume loop wants it (see GC_YOUNG_THRESHOLD); as it was, afterwards."""
+    before = gc.get_threshold()
+    gc.freeze()  # what the start made stays: never walked by a collection
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *GC_OLDER_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def _merge(a: Batch, b: Batch) -> Batch:

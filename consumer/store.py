@@ -14,10 +14,10 @@ in memory, with the same semantics, for unit tests. Both keep records as the cal
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, overload
 from urllib.parse import quote, unquote
 
 import orjson
@@ -67,6 +67,34 @@ class AppUsage:
     bytes: int
 
 
+_UNQUOTED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch  # what quote(..., safe="") leaves as it is
+
+
+def _quoted(text: str) -> str:
+    """``quote(text, safe="")``, without its cost for the common name that needs no quoting."""
+    return text if _UNQUOTED(text) else quote(text, safe="")
+
+
+class _computed_once:  # a decorator, like the functools.cached_property it replaces
+    """A property computed on first access and then kept in the instance: functools.cached_property without its
+    lock (Python 3.11 takes one on every first access, which cost more than the value for a namespace per record)."""
+
+    def __init__(self, func: Callable[[Any], str]) -> None:
+        self._func = func
+        self._name = func.__name__
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _computed_once: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> str: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> str | _computed_once:
+        if instance is None:
+            return self
+        value = instance.__dict__[self._name] = self._func(instance)
+        return value
+
+
 @dataclass(frozen=True)
 class Namespace:
     """One join key inside one ml_app and, when the events name one, inside one run.
@@ -79,10 +107,10 @@ class Namespace:
     join_key: str
     run: str = ""
 
-    @cached_property
+    @_computed_once
     def tag(self) -> str:  # cached: every key of a namespace starts with it, several per record
-        tag = f"{quote(self.ml_app, safe='')}:{quote(self.join_key, safe='')}"
-        return f"{tag}:{quote(self.run, safe='')}" if self.run else tag
+        tag = f"{_quoted(self.ml_app)}:{_quoted(self.join_key)}"
+        return f"{tag}:{_quoted(self.run)}" if self.run else tag
 
     @classmethod
     def from_tag(cls, tag: str) -> Namespace:

@@ -165,6 +165,21 @@ async def connect(target: str | SentinelTarget, *, cluster: bool = False, max_co
     return standalone
 
 
+async def close(client: RedisClient) -> None:
+    """Close ``client``; a connection whose server went silent is given up on, not an error.
+
+    Closing a TLS connection waits for the server's close_notify, which a half-open or blackholed
+    connection never sends: redis-py then raises ``TimeoutError`` after ``socket_connect_timeout``
+    (a plaintext close does not wait). The socket is closed anyway (asyncio aborts it at the end of
+    its TLS shutdown timeout) and every write the store made was acknowledged before, so a stop goes
+    on to close the other clients and exits 0 instead of 1.
+    """
+    try:
+        await client.aclose()
+    except (RedisError, OSError) as exc:
+        log.warning("redis_close_incomplete", error=f"{type(exc).__name__}: {exc}")
+
+
 async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
     """The address the sentinels give for the primary now, for a client made from a :class:`SentinelTarget`; else None.
 
@@ -532,7 +547,8 @@ class RedisJoinStore:
         return f"{self._prefix}:{{dl{shard}}}:lock"
 
     def _side_keys(self, ns: Namespace) -> list[str]:
-        return [self._key(ns, "s"), self._key(ns, "r"), self._key(ns, "x"), self._key(ns, "o")]
+        base = f"{self._prefix}:{{{ns.tag}}}:"  # what _key(ns, suffix) begins with, built once
+        return [base + "s", base + "r", base + "x", base + "o"]
 
     async def _index_many(self, entries: Sequence[tuple[Namespace, str, int]]) -> None:
         """Deadline-index entries (namespace, member, deadline), in one pipelined round trip."""
@@ -711,7 +727,9 @@ class RedisJoinStore:
         """put_batch.lua's ARGV keys_per_side and max_pending, and per side its KEYS and ARGV."""
         items = []
         for op in ops:
-            keys = [*self._side_keys(op.ns), self._key(op.ns, "d")]  # span, pending, expiring, replaced, ledger
+            # span, pending, expiring, replaced, ledger: _key(op.ns, suffix), its beginning built once
+            base = f"{self._prefix}:{{{op.ns.tag}}}:"
+            keys = [base + "s", base + "r", base + "x", base + "o", base + "d"]
             if with_index:
                 keys.append(self.index_key(self.shard_of(op.ns)))
             if isinstance(op, SpanOp):

@@ -337,12 +337,15 @@ class KafkaBroker(LocalService):
     :attr:`mtls_bootstrap_servers`, with ``security.oauthbearer`` a SASL_SSL/OAUTHBEARER listener at
     :attr:`oauth_bootstrap_servers` (see :class:`KafkaSecurity`).
 
-    With ``proxied_port``, the broker also has a PLAINTEXT listener named
-    PROXIED, bound on a port of its own (:attr:`proxied_listener_port`) but
+    With ``proxied_port``, the broker also has a listener named PROXIED,
+    bound on a port of its own (:attr:`proxied_listener_port`) but
     advertising ``127.0.0.1:<proxied_port>``: a fault proxy listening there and
     forwarding to :attr:`proxied_listener_port` then carries every connection
     of a client bootstrapped through it (clients connect to the address the
     broker advertises), while other clients keep using :attr:`bootstrap_servers`.
+    It is PLAINTEXT, or with ``security`` SASL_SSL like the SASL_SSL listener
+    (same certificate, for 127.0.0.1, and SCRAM users): a proxy forwarding raw
+    TCP carries the TLS session through unchanged.
     """
 
     NODE_ID = 1
@@ -585,12 +588,18 @@ class KafkaBroker(LocalService):
         return next(port for port in free_ports(5) if port not in taken)
 
     def _proxied_properties(self, props: dict[str, str], advertised_port: int) -> dict[str, str]:
-        """The PROXIED listener added to ``props``' listeners; the others stay exactly as they are."""
-        return {
+        """The PROXIED listener added to ``props``' listeners (SASL_SSL with ``security``); the rest unchanged."""
+        protocol = "PLAINTEXT" if self.security is None else "SASL_SSL"
+        added = {
             "listeners": f"{props['listeners']},PROXIED://127.0.0.1:{self.proxied_listener_port}",
             "advertised.listeners": f"{props['advertised.listeners']},PROXIED://127.0.0.1:{advertised_port}",
-            "listener.security.protocol.map": f"{props['listener.security.protocol.map']},PROXIED:PLAINTEXT",
+            "listener.security.protocol.map": f"{props['listener.security.protocol.map']},PROXIED:{protocol}",
         }
+        if self.security is not None:  # the keystore and mechanisms are the broker's, set with the SASL_SSL listener
+            jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            for mechanism in SCRAM_MECHANISMS:
+                added[f"listener.name.proxied.{mechanism.lower()}.sasl.jaas.config"] = jaas
+        return added
 
     def _certificates(self) -> Certificates:
         if self.security is None:

@@ -1036,6 +1036,9 @@ def test_prometheus_rule_alerts_are_the_monitors_on_emitted_series() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
     selector = f'namespace="{NAMESPACE}",job="{one(docs, "Service")["metadata"]["name"]}"'
     assert selector in rules["EvaljoinDependencyRefused"]["expr"]
+    out_of_memory = rules["EvaljoinRedisOutOfMemory"]
+    assert f"evaljoin_redis_out_of_memory{{{selector}}}" in out_of_memory["expr"] and out_of_memory["for"] == "5m"
+    assert "maxmemory" in out_of_memory["annotations"]["description"]
     assert "> 50000" in rules["EvaljoinLagGrowing"]["expr"] and "offset 15m" in rules["EvaljoinLagGrowing"]["expr"]
     halted = rules["EvaljoinHaltedByDlqLimit"]["expr"]
     assert "== 3" in halted and 'container="evaljoin"' in halted
@@ -1044,8 +1047,11 @@ def test_prometheus_rule_alerts_are_the_monitors_on_emitted_series() -> None:
     for pod, ours in [("evaljoin-7d9f8c6b5-x2x9z", True), ("evaljoin-0", True), ("evaljoin-b-0", False),
                       ("evaljoin-b-7d9f8c6b5-x2x9z", False)]:
         assert bool(re.fullmatch(pods.group(1), pod)) == ours, pod
-    fewer = render_scenario("monitoring-values.yaml", "--set", "prometheusRule.alerts.haltedByDlqLimit.enabled=false")
-    assert "EvaljoinHaltedByDlqLimit" not in json.dumps(one(fewer, "PrometheusRule"))
+    fewer = render_scenario("monitoring-values.yaml", "--set", "prometheusRule.alerts.haltedByDlqLimit.enabled=false",
+                            "--set", "prometheusRule.alerts.redisOutOfMemory.enabled=false")
+    (left,) = one(fewer, "PrometheusRule")["spec"]["groups"]
+    off = {"EvaljoinHaltedByDlqLimit", "EvaljoinRedisOutOfMemory"}
+    assert {rule["alert"] for rule in left["rules"]} == ALERTS - off
 
 
 def test_grafana_dashboard_configmap_is_the_repositorys_dashboard() -> None:

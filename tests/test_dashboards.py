@@ -14,8 +14,8 @@ DASHBOARDS = ROOT / "deploy" / "dashboards"
 MONITORS = ROOT / "deploy" / "monitors"
 DATADOG_METRIC = r"evaljoin\.[a-z_]+(?:\.[a-z]+)?"
 # The alerts every monitoring setup covers, by the name of the chart's PrometheusRule alert.
-ALERTS = {"EvaljoinHaltedByDlqLimit", "EvaljoinDependencyRefused", "EvaljoinNoProgress", "EvaljoinLagGrowing",
-          "EvaljoinUnmatchedRatioHigh", "EvaljoinDeadLetterRatioHigh"}
+ALERTS = {"EvaljoinHaltedByDlqLimit", "EvaljoinDependencyRefused", "EvaljoinRedisOutOfMemory", "EvaljoinNoProgress",
+          "EvaljoinLagGrowing", "EvaljoinUnmatchedRatioHigh", "EvaljoinDeadLetterRatioHigh"}
 
 
 def prometheus_series() -> set[str]:

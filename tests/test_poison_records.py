@@ -122,7 +122,7 @@ async def test_transaction_markers_and_aborted_records_never_stop_a_partition(
     finally:
         await transactional.stop()
     # The broker answers EndTxn before it writes the markers: wait for the abort marker, so that t3 follows it
-    # (a marker that is a partition's last record is another case, below under "Open" in docs/reliability.md).
+    # (a marker that is a partition's last record is another case: the next test).
     await eventually(lambda: _end_offset(kafka, topics.span), expect=4, what="the abort marker to be written")
     await producer.send_and_wait(topics.span, span("t3", 13), partition=0)
     for key in ("t1", "t3"):
@@ -133,6 +133,29 @@ async def test_transaction_markers_and_aborted_records_never_stop_a_partition(
         assert service.metrics.dead_letters.labels(reason="undecodable_batch")._value.get() == 0
     offsets: dict[Any, Any] = await _committed(kafka, settings)
     assert offsets[TopicPartition(topics.span, 0)] == 5  # t1, its commit marker, t2, its abort marker, t3
+
+
+async def test_a_transaction_marker_as_a_partitions_last_record_is_committed_past(
+        make_settings: Callable[..., Settings], topics: Topics, producer: AIOKafkaProducer, intake: FakeIntake,
+        kafka: KafkaBroker) -> None:
+    """A transaction's commit marker is the partition's last record: once nothing is in flight, the committed
+    offset moves past it, so the group's lag reaches 0 (a lag alert clears) without waiting for a next record."""
+    settings = make_settings()
+    await producer.send_and_wait(topics.result, result("m1"), partition=0)
+    transactional = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers,
+                                     transactional_id=f"marker-{uuid.uuid4().hex[:8]}")
+    await transactional.start()
+    try:
+        async with transactional.transaction():
+            await transactional.send_and_wait(topics.span, span("m1", 21), partition=0)
+    finally:
+        await transactional.stop()
+    await eventually(lambda: _end_offset(kafka, topics.span), expect=2, what="the commit marker to be written")
+    async with running_service(settings):
+        await eventually(lambda: delivered(intake) >= {"21"}, what="the pair before the marker")
+        await eventually(lambda: lag(kafka, settings), expect=0, what="the offsets to move past the last marker")
+    offsets: dict[Any, Any] = await _committed(kafka, settings)
+    assert offsets[TopicPartition(topics.span, 0)] == 2  # m1 and its commit marker
 
 
 async def _end_offset(kafka: KafkaBroker, topic: str) -> int:

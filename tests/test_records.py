@@ -59,3 +59,21 @@ def test_plain_json_records_written_before_the_compact_format_still_read() -> No
     assert records.decode(orjson.dumps(RESULT), NS) == RESULT
     legacy_span = b"a38fd547923a736994e3bf911a61dbe2:3434761080576430277\n" + orjson.dumps(SPAN)
     assert records.decode_span(legacy_span, NS) == SPAN
+
+
+# RESULT and SPAN as encode() stored them before it deflated with less memory (zlib memLevel 8, level 6).
+WRITTEN_BY_MEMLEVEL_8 = (
+    "0143f1163059e91a5a15ea029d8cdb83a405b1a5a10e29a10c4aa3c50a2001a054516a4a265053315032052c565c925a500c94"
+    "51c82f4a492d82580ecff7d0c45bad549458ae6495579a93530b4a2a24242333634b030303332036ac8dd5c195e5c081843b13"
+    "5924e966e6150373747209c80e92a3de1011f7969638dd6808246a75b0a435647900",
+    "01ab26148d867a267a46a040c7884e33634b030830d421c76a43842f0d8d8c4d4c31bd0ab501245b5b0b00",
+)
+
+
+def test_records_deflated_with_more_memory_still_read() -> None:
+    """The memory level is the compressor's own: records already in Redis read as before, and no larger."""
+    result, span = (bytes.fromhex(hexed) for hexed in WRITTEN_BY_MEMLEVEL_8)
+    assert records.decode(result, NS) == RESULT
+    identity = records.span_identity(SPAN["trace_id"], SPAN["span_id"]).encode()
+    assert records.decode_span(identity + b"\n" + span, NS) == SPAN
+    assert len(records.encode(RESULT)) <= len(result) + 2 and len(records.encode_span(SPAN)) <= len(span) + 2

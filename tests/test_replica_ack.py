@@ -3,24 +3,28 @@
 The join store's contract holds with replica acknowledgement on; a write returns only once a replica
 has it; a replica that stops acknowledging makes every buffered write and ledger record fail as
 retryable (also when the same batch is done again and changes nothing, which WAIT alone would pass),
-and the store goes on once the replica is back.
+and the store goes on once the replica is back. ``check`` compares the setting with the replicas each
+primary has connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
 import redis
 
-from consumer.config import Settings
+from consumer.cli import cmd_check
+from consumer.config import DEFAULT_REDIS_URL, Settings
 from consumer.errors import Unavailable
+from consumer.ops.check import Finding, run_checks
 from consumer.store import Namespace, ResultOp, Settle, SpanOp
 from consumer.store_redis import RedisClient, RedisJoinStore, ReplicaAck, connect
-from localenv.redis import RedisCluster, RedisSentinelSet
+from localenv.redis import RedisCluster, RedisSentinelSet, RedisServer
+from tests.support import eventually
 from tests.test_join_store import (  # noqa: F401 - collected by pytest, with this module's ``store``
     Store,
     test_a_batch_larger_than_one_call_keeps_each_keys_order,
@@ -160,3 +164,75 @@ async def test_without_acknowledgement_a_write_passes_while_the_replica_is_stopp
     async with replica_paused(request, store):
         (put,) = await asyncio.wait_for(store.put_many([SpanOp(NS, "t:1", b"SPAN", 10_000)]), 2)
         assert put.status == "stored"
+
+
+async def replica_findings(settings: Settings) -> list[Finding]:
+    """What ``check`` says about REDIS_WAIT_REPLICAS and the replicas."""
+    return [f for f in await run_checks(settings) if "REDIS_WAIT_REPLICAS" in f.message]
+
+
+def cluster_primaries(cluster: RedisCluster) -> list[int]:
+    return [port for port in cluster.ports if cluster.replicas_of(port)]
+
+
+@pytest.mark.parametrize("setup", ["sentinel", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def test_check_compares_wait_replicas_with_each_primarys_replicas(
+        setup: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One replica per primary: `check` passes REDIS_WAIT_REPLICAS=1, fails 2 (writes would stop), warns at 0."""
+    if setup == "sentinel":
+        sentinels: RedisSentinelSet = request.getfixturevalue("sentinels")
+        await asyncio.to_thread(sentinels.wait_for_replicas, 1)
+        where = {**sentinel_settings(sentinels), "redis_url": DEFAULT_REDIS_URL}
+        counts = ["the primary has 1"]
+    else:
+        cluster: RedisCluster = request.getfixturevalue("replicated_cluster")
+        where = {"redis_url": cluster.url, "redis_cluster": True}
+        counts = [f"primary 127.0.0.1:{port} has 1" for port in cluster_primaries(cluster)]
+        assert len(counts) == 3
+    (enough,) = await replica_findings(make_settings(**where, redis_wait_replicas=1))
+    assert enough.ok and not enough.warning and all(count in enough.message for count in counts), enough
+
+    assert await cmd_check(make_settings(**where, redis_wait_replicas=2)) == 1
+    out = capsys.readouterr().out
+    assert "FAIL redis   REDIS_WAIT_REPLICAS=2, more replicas than are connected" in out
+    assert all(count in out for count in counts) and "writes stop" in out
+
+    assert await cmd_check(make_settings(**where, redis_wait_replicas=0)) == 0
+    out = capsys.readouterr().out
+    assert "warn redis   REDIS_WAIT_REPLICAS=0 while replicas are connected" in out and "Delivery guarantees" in out
+
+
+async def test_check_on_a_redis_without_replicas(redis_server: RedisServer,
+                                                 make_settings: Callable[..., Settings]) -> None:
+    """A lone Redis: REDIS_WAIT_REPLICAS=0 passes without a warning, 1 fails (no write would be acknowledged)."""
+    (alone,) = await replica_findings(make_settings(redis_url=redis_server.url))
+    assert alone.ok and not alone.warning and "no replicas connected (the primary has 0)" in alone.message
+    (waits,) = await replica_findings(make_settings(redis_url=redis_server.url, redis_wait_replicas=1))
+    assert not waits.ok and "the primary has 0" in waits.message
+
+
+@pytest.mark.cluster
+async def test_check_names_the_cluster_primary_whose_replica_is_gone(
+        replicated_cluster: RedisCluster, make_settings: Callable[..., Settings]) -> None:
+    """One primary's replica disconnected (stopped, its link cut): REDIS_WAIT_REPLICAS=1 fails naming that primary."""
+    cluster = replicated_cluster
+    key = "check-replicas"
+    primary = cluster.primary_of(key)
+    (replica,) = cluster.replicas_of(primary)
+    admin = redis.Redis(host="127.0.0.1", port=primary, socket_timeout=2)
+    cluster.pause_node(replica)
+    try:
+        admin.client_kill_filter(_type="replica")  # the stopped replica cannot connect again
+
+        def connected() -> int:
+            return int(admin.info("replication")["connected_slaves"])
+
+        await eventually(connected, expect=0, what="the primary without its replica")
+        (finding,) = await replica_findings(make_settings(redis_url=cluster.url, redis_cluster=True,
+                                                          redis_wait_replicas=1))
+    finally:
+        cluster.resume_node(replica)
+        admin.close()
+    await asyncio.to_thread(cluster.wait_for_replicas, key, 1)
+    assert not finding.ok and f"(primary 127.0.0.1:{primary} has 0)" in finding.message, finding

@@ -7,12 +7,14 @@ changed anywhere (no topic is created, nothing is sent to the intake).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from redis import exceptions as redis_exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from consumer.config import Settings
 from consumer.errors import kafka_errors_logged
@@ -26,6 +28,7 @@ from consumer.store_redis import (
     eviction_policy,
     sentinel_primary,
 )
+from consumer.store_redis import close as close_redis
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,10 @@ async def _redis(settings: Settings) -> list[Finding]:
             findings.append(Finding("redis", True, f"appendfsync is {fsync!r}, not 'always': a crash can lose "
                                     "up to about a second of buffered sides", warning=True))
         findings.append(_eviction_finding(await eviction_policy(client), allow=settings.redis_allow_eviction))
+        findings.append(replica_ack_finding(settings.redis_wait_replicas, await connected_replicas(client)))
         return findings
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 def _eviction_finding(policy: EvictionPolicy, *, allow: bool) -> Finding:
@@ -120,6 +124,38 @@ def _eviction_finding(policy: EvictionPolicy, *, allow: bool) -> Finding:
     if allow:
         return Finding("redis", True, f"{why}; allowed by REDIS_ALLOW_EVICTION=true", warning=True)
     return Finding("redis", False, f"{why}; the service refuses to start: {EVICTION_HINT}")
+
+
+async def connected_replicas(client: RedisClient) -> dict[str, int]:
+    """The replicas connected to each primary (``INFO replication``: ``connected_slaves``), by primary: the one
+    a URL or the sentinels lead to, or every primary of a cluster."""
+    if isinstance(client, RedisCluster):
+        return {f"primary {node.name}": int((await client.info("replication", target_nodes=node))["connected_slaves"])
+                for node in client.get_primaries()}
+    return {"the primary": int((await client.info("replication"))["connected_slaves"])}
+
+
+def replica_ack_finding(wait_replicas: int, replicas: Mapping[str, int]) -> Finding:
+    """REDIS_WAIT_REPLICAS against each primary's connected replicas.
+
+    More than a primary has fails: no write to it is ever acknowledged, so every batch is tried again and
+    nothing is committed. 0 while a primary has replicas warns: a failover can lose what the old primary
+    acknowledged and had not replicated yet.
+    """
+    counts = ", ".join(f"{name} has {count}" for name, count in sorted(replicas.items()))
+    short = ", ".join(f"{name} has {count}" for name, count in sorted(replicas.items()) if count < wait_replicas)
+    if short:
+        return Finding("redis", False, f"REDIS_WAIT_REPLICAS={wait_replicas}, more replicas than are connected "
+                       f"({short}): writes stop, every batch waits REDIS_WAIT_TIMEOUT_MS for acknowledgements that "
+                       "do not come and is tried again, nothing is committed; lower REDIS_WAIT_REPLICAS or bring "
+                       "the replicas back")
+    if wait_replicas == 0 and any(replicas.values()):
+        return Finding("redis", True, f"REDIS_WAIT_REPLICAS=0 while replicas are connected ({counts}): a failover "
+                       "loses the writes the old primary acknowledged and had not replicated yet (see Delivery "
+                       "guarantees); set REDIS_WAIT_REPLICAS=1 to keep them", warning=True)
+    if wait_replicas == 0:
+        return Finding("redis", True, f"REDIS_WAIT_REPLICAS=0, no replicas connected ({counts})")
+    return Finding("redis", True, f"REDIS_WAIT_REPLICAS={wait_replicas}, connected replicas: {counts}")
 
 
 async def _sentinel_primary(client: RedisClient, target: SentinelTarget) -> list[Finding]:

@@ -17,6 +17,13 @@ Each fault gets its own wave of pairs, published while the fault is on, with a f
 not JSON among them (so dead-lettering, a produce to Kafka, also meets the faults); its recovery
 time is from the end of the fault to every evaluation of its wave accepted by the intake.
 
+Scenario l runs the same schedule on secured links: the Kafka link over SASL_SSL (SCRAM-SHA-512, the
+proxied listener is the broker's SASL_SSL one, advertised at the proxy; the proxy forwards raw TCP,
+so TLS runs end to end through it and the certificate's 127.0.0.1 matches the advertised address),
+and the Redis link over TLS only (``rediss://``, no plaintext port) as an ACL user holding only the
+README's rules, the default user password-protected. Every reconnect is then a TLS handshake (and
+on Kafka a SASL exchange), which the faults meet too.
+
 On the Kafka link, half-open connections are noticed only by the client's request timeout
 (``KAFKA_REQUEST_TIMEOUT_MS``, 10 s) on busy connections, and idle ones are closed before they are used
 again (``consumer.service.CONNECTIONS_MAX_IDLE_MS``); the phase's recovery time is that bound.
@@ -28,6 +35,7 @@ import asyncio
 import contextlib
 import os
 import random
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -43,10 +51,10 @@ from aiokafka import AIOKafkaProducer
 from consumer.config import Settings
 from consumer.store_redis import connect
 from localenv.intake import FakeIntake
-from localenv.kafka import KafkaBroker, acreate_topics
+from localenv.kafka import KafkaBroker, KafkaSecurity, acreate_topics
 from localenv.netfault import NetFault
 from localenv.ports import free_port
-from localenv.redis import RedisServer
+from localenv.redis import RedisServer, RedisUser, service_acl_rules
 from tests.reliability.harness import (
     EvalKey,
     Message,
@@ -84,11 +92,22 @@ BLACKHOLE_S = {"intake": 2.5 * INTAKE_TIMEOUT_S, "redis": 8.0, "kafka": 15.0}
 class Link:
     """The link under test: the proxy on it, the consumer's settings through it, and the direct way in."""
 
-    name: str
+    name: str  # kafka, redis or intake
     proxy: NetFault
     settings: Settings
     bootstrap: str  # direct (not proxied) bootstrap address, for the test's own producer and checks
     producer: AIOKafkaProducer
+    secured: bool = False  # SASL_SSL Kafka or TLS Redis with an ACL user (scenario l), not plaintext (g)
+
+    @property
+    def row(self) -> str:
+        """The row of the results table."""
+        if not self.secured:
+            return f"g. network faults, consumer<->{self.name}"
+        return f"l. network faults, consumer<->{self.name} ({SECURED_AS[self.name]})"
+
+
+SECURED_AS = {"kafka": "SASL_SSL, SCRAM-SHA-512", "redis": "TLS, ACL user"}
 
 
 Fault = Callable[[Link, random.Random], Awaitable[str]]  # runs the fault, returns a description once it ended
@@ -189,14 +208,23 @@ async def _quiet(intake: FakeIntake, service: ServiceProcess, seconds: float) ->
 
 
 @contextlib.asynccontextmanager
-async def _link(name: str, *, make_settings: Callable[..., Settings], kafka: KafkaBroker, producer: AIOKafkaProducer,
-                redis_server: RedisServer, intake: FakeIntake, tmp_path: Path) -> AsyncIterator[Link]:
-    """The proxy on link ``name`` and the consumer's settings that route that link through it."""
+async def _link(name: str, secured: bool, *, make_settings: Callable[..., Settings], kafka: KafkaBroker,
+                producer: AIOKafkaProducer, redis_server: RedisServer, intake: FakeIntake,
+                tmp_path: Path) -> AsyncIterator[Link]:
+    """The proxy on link ``name`` and the consumer's settings that route that link through it (``secured``: TLS)."""
     common = {"kafka_max_batch": 32, "intake_batch_max_evals": 8, "intake_timeout_seconds": INTAKE_TIMEOUT_S,
               "claim_lease_seconds": 5.0}
     if name == "kafka":
-        async with _proxied_kafka(make_settings, tmp_path, common) as link:
+        async with _proxied_kafka(make_settings, tmp_path, common, secured) as link:
             yield link
+    elif name == "redis" and secured:
+        with _secured_redis(make_settings().redis_key_prefix, tmp_path) as server, \
+                NetFault("127.0.0.1", server.port) as proxy:
+            user = server.users[0]
+            settings = make_settings(redis_url=f"rediss://{proxy.address}/0", redis_cluster=False,
+                                     redis_username=user.name, redis_password=user.password,
+                                     redis_ssl_cafile=str(server.ca_file), **common)
+            yield Link(name, proxy, settings, kafka.bootstrap_servers, producer, secured=True)
     elif name == "redis":
         with NetFault("127.0.0.1", redis_server.port) as proxy:
             settings = make_settings(redis_url=f"redis://{proxy.address}/0", redis_cluster=False, **common)
@@ -207,12 +235,24 @@ async def _link(name: str, *, make_settings: Callable[..., Settings], kafka: Kaf
             yield Link(name, proxy, settings, kafka.bootstrap_servers, producer)
 
 
+def _secured_redis(prefix: str, tmp_path: Path) -> RedisServer:
+    """A TLS-only redis-server whose service user has only the README's ACL; the default user has a password."""
+    user = RedisUser("evaljoin", "redis-pw-" + secrets.token_urlsafe(18), service_acl_rules(prefix))
+    return RedisServer(tls=True, users=[user], data_dir=tmp_path / "redis")
+
+
 @contextlib.asynccontextmanager
-async def _proxied_kafka(make_settings: Callable[..., Settings], tmp_path: Path,
-                         common: dict[str, float]) -> AsyncIterator[Link]:
-    """A broker of its own whose PROXIED listener is advertised at the proxy: every consumer connection crosses it."""
+async def _proxied_kafka(make_settings: Callable[..., Settings], tmp_path: Path, common: dict[str, float],
+                         secured: bool) -> AsyncIterator[Link]:
+    """A broker of its own whose PROXIED listener is advertised at the proxy: every consumer connection crosses it.
+
+    ``secured``: that listener is SASL_SSL (SCRAM), and the consumer authenticates with SCRAM-SHA-512 over TLS.
+    """
     proxy_port = free_port()
-    broker = KafkaBroker(data_dir=tmp_path / "kafka", startup_timeout=120, proxied_port=proxy_port)
+    security = KafkaSecurity(username="evaljoin-svc", password="kafka-pw-" + secrets.token_urlsafe(18)) \
+        if secured else None
+    broker = KafkaBroker(data_dir=tmp_path / "kafka", startup_timeout=120, proxied_port=proxy_port,
+                         security=security)
     await asyncio.to_thread(broker.start)
     producer: AIOKafkaProducer | None = None
     try:
@@ -222,10 +262,14 @@ async def _proxied_kafka(make_settings: Callable[..., Settings], tmp_path: Path,
                      "unmatched_topic": f"{run}.unmatched"}
             await acreate_topics(broker.bootstrap_servers, {names["span_topic"]: 4, names["result_topic"]: 4,
                                                             names["dlq_topic"]: 1, names["unmatched_topic"]: 1})
-            settings = make_settings(kafka_bootstrap_servers=proxy.address, **names, **common)
+            auth: dict[str, str] = {} if security is None else {
+                "kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "SCRAM-SHA-512",
+                "kafka_sasl_username": security.username, "kafka_sasl_password": security.password,
+                "kafka_ssl_cafile": str(broker.ca_file)}
+            settings = make_settings(kafka_bootstrap_servers=proxy.address, **names, **auth, **common)
             producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
             await producer.start()
-            yield Link("kafka", proxy, settings, broker.bootstrap_servers, producer)
+            yield Link("kafka", proxy, settings, broker.bootstrap_servers, producer, secured=secured)
     finally:
         if producer is not None:
             await producer.stop()
@@ -246,24 +290,32 @@ def _check_dead_letters(dlq: Sequence[Any], bad_ids: list[str]) -> None:
     assert {header(r, "evaljoin.error") for r in dlq} == {b"invalid_json"}
 
 
-@pytest.mark.parametrize("name", ["kafka", "redis", "intake"])
+@pytest.mark.parametrize(("name", "secured"), [
+    pytest.param("kafka", False, id="kafka"), pytest.param("redis", False, id="redis"),
+    pytest.param("intake", False, id="intake"),
+    # scenario l: the same schedule on secured links
+    pytest.param("kafka", True, id="secured-kafka"), pytest.param("redis", True, id="secured-redis"),
+])
 @pytest.mark.timeout(timeout_for(420))
-async def test_network_faults(name: str, make_settings: Callable[..., Settings], kafka: KafkaBroker,
+async def test_network_faults(name: str, secured: bool, make_settings: Callable[..., Settings], kafka: KafkaBroker,
                               producer: AIOKafkaProducer, redis_server: RedisServer, topics: Topics,
                               intake: FakeIntake, tmp_path: Path) -> None:
-    """Cuts, latency, refusals, a blackhole past the timeouts and half-open connections on one link lose nothing."""
+    """Cuts, latency, refusals, a blackhole past the timeouts and half-open connections on one link lose nothing.
+
+    ``secured``: the link is SASL_SSL Kafka or TLS Redis as an ACL user (scenario l), else plaintext (g).
+    """
     seed = int(os.environ.get("RELIABILITY_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     phases = PHASES
-    pairs = make_pairs(scaled(160), run=f"net-{name}", labels=LABELS)
+    pairs = make_pairs(scaled(160), run=f"net-{'secured-' if secured else ''}{name}", labels=LABELS)
     waves = {phase: pairs[i::len(phases)] for i, phase in enumerate(phases)}
     everything = {key for pair in pairs for key in pair.eval_keys}
     intake.delay(0.03)  # requests take a moment, so that a cut can land in the middle of one
     recovered: dict[str, float] = {}
     faults: dict[str, str] = {}
     bad_ids: list[str] = []
-    async with _link(name, make_settings=make_settings, kafka=kafka, producer=producer, redis_server=redis_server,
-                     intake=intake, tmp_path=tmp_path) as link:
+    async with _link(name, secured, make_settings=make_settings, kafka=kafka, producer=producer,
+                     redis_server=redis_server, intake=intake, tmp_path=tmp_path) as link:
         service = ServiceProcess(link.settings, tmp_path / "service.log")
         try:
             service.start()
@@ -281,7 +333,7 @@ async def test_network_faults(name: str, make_settings: Callable[..., Settings],
             service.kill_if_running()
         dlq = await drain_topic(link.bootstrap, link.settings.dlq_topic)
         unmatched = await drain_topic(link.bootstrap, link.settings.unmatched_topic)
-    outcome = account(f"g. network faults, consumer<->{name}", expected=everything, intake=intake, dlq=dlq,
+    outcome = account(link.row, expected=everything, intake=intake, dlq=dlq,
                       unmatched=unmatched, recover_s=max(recovered.values()), seed=seed,
                       faults=faults, recovered_s={phase: round(s, 1) for phase, s in recovered.items()},
                       duplicates_by_phase=_duplicates_by_phase(intake, waves), not_json=len(bad_ids),
@@ -315,3 +367,32 @@ async def test_the_consumers_redis_client_gives_up_on_a_half_open_connection(red
             assert time.monotonic() - started < 15
         finally:
             await client.aclose()
+
+
+@pytest.mark.timeout(timeout_for(120))
+async def test_the_service_stops_cleanly_while_its_tls_redis_connections_are_dead(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """SIGTERM while every Redis connection is half-open: exit 0, not 1.
+
+    Closing a TLS connection waits for the server's close_notify, which a dead connection never
+    sends; redis-py then raises ``TimeoutError`` from ``aclose()`` (a plaintext close does not wait),
+    and the service used to exit 1 with ``command_failed``. The sweeper waits a minute between sweeps,
+    so that the connections stay idle in the pool (a command in flight on one is cancelled by the stop,
+    and redis-py drops such a connection without waiting).
+    """
+    with _secured_redis(make_settings().redis_key_prefix, tmp_path) as server, \
+            NetFault("127.0.0.1", server.port) as proxy:
+        user = server.users[0]
+        settings = make_settings(redis_url=f"rediss://{proxy.address}/0", redis_cluster=False,
+                                 redis_username=user.name, redis_password=user.password,
+                                 redis_ssl_cafile=str(server.ca_file), sweep_interval_seconds=60.0)
+        service = ServiceProcess(settings, tmp_path / "service.log")
+        try:
+            service.start()
+            await wait_for(lambda: service.log_events("partitions_assigned"), expect=1, within=timeout_for(60),
+                           what="the service to start", alive=[service])
+            assert proxy.half_open() > 0, "the service holds no Redis connection"
+            assert await service.terminate() == 0, service.tail()
+        finally:
+            service.kill_if_running()
+    assert service.log_events("command_failed") == 0
