@@ -201,14 +201,21 @@ class Service:
     async def _fetch(self, backoff: Backoff) -> Batch:
         """One ``getmany``; a broker that refuses this consumer (ACLs) makes it unready, not crash or spin."""
         fetch = asyncio.ensure_future(self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=self._max_batch))
+        stop_waiter = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
                 # A delivery that ends while the fetch waits is committed now, not when the fetch returns.
                 delivering = self._deliver.in_flight
-                await asyncio.wait({fetch} if delivering is None else {fetch, delivering},
+                await asyncio.wait({fetch, stop_waiter} if delivering is None else {fetch, stop_waiter, delivering},
                                    return_when=asyncio.FIRST_COMPLETED)
                 if fetch.done():
                     break
+                if stop_waiter.done():
+                    # getmany's timeout does not bound it while the group rebalances (aiokafka waits for the new
+                    # assignment first), which lasts as long as the coordinator is unreachable: a stop must not
+                    # wait for it. Nothing fetched is lost: a getmany cancelled mid-wait has handed out nothing.
+                    await cancel_and_wait(fetch)
+                    return {}
                 await self._advance()
             with kafka_errors():
                 batch: Batch = fetch.result()
@@ -224,6 +231,7 @@ class Service:
             stop_waiter.cancel()
             return {}
         finally:
+            stop_waiter.cancel()
             if not fetch.done():  # only when _advance raised (a halt): the loop is ending
                 fetch.cancel()
         self.refusals.cleared("fetch")
