@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from aiokafka import TopicPartition
 
+from consumer.clock import SYSTEM_CLOCK, Clock
 from consumer.errors import DependencyError, kafka_errors
 from consumer.join import Batch
 from consumer.metrics import Metrics
@@ -31,10 +32,13 @@ CATCH_UP_TIMEOUT_S = 2.0  # catching up is optional: an idle loop must not wait 
 
 
 class OffsetCommitter:
-    def __init__(self, consumer: Any, metrics: Metrics, *, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
+    def __init__(self, consumer: Any, metrics: Metrics, *, timeout_s: float = COMMIT_TIMEOUT_S,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._consumer = consumer
         self._timeout_s = timeout_s
         self._metrics = metrics
+        self._clock = clock
+        self._commit_by: float | None = None  # on a stop: every commit ends by then (monotonic)
         self._finished: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}  # what this member committed, or found committed
 
@@ -64,14 +68,27 @@ class OffsetCommitter:
             with contextlib.suppress(KeyError):  # KeyError: never reported by this member
                 self._metrics.lag.remove(tp.topic, str(tp.partition))
 
+    def end_commits_by(self, deadline: float) -> None:
+        """A stop: the commits left (each batch that finishes, the last one) share what is left until ``deadline``
+        (monotonic) instead of ``timeout_s`` each, so that a coordinator that does not answer cannot hold the stop
+        past its exit deadline. What is not committed by then is consumed again by the next owner, and finds its
+        evaluations in the ledger."""
+        self._commit_by = deadline
+
     async def commit(self) -> bool:
-        """Commit what is finished; returns False (and keeps it) if the broker refused."""
+        """Commit what is finished; returns False (and keeps it) if the broker refused or did not answer in time."""
         if not self._finished:
             return True
         offsets = dict(self._finished)
+        timeout_s = self._timeout_s
+        if self._commit_by is not None:
+            timeout_s = min(timeout_s, self._commit_by - self._clock.monotonic())
+            if timeout_s <= 0:
+                log.warning("commit_skipped_at_stop", partitions=len(offsets))
+                return False
         try:
             with self._metrics.commit_seconds.time(), kafka_errors():
-                await asyncio.wait_for(self._consumer.commit(offsets), timeout=self._timeout_s)
+                await asyncio.wait_for(self._consumer.commit(offsets), timeout=timeout_s)
         except DependencyError as exc:
             log.warning("commit_failed", error=str(exc), retriable=exc.retriable, partitions=len(offsets))
             self._metrics.commits.labels(outcome="failed").inc()

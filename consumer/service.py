@@ -73,8 +73,12 @@ log = structlog.get_logger(__name__)
 
 FETCH_TIMEOUT_MS = 500  # how long one getmany waits for records when nothing is in flight
 HOLD_CHECK_S = 1.0  # while a stage is full, how often the loop polls (keeping its group membership)
-CONSUMER_STOP_TIMEOUT_S = 10.0  # leaving the group may wait on a rebalance; offsets are committed by then
-PRODUCER_STOP_TIMEOUT_S = 10.0  # every dead letter and report was acknowledged before its offset was recorded
+# The close after SHUTDOWN_TIMEOUT_SECONDS, step by step, stays within STOP_DEADLINE_MARGIN_S even when Kafka does
+# not answer at all: the commits left share STOP_COMMIT_S, then the consumer and the producer stop, then Redis and
+# the intake's client close (a dead TLS connection's close: up to its 5 s socket timeout).
+STOP_COMMIT_S = 5.0
+CONSUMER_STOP_TIMEOUT_S = 7.0  # leaving the group may wait on a rebalance; offsets are committed by then
+PRODUCER_STOP_TIMEOUT_S = 6.0  # every dead letter and report was acknowledged before its offset was recorded
 # A stop that has not closed the process this long after SHUTDOWN_TIMEOUT_SECONDS is stuck (below the Helm chart's
 # shutdownMarginSeconds, 30 s by default, so that the log says what was stuck before the kubelet's SIGKILL).
 STOP_DEADLINE_MARGIN_S = 25.0
@@ -128,7 +132,7 @@ class Service:
         self._deliver: Stage[JoinedBatch, Batch] = Stage("delivery", deliverer.deliver_batch, metrics=metrics,
                                                          refusals=self.refusals, stopping=stopping.is_set,
                                                          clock=clock)
-        self._committer = OffsetCommitter(consumer, metrics)
+        self._committer = OffsetCommitter(consumer, metrics, clock=clock)
         self.sweeper = Sweeper(deadlines, producer, topic=settings.unmatched_topic,
                                interval_s=settings.sweep_interval_seconds, batch=settings.sweep_batch,
                                retry_later_ms=int(settings.claim_lease_seconds * 1000), metrics=metrics,
@@ -148,6 +152,7 @@ class Service:
         """Ask the loop to finish the batches in flight, commit and return."""
         if not self._stopping.is_set():
             self._stop_deadline = self._clock.monotonic() + self._shutdown_timeout
+            self._committer.end_commits_by(self._stop_deadline + STOP_COMMIT_S)
             self.stop_guard.arm()
             log.info("stop_requested", shutdown_timeout_s=self._shutdown_timeout,
                      exit_deadline_s=self.stop_guard.within_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aiokafka import TopicPartition
@@ -106,3 +107,21 @@ async def test_forgotten_partitions_are_not_committed() -> None:
     commits.forget({SPANS})
     assert await commits.commit() is True
     assert consumer.commits == [{RESULTS: 7}]
+
+
+async def test_on_a_stop_the_commits_left_share_one_budget() -> None:
+    """After end_commits_by, commits that hang (a coordinator that does not answer) end by that deadline together,
+    not after timeout_s each: the stop's close must fit within its exit deadline. Past it, nothing is sent."""
+    consumer = FakeConsumer()
+    consumer.hold = asyncio.Event()
+    commits = committer(consumer, timeout_s=30.0)
+    commits.finished(SPANS, 5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    commits.end_commits_by(time.monotonic() + 0.3)
+    assert await commits.commit() is False
+    assert await commits.commit() is False
+    assert loop.time() - started < 2.0  # before: 30 s per commit
+    consumer.hold = None
+    assert await commits.commit() is False  # the budget is spent: offsets are left for the next owner
+    assert consumer.commits == []
