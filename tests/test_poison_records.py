@@ -7,8 +7,9 @@ dead-lettered with its reason and its bytes, and the group's offsets move past i
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -110,17 +111,12 @@ async def test_transaction_markers_and_aborted_records_never_stop_a_partition(
     """Control records (commit and abort markers) between good records: the good ones are delivered and the
     committed offset moves past the markers."""
     settings = make_settings()
-    transactional = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers,
-                                     transactional_id=f"poison-{uuid.uuid4().hex[:8]}")
-    await transactional.start()
-    try:
+    async with _transactional(kafka) as transactional:
         async with transactional.transaction():
             await transactional.send_and_wait(topics.span, span("t1", 11), partition=0)
         await transactional.begin_transaction()
         await transactional.send_and_wait(topics.span, span("t2", 12), partition=0)
         await transactional.abort_transaction()
-    finally:
-        await transactional.stop()
     # The broker answers EndTxn before it writes the markers: wait for the abort marker, so that t3 follows it
     # (a marker that is a partition's last record is another case: the next test).
     await eventually(lambda: _end_offset(kafka, topics.span), expect=4, what="the abort marker to be written")
@@ -142,20 +138,26 @@ async def test_a_transaction_marker_as_a_partitions_last_record_is_committed_pas
     offset moves past it, so the group's lag reaches 0 (a lag alert clears) without waiting for a next record."""
     settings = make_settings()
     await producer.send_and_wait(topics.result, result("m1"), partition=0)
-    transactional = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers,
-                                     transactional_id=f"marker-{uuid.uuid4().hex[:8]}")
-    await transactional.start()
-    try:
-        async with transactional.transaction():
-            await transactional.send_and_wait(topics.span, span("m1", 21), partition=0)
-    finally:
-        await transactional.stop()
+    async with _transactional(kafka) as transactional, transactional.transaction():
+        await transactional.send_and_wait(topics.span, span("m1", 21), partition=0)
     await eventually(lambda: _end_offset(kafka, topics.span), expect=2, what="the commit marker to be written")
     async with running_service(settings):
         await eventually(lambda: delivered(intake) >= {"21"}, what="the pair before the marker")
         await eventually(lambda: lag(kafka, settings), expect=0, what="the offsets to move past the last marker")
     offsets: dict[Any, Any] = await _committed(kafka, settings)
     assert offsets[TopicPartition(topics.span, 0)] == 2  # m1 and its commit marker
+
+
+@contextlib.asynccontextmanager
+async def _transactional(kafka: KafkaBroker) -> AsyncIterator[AIOKafkaProducer]:
+    """A transactional producer of its own, stopped on leaving."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers,
+                                transactional_id=f"poison-{uuid.uuid4().hex[:8]}")
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
 
 
 async def _end_offset(kafka: KafkaBroker, topic: str) -> int:
