@@ -10,7 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -760,17 +760,18 @@ class RedisSentinelSet(LocalService):
         self._links = []
         return port
 
-    def delay_replication(self, seconds: float) -> None:
+    def delay_replication(self, seconds: float, *, ports: Collection[int] | None = None) -> None:
         """Route each replica's link to the primary through a fault proxy that delays what the primary sends.
 
-        The replicas then lag the primary by ``seconds``, as behind a slow network or while busy: what the
-        primary acknowledged in that time is not on any replica yet. Sentinels correct a replica whose
-        primary address differs from theirs only after the failover timeout, so give ``failover_timeout_ms``
-        longer than the test. Returns once every replica is in sync through its proxy.
+        The replicas (or only those on ``ports``) then lag the primary by ``seconds``, as behind a slow network
+        or while busy: what the primary acknowledged in that time is not on those replicas yet. Sentinels
+        correct a replica whose primary address differs from theirs only after the failover timeout, so give
+        ``failover_timeout_ms`` longer than the test. Returns once every delayed replica is in sync through
+        its proxy.
         """
         primary = self.primary_port
         for node in self._nodes:
-            if node.port == primary or not _alive(node):
+            if node.port == primary or not _alive(node) or (ports is not None and node.port not in ports):
                 continue
             link = NetFault("127.0.0.1", primary)
             link.start()
@@ -807,6 +808,39 @@ class RedisSentinelSet(LocalService):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"the primary has {len(online)} replicas in sync after {timeout:.0f}s, not {count}")
             time.sleep(0.1)
+
+    def replica_ports(self) -> list[int]:
+        """The live data nodes other than the primary the sentinels name now."""
+        primary = self.primary_port
+        return [node.port for node in self._nodes if node.port != primary and _alive(node)]
+
+    def prefer_replica(self, port: int, *, timeout: float = 30.0) -> None:
+        """Make the replica on ``port`` the one a failover promotes (``replica-priority`` 1, the others 100).
+
+        Sentinels rank replicas by priority before their replication offset, so the next failover promotes
+        this one whatever it holds. Returns once every live sentinel has seen the priorities (they read them
+        from each replica's INFO, every 10 s at most).
+        """
+        wanted = {other: (1 if other == port else 100) for other in self.replica_ports()}
+        if port not in wanted:
+            raise ValueError(f"port {port} is not a live replica (replicas: {sorted(wanted)})")
+        for other, priority in wanted.items():
+            client = self._client(other, self.password)
+            try:
+                client.config_set("replica-priority", priority)
+            finally:
+                client.close()
+
+        def seen(sentinel_port: int) -> bool:
+            state = self._ask_sentinel(sentinel_port, lambda client: client.sentinel_slaves(self.master_name)) or []
+            known = {int(replica["port"]): int(replica.get("slave-priority", -1)) for replica in state}
+            return all(known.get(other) == priority for other, priority in wanted.items())
+
+        deadline = time.monotonic() + timeout
+        while not all(seen(sentinel.port) for sentinel in self._sentinels if _alive(sentinel)):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"sentinels did not see replica priorities {wanted} within {timeout:.0f}s")
+            time.sleep(0.2)
 
     def pause_node(self, port: int) -> None:
         """SIGSTOP a data node: it holds its connections but answers nothing (a replica that stops acknowledging)."""

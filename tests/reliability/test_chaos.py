@@ -1,7 +1,8 @@
 """A chaos run: three replicas under a steady live load while faults of every kind strike, overlapping.
 
 The deployment: a three-node Kafka cluster (KRaft, replication factor 3, ``min.insync.replicas=2``),
-Redis Sentinel (a primary, two replicas, three sentinels) with ``REDIS_WAIT_REPLICAS=1``, the intake
+Redis Sentinel (a primary, two replicas, three sentinels) with ``REDIS_WAIT_REPLICAS=2`` (every replica: with
+1, a failover can promote the replica that had not acknowledged the last writes; scenario i shows it), the intake
 stand-in, and three ``python -m consumer`` replicas in one group with static membership
 (``KAFKA_GROUP_INSTANCE_ID``). Each replica reaches the intake through a fault proxy of its own; every
 replica's Kafka connections cross one fault proxy per node (each node advertises its proxy's address on
@@ -24,7 +25,9 @@ Sentinel client connects to the address the sentinels name).
 3. **The account**: the faults end, the producer stops, every evaluation must arrive and the group's
    lag reach 0 (bounded waits); every replica must exit 0 on SIGTERM. Then 0 lost, every duplicate
    byte-identical, every hostile record on the DLQ with a right reason and nothing else there, no
-   unmatched report, no replica exited on its own. The row and the fault tally are printed.
+   unmatched report, no replica exited on its own. The row and the fault tally are printed. If evaluations
+   never arrive, the failure says, for a sample of them, what Redis holds of their pairs and what the intake
+   answered the requests that carried them.
 """
 
 from __future__ import annotations
@@ -35,15 +38,18 @@ import os
 import random
 import time
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumer.config import Settings
+from consumer.store import Namespace
 from localenv.intake import FakeIntake
 from localenv.kafka import acreate_topics
 from localenv.kafka_cluster import KafkaCluster
@@ -172,7 +178,7 @@ def _settings(cluster: KafkaCluster, redis: RedisSentinelSet, link: NetFault, ru
         kafka_group_instance_id=f"chaos-{run}-{instance}",
         span_topic=f"{run}.spans", result_topic=f"{run}.results", dlq_topic=f"{run}.dlq",
         unmatched_topic=f"{run}.unmatched",
-        redis_sentinels=redis.sentinels_setting, redis_sentinel_master=redis.master_name, redis_wait_replicas=1,
+        redis_sentinels=redis.sentinels_setting, redis_sentinel_master=redis.master_name, redis_wait_replicas=2,
         redis_wait_timeout_ms=2000, redis_key_prefix=f"t{run}", redis_deadline_shards=4,
         default_ml_app="nemos-demo", dd_llmobs_override_origin=f"http://{link.address}",
         dd_api_key="test-api-key-0123456789", kafka_max_batch=100, intake_batch_max_evals=32,
@@ -192,6 +198,49 @@ async def _measure_rate(producer: AIOKafkaProducer, settings: Settings, replica:
     await wait_for(lambda: len(keys - arrivals.update()), expect=0, within=timeout_for(180),
                    what="every measuring pair", alive=[replica], interval=0.05)
     return len(warm) / max(time.monotonic() - first, 0.1)
+
+
+async def _where_they_are(redis: RedisSentinelSet, settings: Settings, intake: FakeIntake, pairs: Sequence[Pair],
+                          sample: int = 20) -> str:
+    """What Redis holds of pairs whose evaluations never arrived, and what the intake answered about them.
+
+    Tells the causes apart: a span (``s``) or result (``r``) missing while the other waits is a buffered write
+    lost; a ledger (``d``) saying ``d`` for an evaluation the intake never accepted is a delivery recorded
+    without reaching it; nothing at all with no request is a side never consumed.
+    """
+    wanted = {pair.join_key: pair for pair in pairs}
+    held: dict[str, dict[str, object]] = defaultdict(dict)
+    client = aioredis.Redis(port=redis.primary_port, decode_responses=True)
+    try:
+        async for raw in client.scan_iter(match=f"{settings.redis_key_prefix}:{{*", count=5000):
+            key = str(raw)
+            tag, _, kind = key.partition("{")[2].rpartition("}")
+            join_key = Namespace.from_tag(tag).join_key
+            if join_key not in wanted:
+                continue
+            kind = kind.lstrip(":")
+            if kind == "d":
+                held[join_key][kind] = dict(await client.hgetall(key))
+            elif kind == "r":
+                held[join_key][kind] = len(await client.hkeys(key))
+            else:
+                held[join_key][kind] = await client.strlen(key)
+    finally:
+        await client.aclose()
+    answered: dict[EvalKey, Counter[int]] = defaultdict(Counter)
+    keys = {key for pair in pairs for key in pair.eval_keys}
+    for request in intake.requests:
+        for metric in request.metrics:
+            if (eval_key := metric_key(metric)) in keys:
+                answered[eval_key][request.status] += 1
+    shapes = Counter(",".join(sorted(held.get(pair.join_key, {}))) or "nothing" for pair in pairs)
+    lines = [f"{len(pairs)} pairs with evaluations missing; Redis holds, per pair: "
+             + ", ".join(f"{shape}: {count}" for shape, count in shapes.most_common())]
+    for pair in pairs[:sample]:
+        statuses = {label: dict(answered.get((pair.span_id, label), {})) for label in pair.labels}
+        lines.append(f"  pair {pair.index} {pair.join_key}: redis {dict(held.get(pair.join_key, {}))}; "
+                     f"intake answered {statuses}")
+    return "\n".join(lines)
 
 
 @pytest.mark.timeout(int(CHAOS_S * 1.5) + timeout_for(600))
@@ -242,9 +291,14 @@ async def test_chaos(intake: FakeIntake, tmp_path: Path) -> None:
             stop.set()
             await asyncio.wait_for(flowing, timeout_for(180))
             everything = {key for pair in [*warm, *traffic.pairs] for key in pair.eval_keys}
-            await wait_for(lambda: len(everything - arrivals.update()), expect=0,
-                           within=timeout_for(180) + CHAOS_S / 4, what=f"every evaluation (seed {seed})",
-                           alive=replicas, interval=1.0)
+            try:
+                await wait_for(lambda: len(everything - arrivals.update()), expect=0,
+                               within=timeout_for(180) + CHAOS_S / 4, what=f"every evaluation (seed {seed})",
+                               alive=replicas, interval=1.0)
+            except AssertionError as failed:
+                never = everything - arrivals.update()
+                pairs = [pair for pair in [*warm, *traffic.pairs] if set(pair.eval_keys) & never]
+                raise AssertionError(f"{failed}\n{await _where_they_are(redis, settings, intake, pairs)}") from None
             await wait_for(lambda: lag_or_none(cluster.bootstrap_servers, settings), expect=0,
                            within=timeout_for(120), what="the group's lag to reach 0", alive=replicas)
             recover_s = time.monotonic() - faults_over
