@@ -139,8 +139,9 @@ def replica_ack_finding(wait_replicas: int, replicas: Mapping[str, int]) -> Find
     """REDIS_WAIT_REPLICAS against each primary's connected replicas.
 
     More than a primary has fails: no write to it is ever acknowledged, so every batch is tried again and
-    nothing is committed. 0 while a primary has replicas warns: a failover can lose what the old primary
-    acknowledged and had not replicated yet.
+    nothing is committed. Fewer than a primary has warns: a failover can lose what the old primary
+    acknowledged and had not replicated to the replica that is promoted (0: to any replica; 1 of 2: Sentinel
+    ranks replicas by priority and by the offset each last reported, not by which acknowledged).
     """
     counts = ", ".join(f"{name} has {count}" for name, count in sorted(replicas.items()))
     short = ", ".join(f"{name} has {count}" for name, count in sorted(replicas.items()) if count < wait_replicas)
@@ -149,10 +150,17 @@ def replica_ack_finding(wait_replicas: int, replicas: Mapping[str, int]) -> Find
                        f"({short}): writes stop, every batch waits REDIS_WAIT_TIMEOUT_MS for acknowledgements that "
                        "do not come and is tried again, nothing is committed; lower REDIS_WAIT_REPLICAS or bring "
                        "the replicas back")
-    if wait_replicas == 0 and any(replicas.values()):
+    most = max(replicas.values(), default=0)
+    if wait_replicas == 0 and most:
         return Finding("redis", True, f"REDIS_WAIT_REPLICAS=0 while replicas are connected ({counts}): a failover "
                        "loses the writes the old primary acknowledged and had not replicated yet (see Delivery "
-                       "guarantees); set REDIS_WAIT_REPLICAS=1 to keep them", warning=True)
+                       f"guarantees); set REDIS_WAIT_REPLICAS={most} (every replica) to keep them", warning=True)
+    if wait_replicas < most:
+        more = ", ".join(f"{name} has {count}" for name, count in sorted(replicas.items()) if count > wait_replicas)
+        return Finding("redis", True, f"REDIS_WAIT_REPLICAS={wait_replicas}, fewer than the replicas connected "
+                       f"({more}): a failover can promote a replica that had not acknowledged the last writes and "
+                       f"lose them (see Delivery guarantees); set REDIS_WAIT_REPLICAS={most} (every replica) to "
+                       "keep them", warning=True)
     if wait_replicas == 0:
         return Finding("redis", True, f"REDIS_WAIT_REPLICAS=0, no replicas connected ({counts})")
     return Finding("redis", True, f"REDIS_WAIT_REPLICAS={wait_replicas}, connected replicas: {counts}")
