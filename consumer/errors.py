@@ -20,7 +20,8 @@
     │   ├── Misconfigured         not retriable: a setting asks for what the dependency does not do or
     │   │                         allow (idempotent producing on a broker without InitProducerId, a session
     │   │                         timeout outside the broker's bounds, a client certificate that does not
-    │   │                         load); the process exits with code 2 and the message names the setting
+    │   │                         load, a Redis TLS certificate that does not verify, REDIS_URL naming a
+    │   │                         replica); the process exits with code 2 and the message names the setting
     │   └── (itself)              not retriable, and nothing the service knows how to wait out: a
     │                             defect or a broken deployment; the process exits (code 1)
     ├── RejectedDelivery        the intake refused a request's content; its evaluations are dead-lettered
@@ -34,6 +35,7 @@ Third-party errors are translated once, where the library is called (:func:`kafk
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -189,14 +191,53 @@ def translate_kafka(exc: BaseException) -> DependencyError:
     return DependencyError("kafka", detail)
 
 
+# OpenSSL's verify codes for a certificate issued for another name or address than the one connected to.
+_X509_HOSTNAME_MISMATCH = 62
+_X509_IP_ADDRESS_MISMATCH = 64
+
+
+def certificate_not_verified(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The TLS certificate verification failure ``exc`` is or wraps (redis-py raises its ``ConnectionError``
+    while handling it: ``__context__``; others chain it as ``__cause__``); None for anything else, among
+    them a handshake cut by the network (``SSLEOFError``, a reset), which may pass by itself."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        pending += [current.__context__, current.__cause__]
+    return None
+
+
+def redis_certificate_refusal(error: ssl.SSLCertVerificationError, detail: str) -> Misconfigured:
+    """A Redis server whose certificate does not verify, as :class:`Misconfigured` naming what to change:
+    the host connected to when the certificate is for other names, else REDIS_SSL_CAFILE."""
+    why = error.verify_message or str(error)
+    if error.verify_code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
+        return Misconfigured("redis", "REDIS_URL", f"the Redis server's TLS certificate is not issued for the host "
+                             f"connected to ({why}): use in REDIS_URL a host name or address the certificate "
+                             f"names (with Sentinel, the sentinels give the address) ({detail})")
+    return Misconfigured("redis", "REDIS_SSL_CAFILE", f"the Redis server's TLS certificate does not verify ({why}): "
+                         "set REDIS_SSL_CAFILE to the CA certificate that signed it (unset, the system's CAs are "
+                         f"used), or renew it on the server if it expired ({detail})")
+
+
 def translate_redis(exc: BaseException) -> DependencyError:
     """What a redis-py (or socket) error means to the service.
 
-    Authentication and ACL refusals are checked first: redis-py makes them subclasses of its
+    A TLS certificate that does not verify is :class:`Misconfigured` (it will not verify on the next
+    try either). Authentication and ACL refusals are checked next: redis-py makes them subclasses of its
     ``ConnectionError``. Out of memory (``noeviction``), a primary that turned replica after a
     failover, a loading or busy server and a cluster moving slots pass by themselves.
     """
     detail = f"{type(exc).__name__}: {exc}"
+    unverified = certificate_not_verified(exc)
+    if unverified is not None:
+        return redis_certificate_refusal(unverified, detail)
     if isinstance(exc, redis.AuthenticationError | redis.AuthorizationError | redis.NoPermissionError):
         return ServiceRefused("redis", detail, hint=REDIS_HINT)
     if isinstance(exc, redis.OutOfMemoryError):

@@ -64,6 +64,7 @@ from consumer.store_redis import (
     RedisJoinStore,
     ReplicaAck,
     check_eviction,
+    check_usable,
     connect,
     eviction_policy,
 )
@@ -386,9 +387,11 @@ class _ServiceContext:
                                     connections_max_idle_ms=CONNECTIONS_MAX_IDLE_MS, **kafka_common)
         stack.push_async_callback(stop_within, consumer.stop, CONSUMER_STOP_TIMEOUT_S, "kafka consumer")
         await _started(consumer.start, "kafka consumer")
-        client = await _connected(lambda: connect(s.redis_target(), cluster=s.redis_cluster,
-                                                  **s.redis_client_options()))
+        target = s.redis_target()
+        client = await _connected(lambda: connect(target, cluster=s.redis_cluster, **s.redis_client_options()))
         stack.push_async_callback(close_redis, client)  # a dead TLS connection must not fail the stop
+        # A certificate that does not verify, or REDIS_URL leading to a replica: refused (exit 2), naming the setting.
+        await check_usable(client, target)
         # An evicting Redis drops buffered sides without an error: refused (exit 2) unless REDIS_ALLOW_EVICTION.
         check_eviction(await eviction_policy(client), allow=s.redis_allow_eviction)
         metrics = Metrics(app_labels=s.app_metric_labels())

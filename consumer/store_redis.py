@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -189,6 +189,78 @@ async def sentinel_primary(client: RedisClient) -> tuple[str, int] | None:
         return None
     host, port = await client.sentinel_manager.discover_master(client.master_name)
     return str(host), int(port)
+
+
+# -- a Redis that can never work: a certificate that does not verify, REDIS_URL leading to a replica ---
+
+
+def url_address(url: str) -> str:
+    """``host:port`` of a Redis URL (its path for a UNIX socket), for messages: never the whole URL, which may
+    hold the password."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError:  # not a number: redis-py refuses it when it connects
+        return parts.hostname
+    return f"{parts.hostname}:{port}"
+
+
+@dataclass(frozen=True)
+class Replication:
+    """What ``INFO replication`` says of one Redis: its ``role`` (``master`` or ``slave``) and, for a replica,
+    the address of its primary as the replica reports it (``master_host:master_port``)."""
+
+    role: str
+    primary: str | None = None
+
+    @property
+    def is_primary(self) -> bool:
+        return self.role == "master"
+
+
+async def replication(client: Redis) -> Replication:
+    """``INFO replication`` of the one Redis ``client`` talks to; redis-py's errors pass unchanged."""
+    info = await client.info("replication")
+    host, port = info.get("master_host"), info.get("master_port")
+    return Replication(str(info.get("role")), None if host is None else f"{host}:{port}")
+
+
+def replica_refusal(where: str, found: Replication) -> str:
+    """Why a REDIS_URL leading to a replica cannot work, and what to do: the words of ``check`` and of the start."""
+    of = f"a replica of {found.primary}" if found.primary else "a replica"
+    return (f"REDIS_URL leads to {where}, which answers as {found.role!r} ({of}): every write would fail with "
+            f"READONLY; point REDIS_URL at the primary{f' ({found.primary})' if found.primary else ''}, or, when "
+            "Redis Sentinel manages it, set REDIS_SENTINELS and REDIS_SENTINEL_MASTER instead")
+
+
+async def check_usable(client: RedisClient, target: str | SentinelTarget) -> None:
+    """At start, before the store reads or writes: raise :class:`Misconfigured` (exit code 2, naming the setting)
+    for what about Redis can never work.
+
+    That is a TLS certificate that does not verify (REDIS_SSL_CAFILE or the host, see
+    :func:`consumer.errors.translate_redis`), and a REDIS_URL leading to a replica, which refuses every
+    write. The primary of a Sentinel target or of a cluster is not asked its role: their clients follow
+    the primary. A Redis not reachable now, or refusing the command (credentials, an ACL), passes: the
+    stages wait for it and report a refusal.
+    """
+    if isinstance(client, RedisCluster):  # connected already: connect() initialised it (redis-py chains the cause)
+        return
+    found: Replication | None = None
+    try:
+        with redis_errors():
+            if isinstance(target, str):
+                found = await replication(client)
+            else:
+                await client.ping()
+    except Misconfigured:
+        raise
+    except DependencyError:
+        return
+    if found is not None and not found.is_primary:
+        assert isinstance(target, str)
+        raise Misconfigured("redis", "REDIS_URL", replica_refusal(url_address(target), found))
 
 
 # -- memory -------------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from redis import exceptions as redis_exceptions
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from consumer.config import Settings
-from consumer.errors import kafka_errors_logged
+from consumer.errors import Misconfigured, kafka_errors_logged, translate_redis
 from consumer.intake_route import NoRoute, RouteSettings, ask_agent, choose_route, target
 from consumer.store_redis import (
     EVICTION_HINT,
@@ -26,7 +27,10 @@ from consumer.store_redis import (
     SentinelTarget,
     connect,
     eviction_policy,
+    replica_refusal,
+    replication,
     sentinel_primary,
+    url_address,
 )
 from consumer.store_redis import close as close_redis
 
@@ -81,6 +85,17 @@ async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 
 async def _redis(settings: Settings) -> list[Finding]:
+    """The Redis findings; what can never work (a certificate that does not verify) fails as the start would."""
+    try:
+        return await _redis_findings(settings)
+    except (redis_exceptions.RedisError, redis_exceptions.RedisClusterException, OSError) as exc:
+        refusal = translate_redis(exc)
+        if not isinstance(refusal, Misconfigured):
+            raise
+        return [Finding("redis", False, refusal.detail)]
+
+
+async def _redis_findings(settings: Settings) -> list[Finding]:
     target = settings.redis_target()
     client = await connect(target, cluster=settings.redis_cluster, **settings.redis_client_options())
     try:
@@ -91,6 +106,10 @@ async def _redis(settings: Settings) -> list[Finding]:
         else:
             where = urlsplit(target).hostname or urlsplit(target).path  # never the whole URL: it may hold the password
             await client.ping()
+            if isinstance(client, Redis):  # one Redis: a replica would refuse every write (READONLY)
+                found = await replication(client)
+                if not found.is_primary:
+                    return [Finding("redis", False, replica_refusal(url_address(target), found))]
             findings = [Finding("redis", True, f"PING answered by {where}"
                                 + (" (cluster)" if settings.redis_cluster else ""))]
         info = await client.info("persistence")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ from redis import exceptions as redis
 
 from consumer.errors import (
     DependencyError,
+    Misconfigured,
     RedisOutOfMemory,
     ServiceRefused,
     Unavailable,
@@ -69,6 +71,49 @@ def test_redis_errors_mean_one_thing_each(error: Exception, kind: type[Dependenc
     a defect."""
     translated = translate_redis(error)
     assert type(translated) is kind and translated.component == "redis"
+
+
+def wrapped_as_redis_py_does(error: OSError) -> redis.ConnectionError:
+    """``error`` under redis-py's ConnectionError, raised while handling it (as its connect does: ``__context__``)."""
+    try:
+        try:
+            raise error
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error 1 connecting to 127.0.0.1:6380. {exc}.")  # noqa: B904 - as redis-py
+    except redis.ConnectionError as wrapped:
+        return wrapped
+
+
+def unverified(code: int, message: str) -> ssl.SSLCertVerificationError:
+    error = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
+    error.verify_code, error.verify_message = code, message
+    return error
+
+
+@pytest.mark.parametrize(("error", "setting"), [
+    (unverified(19, "self-signed certificate in certificate chain"), "REDIS_SSL_CAFILE"),
+    (unverified(20, "unable to get local issuer certificate"), "REDIS_SSL_CAFILE"),
+    (unverified(10, "certificate has expired"), "REDIS_SSL_CAFILE"),
+    (unverified(62, "Hostname mismatch, certificate is not valid for 'redis.internal'."), "REDIS_URL"),
+    (unverified(64, "IP address mismatch, certificate is not valid for '10.0.0.7'."), "REDIS_URL"),
+])
+def test_a_redis_certificate_that_does_not_verify_names_the_setting(error: ssl.SSLCertVerificationError,
+                                                                     setting: str) -> None:
+    """Certificate verification fails the same way every time: Misconfigured, not retried, naming REDIS_SSL_CAFILE,
+    or REDIS_URL's host when the certificate is for other names; whether raised as is or wrapped by redis-py."""
+    for raised in (error, wrapped_as_redis_py_does(error)):
+        translated = translate_redis(raised)
+        assert isinstance(translated, Misconfigured) and not translated.retriable, raised
+        assert translated.setting == setting and setting in translated.detail
+        assert error.verify_message in translated.detail and "CERTIFICATE_VERIFY_FAILED" in translated.detail
+
+
+@pytest.mark.parametrize("error", [
+    ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), ConnectionResetError(104, "Connection reset by peer"),
+])
+def test_a_tls_handshake_cut_by_the_network_is_retried(error: OSError) -> None:
+    """Only certificate verification is permanent: a handshake cut short may pass by itself."""
+    assert type(translate_redis(wrapped_as_redis_py_does(error))) is Unavailable
 
 
 def test_translation_keeps_the_cause() -> None:
