@@ -475,10 +475,13 @@ async def drop_idle_connections(client: RedisClient, node: ClusterNode | None = 
     return dropped
 
 
-def _reinitialise(cluster: RedisCluster, node: ClusterNode) -> None:
-    """What redis-py's cluster client does after a node failed a command: try it last, and read the slots again."""
+async def _node_failed(cluster: RedisCluster, node: ClusterNode, error: BaseException) -> None:
+    """What redis-py's cluster client does after a node failed a command sent to it directly: try it last, read
+    the slots again and, if the connection was lost, close that node's idle connections (only that node's)."""
     cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
     cluster._initialize = True  # redis-py's own flag: read the cluster's slots before the next command
+    if _lost_connection(error):
+        await drop_idle_connections(cluster, node)
 
 
 def _node_of(cluster: RedisCluster, key: str) -> ClusterNode:
@@ -725,13 +728,11 @@ class RedisJoinStore:
                     try:
                         await node.execute_pipeline(commands)
                     except (RedisError, OSError, TimeoutError) as exc:
-                        _reinitialise(cluster, node)
-                        if _lost_connection(exc):  # this node's pool only: it bypassed redis-py's own handling
-                            await drop_idle_connections(cluster, node)
+                        await _node_failed(cluster, node, exc)
                         raise
                     for command in commands:
-                        if isinstance(command.result, BaseException):
-                            _reinitialise(cluster, node)  # MOVED, a node turned replica (READONLY), ...
+                        if isinstance(command.result, BaseException):  # a reply's timeout lands here too
+                            await _node_failed(cluster, node, command.result)  # MOVED, READONLY, ...
                             if isinstance(command.result, AskError):  # (MovedError too): slots moved
                                 raise Unavailable("redis", f"{type(command.result).__name__}: {command.result}")
                             raise command.result

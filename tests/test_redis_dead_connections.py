@@ -16,12 +16,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from consumer.errors import Unavailable
-from consumer.store_redis import SOCKET_TIMEOUTS, RedisClient, RedisJoinStore, SentinelTarget, connect
+from consumer.store_redis import SOCKET_TIMEOUTS, RedisClient, RedisJoinStore, ReplicaAck, SentinelTarget, connect
 from localenv.netfault import NetFault
+from localenv.redis import RedisCluster as LocalCluster
 from localenv.redis import RedisSentinelSet, RedisServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -109,6 +110,46 @@ async def test_a_timeout_drops_the_idle_connections_of_a_sentinel_monitored_prim
         finally:
             sentinels.resume_node(primary)
         assert open_after == 0, f"{open_after} idle connection(s) opened before the timeout were kept"
+        assert await store.ping()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.cluster
+async def test_a_cluster_node_that_times_out_loses_only_its_own_idle_connections(redis_cluster: LocalCluster) -> None:
+    """The replica acknowledgement goes to each primary directly, past redis-py's cluster client: when it times out
+    on a paused primary, that node's idle connections are closed, and every other node's stay open."""
+    client = await connect(redis_cluster.url, cluster=True, socket_timeout=1.0)
+    assert isinstance(client, RedisCluster)
+    store = RedisJoinStore(client, prefix="t" + uuid.uuid4().hex[:8], shards=4, ledger_retention_ms=600_000,
+                           replica_ack=ReplicaAck(replicas=1, timeout_ms=100))
+    keys: dict[str, str] = {}  # one key per primary
+    for n in range(1000):
+        node = client.get_node_from_key(f"k{n}")
+        assert node is not None
+        keys.setdefault(node.name, f"k{n}")
+    try:
+        for key in keys.values():
+            await asyncio.gather(*(store._bounded(client.get(key)) for _ in range(POOLED)))
+        paused_key = next(iter(keys.values()))
+        paused = client.get_node_from_key(paused_key)
+        assert paused is not None
+
+        def open_idle() -> dict[str, int]:
+            return {node.name: sum(c.is_connected for c in node._free) for node in client.get_primaries()}
+
+        assert all(count >= POOLED for count in open_idle().values())
+
+        redis_cluster.pause_node(int(paused.port))
+        try:
+            with pytest.raises(Unavailable, match="Timeout"):
+                await store._acknowledge_cluster([paused_key])
+            after = open_idle()
+        finally:
+            redis_cluster.resume_node(int(paused.port))
+        assert after.pop(paused.name) == 0, "the paused node's idle connections were kept"
+        assert all(count >= POOLED for count in after.values()), f"another node's were closed: {after}"
+        # The next command reads the slots again (and only then does aclose() close the connections again).
         assert await store.ping()
     finally:
         await client.aclose()
