@@ -43,8 +43,8 @@ import re
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
@@ -58,7 +58,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS
-from redis.exceptions import AskError, RedisError
+from redis.exceptions import AskError, BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer import records
 from consumer.clock import SYSTEM_CLOCK, Clock
@@ -493,10 +495,65 @@ def _check_acknowledged(ack: ReplicaAck, reply: Any, where: str) -> None:
                                    f"within {ack.timeout_ms} ms (REDIS_WAIT_REPLICAS)")
 
 
-def _reinitialise(cluster: RedisCluster, node: ClusterNode) -> None:
-    """What redis-py's cluster client does after a node failed a command: try it last, and read the slots again."""
+# -- idle connections after a lost one ---------------------------------------------------------------
+# A connection that dies silently (half-open: a NAT or firewall that lost its state, a Redis whose keepalive
+# dropped it during a partition) is found dead only when a command waits out the socket timeout on it. The
+# others opened before then are likely dead the same way, and redis-py would let each cost its own timeout
+# when next used (the pool is a stack: a busier moment reaches deeper into it). So once a command times out
+# or loses its connection, the idle connections of that pool are closed: they reconnect when next taken.
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """A command's failure that says the path to the server may be dead: a timeout or a connection error.
+    Not ``BusyLoadingError`` (a ``ConnectionError`` for redis-py, but the server answered)."""
+    if isinstance(exc, BusyLoadingError):
+        return False
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError))
+
+
+async def _drop_idle(idle: Collection[Any]) -> int:
+    """Close every connection of ``idle`` (a pool's list of idle connections) that is still idle and open.
+
+    Each is checked and closed with no await in between, so none taken meanwhile by another task is closed
+    under its command; it stays in the pool, and connects again when next taken. ``nowait``: a TLS close
+    would wait for the server's close_notify, which a dead connection never sends. Returns how many.
+    """
+    dropped = 0
+    for connection in list(idle):
+        if connection in idle and connection.is_connected:
+            await connection.disconnect(nowait=True)
+            dropped += 1
+    return dropped
+
+
+async def drop_idle_connections(client: RedisClient, node: ClusterNode | None = None) -> int:
+    """Close the idle connections of ``client``'s pool (a Sentinel-monitored primary's too), or of one cluster
+    ``node``'s; the connections in use are left to their commands. Returns how many were closed.
+
+    A cluster client has no pool of its own, only one per node: without ``node`` nothing is closed (redis-py's
+    cluster client closes the idle connections of a node a command failed on itself).
+    """
+    idle: Collection[Any]
+    if node is not None:
+        idle = node._free
+    elif isinstance(client, Redis):
+        idle = client.connection_pool._available_connections
+    else:
+        return 0
+    dropped = await _drop_idle(idle)
+    if dropped:
+        log.info("redis_idle_connections_dropped", count=dropped, node=node.name if node is not None else None,
+                 why="a command timed out or lost its connection: connections opened before may be dead too")
+    return dropped
+
+
+async def _node_failed(cluster: RedisCluster, node: ClusterNode, error: BaseException) -> None:
+    """What redis-py's cluster client does after a node failed a command sent to it directly: try it last, read
+    the slots again and, if the connection was lost, close that node's idle connections (only that node's)."""
     cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
     cluster._initialize = True  # redis-py's own flag: read the cluster's slots before the next command
+    if _lost_connection(error):
+        await drop_idle_connections(cluster, node)
 
 
 def _node_of(cluster: RedisCluster, key: str) -> ClusterNode:
@@ -572,37 +629,43 @@ class RedisJoinStore:
         self._unindex: AsyncScript = register(_script("unindex"))
         self._unlock: AsyncScript = register(_script("unlock"))
 
-    # Every Redis call goes through one of these three, which translate redis-py's errors (consumer.errors).
+    # Every Redis call goes through _calling, which also drops the pool's idle connections after a lost one.
 
-    async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    @asynccontextmanager
+    async def _calling(self, *, memory: bool = True) -> AsyncIterator[None]:
+        """A slot (at most ``max_concurrency`` calls), redis-py's errors translated, and after a timeout or a
+        connection error the idle connections dropped (:func:`drop_idle_connections`): a dead path costs one
+        socket timeout, not one per pooled connection. With ``memory``, an OOM refusal sets :attr:`memory`."""
         async with self._slots:
             try:
                 with _redis_calls():
-                    reply = await script(keys=keys, args=args)
+                    try:
+                        yield
+                    except BaseException as exc:
+                        if _lost_connection(exc):
+                            await drop_idle_connections(self._client)
+                        raise
             except RedisOutOfMemory as exc:
-                self.memory.refused(exc)
+                if memory:
+                    self.memory.refused(exc)
                 raise
-        return reply
+
+    async def _call(self, script: AsyncScript, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async with self._calling():
+            return await script(keys=keys, args=args)
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
-        async with self._slots:
-            with _redis_calls():
-                return await command
+        async with self._calling(memory=False):
+            return await command
 
     async def _pipelined(self, queue: Callable[[Any], Awaitable[None] | None]) -> list[Any]:
         """One round trip: ``queue(pipe)`` queues the commands, their replies come back in order."""
-        async with self._slots:
-            try:
-                with _redis_calls():
-                    pipe = self._client.pipeline(transaction=False)
-                    queued = queue(pipe)
-                    if queued is not None:
-                        await queued
-                    replies = list(await pipe.execute())
-            except RedisOutOfMemory as exc:
-                self.memory.refused(exc)
-                raise
-        return replies
+        async with self._calling():
+            pipe = self._client.pipeline(transaction=False)
+            queued = queue(pipe)
+            if queued is not None:
+                await queued
+            return list(await pipe.execute())
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -736,12 +799,12 @@ class RedisJoinStore:
                 with _redis_calls():
                     try:
                         await node.execute_pipeline(commands)
-                    except (RedisError, OSError, TimeoutError):
-                        _reinitialise(cluster, node)
+                    except (RedisError, OSError, TimeoutError) as exc:
+                        await _node_failed(cluster, node, exc)
                         raise
                     for command in commands:
-                        if isinstance(command.result, BaseException):
-                            _reinitialise(cluster, node)  # MOVED, a node turned replica (READONLY), ...
+                        if isinstance(command.result, BaseException):  # a reply's timeout lands here too
+                            await _node_failed(cluster, node, command.result)  # MOVED, READONLY, ...
                             if isinstance(command.result, AskError):  # (MovedError too): slots moved
                                 raise Unavailable("redis", f"{type(command.result).__name__}: {command.result}")
                             raise command.result
