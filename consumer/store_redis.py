@@ -249,19 +249,17 @@ async def check_usable(client: RedisClient, target: str | SentinelTarget) -> Non
     """
     if isinstance(client, RedisCluster):  # connected already: connect() initialised it (redis-py chains the cause)
         return
-    found: Replication | None = None
     try:
         with redis_errors():
-            if isinstance(target, str):
-                found = await replication(client)
-            else:
+            if not isinstance(target, str):
                 await client.ping()
+                return
+            found = await replication(client)
     except Misconfigured:
         raise
     except DependencyError:
         return
-    if found is not None and not found.is_primary:
-        assert isinstance(target, str)
+    if not found.is_primary:
         raise Misconfigured("redis", "REDIS_URL", replica_refusal(url_address(target), found))
 
 

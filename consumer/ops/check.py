@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from redis import exceptions as redis_exceptions
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from consumer.config import Settings
@@ -25,12 +24,10 @@ from consumer.store_redis import (
     EvictionPolicy,
     RedisClient,
     SentinelTarget,
+    check_usable,
     connect,
     eviction_policy,
-    replica_refusal,
-    replication,
     sentinel_primary,
-    url_address,
 )
 from consumer.store_redis import close as close_redis
 
@@ -85,9 +82,12 @@ async def topic_partitions(admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 
 async def _redis(settings: Settings) -> list[Finding]:
-    """The Redis findings; what can never work (a certificate that does not verify) fails as the start would."""
+    """The Redis findings; what can never work (a certificate that does not verify, a replica in REDIS_URL) fails
+    with the start's own words."""
     try:
         return await _redis_findings(settings)
+    except Misconfigured as refused:
+        return [Finding("redis", False, refused.detail)]
     except (redis_exceptions.RedisError, redis_exceptions.RedisClusterException, OSError) as exc:
         refusal = translate_redis(exc)
         if not isinstance(refusal, Misconfigured):
@@ -106,10 +106,7 @@ async def _redis_findings(settings: Settings) -> list[Finding]:
         else:
             where = urlsplit(target).hostname or urlsplit(target).path  # never the whole URL: it may hold the password
             await client.ping()
-            if isinstance(client, Redis):  # one Redis: a replica would refuse every write (READONLY)
-                found = await replication(client)
-                if not found.is_primary:
-                    return [Finding("redis", False, replica_refusal(url_address(target), found))]
+            await check_usable(client, target)  # one Redis: a replica would refuse every write (READONLY)
             findings = [Finding("redis", True, f"PING answered by {where}"
                                 + (" (cluster)" if settings.redis_cluster else ""))]
         info = await client.info("persistence")
