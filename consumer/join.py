@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -91,6 +92,10 @@ class JoinResult:
 
 
 QUOTA_REASON = "app_quota_exceeded"
+# Results go to the store without their record (encoded only if they are to be stored) while fewer than this share
+# of recent results were stored: a record put again costs a second look-up in Redis, encoding one costs more.
+DEFER_BELOW_STORED_SHARE = 0.75
+STORED_SHARE_WEIGHT = 0.2  # the moving average's weight of each batch
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,7 @@ class Joiner:
         self._ttl_ms = join_ttl_ms
         self._clock = clock
         self._tag_join = tag_join
+        self._stored_share = 0.0  # moving average of the share of results stored (not joined at once)
 
     def _produced_ms(self, source: Source) -> int:
         """When the record was produced (its Kafka timestamp; now, for a record without one)."""
@@ -180,6 +186,11 @@ class Joiner:
         fields_of: list[dict[str, Any]] = []
         tags: list[tuple[str, str] | None] = []  # per op: the span tag a result joins on without its span
         tag_join = self._tag_join
+        # A result is encoded only if it is to be stored: one that is its key's only event in the batch goes
+        # first without its record ("later" if its span is not here, then again with it), while most results
+        # find their span. Order within a key is kept: a key with other events in the batch is encoded at once.
+        defer = self._stored_share < DEFER_BELOW_STORED_SHARE
+        keys = collections.Counter((e.ml_app, e.join_key, e.run_id) for e, _ in items) if defer else None
         for event, source in items:
             assert event.ml_app is not None  # resolved by decode
             ns = Namespace(event.ml_app, event.join_key, event.run_id or "")
@@ -198,10 +209,20 @@ class Joiner:
                 origin = None if event.provenance is None else event.provenance.model_dump(
                     exclude={"job_id", "evaluated_at_ms"}, exclude_none=True)
                 slots = () if ns.run else sorted({evaluation_slot(e.label, e.tags, origin) for e in event.evaluations})
-                ops.append(ResultOp(ns, event.event_id, records.encode(fields), eval_ids, self._deadline(source),
-                                    slots, by_tag=tag is not None))
+                deferred = keys is not None and keys[event.ml_app, event.join_key, event.run_id] == 1
+                ops.append(ResultOp(ns, event.event_id, b"" if deferred else records.encode(fields), eval_ids,
+                                    self._deadline(source), slots, by_tag=tag is not None))
             fields_of.append(fields)
         puts = await self._store.put_many(ops) if ops else []
+        later = [i for i, put in enumerate(puts) if put.status == "later"]
+        if later:  # their spans are not here: put them again, encoded
+            again = [dataclasses.replace(ops[i], record=records.encode(fields_of[i])) for i in later]
+            for i, op, put in zip(later, again, await self._store.put_many(again), strict=True):
+                ops[i], puts[i] = op, put
+        results = [put.status for put in puts if isinstance(put, ResultPut)]
+        if results:  # how many results are stored rather than joined, recently: whether deferring pays
+            stored = sum(status in ("buffered", "waiting") for status in results) / len(results)
+            self._stored_share += (stored - self._stored_share) * STORED_SHARE_WEIGHT
         return [_outcome(op, put, record, tag)
                 for op, put, record, tag in zip(ops, puts, fields_of, tags, strict=True)]
 

@@ -26,7 +26,7 @@ import orjson
 SpanStatus = Literal["stored", "duplicate", "conflict", "replaced", "quota"]
 # waiting: buffered although a span is here, since it repeats one of that span's evaluations (no run);
 # full: too many results wait for the span; tagged: no span is here and the result joins by span tag (not stored)
-ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full", "tagged", "quota"]
+ResultStatus = Literal["joined", "buffered", "waiting", "duplicate", "full", "tagged", "quota", "later"]
 ClaimVerdict = Literal["new", "done", "busy"]
 ExpireVerdict = Literal["report", "dropped", "busy", "gone"]
 
@@ -157,7 +157,7 @@ class ResultOp:
 
     ns: Namespace
     event_id: str
-    record: bytes  # records.encode(...)
+    record: bytes  # records.encode(...); b"": not encoded, "later" if it would be stored (see put_many)
     eval_ids: Sequence[str]  # a result whose every evaluation is finished is not buffered again
     deadline_ms: int
     # evaluation_slot() of each evaluation, each once; empty in a namespace with a run, where no answer repeats
@@ -260,6 +260,11 @@ class JoinStore(Protocol):
         a span here it joins (or waits) as any result. A span op ``by_tag`` that is stored without
         taking a result, for a key whose ledger has entries (its results were delivered by tag before
         it came), is stored as joined, so that its deadline passes without a report.
+
+        A result op whose ``record`` is empty (not encoded: the caller expects its span to be here) that would
+        be stored (``buffered`` or ``waiting``) is ``later`` instead: nothing is changed, and the caller puts it
+        again with its record. Encoding a record costs more than the rest of its put, and a result whose span
+        is here is never stored.
 
         A result op with ``slots`` (a namespace without a run, where one join key may name one answer
         after another) follows the repeated-key rule; one without (a run names the answer) joins

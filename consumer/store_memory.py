@@ -228,6 +228,8 @@ class MemoryJoinStore(store.JoinStore, store.DeadlineIndex, store.Inspectable):
 
     def _buffer(self, k: _Key, op: ResultOp, slots: tuple[str, ...] | None,
                 status: store.ResultStatus) -> ResultPut:
+        if not op.record:  # not encoded: the caller puts it again with its record
+            return ResultPut("later")
         if self._max_pending and len(k.pending) >= self._max_pending:
             return ResultPut("full")
         pending = _Pending(slots, op.record)

@@ -843,7 +843,7 @@ class RedisJoinStore:
                 puts.append(SpanPut(status, {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}))
             elif status == "joined":
                 puts.append(ResultPut("joined", reply[1]))
-            elif status in ("full", "tagged", "quota") or (op.by_tag and status == "duplicate"):  # not stored
+            elif status in ("full", "tagged", "quota", "later") or (op.by_tag and status == "duplicate"):  # not stored
                 puts.append(ResultPut(status))
             else:
                 index.append((op.ns, member, op.deadline_ms))

@@ -148,6 +148,27 @@ async def test_concurrent_sides_always_meet(store: Store) -> None:
         assert joined != ("e" in released)  # exactly one of the two sides saw the match
 
 
+async def test_a_result_without_its_record_joins_or_changes_nothing(store: Store) -> None:
+    """A result put without its record (b"") joins a span that is here; one that would be stored is "later" and
+    nothing is stored, indexed or counted, until it is put again with its record."""
+    other = Namespace("app", "q-2")
+    slot = evaluation_slot("faithfulness", {})
+    await put_span(store, NS, "t:1", b"SPAN", 10_000)
+    put = await put_result(store, NS, "e1", b"", ["v1"], 10_000, slots=[slot])
+    assert (put.status, put.span) == ("joined", b"t:1\nSPAN")
+    # The span has this slot taken: another result of that slot would wait for the key's next answer.
+    assert (await put_result(store, NS, "e2", b"", ["v2"], 10_000, slots=[slot])).status == "later"
+    assert (await put_result(store, other, "e3", b"", ["v3"], 10_000, slots=[slot])).status == "later"
+    assert (await store.lookup(other)).pending_results == {}
+    assert (await store.lookup(NS)).pending_results == {}
+    # The span alone is indexed.
+    assert [(side.namespace, side.event_id) for side in await all_due(store, 20_000)] == [(NS, None)]
+    assert await store.census() == {"app": {"spans": 1, "results": 0}}
+    assert (await put_result(store, other, "e3", b"R3", ["v3"], 10_000, slots=[slot])).status == "buffered"
+    assert (await put_result(store, NS, "e2", b"R2", ["v2"], 10_000, slots=[slot])).status == "waiting"
+    assert (await put_result(store, other, "e3", b"", ["v3"], 10_000, slots=[slot])).status == "duplicate"
+
+
 async def test_result_already_settled_is_not_buffered_again(store: Store) -> None:
     """A result redelivered after its span is gone but whose evaluations were delivered is a duplicate."""
     await store.settle_many([Settle(NS, delivered=["v1", "v2"])])

@@ -34,6 +34,8 @@
                  tag before it came): "1" (a run), "b" (an empty book: the key's next answer replaces it)
       a result:  "r", event_id, record, deadline_ms, member, eval_ids (a counted list),
                  slots ("" in a namespace with a run: then no repeated-key rule applies);
+                 record "": not encoded yet (the caller expects it to join): if it would be stored, it
+                 is "later" and nothing is changed, for the caller to put again with its record;
                  "t" and the same for a result of an ml_app that joins by span tag
       (member: the side's name in the deadline index)
 
@@ -43,6 +45,7 @@
     a result:  {"joined", "<span identity>\n<span body>"} | {"buffered"} | {"waiting"} | {"duplicate"}
                | {"full"}: max_pending results already wait for this join key; not stored
                | {"tagged"} ("t" only): no span is here; not stored, the caller delivers it joined by tag
+               | {"later"} (record ""): it would be stored; nothing changed
     either:    {"quota"}: it would wait without joining anything and its ml_app holds its quota; not stored
 
   A stored side is entered in the deadline index in the same call when the index key is given
@@ -283,6 +286,7 @@ local function put_result(k, event_id, record, deadline, member, eval_ids, slots
       return {'joined', rest}
     end
     -- It repeats an evaluation of this answer (or of a result that waits): it is for the key's next answer.
+    if record == '' then return {'later'} end
     return buffer(k, event_id, '\2' .. slots .. BOOK_END .. record, deadline, member, 'waiting')
   end
   if by_tag then
@@ -295,6 +299,7 @@ local function put_result(k, event_id, record, deadline, member, eval_ids, slots
     index(k, deadline, member)
     return {'duplicate'}
   end
+  if record == '' then return {'later'} end
   if slots ~= '' then record = '\2' .. slots .. BOOK_END .. record end
   return buffer(k, event_id, record, deadline, member, 'buffered')
 end
