@@ -63,7 +63,7 @@ RSS_TARGET_PEER = "quix"  # the peer the RSS target is about
 TARGET_BEFORE_CPU_RATIO = 0.33
 TARGET_BUFFERED_CHANGE = 0.15  # CPU per evaluation with many sides buffered, against the fewest
 # --smoke: these flags' values, where the command line left them at their defaults (every step runs, peers too).
-SMOKE: dict[str, Any] = {"pairs": (300,), "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
+SMOKE: dict[str, Any] = {"pairs": (300, 600), "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
                          "memory_sides": 300, "buffered": (100,), "buffered_pairs": 200, "scaling": (1,),
                          "scale": (1, 2),
                          "soak_seconds": 5.0, "guide_sizes": (200, 400)}
