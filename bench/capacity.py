@@ -99,9 +99,13 @@ class Costs:
         if evals < 1:
             raise ValueError("the file has no options.traffic.evals: is it a `python -m bench --json` file?")
         single = cluster = None
-        if figures.get("throughput"):
-            drains = [run["service"] for run in figures["throughput"]]
-            single = CpuCosts.of(drains, f"throughput step, {len(drains)} drains, a single Redis")
+        if runs := figures.get("throughput"):
+            # With several sizes (--pairs 20000,100000), the largest's runs: the closest to a deployment's steady
+            # state. A file written before runs recorded their size has every run at 0.
+            largest = max(run.get("pairs", 0) for run in runs)
+            drains = [run["service"] for run in runs if run.get("pairs", 0) == largest]
+            at = f" of {largest:,} pairs" if largest else ""
+            single = CpuCosts.of(drains, f"throughput step, {len(drains)} drains{at}, a single Redis")
         if figures.get("scale"):
             points = figures["scale"]
             cluster = CpuCosts.of([p["drain"] for p in points],

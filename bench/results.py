@@ -76,13 +76,16 @@ class Bare:
 
 @dataclass
 class Throughput:
-    """One throughput run: the service's drain, the bare consumer's and each peer's, over the same records."""
+    """One throughput run of ``pairs`` pairs: the service's drain, the bare consumer's, each peer's and, with
+    ``--before-root``, the older checkout's service, over the same records."""
 
     derived: ClassVar[tuple[str, ...]] = ("ratio",)
 
     service: Drain
     bare: Bare
     peers: dict[str, Drain] = field(default_factory=dict)  # by peer name (bench.peers.PEERS)
+    pairs: int = 0  # the size of the run (0: a file written before runs recorded it)
+    before: Drain | None = None  # the same records drained by the service of the --before-root checkout
 
     @property
     def ratio(self) -> float:
@@ -91,6 +94,16 @@ class Throughput:
     def records_ratio(self, peer: str) -> float:
         """The service's records/s over the peer's, in this run."""
         return self.service.records_per_s / self.peers[peer].records_per_s
+
+    def fastest_peer_ratio(self) -> float:
+        """The service's records/s over the faster peer's, in this run."""
+        return self.service.records_per_s / max(d.records_per_s for d in self.peers.values())
+
+    def before_cpu_ratio(self) -> float:
+        """Process CPU per evaluation, now over the --before-root checkout's, in this run."""
+        if self.before is None:
+            raise ValueError("this run has no before drain")
+        return self.service.cpu_ms_per_1000_evals / self.before.cpu_ms_per_1000_evals
 
     def cpu_ratio(self, peer: str) -> float:
         """Evaluations per CPU-second, the service (with redis-server) over the peer, in this run."""

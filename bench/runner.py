@@ -89,7 +89,8 @@ DDTRACE_VERSION = importlib.metadata.version("ddtrace")
 
 @dataclass
 class Options:
-    traffic: TrafficSpec = field(default_factory=lambda: TrafficSpec(pairs=20_000))  # pairs: per throughput run
+    traffic: TrafficSpec = field(default_factory=lambda: TrafficSpec(pairs=20_000))  # pairs: the other steps' size
+    throughput_pairs: tuple[int, ...] = ()  # the throughput step's sizes, each --runs times; empty: traffic.pairs
     partitions: int = 2
     max_batch: int = 500
     runs: int = 3
@@ -112,6 +113,12 @@ class Options:
     profile: str | None = None
     workdir: Path = field(default_factory=lambda: Path("bench-out"))
     service_root: Path | None = None  # run the service from another checkout (before/after comparisons)
+    before_root: Path | None = None  # the throughput step also drains each run's records with this checkout's service
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The throughput step's sizes, in the order given."""
+        return self.throughput_pairs or (self.traffic.pairs,)
 
 
 @dataclass
@@ -379,6 +386,11 @@ class Preloaded:
     expected: set[bytes]  # span ids of the matched pairs
     pairs: dict[bytes, Pair] = field(default_factory=dict)  # by span id
 
+    def regrouped(self, tag: str) -> Preloaded:
+        """The same records under a consumer group and a Redis key prefix of their own (``tag`` appended)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, group=f"{self.run.group}-{tag}",
+                                                                 prefix=f"{self.run.prefix}{tag}"))
+
 
 def stored_span_of(raw: bytes) -> dict[str, Any]:
     """A span-context event as the service stores it under its default rules (consumer.enrich): the
@@ -424,11 +436,13 @@ def peer_command(env: Env, opts: Options, peer: Peer, preloaded: Preloaded, name
 
 async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partitions: int, consumers: int,
                 prefix: str | None = None, profile: Path | None = None, peer: Peer | None = None,
-                preloaded: Preloaded | None = None) -> tuple[Drain, Preloaded]:
+                preloaded: Preloaded | None = None, service_root: Path | None = None) -> tuple[Drain, Preloaded]:
     """Drain a preloaded log with the service (or ``peer``), timed from the group's settled assignment.
 
     Without ``preloaded`` a new run is created and ``pairs_count`` pairs produced; with it, that run's
-    records are drained again by a group of its own (a peer on the service's traffic).
+    records are drained again by a group of its own (a peer on the service's traffic; the service of another
+    checkout on :meth:`Preloaded.regrouped` records). ``service_root``: run the service from that checkout
+    (default ``opts.service_root``).
     """
     if preloaded is None:
         run = Run.new(name, partitions, prefix)
@@ -447,7 +461,7 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     memory_before = [await redis_memory_bytes(node) for node in nodes]
     memory_after = memory_before
     group = Consumers(env, run.settings_env(env, opts.max_batch), count=consumers, name=name, uvloop=opts.uvloop,
-                      profile=profile, service_root=opts.service_root,
+                      profile=profile, service_root=service_root or opts.service_root,
                       command=None if peer is None else peer_command(env, opts, peer, preloaded, name))
     seen: dict[bytes, int] = {}  # evaluations received per span id
     settled: float | None = None

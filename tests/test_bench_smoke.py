@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.__main__ import SMOKE
 from bench.peers import PEERS
 from localenv.kafka import KafkaBroker
 from localenv.redis import RedisCluster, RedisServer
@@ -38,6 +39,10 @@ def test_benchmark_smoke_run_delivers_every_pair(kafka: KafkaBroker, redis_serve
                 "3-shard Redis Cluster: redis-server CPU ms per 1,000 evaluations, each shard"):
         assert row in done.stdout, f"no {row!r} row in:\n{done.stdout}"
     figures = orjson.loads(out.read_bytes())["figures"]
+    sizes = SMOKE["pairs"]
+    assert [run["pairs"] for run in figures["throughput"]] == list(sizes)  # --runs 1 at each size, in order
+    for size in sizes:
+        assert f"throughput at {size:,} pairs" in done.stdout
     for run in figures["throughput"]:
         assert run["service"]["delivered_all"] and run["service"]["missing"] == 0
         assert run["service"]["exit_codes"] == [0]
@@ -69,6 +74,7 @@ def test_benchmark_smoke_run_delivers_every_pair(kafka: KafkaBroker, redis_serve
                               text=True, timeout=60, check=False)
     assert capacity.returncode == 0, capacity.stderr
     assert "3-shard Redis Cluster" in capacity.stdout  # the CPU figures came from the scale step
+    assert f"of {max(sizes):,} pairs" in capacity.stdout  # single-Redis CPU: the largest size's runs
     for row in ("| evaluations/s", "| pods", "| partitions per topic", "| Redis memory to provision",
                 "| Redis shards (primaries)"):
         assert row in capacity.stdout, f"no {row!r} row in:\n{capacity.stdout}"

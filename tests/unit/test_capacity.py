@@ -113,6 +113,17 @@ def test_costs_come_from_the_throughput_step_and_the_scale_step() -> None:
     assert (costs.bytes_per_joined_span, costs.ledger_bytes_per_pair) == (700.0, 250.0)
 
 
+def test_single_redis_costs_come_from_the_largest_size_of_the_throughput_step() -> None:
+    """``--pairs 300,600``: the 600-pair runs are the costs; the 300-pair runs are left out."""
+    data = _results(throughput=[{"pairs": pairs, "service": _drain(cpu, [r])}
+                                for pairs, cpu, r in ((300, 500.0, 90.0), (600, 80.0, 30.0), (300, 400.0, 80.0),
+                                                      (600, 100.0, 40.0))])
+    costs = Costs.from_results(data)
+    assert costs.single is not None
+    assert (costs.single.process_cpu_ms_per_1000_evals, costs.single.redis_cpu_ms_per_1000_evals) == (90.0, 35.0)
+    assert "2 drains of 600 pairs" in costs.single.source
+
+
 @pytest.mark.parametrize(("figures", "names"), [
     ({"throughput": [{"service": _drain(80.0, [30.0])}]}, "memory"),
     ({"memory": MEMORY}, "scale"),
