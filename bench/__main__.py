@@ -24,7 +24,7 @@ import orjson
 
 from bench.intake import LineRateIntake
 from bench.peers import LABELS, PEERS, Peer
-from bench.results import Figures, Scaling, Throughput, median, plain, scale_ratios
+from bench.results import Drain, Figures, Scaling, Throughput, median, plain, scale_ratios
 from bench.runner import (
     ROOT,
     Env,
@@ -35,6 +35,7 @@ from bench.runner import (
     guide,
     latency,
     memory,
+    prepared,
     redis_cluster_env,
     scale,
     soak,
@@ -220,20 +221,32 @@ async def measure(env: Env, opts: Options) -> Figures:
 
 async def throughput_run(env: Env, opts: Options, peers: list[Peer], size: int, i: int, *, first: bool) -> Throughput:
     """One throughput run of ``size`` pairs: the service drains fresh topics, then the bare consumer, the
-    --before-root checkout's service and each peer read the same records again (each under a group of its own)."""
+    --before-root checkout's service and each peer read the same records again (each under a group of its own).
+    With --before-root, every second run drains the before checkout first, so that neither version is always the
+    one that reads the records first."""
     step = f"throughput at {size:,} pairs, run {i + 1}/{max(1, opts.runs)}"
     name = f"throughput-{size}-{i}"
+    preloaded = await prepared(env, opts, name=name, pairs_count=size, partitions=opts.partitions)
+    before: Drain | None = None
+
+    async def drain_before() -> Drain:  # its own group and key prefix: it finds none of the service's sides
+        assert opts.before_root is not None
+        with timed(f"{step}: before ({opts.before_root})"):
+            return (await drain(env, opts, name=f"{name}-before", pairs_count=size, partitions=opts.partitions,
+                                consumers=1, preloaded=preloaded.regrouped("before"),
+                                service_root=opts.before_root))[0]
+
+    if opts.before_root is not None and i % 2 == 1:
+        before = await drain_before()
     with timed(f"{step}: service"):
         profile = Path(opts.profile) if opts.profile and first else None
-        service, preloaded = await drain(env, opts, name=name, pairs_count=size, partitions=opts.partitions,
-                                         consumers=1, profile=profile)
+        service, _ = await drain(env, opts, name=name, pairs_count=size, partitions=opts.partitions,
+                                 consumers=1, profile=profile, preloaded=preloaded)
     with timed(f"{step}: bare consumer"):
         run = Throughput(service, await bare(env, preloaded.run, service.total_records, opts.max_batch), pairs=size)
-    if opts.before_root is not None:  # its own group and key prefix: it finds none of the service's sides
-        with timed(f"{step}: before ({opts.before_root})"):
-            run.before, _ = await drain(env, opts, name=f"{name}-before", pairs_count=size,
-                                        partitions=opts.partitions, consumers=1,
-                                        preloaded=preloaded.regrouped("before"), service_root=opts.before_root)
+    if opts.before_root is not None and before is None:
+        before = await drain_before()
+    run.before = before
     for peer in peers:  # the same records, read again by a group of the peer's own
         with timed(f"{step}: {peer.label}"):
             run.peers[peer.name], _ = await drain(env, opts, name=f"{name}-{peer.name}", pairs_count=size,

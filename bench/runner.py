@@ -434,6 +434,18 @@ def peer_command(env: Env, opts: Options, peer: Peer, preloaded: Preloaded, name
                         ddtrace_version=DDTRACE_VERSION)
 
 
+async def prepared(env: Env, opts: Options, *, name: str, pairs_count: int, partitions: int,
+                   prefix: str | None = None) -> Preloaded:
+    """A new run's topics, with ``pairs_count`` pairs produced into them: what a drain reads."""
+    run = Run.new(name, partitions, prefix)
+    await run.create(env)
+    pairs = make_pairs(spec_for(opts, run.group, pairs_count))
+    sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.traffic.lag_ms)
+    await preload(env, run, pairs, sends)
+    return Preloaded(run, len(sends), {p.span_id.encode() for p in pairs if p.matched},
+                     {p.span_id.encode(): p for p in pairs})
+
+
 async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partitions: int, consumers: int,
                 prefix: str | None = None, profile: Path | None = None, peer: Peer | None = None,
                 preloaded: Preloaded | None = None, service_root: Path | None = None) -> tuple[Drain, Preloaded]:
@@ -445,13 +457,7 @@ async def drain(env: Env, opts: Options, *, name: str, pairs_count: int, partiti
     (default ``opts.service_root``).
     """
     if preloaded is None:
-        run = Run.new(name, partitions, prefix)
-        await run.create(env)
-        pairs = make_pairs(spec_for(opts, run.group, pairs_count))
-        sends = schedule(pairs, rate=PRELOAD_RATE, lag_ms=opts.traffic.lag_ms)
-        await preload(env, run, pairs, sends)
-        preloaded = Preloaded(run, len(sends), {p.span_id.encode() for p in pairs if p.matched},
-                              {p.span_id.encode(): p for p in pairs})
+        preloaded = await prepared(env, opts, name=name, pairs_count=pairs_count, partitions=partitions, prefix=prefix)
     run, expected = preloaded.run, preloaded.expected
     group_id = run.group if peer is None else f"{run.group}-{peer.name}"
     env.intake.take_arrivals()
