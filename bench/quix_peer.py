@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
     max_batch, commit_ms, ttl_s = int(argv[5]), int(argv[6]), int(argv[7])
     state_dir, ddtrace_version = argv[8], argv[9]
     # The service's ddtrace.version tag: ddtrace itself is not in this virtualenv.
-    payload._DDTRACE_VERSION = ddtrace_version  # type: ignore[attr-defined]
+    payload._DDTRACE_VERSION = ddtrace_version
     app = Application(broker_address=bootstrap, consumer_group=group, auto_offset_reset="earliest",
                       commit_interval=commit_ms / 1000, commit_every=max_batch, state_dir=state_dir,
                       loglevel="WARNING", inputs={span_topic, result_topic})
