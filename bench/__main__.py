@@ -58,10 +58,10 @@ TARGET_P99_LOAD = 0.5  # the latency target applies at half the maximal load (pa
 TARGET_P99_MS = 100.0  # ...where the p99 join latency is at most this
 TARGET_SIDE_BYTES = 300  # Redis bytes per buffered side, a span and a result alike
 # Service peak RSS at most this fraction of Quix Streams' (Throughput.rss_ratio("quix"); redis-server not counted).
-TARGET_QUIX_RSS_RATIO = 0.33
+TARGET_QUIX_RSS_RATIO = 1 / 3
 RSS_TARGET_PEER = "quix"  # the peer the RSS target is about
 # Process CPU per 1,000 evaluations at most this fraction of the --before-root checkout's (Throughput.before_cpu_ratio).
-TARGET_BEFORE_CPU_RATIO = 0.33
+TARGET_BEFORE_CPU_RATIO = 1 / 3
 TARGET_BUFFERED_CHANGE = 0.15  # CPU per evaluation with many sides buffered, against the fewest
 # --smoke: these flags' values, where the command line left them at their defaults (every step runs, peers too).
 SMOKE: dict[str, Any] = {"pairs": (300, 600), "runs": 1, "latency_seconds": 3.0, "latency_loads": (0.5,),
