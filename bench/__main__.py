@@ -24,7 +24,7 @@ import orjson
 
 from bench.intake import LineRateIntake
 from bench.peers import LABELS, PEERS, Peer
-from bench.results import Drain, Figures, Scaling, Throughput, median, plain, scale_ratios
+from bench.results import Drain, Figures, Scaling, Throughput, max_pairs_per_s, median, plain, scale_ratios
 from bench.runner import (
     ROOT,
     Env,
@@ -180,21 +180,20 @@ async def measure(env: Env, opts: Options) -> Figures:
     figures = Figures()
     steps = set(opts.steps)
     peers = [Peer.prepare(name) for name in PEERS if name in steps]  # built or installed before any timing
-    max_pairs_per_s = 0.0
+    maximum = 0.0
     if steps & {"throughput", "latency", "soak", *PEERS}:
         runs = max(1, opts.runs)
         for size in opts.sizes:
             for i in range(runs):
                 run = await throughput_run(env, opts, peers, size, i, first=not figures.throughput)
                 figures.throughput.append(run)
-        largest = max(opts.sizes)
-        max_pairs_per_s = median([r.service.pairs_per_s for r in figures.throughput if r.pairs == largest])
+        maximum = max_pairs_per_s(figures.throughput)
     if "latency" in steps:
         with timed("latency"):
-            figures.latency = await latency(env, opts, max_pairs_per_s)
+            figures.latency = await latency(env, opts, maximum)
         for peer in peers:  # at the same loads: fractions of the service's maximum
             with timed(f"latency: {peer.label}"):
-                figures.latency += await latency(env, opts, max_pairs_per_s, peer)
+                figures.latency += await latency(env, opts, maximum, peer)
     if "memory" in steps:
         with timed("redis memory"):
             figures.memory = await memory(env, opts)
@@ -212,7 +211,7 @@ async def measure(env: Env, opts: Options) -> Figures:
             figures.scale = await scale(cluster, opts)
     if "soak" in steps:
         with timed(f"soak {opts.soak_seconds:.0f}s"):
-            figures.soak = await soak(env, opts, max_pairs_per_s)
+            figures.soak = await soak(env, opts, maximum)
     if "guide" in steps:
         with timed("the guide's batch join"):
             figures.guide = await guide(env, opts)
@@ -407,8 +406,7 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
         row(f"consumer RSS over a {sk.seconds:.0f} s soak at {_n(sk.pairs_per_s)} pairs/s, MB start/end/max",
             f"{sk.rss_start_mb:.1f} / {sk.rss_end_mb:.1f} / {sk.rss_max_mb:.1f}", "flat", met(sk.flat))
     if figures.guide:
-        largest = max((r.pairs for r in figures.throughput), default=0)
-        service_rate = median([r.service.pairs_per_s for r in figures.throughput if r.pairs == largest])
+        service_rate = max_pairs_per_s(figures.throughput)
         for join in figures.guide:
             if math.isinf(join.seconds):
                 row(f"guide's batch join, {join.pairs:,} pairs", f"> {opts.guide_budget_s:.0f} s", "", "gave up")

@@ -114,6 +114,13 @@ class Throughput:
         return self.service.peak_rss_mb / self.peers[peer].peak_rss_mb
 
 
+def max_pairs_per_s(runs: list[Throughput]) -> float:
+    """The service's maximum: the median pairs/s of the throughput runs at the largest size (the latency and soak
+    steps take fractions of it, the guide's comparison uses it)."""
+    largest = max((r.pairs for r in runs), default=0)
+    return median([r.service.pairs_per_s for r in runs if r.pairs == largest])
+
+
 @dataclass
 class Latency:
     """Join latency at one load: from a pair's completing side produced to its evaluations at the intake."""
