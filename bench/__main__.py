@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--runs", type=int, default=d.runs, help="throughput runs per size (medians are reported)")
     m.add_argument("--latency-seconds", type=float, default=d.latency_seconds, help="traffic per latency load")
     m.add_argument("--latency-loads", type=_floats, default=d.latency_loads, help="fractions of the max")
+    m.add_argument("--max-pairs-per-s", type=float, default=d.max_pairs_per_s,
+                   help="the maximum the latency and soak loads are fractions of, instead of the throughput step's "
+                        "(to compare two checkouts at the same rates); the throughput step then runs only if asked")
     m.add_argument("--memory-sides", type=int, default=d.memory_sides, help="sides buffered to measure memory")
     m.add_argument("--buffered", type=_ints, default=d.buffered, help="sides already buffered, per cost run")
     m.add_argument("--buffered-pairs", type=int, default=d.buffered_pairs, help="pairs per cost run")
@@ -162,7 +165,8 @@ def options(args: argparse.Namespace) -> Options:
         traffic=TrafficSpec(pairs=args.pairs[0], apps=args.apps, evals=args.evals, order=args.order, lag_ms=args.lag_ms,
                             duplicates=args.duplicates, unmatched=args.unmatched, seed=args.seed),
         partitions=args.partitions, max_batch=args.max_batch, runs=args.runs, latency_seconds=args.latency_seconds,
-        latency_loads=args.latency_loads, memory_sides=args.memory_sides, buffered=args.buffered,
+        latency_loads=args.latency_loads, max_pairs_per_s=args.max_pairs_per_s, memory_sides=args.memory_sides,
+        buffered=args.buffered,
         buffered_pairs=args.buffered_pairs, scaling=args.scaling, scale=args.scale, scale_shards=args.scale_shards,
         soak_seconds=args.soak_seconds,
         soak_load=args.soak_load, guide_sizes=args.guide_sizes, guide_budget_s=args.guide_budget, steps=steps,
@@ -181,13 +185,14 @@ async def measure(env: Env, opts: Options) -> Figures:
     steps = set(opts.steps)
     peers = [Peer.prepare(name) for name in PEERS if name in steps]  # built or installed before any timing
     maximum = 0.0
-    if steps & {"throughput", "latency", "soak", *PEERS}:
+    if steps & {"throughput", *PEERS} or (steps & {"latency", "soak"} and not opts.max_pairs_per_s):
         runs = max(1, opts.runs)
         for size in opts.sizes:
             for i in range(runs):
                 run = await throughput_run(env, opts, peers, size, i, first=not figures.throughput)
                 figures.throughput.append(run)
         maximum = max_pairs_per_s(figures.throughput)
+    maximum = opts.max_pairs_per_s or maximum
     if "latency" in steps:
         with timed("latency"):
             figures.latency = await latency(env, opts, maximum)

@@ -96,6 +96,7 @@ class Options:
     runs: int = 3
     latency_seconds: float = 20.0
     latency_loads: tuple[float, ...] = (0.25, 0.5, 0.9)
+    max_pairs_per_s: float = 0.0  # given: the latency and soak loads are fractions of this, not of a measured maximum
     memory_sides: int = 20_000
     buffered: tuple[int, ...] = (1_000, 100_000, 1_000_000)
     buffered_pairs: int = 10_000
