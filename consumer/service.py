@@ -5,10 +5,8 @@ the join stage decodes every record and joins it in the store (or dead-letters i
 sends what the batch completed; then the commit step records its offsets and commits. So at most two
 batches are in flight, and while one batch is delivered the next is fetched and joined; a joined
 batch waits for the delivery in flight, so one owner's deliveries never race and offsets are committed
-in order. While the join stage works, the loop takes what Kafka fetched meanwhile (up to one batch),
-so that aiokafka's next fetch runs during the join instead of after it. When that batch is full too,
-the assigned partitions are paused and the loop keeps polling, so memory stays bounded and the group
-does not evict a consumer that waits on a slow intake.
+in order. While a stage is full the assigned partitions are paused and the loop keeps polling, so
+memory stays bounded and the group does not evict a consumer that waits on a slow intake.
 
 On SIGTERM the loop stops fetching, lets the batches in flight finish (until ``SHUTDOWN_TIMEOUT_SECONDS``
 after the signal; an unfinished batch is not committed), commits, and leaves the group. A revoke does the
@@ -143,7 +141,6 @@ class Service:
         self._stop_deadline = float("inf")
         self.stop_guard = StopDeadline(settings.shutdown_timeout_seconds + STOP_DEADLINE_MARGIN_S)
         self._paused: set[TopicPartition] = set()
-        self._ahead: Batch = {}  # fetched while the join stage was busy (at most a batch), for its next batch
         self.batches_done = 0
         self.last_progress = clock.now_s()
         self.in_group = False
@@ -172,27 +169,20 @@ class Service:
     async def _run(self) -> None:
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))
         sweeper = asyncio.create_task(self.sweeper.run(), name="evaljoin-sweeper")
+        carry: Batch = {}
         fetch_backoff = Backoff(RETRY_FIRST_S, RETRY_CAP_S)
         try:
             while not self._stopping.is_set():
                 await self._advance()
-                if self._join.has_room:
-                    self._resume()
-                    batch, self._ahead = self._ahead or await self._fetch(fetch_backoff), {}
-                    if batch:
-                        self._join.submit(batch, records=_count(batch))
-                    elif self._idle():
-                        await self._committer.catch_up()
+                if not self._join.has_room:
+                    carry = _merge(carry, await self._hold())
                     continue
-                room = self._max_batch - _count(self._ahead)
-                if room > 0 and not self._paused:
-                    # aiokafka fetches a partition again only once its fetched records are taken: taking them while
-                    # the join works lets the next fetch run meanwhile, instead of a record produced now waiting for
-                    # the batch after next. At most one batch is held ahead; then fetching waits (_hold).
-                    fetched = await self._fetch(fetch_backoff, max_records=room, until_join_done=True)
-                else:
-                    fetched = await self._hold()
-                self._ahead = _merge(self._ahead, fetched)  # read after the await: a revoke may have dropped some
+                self._resume()
+                batch, carry = carry or await self._fetch(fetch_backoff), {}
+                if batch:
+                    self._join.submit(batch, records=_count(batch))
+                elif self._idle():
+                    await self._committer.catch_up()
             await self._finish_in_flight(self._stop_deadline)
         finally:
             await cancel_and_wait(sweeper)
@@ -214,34 +204,25 @@ class Service:
                 self.metrics.batches.inc()
                 self._deliver.submit(joined, evaluations=len(joined.evaluations))
 
-    async def _fetch(self, backoff: Backoff, *, max_records: int | None = None, until_join_done: bool = False) -> Batch:
-        """One ``getmany``; a broker that refuses this consumer (ACLs) makes it unready, not crash or spin.
-
-        With ``until_join_done`` (fetching ahead while the join stage works) it also returns, with nothing, as soon
-        as the join stage has room again, so that what was fetched ahead goes to the join at once.
-        """
-        fetch = asyncio.ensure_future(self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS,
-                                                             max_records=max_records or self._max_batch))
+    async def _fetch(self, backoff: Backoff) -> Batch:
+        """One ``getmany``; a broker that refuses this consumer (ACLs) makes it unready, not crash or spin."""
+        fetch = asyncio.ensure_future(self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=self._max_batch))
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
                 # A delivery that ends while the fetch waits is committed now, not when the fetch returns.
-                waits = {fetch, stop_waiter}
-                for stage in (self._deliver, self._join) if until_join_done else (self._deliver,):
-                    if stage.in_flight is not None:
-                        waits.add(stage.in_flight)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                delivering = self._deliver.in_flight
+                await asyncio.wait({fetch, stop_waiter} if delivering is None else {fetch, stop_waiter, delivering},
+                                   return_when=asyncio.FIRST_COMPLETED)
                 if fetch.done():
                     break
-                if not stop_waiter.done():
-                    await self._advance()
-                if stop_waiter.done() or (until_join_done and self._join.has_room):
+                if stop_waiter.done():
                     # getmany's timeout does not bound it while the group rebalances (aiokafka waits for the new
                     # assignment first), which lasts as long as the coordinator is unreachable: a stop must not
                     # wait for it. Nothing fetched is lost: a getmany cancelled mid-wait has handed out nothing.
                     await cancel_and_wait(fetch)
-                    ended: Batch = {} if fetch.cancelled() or fetch.exception() else fetch.result()
-                    return ended  # records it returned before the cancel landed are kept
+                    return {}
+                await self._advance()
             with kafka_errors():
                 batch: Batch = fetch.result()
         except DependencyError as exc:
@@ -318,7 +299,7 @@ class Service:
 
     def _idle(self) -> bool:
         """No batch in either stage: every record fetched so far is finished."""
-        return self._join.has_room and self._deliver.has_room and not self._ahead and not self._stopping.is_set()
+        return self._join.has_room and self._deliver.has_room and not self._stopping.is_set()
 
     def _progressed(self) -> None:
         self.last_progress = self._clock.now_s()
@@ -339,9 +320,6 @@ class Service:
         await self._finish_in_flight(min(self._stop_deadline, self._clock.monotonic() + self._shutdown_timeout))
         await self._committer.commit()
         self._committer.forget(revoked)
-        # Records fetched ahead from a revoked partition are the next owner's (from the committed offset); one
-        # assigned again is fetched again from there.
-        self._ahead = {tp: records for tp, records in self._ahead.items() if tp not in revoked}
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
 
     # -- health ---------------------------------------------------------------------------------
