@@ -227,6 +227,7 @@ class Settings(KafkaSettings):
     kafka_max_batch: int = Field(500, ge=1, le=100_000)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
     kafka_fetch_max_wait_ms: int = Field(100, ge=0, le=10_000)
+    kafka_fetch_min_bytes: int = Field(65_536, ge=1, le=52_428_800)
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100, le=1_200_000)
     # A half-open connection (a peer or middlebox that vanished without FIN or RST) is noticed only when a request

@@ -376,6 +376,7 @@ class _ServiceContext:
                                     fetch_max_bytes=max(FETCH_MAX_BYTES, s.max_message_bytes * 2),
                                     max_partition_fetch_bytes=s.max_message_bytes + RECORD_OVERHEAD_BYTES,
                                     fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+                                    fetch_min_bytes=s.kafka_fetch_min_bytes,
                                     session_timeout_ms=s.kafka_session_timeout_ms,
                                     # A revoke waits for the batches in flight for up to SHUTDOWN_TIMEOUT_SECONDS: the
                                     # group must wait as long before it drops this member (aiokafka's default is the

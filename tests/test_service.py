@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter, defaultdict
@@ -103,6 +104,36 @@ async def test_one_span_many_evaluations_including_late_ones(make_settings: Call
     assert {(app, span, trace) for app, span, trace, _ in received(intake)} == {("nemos-demo", "42", "abc123")}
     metric = intake.accepted_metrics()[0]
     assert metric["metadata"] == {"nemo": {"job_id": "eval-job-1", "target_type": "model"}}
+
+
+async def test_fetch_min_bytes_gathers_a_trickle_into_a_few_batches(make_settings: Callable[..., Settings],
+                                                                   topics: Topics, producer: AIOKafkaProducer,
+                                                                   intake: FakeIntake) -> None:
+    """KAFKA_FETCH_MIN_BYTES above a trickle's size (the default, 64 KiB): the broker answers a fetch after
+    KAFKA_FETCH_MAX_WAIT_MS with what arrived meanwhile, so a light stream costs a few batches instead of about one
+    per record (KAFKA_FETCH_MIN_BYTES=1); every pair is still delivered."""
+
+    async def trickle(service: Service, first_span: int) -> int:
+        await eventually(lambda: service.in_group, what="the assignment")
+        before = service.batches_done
+        spans = {str(first_span + i) for i in range(15)}
+        for span in sorted(spans):
+            await send_json(producer, topics.span, span_event(f"k-{span}", span=span))
+            await send_json(producer, topics.result, result_event(f"k-{span}", f"evt-{span:0>8}"))
+            await asyncio.sleep(0.04)
+        await eventually(lambda: spans <= {span for _, span, _, _ in received(intake)}, what="the trickle")
+        return service.batches_done - before
+
+    at_once = make_settings(kafka_fetch_max_wait_ms=500, kafka_fetch_min_bytes=1)
+    async with running_service(at_once) as service:
+        batches_at_once = await trickle(service, 1_000)
+    gathering = at_once.model_copy(update={"kafka_fetch_min_bytes": Settings().kafka_fetch_min_bytes,
+                                           "kafka_group_id": at_once.kafka_group_id + "-gathering"})
+    async with running_service(gathering) as service:
+        await eventually(lambda: service.batches_done > 0, what="the first trickle, read again by the new group")
+        batches_gathered = await trickle(service, 2_000)
+    assert batches_gathered <= 4 < 8 <= batches_at_once, (batches_gathered, batches_at_once)
+    assert len(received(intake)) == 30  # each pair once: the second group found the first trickle delivered
 
 
 async def test_redelivered_and_republished_events_are_delivered_once(make_settings: Callable[..., Settings],
