@@ -355,6 +355,9 @@ def render(opts: Options, figures: Figures, heading: str) -> tuple[str, bool]:
             verdict = met(lat.p99_ms <= TARGET_P99_MS) if target else ""
             row(f"join latency at {lat.load:.0%} ({_n(lat.pairs_per_s)} pairs/s), p50/p95/p99 ms",
                 f"{_n(lat.p50_ms)} / {_n(lat.p95_ms)} / {_n(lat.p99_ms)}", target, verdict)
+        if lat.cpu_ms_per_1000_evals is not None:
+            row(f"  {LABELS.get(lat.process, 'service')} process CPU ms per 1,000 evaluations at {lat.load:.0%}",
+                _n(lat.cpu_ms_per_1000_evals))
         if lat.delivered < lat.matched:
             ok = False
             row(f"  delivered at {lat.load:.0%}", f"{lat.delivered} of {lat.matched} pairs", "", "MISSING")

@@ -135,6 +135,9 @@ class Latency:
     p99_ms: float
     max_ms: float
     process: str = "evaljoin"  # or the peer's name: from the completing side to the peer's post
+    # The process's CPU while this load ran (idle moments included) per evaluation delivered; None in a file
+    # written before it was measured.
+    cpu_ms_per_1000_evals: float | None = None
 
 
 @dataclass

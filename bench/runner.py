@@ -603,12 +603,15 @@ async def latency(env: Env, opts: Options, max_pairs_per_s: float, peer: Peer | 
         await group.wait_stable(opts.partitions)
         for load in opts.latency_loads:
             rate = max(1.0, load * max_pairs_per_s)
+            cpu0 = group.cpu_seconds()
             traffic = await live(env, opts, run, producer, rate=rate, seconds=opts.latency_seconds,
                                  tag=f"l{int(load * 100)}")
+            # Everything the process spent while this load ran, idle moments included, per evaluation delivered.
+            cpu_ms = (group.cpu_seconds() - cpu0) * 1e6 / max(1, traffic.delivered * opts.traffic.evals)
             ms = [v * 1000 for v in traffic.latencies]
             out.append(Latency(load, rate, traffic.pairs, traffic.matched, traffic.delivered, percentile(ms, 0.5),
                                percentile(ms, 0.95), percentile(ms, 0.99), max(ms) if ms else float("nan"),
-                               "evaljoin" if peer is None else peer.name))
+                               "evaljoin" if peer is None else peer.name, cpu_ms))
     finally:
         await producer.stop()
         group.stop()

@@ -146,3 +146,33 @@ async def test_latency_takes_its_maximum_from_the_largest_size(monkeypatch: pyte
     assert made == [600, 600, 600, 300, 300, 300]
     assert maxima == [6_001 / 4]  # the 600-pair runs' median pairs/s (records/s over 4 here)
     assert [run.pairs for run in figures.throughput] == made
+
+
+async def test_a_given_maximum_replaces_the_throughput_step_for_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    maxima: list[float] = []
+
+    async def throughput_run(env: Any, opts: Options, peers: Any, size: int, i: int, *, first: bool) -> Throughput:
+        made.append(size)
+        return SMALL
+
+    async def latency(env: Any, opts: Options, max_pairs_per_s: float, peer: Any = None) -> list[Latency]:
+        maxima.append(max_pairs_per_s)
+        return []
+
+    monkeypatch.setattr(cli, "throughput_run", throughput_run)
+    monkeypatch.setattr(cli, "latency", latency)
+    opts = options(parser().parse_args(["--steps", "latency", "--max-pairs-per-s", "3000"]))
+    await cli.measure(None, opts)  # type: ignore[arg-type]
+    assert (made, maxima) == ([], [3_000.0])  # both checkouts of an A/B get the same rates, no drain first
+    opts = options(parser().parse_args(["--steps", "throughput,latency", "--max-pairs-per-s", "3000", "--runs", "1"]))
+    await cli.measure(None, opts)  # type: ignore[arg-type]
+    assert (len(made), maxima[-1]) == (1, 3_000.0)  # the throughput step still runs when asked
+
+
+def test_each_latency_load_shows_the_process_cpu_per_evaluation_when_measured() -> None:
+    figures = _figures(SMALL)
+    figures.latency[1] = dataclasses.replace(figures.latency[1], cpu_ms_per_1000_evals=190.0)
+    table, _ = render(Options(), figures, "heading")
+    assert _row(table, "  service process CPU ms per 1,000 evaluations at 50%") == ["190"]
+    assert "evaluations at 25%" not in table  # not measured (a file written before it was)
