@@ -78,3 +78,19 @@ def test_benchmark_smoke_run_delivers_every_pair(kafka: KafkaBroker, redis_serve
     for row in ("| evaluations/s", "| pods", "| partitions per topic", "| Redis memory to provision",
                 "| Redis shards (primaries)"):
         assert row in capacity.stdout, f"no {row!r} row in:\n{capacity.stdout}"
+
+
+@pytest.mark.timeout(240)
+def test_hot_path_harness_joins_and_delivers_every_evaluation_from_two_checkouts() -> None:
+    """``python -m bench.hot_path`` runs the service's join and delivery stages on a redis-server it starts, once
+    per checkout per run (here this checkout twice), and exits 0 only if each delivered every matched pair's
+    evaluations once. No timing is asserted."""
+    done = subprocess.run([sys.executable, "-m", "bench.hot_path", "--pairs", "600", "--runs", "2",
+                           "--before-root", str(ROOT)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    rows = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 3 and rows[-1]["runs"] == 2
+    for row in rows[:2]:
+        assert row["now_us_per_eval"] > 0 and row["before_us_per_eval"] > 0 and row["ratio"] > 0
+        assert row["now_redis_us_per_eval"] > 0

@@ -11,6 +11,7 @@ import pytest
 
 import bench.__main__ as cli
 from bench.__main__ import options, parser, render
+from bench.hot_path import instructions_per_eval
 from bench.results import Bare, Drain, Figures, Latency, Memory, Throughput, plain
 from bench.runner import Options
 
@@ -176,3 +177,11 @@ def test_each_latency_load_shows_the_process_cpu_per_evaluation_when_measured() 
     table, _ = render(Options(), figures, "heading")
     assert _row(table, "  service process CPU ms per 1,000 evaluations at 50%") == ["190"]
     assert "evaluations at 25%" not in table  # not measured (a file written before it was)
+
+
+def test_instructions_per_evaluation_leave_out_what_does_not_grow_and_the_traffic() -> None:
+    """bench.hot_path --instructions: start-up cancels between the two sizes; building the traffic is taken off."""
+    small = {"instructions": 4.0e9, "evaluations": 3_800.0}
+    large = {"instructions": 7.6e9, "evaluations": 7_600.0}
+    assert instructions_per_eval(small, large, traffic_growth=0.0) == pytest.approx(3.6e9 / 3_800)
+    assert instructions_per_eval(small, large, traffic_growth=0.38e9) == pytest.approx(3.22e9 / 3_800)
