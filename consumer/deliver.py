@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import structlog
 
@@ -202,5 +202,5 @@ def _unique(joined: Sequence[Joined]) -> list[Joined]:
     for item in joined:
         first = out.setdefault(item.eval_id, item)
         if item.buffered and not first.buffered:
-            out[item.eval_id] = replace(first, buffered=True)
+            out[item.eval_id] = first._replace(buffered=True)
     return list(out.values())

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -49,8 +48,8 @@ log = structlog.get_logger(__name__)
 Batch = dict[Any, list[Any]]  # one getmany(): TopicPartition -> its records, in offset order
 
 
-@dataclass(frozen=True)
-class Source:
+# Source, Joined and JoinResult are built per record or per evaluation: NamedTuples (see consumer.store's SpanOp).
+class Source(NamedTuple):
     """Where a record came from: for dead-letter headers, deadlines and logs."""
 
     topic: str
@@ -63,8 +62,7 @@ class Source:
                 "timestamp_ms": self.timestamp_ms}
 
 
-@dataclass(frozen=True)
-class Joined:
+class Joined(NamedTuple):
     """One evaluation, joined to its span and encoded for the intake."""
 
     namespace: Namespace
@@ -85,8 +83,7 @@ class JoinedBatch:
     evaluations: list[Joined]
 
 
-@dataclass(frozen=True)
-class JoinResult:
+class JoinResult(NamedTuple):
     status: str  # stored | replaced | duplicate | joined | buffered | waiting | tagged
     joined: list[Joined]
 
@@ -216,7 +213,7 @@ class Joiner:
         puts = await self._store.put_many(ops) if ops else []
         later = [i for i, put in enumerate(puts) if put.status == "later"]
         if later:  # their spans are not here: put them again, encoded
-            again = [dataclasses.replace(ops[i], record=records.encode(fields_of[i])) for i in later]
+            again = [ops[i]._replace(record=records.encode(fields_of[i])) for i in later]
             for i, op, put in zip(later, again, await self._store.put_many(again), strict=True):
                 ops[i], puts[i] = op, put
         results = [put.status for put in puts if isinstance(put, ResultPut)]
