@@ -250,6 +250,7 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
         for _event_id, result_record in sorted(put.pending.items()):
             joined.extend(_joined(ns, record, records.decode(result_record, ns), buffered=True))
         return JoinResult(put.status, joined)
+    assert isinstance(op, ResultOp)
     if put.status == "full":
         return InvalidMessage(
             "too_many_pending_results",
@@ -259,11 +260,12 @@ def _outcome(op: SpanOp | ResultOp, put: SpanPut | ResultPut, record: dict[str, 
     if put.status == "tagged":
         assert tag is not None
         # "buffered": a copy of it may have waited here from before (it is then dropped once delivered).
-        return JoinResult("tagged", _joined(ns, tagged_span(ns, *tag), record, buffered=True))
+        return JoinResult("tagged", _joined(ns, tagged_span(ns, *tag), record, buffered=True, eval_ids=op.eval_ids))
     if put.status != "joined":
         return JoinResult(put.status, [])
     assert put.span is not None
-    return JoinResult("joined", _joined(ns, records.decode_span(put.span, ns), record, buffered=False))
+    return JoinResult("joined", _joined(ns, records.decode_span(put.span, ns), record, buffered=False,
+                                        eval_ids=op.eval_ids))
 
 
 def tagged_span(ns: Namespace, key: str, value: str) -> dict[str, Any]:
@@ -276,11 +278,15 @@ def _name(ns: Namespace) -> str:
     return f"{ns.ml_app}/{ns.join_key}" + (f" (run {ns.run})" if ns.run else "")
 
 
-def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buffered: bool) -> list[Joined]:
+def _joined(ns: Namespace, span: dict[str, Any], result: dict[str, Any], *, buffered: bool,
+            eval_ids: Sequence[str] = ()) -> list[Joined]:
+    """The result's evaluations joined to the span; ``eval_ids``, if the caller has them, are their ids."""
+    ids = eval_ids or [evaluation_id(ns.ml_app, ns.join_key, result["event_id"], index, ns.run)
+                       for index in range(len(result["evaluations"]))]
     return [
         Joined(
             namespace=ns,
-            eval_id=evaluation_id(ns.ml_app, ns.join_key, result["event_id"], index, ns.run),
+            eval_id=ids[index],
             event_id=result["event_id"],
             label=evaluation["label"],
             metric=encode_metric(build_metric(span, result, index)),
