@@ -161,7 +161,7 @@ def options(args: argparse.Namespace) -> Options:
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise SystemExit(f"unknown steps: {', '.join(sorted(unknown))}")
-    return Options(
+    opts = Options(
         traffic=TrafficSpec(pairs=args.pairs[0], apps=args.apps, evals=args.evals, order=args.order, lag_ms=args.lag_ms,
                             duplicates=args.duplicates, unmatched=args.unmatched, seed=args.seed),
         partitions=args.partitions, max_batch=args.max_batch, runs=args.runs, latency_seconds=args.latency_seconds,
@@ -175,6 +175,10 @@ def options(args: argparse.Namespace) -> Options:
         service_root=args.service_root.resolve() if args.service_root else None,
         throughput_pairs=args.pairs, before_root=args.before_root.resolve() if args.before_root else None,
     )
+    if opts.before_root is not None and not opts.drains:
+        raise SystemExit(f"--before-root drains each throughput run's records again, and --steps {args.steps} "
+                         "runs no throughput run: add the throughput step")
+    return opts
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ async def measure(env: Env, opts: Options) -> Figures:
     steps = set(opts.steps)
     peers = [Peer.prepare(name) for name in PEERS if name in steps]  # built or installed before any timing
     maximum = 0.0
-    if steps & {"throughput", *PEERS} or (steps & {"latency", "soak"} and not opts.max_pairs_per_s):
+    if opts.drains:
         runs = max(1, opts.runs)
         for size in opts.sizes:
             for i in range(runs):

@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from bench.intake import LineRateIntake
-from bench.peers import Peer
+from bench.peers import PEERS, Peer
 from bench.results import Bare, Buffered, Drain, GuideJoin, Latency, Memory, Scale, Soak
 from bench.traffic import Pair, Send, TrafficSpec, make_pairs, schedule, write_guide_files
 from consumer import payload, records
@@ -120,6 +120,13 @@ class Options:
     def sizes(self) -> tuple[int, ...]:
         """The throughput step's sizes, in the order given."""
         return self.throughput_pairs or (self.traffic.pairs,)
+
+    @property
+    def drains(self) -> bool:
+        """Whether the throughput runs happen: asked for, needed by a peer, or needed for the maximum the latency
+        and soak loads are fractions of (unless ``max_pairs_per_s`` gives it)."""
+        steps = set(self.steps)
+        return bool(steps & {"throughput", *PEERS} or (steps & {"latency", "soak"} and not self.max_pairs_per_s))
 
 
 @dataclass

@@ -185,3 +185,14 @@ def test_instructions_per_evaluation_leave_out_what_does_not_grow_and_the_traffi
     large = {"instructions": 7.6e9, "evaluations": 7_600.0}
     assert instructions_per_eval(small, large, traffic_growth=0.0) == pytest.approx(3.6e9 / 3_800)
     assert instructions_per_eval(small, large, traffic_growth=0.38e9) == pytest.approx(3.22e9 / 3_800)
+
+
+def test_before_root_without_a_throughput_run_is_refused(tmp_path: Path) -> None:
+    """--before-root drains the throughput runs' records again: steps with no throughput run would leave it unused."""
+    (tmp_path / "consumer").mkdir()
+    for steps in (["--steps", "memory"], ["--steps", "latency", "--max-pairs-per-s", "3000"]):
+        with pytest.raises(SystemExit, match="runs no throughput run: add the throughput step"):
+            options(parser().parse_args([*steps, "--before-root", str(tmp_path)]))
+    # The latency step alone drains first, for the maximum its loads are fractions of; a peer step drains too.
+    for steps in (["--steps", "latency"], ["--steps", "quix"], ["--steps", "throughput,memory"]):
+        assert options(parser().parse_args([*steps, "--before-root", str(tmp_path)])).drains
