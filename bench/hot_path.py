@@ -116,7 +116,10 @@ async def _one_run(redis_url: str, pairs: int, *, traffic_only: bool = False) ->
         for record in records[start:start + BATCH]:
             batch.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
         batches.append(batch)
-    warm = max(1, int(len(batches) * WARM_SHARE))
+    if len(batches) < 2:
+        raise SystemExit(f"--pairs {pairs} makes {len(batches)} batch(es) of {BATCH} records: at least 2 are needed "
+                         "(one warms up, the rest are measured)")
+    warm = min(max(1, int(len(batches) * WARM_SHARE)), len(batches) - 1)
     for batch in batches[:warm]:  # first calls: lazy imports, script loads, connections
         await deliverer.deliver_batch(await join(batch))
     delivered_before = delivered

@@ -3,7 +3,8 @@
 # redis-server and openssl (Debian; openssl makes the throwaway TLS certificates of the security
 # tests), a JDK and Maven for the Kafka broker and the benchmark's Kafka Streams peer, the Python
 # packages in .venv and the Apache Kafka jars from Maven Central; with --chart-tools (the test
-# command) also the benchmark's peers, helm (built with Go) and the chart and Dockerfile linters.
+# command) also the benchmark's peers, valgrind (bench.hot_path --instructions), helm (built with Go) and the
+# chart and Dockerfile linters.
 # Safe to run again; it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,10 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # A JDK, not only a JRE: the benchmark's Kafka Streams peer (bench/kstreams) is compiled by Maven.
 command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
+# The test tools: valgrind counts instructions for `python -m bench.hot_path --instructions` (tests/test_bench_smoke.py).
+if [ "${1:-}" = "--chart-tools" ]; then
+  command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -94,3 +94,21 @@ def test_hot_path_harness_joins_and_delivers_every_evaluation_from_two_checkouts
     for row in rows[:2]:
         assert row["now_us_per_eval"] > 0 and row["before_us_per_eval"] > 0 and row["ratio"] > 0
         assert row["now_redis_us_per_eval"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_hot_path_counts_instructions_per_evaluation_under_valgrind() -> None:
+    """``--instructions``: each size runs under valgrind, delivers every matched pair's evaluations once, and the
+    count per evaluation comes out of valgrind's report. No figure is asserted but that it is there."""
+    done = subprocess.run([sys.executable, "-m", "bench.hot_path", "--instructions", "--pairs", "600"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    (row,) = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert row["now_instructions_per_eval"] > 0
+
+
+def test_hot_path_refuses_a_traffic_of_one_batch() -> None:
+    """Too few pairs for a warm-up batch and a measured one: refused with the reason, not a division by zero."""
+    done = subprocess.run([sys.executable, "-m", "bench.hot_path", "--pairs", "100", "--runs", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "at least 2 are needed" in done.stderr, done.stderr[-2000:]
