@@ -6,7 +6,8 @@ duplicates, 5% unmatched) as Kafka records in batches of 500, and runs each batc
 join stage (``BatchJoin``: decode, ``put_many``) and delivery stage (``Deliverer``: claim, the real
 ``HttpIntakeSink`` on an in-process transport that answers 202, settle), on a ``RedisJoinStore``. What it
 leaves out is what a code change on the hot path does not touch: aiokafka's fetch, the offset commit, and the
-HTTP sockets.
+HTTP sockets. It builds the two stages itself, with the constructors ``consumer.service`` calls, rather than
+through the service: it must also run older checkouts (``--before-root``), whose service builds them inline.
 
 It prints one JSON line per run and then the medians: the process's CPU microseconds per evaluation
 (``time.process_time`` around the batches only, after a tenth of them as warm-up), and redis-server's
@@ -48,7 +49,8 @@ def _records(pairs: int, span_topic: str, result_topic: str) -> tuple[list[Any],
 
     from bench.traffic import TrafficSpec, make_pairs, schedule
 
-    made = make_pairs(TrafficSpec(pairs=pairs, run=uuid.uuid4().hex[:8]))
+    spec = TrafficSpec(pairs=pairs, run=uuid.uuid4().hex[:8])
+    made = make_pairs(spec)
     out = []
     for offset, send in enumerate(schedule(made, rate=RATE, lag_ms=100.0)):
         pair = made[send.pair]
@@ -56,7 +58,7 @@ def _records(pairs: int, span_topic: str, result_topic: str) -> tuple[list[Any],
         partition = zlib.crc32(pair.key) % 2
         out.append(ConsumerRecord(topic, partition, offset, int(time.time() * 1000), 0, pair.key, value, None,
                                   len(pair.key), len(value), []))
-    return out, sum(pair.matched for pair in made) * TrafficSpec().evals
+    return out, sum(pair.matched for pair in made) * spec.evals
 
 
 async def _one_run(redis_url: str, pairs: int, *, traffic_only: bool = False) -> dict[str, float]:
