@@ -18,20 +18,25 @@ Times on a shared virtual machine vary by 10 to 20% from run to run, more than m
 worth. ``--instructions`` counts instead (it needs valgrind: ``apt-get install valgrind``): each checkout runs
 ``--pairs`` and twice as many under cachegrind, and the growth in instructions, less what building the larger
 traffic alone adds, over the growth in evaluations, is the instructions one evaluation costs. Start-up and
-imports cancel out; with a fixed hash seed two counts agree to within 0.5%. It counts the process only, not
-redis-server, and instructions are not time (a cache miss costs more than an add), so a change is judged by
-both.
+imports cancel out; with a fixed hash seed two counts agree to within 0.5%. redis-server is counted the same
+way: each of those runs gets a fresh redis-server under cachegrind (AOF, ``appendfsync always``), stopped with
+``SHUTDOWN NOSAVE`` when the run ends, and its growth from N to 2N pairs over the growth in evaluations is
+redis-server's instructions per evaluation (the Lua scripts, the commands they call, the AOF). Instructions are
+not time (a cache miss costs more than an add, an fsync costs none), so a change is judged by both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -174,6 +179,64 @@ def _child(root: Path, redis_url: str, pairs: int, *, traffic_only: bool = False
     return got
 
 
+class _CountedRedis:
+    """A fresh redis-server under cachegrind for one run: :attr:`url` while it runs; :meth:`stop` gives its count."""
+
+    def __init__(self) -> None:
+        import redis
+
+        from localenv.ports import free_port
+
+        self._dir = Path(tempfile.mkdtemp(prefix="hot-path-redis-"))
+        port = free_port()
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._log = self._dir / "valgrind.log"
+        self._proc = subprocess.Popen(
+            ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+             f"--log-file={self._log}", "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self._dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._client = redis.Redis.from_url(self.url, socket_timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self._client.ping()
+                return
+            except redis.ConnectionError:
+                if self._proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+            self._proc.kill()
+            report = self._log.read_text() if self._log.exists() else ""
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise SystemExit(f"redis-server under valgrind did not start:\n{report[-2000:]}")
+
+    def stop(self) -> float:
+        """Shut the server down and return the instructions it ran, start-up included."""
+        import redis
+
+        with contextlib.suppress(redis.ConnectionError):  # SHUTDOWN answers by closing the connection
+            self._client.shutdown(nosave=True)
+        self._client.close()
+        self._proc.wait(timeout=120)
+        report = self._log.read_text()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        counted = re.search(r"I\s+refs:\s+([\d,]+)", report)
+        if counted is None:
+            raise SystemExit(f"valgrind printed no instruction count for redis-server:\n{report[-2000:]}")
+        return float(counted.group(1).replace(",", ""))
+
+
+def _counted_child(root: Path, pairs: int) -> dict[str, float]:
+    """:func:`_child` under valgrind, on a redis-server of its own counted too, as ``redis_instructions``."""
+    server = _CountedRedis()
+    try:
+        got = _child(root, server.url, pairs, instructions=True)
+    finally:
+        redis_instructions = server.stop()
+    return got | {"redis_instructions": redis_instructions}
+
+
 def _timed(roots: list[tuple[str, Path]], redis_url: str, pairs: int, runs: int) -> None:
     """CPU per evaluation, each root once per run, alternating which goes first."""
     rows: list[dict[str, float]] = []
@@ -199,16 +262,21 @@ def instructions_per_eval(small: dict[str, float], large: dict[str, float], traf
 def _instructions(roots: list[tuple[str, Path]], redis_url: str, pairs: int) -> None:
     """Instructions per evaluation: the difference between runs of ``pairs`` and twice as many, less the same
     difference for building the traffic alone, over the difference in evaluations. What does not grow with the
-    traffic (the interpreter's start, imports, connections) cancels out."""
+    traffic (the interpreter's start, imports, connections) cancels out. redis-server's the same way, each run on
+    a fresh server of its own (building the traffic does not touch it: nothing is subtracted)."""
     now_root = roots[0][1]
     traffic = [_child(now_root, redis_url, n, traffic_only=True, instructions=True) for n in (pairs, 2 * pairs)]
     traffic_growth = traffic[1]["instructions"] - traffic[0]["instructions"]
     row: dict[str, float] = {}
     for name, root in roots:
-        small, large = (_child(root, redis_url, n, instructions=True) for n in (pairs, 2 * pairs))
+        small, large = (_counted_child(root, n) for n in (pairs, 2 * pairs))
         row[f"{name}_instructions_per_eval"] = round(instructions_per_eval(small, large, traffic_growth))
+        row[f"{name}_redis_instructions_per_eval"] = round(instructions_per_eval(
+            {**small, "instructions": small["redis_instructions"]},
+            {**large, "instructions": large["redis_instructions"]}, 0.0))
     if len(roots) > 1:
-        row["ratio"] = round(row["now_instructions_per_eval"] / row["before_instructions_per_eval"], 4)
+        for what in ("instructions", "redis_instructions"):
+            row[f"{what}_ratio"] = round(row[f"now_{what}_per_eval"] / row[f"before_{what}_per_eval"], 4)
     print(json.dumps(row), flush=True)
 
 
