@@ -16,6 +16,7 @@ import pytest
 
 from consumer import records
 from consumer.store import (
+    AppUsage,
     ClaimVerdict,
     DeadlineIndex,
     DueSide,
@@ -222,6 +223,40 @@ async def test_claims_exclude_other_owners_until_lease_ends(store: Store) -> Non
     await store.settle_many([Settle(NS, dead_lettered=["v2"])])
     assert await claim(store, NS, ["v1", "v2"], owner="c", now_ms=9000) == ["done", "done"]
     assert await store.delivery_state(NS, "v2") == "x"
+
+
+async def test_an_id_listed_twice_gets_one_verdict_and_a_result_dropped_twice_counts_once(store: Store) -> None:
+    """An evaluation id twice in one claim is "new" both times for its claimant and "busy" both times for another
+    owner; a result id twice in one settle (and one that is not there) is dropped, and uncounted, once."""
+    assert await claim(store, NS, ["v1", "v1", "v2"], owner="a", now_ms=1000) == ["new", "new", "new"]
+    assert await claim(store, NS, ["v1", "v1"], owner="b", now_ms=1100) == ["busy", "busy"]
+    assert await claim(store, NS, ["v1", "v1"], owner="a", now_ms=1100) == ["new", "new"]
+    other = Namespace("app", "q-2")
+    await put_result(store, other, "e1", b"R1", ["w1"], 10_000)
+    await put_result(store, other, "e2", b"R2", ["w2"], 10_000)
+    before = (await store.app_usage())["app"]
+    await store.settle_many([Settle(other, delivered=["w1", "w1"], drop_event_ids=["e1", "e1", "e-none"])])
+    assert (await store.app_usage())["app"] == AppUsage(before.sides - 1, before.bytes - len(b"R1"))
+    assert await store.delivery_state(other, "w1") == "d"
+    assert (await put_result(store, other, "e2", b"R2", ["w2"], 10_000)).status == "duplicate"  # still waiting
+
+
+async def test_thousands_of_evaluations_of_one_join_key_in_one_claim_and_one_settle(store: Store) -> None:
+    """One join key with thousands of evaluations in one claim and one settle (a call's arguments are many,
+    not bounded by the batch size): every one is claimed, recorded and found done, every result dropped."""
+    eval_ids = [f"v{i}" for i in range(2_500)]
+    assert await claim(store, NS, eval_ids, owner="a", now_ms=1000) == ["new"] * len(eval_ids)
+    assert await claim(store, NS, eval_ids, owner="b", now_ms=1100) == ["busy"] * len(eval_ids)
+    event_ids = [f"e{i}" for i in range(1_200)]
+    for chunk in range(0, len(event_ids), 400):
+        await store.put_many([ResultOp(NS, event_id, b"R", [f"w-{event_id}"], 10_000, ())
+                              for event_id in event_ids[chunk:chunk + 400]])
+    await store.settle_many([Settle(NS, delivered=eval_ids[:2_000], dead_lettered=eval_ids[2_000:],
+                                    drop_event_ids=event_ids)])
+    verdicts = await claim(store, NS, eval_ids, owner="c", now_ms=1200)
+    assert verdicts == ["done"] * len(eval_ids)
+    assert [await store.delivery_state(NS, v) for v in ("v0", "v1999", "v2000", "v2499")] == ["d", "d", "x", "x"]
+    assert "app" not in await store.app_usage()
 
 
 # -- deadline index -----------------------------------------------------------------------------
