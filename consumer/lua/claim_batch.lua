@@ -22,16 +22,12 @@ local retention_ms = ARGV[4]
 --- @include "arg_reader"
 local _, next_list = arg_reader(5)
 
---- @include "fields"
-
 local claim = 'c|' .. owner .. '|' .. (now_ms + lease_ms)
 local out = {}
 for i, ledger in ipairs(KEYS) do
-  local eval_ids = next_list()
-  local verdicts, claims = {}, {}
-  -- Read all, then write the claims: an id listed twice gets the same verdict both times, as it would
-  -- read in turn (the caller's own claim is "new" again).
-  for j, state in ipairs(hmget_all(ledger, eval_ids)) do
+  local verdicts = {}
+  for _, eval_id in ipairs(next_list()) do
+    local state = redis.call('HGET', ledger, eval_id)
     local verdict = 'new'
     if state == 'd' or state == 'x' then
       verdict = 'done'
@@ -39,13 +35,9 @@ for i, ledger in ipairs(KEYS) do
       local holder, until_ms = string.match(state, '^c|(.*)|(%d+)$')
       if holder ~= owner and until_ms and tonumber(until_ms) > now_ms then verdict = 'busy' end
     end
-    if verdict == 'new' then
-      claims[#claims + 1] = eval_ids[j]
-      claims[#claims + 1] = claim
-    end
-    verdicts[j] = verdict
+    if verdict == 'new' then redis.call('HSET', ledger, eval_id, claim) end
+    verdicts[#verdicts + 1] = verdict
   end
-  hset_all(ledger, claims)
   redis.call('PEXPIRE', ledger, retention_ms)
   out[i] = verdicts
 end

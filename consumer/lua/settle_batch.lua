@@ -17,7 +17,6 @@ local retention_ms = ARGV[1]
 --- @include "arg_reader"
 local _, next_list = arg_reader(2)
 --- @include "usage"
---- @include "fields"
 local usage = KEYS[#KEYS]
 
 local out = {}
@@ -26,30 +25,17 @@ for base = 1, #KEYS - 1, 2 do
   local delivered = next_list()
   local dead_lettered = next_list()
   local drop_event_ids = next_list()
-  local states = {}
-  for _, eval_id in ipairs(delivered) do
-    states[#states + 1] = eval_id
-    states[#states + 1] = 'd'
-  end
-  for _, eval_id in ipairs(dead_lettered) do
-    states[#states + 1] = eval_id
-    states[#states + 1] = 'x'
-  end
-  hset_all(ledger, states)  -- in that order: an id in both lists ends "x", as with one HSET each
+  for _, eval_id in ipairs(delivered) do redis.call('HSET', ledger, eval_id, 'd') end
+  for _, eval_id in ipairs(dead_lettered) do redis.call('HSET', ledger, eval_id, 'x') end
   local recorded = #delivered + #dead_lettered
   if recorded > 0 then redis.call('PEXPIRE', ledger, retention_ms) end
-  if #drop_event_ids > 0 then
-    local app = app_of(pending)
-    local dropped, seen = {}, {}
-    for j, value in ipairs(hmget_all(pending, drop_event_ids)) do
-      local event_id = drop_event_ids[j]
-      if value and not seen[event_id] then  -- an id listed twice is dropped, and counted, once
-        seen[event_id] = true
-        dropped[#dropped + 1] = event_id
-        account(app, -1, -#value)
-      end
+  local app = app_of(pending)
+  for _, event_id in ipairs(drop_event_ids) do
+    local value = redis.call('HGET', pending, event_id)
+    if value then
+      redis.call('HDEL', pending, event_id)
+      account(app, -1, -#value)
     end
-    hdel_all(pending, dropped)
   end
   out[#out + 1] = recorded
 end
