@@ -113,3 +113,17 @@ def test_hot_path_refuses_a_traffic_of_one_batch() -> None:
     done = subprocess.run([sys.executable, "-m", "bench.hot_path", "--pairs", "100", "--runs", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0 and "at least 2 are needed" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.timeout(240)
+def test_redis_scripts_counts_each_scripts_instructions_per_evaluation() -> None:
+    """``python -m bench.redis_scripts``: the put, claim and settle calls of a hot-path run are recorded and
+    replayed on redis-servers under valgrind; each script's share and the whole come out. No figure is asserted
+    but that each is there and the recorded calls cover all three scripts."""
+    done = subprocess.run([sys.executable, "-m", "bench.redis_scripts", "--pairs", "600"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=220, check=False)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    (row,) = [orjson.loads(line) for line in done.stdout.splitlines() if line.startswith('{"evaluations"')]
+    assert row["evaluations"] > 0 and all(row["calls"][name] > 0 for name in ("put", "claim", "settle"))
+    assert row["all_scripts_per_eval"] > 0 and row["keys_and_arguments_per_eval"] > 0
+    assert all(row[f"{name}_own_work_per_eval"] > 0 for name in ("put", "claim", "settle"))
