@@ -330,6 +330,17 @@ async def test_redelivered_side_moves_deadline_only_later(store: Store) -> None:
     assert later.deadline_ms == 8_000
 
 
+async def test_a_side_given_twice_in_one_batch_keeps_the_later_deadline(store: Store) -> None:
+    """One put_many holding the same result three times (a redelivery and a republish in one batch): its
+    deadline entry ends at the latest of them, whatever their order, as with one call each."""
+    other = Namespace("app", "q-2")
+    await store.put_many([ResultOp(NS, "e1", b"R", ["v1"], deadline, ()) for deadline in (1_000, 500, 8_000)])
+    await store.put_many([ResultOp(other, "e2", b"R", ["v2"], deadline, ()) for deadline in (8_000, 500, 1_000)])
+    assert await all_due(store, 7_999) == []
+    assert sorted((side.event_id, side.deadline_ms) for side in await all_due(store, 9_000)) == [
+        ("e1", 8_000), ("e2", 8_000)]
+
+
 async def test_span_redelivered_while_its_copy_is_reported_is_a_duplicate(store: Store) -> None:
     """A span whose expired copy is being reported is recognised on redelivery, not stored again."""
     await put_span(store, NS, "t:1", b"SPAN", 1_000)

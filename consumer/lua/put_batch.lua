@@ -49,7 +49,8 @@
     either:    {"quota"}: it would wait without joining anything and its ml_app holds its quota; not stored
 
   A stored side is entered in the deadline index in the same call when the index key is given
-  (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later).
+  (GT: a redelivered side never pulls a deadline earlier; a republished one may push it later), with one
+  ZADD per index shard once every side of the call is handled.
 ]]
 local keys_per_side = tonumber(ARGV[1])
 local max_pending = tonumber(ARGV[2])
@@ -77,8 +78,31 @@ local function over_quota(k, bytes)
   return (max_sides > 0 and sides + 1 > max_sides) or (max_bytes > 0 and size + bytes > max_bytes)
 end
 
+-- The call's deadline-index entries, per index shard, in the order the shards were first met: written with
+-- one ZADD per shard at the end of the call (one per entry cost about twice as much: bench.redis_scripts).
+-- ZADD takes its pairs in order, so a member given twice ends as two ZADDs one after the other would leave it.
+local index_entries, index_keys = {}, {}
+local INDEX_PAIRS_PER_CALL = 1000
+
 local function index(k, deadline, member)
-  if k.index then redis.call('ZADD', k.index, 'GT', deadline, member) end
+  if not k.index then return end
+  local entries = index_entries[k.index]
+  if not entries then
+    entries = {}
+    index_entries[k.index] = entries
+    index_keys[#index_keys + 1] = k.index
+  end
+  entries[#entries + 1] = deadline
+  entries[#entries + 1] = member
+end
+
+local function write_index()
+  for _, key in ipairs(index_keys) do
+    local entries = index_entries[key]
+    for i = 1, #entries, 2 * INDEX_PAIRS_PER_CALL do
+      redis.call('ZADD', key, 'GT', unpack(entries, i, math.min(i + 2 * INDEX_PAIRS_PER_CALL - 1, #entries)))
+    end
+  end
 end
 
 local function names(rest, identity)
@@ -330,5 +354,6 @@ for base = 0, #KEYS - 2, keys_per_side do
     out[#out + 1] = put_result(k, event_id, record, deadline, member, eval_ids, slots, kind == 't')
   end
 end
+write_index()
 flush(usage)
 return out
