@@ -40,6 +40,7 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,8 @@ def _child(root: Path, redis_url: str, pairs: int, *, traffic_only: bool = False
 class _CountedRedis:
     """A fresh redis-server under cachegrind for one run: :attr:`url` while it runs; :meth:`stop` gives its count."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Sequence[tuple[str, str]] = ()) -> None:
+        """``config``: more ``redis-server`` settings, as name and value (``("hash-max-listpack-value", "512")``)."""
         import redis
 
         from localenv.ports import free_port
@@ -194,7 +196,8 @@ class _CountedRedis:
         self._proc = subprocess.Popen(
             ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
              f"--log-file={self._log}", "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self._dir)],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self._dir),
+             *(arg for name, value in config for arg in (f"--{name}", value))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._client = redis.Redis.from_url(self.url, socket_timeout=60)
         deadline = time.monotonic() + 120

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from bench.hot_path import _CountedRedis, _one_run
@@ -48,14 +49,15 @@ def _record(redis_url: str, pairs: int) -> tuple[list[tuple[str, list[Any], list
     return calls, int(got["delivered"])
 
 
-def _replay(calls: list[tuple[str, list[Any], list[Any]]], swapped: frozenset[str]) -> float:
-    """Instructions a fresh redis-server runs for ``calls``, with the scripts named in ``swapped`` reading their
-    arguments only; nothing replayed when ``calls`` is empty (an idle server's start and stop)."""
+def _replay(calls: list[tuple[str, list[Any], list[Any]]], swapped: frozenset[str],
+            config: Sequence[tuple[str, str]] = ()) -> float:
+    """Instructions a fresh redis-server (with ``config``) runs for ``calls``, with the scripts named in ``swapped``
+    reading their arguments only; nothing replayed when ``calls`` is empty (an idle server's start and stop)."""
     import redis
 
     from consumer.store_redis import _script
 
-    server = _CountedRedis()
+    server = _CountedRedis(config)
     try:
         client = redis.Redis.from_url(server.url, socket_timeout=120)
         sources = {name: ARGUMENTS_ONLY if name in swapped else _script(f"{name}_batch") for name in SCRIPTS}
@@ -71,21 +73,25 @@ def _replay(calls: list[tuple[str, list[Any], list[Any]]], swapped: frozenset[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2_000)
+    parser.add_argument("--redis-config", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a redis-server setting for the replays, e.g. hash-max-listpack-value 512 (repeatable)")
     args = parser.parse_args()
+    config = [tuple(pair) for pair in args.redis_config]
     from localenv.redis import RedisServer
 
     with RedisServer() as server:
         calls, evaluations = _record(server.url, args.pairs)
     if evaluations == 0:
         raise SystemExit("the run delivered no evaluation")
-    idle = _replay([], frozenset())
-    whole = _replay(calls, frozenset()) - idle
-    row: dict[str, Any] = {"evaluations": evaluations, "calls": {n: sum(c[0] == n for c in calls) for n in SCRIPTS},
+    idle = _replay([], frozenset(), config)
+    whole = _replay(calls, frozenset(), config) - idle
+    row: dict[str, Any] = {"redis_config": dict(config), "evaluations": evaluations,
+                           "calls": {n: sum(c[0] == n for c in calls) for n in SCRIPTS},
                            "all_scripts_per_eval": round(whole / evaluations)}
     for name in SCRIPTS:
-        without = _replay(calls, frozenset({name})) - idle
+        without = _replay(calls, frozenset({name}), config) - idle
         row[f"{name}_own_work_per_eval"] = round((whole - without) / evaluations)
-    row["keys_and_arguments_per_eval"] = round((_replay(calls, frozenset(SCRIPTS)) - idle) / evaluations)
+    row["keys_and_arguments_per_eval"] = round((_replay(calls, frozenset(SCRIPTS), config) - idle) / evaluations)
     print(json.dumps(row))
 
 
