@@ -1128,10 +1128,10 @@ def test_default_requests_are_the_measured_figures() -> None:
     values = (CHART / "values.yaml").read_text()
     comment = values[values.index("# -- Container resources."):values.index("\nresources:")]
     performance = (ROOT / "docs" / "performance.md").read_text()
-    for figure in ("126", "83.5", "1,554"):
+    for figure in ("112", "82.9", "1,690"):
         assert figure in comment and figure in performance, figure
-    assert re.search(r"service CPU ms per 1,000 evaluations\s+126\b", performance)
-    assert "max 83.5" in performance
+    assert re.search(r"service CPU ms per 1,000 evaluations\s+112\b", performance)
+    assert "max 82.9" in performance
 
 
 def test_network_policy_allows_only_dns_kafka_redis_and_datadog() -> None:
